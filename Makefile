@@ -1,0 +1,36 @@
+# pagedserve: every target creates .venv on first use. PYTHON picks the interpreter that builds it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: venv test run lint proto bench-scheduler clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the local CPU build; a bare requirement would pull CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+run: venv
+	$(PY) -m scheduler_svc.cli demo-model out/demo-model
+	$(PY) -m scheduler_svc.cli offline --model out/demo-model --prompt "Hello, paged world" --max-tokens 32
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+proto: venv
+	bash protos/generate.sh
+
+bench-scheduler: venv
+	$(PY) -m scheduler_svc.cli bench scheduler --num-seqs 256
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,95 @@
+"""Load a Hugging Face checkpoint directory into one of our models.
+
+The model is built on the meta device (no memory, no random init), given empty parameters on the
+target device and dtype, then filled tensor by tensor as the checkpoint files are read: peak memory is
+the model plus one checkpoint tensor.
+"""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from gpu_worker.model_config import ModelConfig
+from gpu_worker.models import get_model_class
+
+# Checkpoint layouts in order of preference: (sharded index, single file).
+_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The weight files of a checkpoint: a sharded index's files, or the single file."""
+    for index_name, single_name in _LAYOUTS:
+        if (model_dir / index_name).exists():
+            weight_map = json.loads((model_dir / index_name).read_text())["weight_map"]
+            return [model_dir / name for name in sorted(set(weight_map.values()))]
+        if (model_dir / single_name).exists():
+            return [model_dir / single_name]
+    looked_for = ", ".join(name for layout in _LAYOUTS for name in layout)
+    raise FileNotFoundError(f"no weights in {model_dir} (looked for {looked_for})")
+
+
+def iter_weights(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the files, one at a time; safetensors are read straight onto
+    ``device``, pickled .bin files (weights_only) through memory-mapped CPU tensors."""
+    num_tensors = None
+    if all(f.suffix == ".safetensors" for f in files):
+        num_tensors = 0
+        for f in files:
+            with safe_open(f, framework="pt") as reader:
+                num_tensors += len(reader.keys())
+    with tqdm(total=num_tensors, desc="loading weights", unit="tensor", disable=None) as bar:
+        for f in files:
+            if f.suffix == ".safetensors":
+                with safe_open(f, framework="pt", device=str(device)) as reader:
+                    for name in reader.keys():
+                        yield name, reader.get_tensor(name)
+                        bar.update()
+            else:
+                state_dict = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                for name, tensor in state_dict.items():
+                    yield name, tensor
+                    bar.update()
+                del state_dict
+
+
+def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give a meta-device model uninitialized parameters on ``device`` / ``dtype`` (tied parameters stay
+    one tensor) and recompute its derived buffers (rotary tables) there."""
+    new_params: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in new_params:
+                empty = torch.empty(param.shape, device=device, dtype=dtype)
+                new_params[id(param)] = nn.Parameter(empty, requires_grad=False)
+            setattr(module, name, new_params[id(param)])
+        if hasattr(module, "init_buffers"):
+            module.init_buffers(device, dtype)
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta:
+            raise RuntimeError(f"buffer {name} has no init_buffers() to build it after loading")
+
+
+def load_model(
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, ModelConfig]:
+    """Build the model that config.json names and fill it from the checkpoint's weights.
+
+    Raises ValueError for an unsupported architecture (listing the supported ones) or a checkpoint that
+    lacks a weight (naming it), FileNotFoundError when the directory holds no weights.
+    """
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    model_class = get_model_class(config.hf_config)
+    with torch.device("meta"):
+        model = model_class.from_hf_config(config.hf_config)
+    materialize(model, device, dtype)
+    model.load_weights(iter_weights(checkpoint_files(model_dir), device))
+    return model.eval(), config

@@ -1,0 +1,314 @@
+"""Layers shared by the model families: norms, rotary embedding, paged attention, MLPs, weight slots.
+
+Every layer takes the step's flattened varlen batch ([num_tokens, ...], no batch dimension); attention
+reads and writes the paged KV cache through ``AttentionMetadata``.
+"""
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpu_worker.attention_metadata import AttentionMetadata
+from kernels import apply_rotary, paged_attention, rms_norm, silu_and_mul, store_kv
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, H_kv, D]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, residual: [num_tokens, dim] -> (normed, x + residual)
+        return rms_norm(x, self.weight, self.eps, residual)
+
+
+# Activations by their transformers config name. The tanh GELUs are one formula under several names.
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(_ACTIVATIONS))}")
+    return _ACTIVATIONS[name]
+
+
+def layer_windows(hf: dict, num_layers: int) -> tuple[int | None, ...]:
+    """Per-layer sliding attention window from an HF config; () when no layer slides.
+
+    Mistral windows every layer; Qwen2/Qwen3 only with use_sliding_window, and then only the layers
+    that ``layer_types`` marks (default: from ``max_window_layers`` on).
+    """
+    window, model_type = hf.get("sliding_window"), hf.get("model_type")
+    if window is None or model_type not in ("mistral", "qwen2", "qwen3"):
+        return ()
+    if model_type == "mistral":
+        return (int(window),) * num_layers
+    if not hf.get("use_sliding_window", False):
+        return ()
+    layer_types = hf.get("layer_types") or [
+        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+        for i in range(num_layers)
+    ]
+    windows = tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    return windows if any(w is not None for w in windows) else ()
+
+
+# ---------------------------------------------------------------------------------------------- rotary
+
+
+@dataclass(frozen=True)
+class RopeParams:
+    """Rotary settings read from an HF config, in either its new (``rope_parameters``) or its old
+    (``rope_theta`` + ``rope_scaling``) form."""
+
+    theta: float
+    rotary_dim: int  # channels of each head that rotate: head_dim * partial_rotary_factor
+    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    scaling: tuple[tuple[str, float], ...] = ()  # type-specific numbers (factor, low_freq_factor, ...)
+
+    def __post_init__(self):
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}; supported: default, linear, llama3")
+        if self.rotary_dim <= 0 or self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be even and positive, got {self.rotary_dim}")
+
+    @classmethod
+    def from_hf(cls, hf: dict, head_dim: int, default_partial: float = 1.0) -> "RopeParams":
+        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = params.pop("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+        rope_type = params.pop("rope_type", params.pop("type", "default"))
+        partial = params.pop(
+            "partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", default_partial))
+        )
+        if rope_type == "llama3":  # a top-level value wins, as in transformers
+            original = hf.get("original_max_position_embeddings")
+            params["original_max_position_embeddings"] = (
+                original or params.get("original_max_position_embeddings") or hf["max_position_embeddings"]
+            )
+        numbers = tuple(sorted((k, float(v)) for k, v in params.items() if isinstance(v, int | float)))
+        return cls(float(theta), int(head_dim * partial), rope_type, numbers)
+
+    def inv_freq(self) -> torch.Tensor:  # [rotary_dim / 2] fp32
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float) / self.rotary_dim))
+        s = dict(self.scaling)
+        if self.rope_type == "linear":
+            inv_freq = inv_freq / s["factor"]
+        elif self.rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, s)
+        return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, float]) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths are divided by ``factor``, short ones kept, and the band
+    between is a linear blend in 1 / wavelength."""
+    factor, old_len = s["factor"], s["original_max_position_embeddings"]
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    blend = (old_len / wavelen - low) / (high - low)  # 0 at the long edge, 1 at the short edge
+    blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+    out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    in_band = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(in_band, blended, out)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds cos_sin_cache [max_positions, rotary_dim] = cat(cos, sin), computed in fp32 on the CPU as
+    transformers does, then stored in the model dtype (transformers casts cos/sin to the activations')."""
+
+    def __init__(self, params: RopeParams, max_positions: int, is_neox: bool = True):
+        super().__init__()
+        self.params = params
+        self.max_positions = max_positions
+        self.is_neox = is_neox
+        self.register_buffer("cos_sin_cache", self._cos_sin(), persistent=False)
+
+    def _cos_sin(self) -> torch.Tensor:
+        positions = torch.arange(self.max_positions, dtype=torch.float, device="cpu")
+        freqs = torch.outer(positions, self.params.inv_freq())  # [max_positions, rotary_dim / 2]
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(torch.get_default_device())
+
+    def init_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Recompute the cache after the module was built on the meta device (see loader.py)."""
+        self.cos_sin_cache = self._cos_sin().to(device=device, dtype=dtype)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        # positions: [T]; q: [T, H, D]; k: [T, H_kv, D]; rotated in place
+        apply_rotary(positions, q, k, self.cos_sin_cache, self.is_neox)
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """Fused qkv projection -> (per-head q/k RMSNorm) -> rotary -> store K/V in the paged cache ->
+    paged attention over the whole context -> output projection.
+
+    qkv_proj.weight rows are [q heads | k heads | v heads], each head ``head_dim`` rows.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding | None,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        qk_norm_eps: float | None = None,
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.sliding_window = sliding_window
+        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias)
+        self.rotary = rotary
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        # positions: [T]; x: [T, hidden] -> [T, hidden]
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim))[0].view_as(q)
+            k = self.k_norm(k.reshape(-1, self.head_dim))[0].view_as(k)
+        if self.rotary is not None:
+            self.rotary(positions, q, k)
+        k_cache, v_cache = kv_cache
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            self.scale,
+            sliding_window=self.sliding_window,
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
+        )  # [T, H, D]
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+
+# ------------------------------------------------------------------------------------------------ MLPs
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate_up_proj.weight rows are [gate | up]."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, act: str = "silu"):
+        super().__init__()
+        if act != "silu":
+            raise ValueError(f"gated MLP supports hidden_act 'silu' only, got {act!r}")
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))), the MLP of GPT-2, GPT-NeoX and OPT."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = get_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
+        return self.fc2(self.act(self.fc1(x)))
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one checkpoint tensor lands: a parameter, optionally a row range of a fused one, after an
+    optional transform (e.g. a transpose of GPT-2's Conv1D weights)."""
+
+    param: str
+    rows: tuple[int, int] | None = None  # [start, stop) along dim 0
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def linear_slots(src: str, dst: str, bias: bool, rows: tuple[int, int] | None = None) -> dict[str, Slot]:
+    """Slots of one checkpoint linear ``src`` (``src.weight``, ``src.bias``) into our linear ``dst``."""
+    slots = {f"{src}.weight": Slot(f"{dst}.weight", rows)}
+    if bias:
+        slots[f"{src}.bias"] = Slot(f"{dst}.bias", rows)
+    return slots
+
+
+def fused_slots(srcs: list[str], dst: str, sizes: list[int], bias: bool) -> dict[str, Slot]:
+    """Slots of several checkpoint linears stacked by rows into our fused linear ``dst``."""
+    slots, start = {}, 0
+    for src, size in zip(srcs, sizes, strict=True):
+        slots |= linear_slots(src, dst, bias, (start, start + size))
+        start += size
+    return slots
+
+
+def load_slots(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    slots: dict[str, Slot],
+    ignore: Callable[[str], bool] = lambda name: False,
+) -> None:
+    """Copy every checkpoint tensor into its slot (casting to the parameter's device and dtype).
+
+    Raises ValueError naming the tensors the checkpoint lacks, a tensor with the wrong shape, or a
+    tensor that has no slot and is not ignored (a weight we would otherwise drop silently).
+    """
+    params = dict(model.named_parameters())
+    pending = dict(slots)
+    for name, tensor in weights:
+        if ignore(name):
+            continue
+        slot = pending.pop(name, None)
+        if slot is None:
+            if name in slots:
+                continue  # the same tensor in two shards
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+        if slot.transform is not None:
+            tensor = slot.transform(tensor)
+        target = params[slot.param].data
+        if slot.rows is not None:
+            target = target[slot.rows[0] : slot.rows[1]]
+        if target.shape != tensor.shape:
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+            )
+        target.copy_(tensor)
+    if pending:
+        raise ValueError(f"checkpoint is missing tensor(s): {', '.join(sorted(pending))}")

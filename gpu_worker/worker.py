@@ -1,0 +1,237 @@
+"""The worker process: loads the model, reports how many KV blocks fit, then executes StepPlans.
+
+It talks to the scheduler over one ZeroMQ DEALER socket: WorkerHello first, then one reply per command
+(CacheReady for InitCache, StepResult for each StepPlan). Errors in a step travel in-band in the
+StepResult; errors before serving are sent as fatal_error and the process exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+import clients  # noqa: F401
+from gpu_worker.kv_pool import KVPool
+from gpu_worker.loader import load_model
+from gpu_worker.model_runner import ModelRunner
+from pagedserve.internal.v1 import worker_pb2
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    model: str
+    scheduler_address: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    block_size: int = 16
+    rank: int = 0
+    world_size: int = 1
+    kv_cache_memory: int = 256 * 2**20  # bytes of KV pool on CPU
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int = 2048  # largest step, for the profiling forward
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        return _DTYPES[self.dtype]
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '2GiB', '1e9' or a plain integer, as bytes."""
+    m = re.fullmatch(r"\s*([0-9.e+]+)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512MiB, 2GiB, 1000000)")
+    scale = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    unit = (m.group(2) or "").lower()
+    return int(float(m.group(1)) * (scale[unit[0]] if unit else 1))
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(config.seed)
+        self.model, self.model_config = load_model(config.model, self.device, config.torch_dtype)
+        self.runner = ModelRunner(self.model, self.model_config, self.device, config.block_size)
+
+    def num_blocks_that_fit(self) -> int:
+        cfg, mc = self.config, self.model_config
+        per_block = KVPool.bytes_per_block(
+            mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, cfg.torch_dtype
+        )
+        if self.device.type == "cpu":
+            return cfg.kv_cache_memory // per_block
+        return self._profile_cuda(per_block)
+
+    def _profile_cuda(self, per_block: int) -> int:
+        """Runs the largest step once and sizes the pool from what remains under the utilization cap."""
+        cfg = self.config
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = cfg.max_num_batched_tokens
+        scratch_blocks = -(-num_tokens // cfg.block_size)
+        self.runner.allocate_kv(scratch_blocks, cfg.torch_dtype)
+        plan = worker_pb2.StepPlan(step_id=0)
+        plan.new_seqs.add(
+            seq_id=0,
+            token_ids=[0] * num_tokens,
+            num_prompt_tokens=num_tokens,
+            num_scheduled_tokens=num_tokens,
+            block_ids=range(scratch_blocks),
+        )
+        plan.new_seqs[0].sampling_params.max_tokens = 1
+        self.runner.execute(plan)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - scratch_blocks * per_block
+        self.runner.seqs.clear()
+        self.runner.kv = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * cfg.gpu_memory_utilization - used_by_others - peak
+        return max(0, int(budget // per_block))
+
+    def hello(self) -> worker_pb2.WorkerReply:
+        mc = self.model_config
+        reply = worker_pb2.WorkerReply()
+        reply.hello.CopyFrom(
+            worker_pb2.WorkerHello(
+                rank=self.config.rank,
+                world_size=self.config.world_size,
+                num_blocks=self.num_blocks_that_fit(),
+                block_size=self.config.block_size,
+                max_model_len=mc.max_model_len,
+                vocab_size=mc.vocab_size,
+                eos_token_ids=mc.eos_token_ids,
+                architecture=mc.architecture,
+                dtype=str(self.config.torch_dtype).removeprefix("torch."),
+            )
+        )
+        return reply
+
+    def handle(self, cmd: worker_pb2.WorkerCommand) -> worker_pb2.WorkerReply | None:
+        reply = worker_pb2.WorkerReply()
+        kind = cmd.WhichOneof("kind")
+        if kind == "step":
+            try:
+                reply.step_result.CopyFrom(self.runner.execute(cmd.step))
+            except Exception as exc:  # in-band: the scheduler fails this step's requests
+                traceback.print_exc()
+                reply.step_result.step_id = cmd.step.step_id
+                reply.step_result.error = f"{type(exc).__name__}: {exc}"
+            reply.step_result.rank = self.config.rank
+        elif kind == "init_cache":
+            self.runner.allocate_kv(cmd.init_cache.num_blocks, self.config.torch_dtype)
+            reply.cache_ready.rank = self.config.rank
+            reply.cache_ready.num_blocks = cmd.init_cache.num_blocks
+        elif kind == "shutdown":
+            return None
+        return reply
+
+
+def serve(config: WorkerConfig) -> int:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.IDENTITY, f"rank{config.rank}".encode())
+    sock.connect(config.scheduler_address)
+    try:
+        worker = Worker(config)
+        sock.send(worker.hello().SerializeToString())
+    except Exception as exc:
+        traceback.print_exc()
+        sock.send(worker_pb2.WorkerReply(fatal_error=f"{type(exc).__name__}: {exc}").SerializeToString())
+        time.sleep(0.2)
+        return 1
+    while True:
+        cmd = worker_pb2.WorkerCommand.FromString(sock.recv())
+        reply = worker.handle(cmd)
+        if reply is None:
+            return 0
+        sock.send(reply.SerializeToString())
+
+
+def _die_with_parent() -> None:
+    """Asks Linux to SIGTERM this process when its parent exits (launcher-started workers)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="pagedserve worker")
+    p.description = "Run one GPU (or CPU) worker: load the model, own the KV pool, execute StepPlans."
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--scheduler", required=True, dest="scheduler_address",
+                   help="ZeroMQ address of the scheduler's worker socket, e.g. tcp://127.0.0.1:5557")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, ...")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--rank", type=int, default=0, help="tensor-parallel rank (default 0)")
+    p.add_argument("--world-size", type=int, default=1, help="number of ranks (default 1)")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default="256MiB",
+                   help="KV pool size on CPU, e.g. 64MiB (default 256MiB)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and the KV pool (default 0.9)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="largest step in tokens, used for the profiling forward (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
+    p.add_argument("--exit-with-parent", action="store_true", help="exit when the launching process dies")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        model=args.model,
+        scheduler_address=args.scheduler_address,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        rank=args.rank,
+        world_size=args.world_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.exit_with_parent:
+        _die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return serve(config_from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

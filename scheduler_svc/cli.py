@@ -1,0 +1,131 @@
+"""The ``pagedserve`` command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+FINISH_NAMES = ("length", "stop", "abort", "error")
+
+
+def _add_offline(sub) -> None:
+    p = sub.add_parser("offline", help="generate completions offline (scheduler + worker processes)",
+                       description="Generate completions for prompts with a local engine and print them.")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
+    src.add_argument("--prompt-ids", metavar="FILE.json",
+                     help="JSON file holding a list of prompts, each a list of token ids")
+    p.add_argument("--max-tokens", type=int, required=True, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="per-request seed")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--kv-cache-memory", default="256MiB", help="KV pool size on CPU (default 256MiB)")
+    p.set_defaults(func=_run_offline)
+
+
+def _run_offline(args) -> int:
+    from scheduler_svc.llm import LLM
+    from scheduler_svc.sampling_params import SamplingParams
+
+    if args.prompt_ids:
+        with open(args.prompt_ids) as f:
+            prompts = json.load(f)
+        if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
+            raise SystemExit(f"{args.prompt_ids}: expected a JSON list of token-id lists")
+    else:
+        prompts = args.prompt
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+    )
+    print(f"starting engine on {args.model} ({args.device})...", file=sys.stderr, flush=True)
+    with LLM(args.model, device=args.device, block_size=args.block_size,
+             kv_cache_memory=args.kv_cache_memory) as llm:
+        results = llm.generate(prompts, params)
+    for r in results:
+        if args.json:
+            print(json.dumps({"index": r.index, "outputs": [
+                {"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason}
+                for o in r.outputs
+            ]}, ensure_ascii=False))
+        else:
+            for o in r.outputs:
+                print(f"[{r.index}] ({o.finish_reason}) {o.text}")
+    return 0
+
+
+def _add_demo_model(sub) -> None:
+    p = sub.add_parser("demo-model", help="write a small random-weight checkpoint with a trained tokenizer",
+                       description="Write, deterministically, a small random-weight checkpoint and a "
+                       "byte-level BPE tokenizer trained on the spot.")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--arch", default="llama", help="model family (default llama)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.set_defaults(func=_run_demo_model)
+
+
+def _run_demo_model(args) -> int:
+    from gpu_worker.demo_model import write_demo_model
+
+    path = write_demo_model(args.dir, arch=args.arch, seed=args.seed)
+    print(f"wrote {args.arch} demo model to {path}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    bench = p.add_subparsers(dest="bench", required=True)
+    s = bench.add_parser("scheduler", help="time one scheduling step (plan + encode the StepPlan)",
+                         description="Time one scheduling step with N running decode sequences.")
+    s.add_argument("--num-seqs", type=int, default=256, help="running decode sequences (default 256)")
+    s.add_argument("--context-len", type=int, default=512, help="tokens per sequence (default 512)")
+    s.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
+    s.add_argument("--steps", type=int, default=2000, help="steps to time (default 2000)")
+    s.set_defaults(func=lambda a: __import__("scheduler_svc.bench_scheduler", fromlist=["run"]).run(a))
+
+
+# Process roles parse their own arguments (``pagedserve ROLE --help``); listed here for the overview.
+ROLES = {
+    "scheduler": ("scheduler_svc.service", "run the scheduler process (block tables, batching)"),
+    "worker": ("gpu_worker.worker", "run one worker process (model, KV pool, kernels)"),
+}
+
+
+def _add_roles(sub) -> None:
+    for name, (_, help_text) in ROLES.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagedserve",
+        description="pagedserve: LLM serving with PagedAttention. Run 'pagedserve COMMAND --help' for "
+        "the options of a command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_offline(sub)
+    _add_demo_model(sub)
+    _add_bench(sub)
+    _add_roles(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ROLES:
+        return int(importlib.import_module(ROLES[argv[0]][0]).main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The engine loop of the scheduler process: take requests, schedule a step, run it on the workers,
+publish one batched event per stream.
+
+Requests and aborts arrive from gRPC threads through ``inbox``; the loop alone touches the scheduler.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import clients  # noqa: F401
+from pagedserve.internal.v1 import scheduler_pb2
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.request import FinishReason, SeqOutput
+from scheduler_svc.sampling_params import InvalidField
+from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.step_plan import decode_result, encode_step
+from scheduler_svc.worker_group import WorkerGroup
+
+EventSink = Callable[[scheduler_pb2.SchedulerEvent], None]
+
+
+@dataclass(slots=True)
+class _Submit:
+    stream_id: int
+    submit: scheduler_pb2.Submit
+
+
+@dataclass(slots=True)
+class _Abort:
+    stream_id: int
+    request_id: str
+
+
+@dataclass(slots=True)
+class _CloseStream:
+    stream_id: int
+
+
+class EngineCore:
+    def __init__(self, config: SchedulerConfig, workers: WorkerGroup, alive=None, startup_timeout_s=600.0):
+        self.config = config
+        self.workers = workers
+        self.alive = alive
+        hellos = workers.wait_for_hellos(startup_timeout_s, alive)
+        num_blocks = min(h.num_blocks for h in hellos)
+        if num_blocks < 1:
+            raise RuntimeError("the workers have no memory left for even one KV block")
+        if any(h.block_size != config.block_size for h in hellos):
+            raise RuntimeError("workers and scheduler disagree on block_size")
+        workers.init_cache(num_blocks, startup_timeout_s, alive)
+        first = hellos[0]
+        self.scheduler = Scheduler(
+            config, num_blocks, min(h.max_model_len for h in hellos), list(first.eos_token_ids),
+            vocab_size=first.vocab_size,
+        )
+        self.info = scheduler_pb2.EngineInfo(
+            architecture=first.architecture,
+            max_model_len=self.scheduler.max_model_len,
+            vocab_size=first.vocab_size,
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            dtype=first.dtype,
+            eos_token_ids=first.eos_token_ids,
+            ready=True,
+            world_size=workers.world_size,
+        )
+        self.inbox: queue.Queue = queue.Queue()
+        self._sinks: dict[int, EventSink] = {}
+        self._sinks_lock = threading.Lock()
+        self._next_stream_id = 0
+        self.stopped = threading.Event()
+        self.failure: BaseException | None = None
+
+    # ---- called from other threads
+
+    def open_stream(self, sink: EventSink) -> int:
+        with self._sinks_lock:
+            stream_id = self._next_stream_id
+            self._next_stream_id += 1
+            self._sinks[stream_id] = sink
+        return stream_id
+
+    def submit(self, stream_id: int, submit: scheduler_pb2.Submit) -> None:
+        self.inbox.put(_Submit(stream_id, submit))
+
+    def abort(self, stream_id: int, request_id: str) -> None:
+        self.inbox.put(_Abort(stream_id, request_id))
+
+    def close_stream(self, stream_id: int) -> None:
+        """Aborts everything the stream submitted; no more events go to it."""
+        self.inbox.put(_CloseStream(stream_id))
+
+    def engine_info(self) -> scheduler_pb2.EngineInfo:
+        info = scheduler_pb2.EngineInfo()
+        info.CopyFrom(self.info)
+        s = self.scheduler
+        st = info.stats
+        st.num_steps = s.stats.num_steps
+        st.num_preemptions = s.stats.num_preemptions
+        st.num_computed_prompt_tokens = s.stats.num_computed_prompt_tokens
+        st.num_free_blocks = s.pool.num_free_blocks
+        st.num_running = len(s.running)
+        st.num_waiting = len(s.waiting)
+        st.num_requests = len(s.requests)
+        info.ready = not self.stopped.is_set()
+        return info
+
+    # ---- the loop
+
+    def run(self) -> None:
+        """Runs until stop() or a worker failure (kept in ``failure``; every request is then failed)."""
+        try:
+            while not self.stopped.is_set():
+                self._drain_inbox(block=not self.scheduler.has_work())
+                if self.scheduler.has_work():
+                    self.step()
+        except BaseException as exc:  # a dead worker ends the engine: fail everything, loudly
+            self.failure = exc
+            self._fail_all(f"engine failed: {exc}")
+            raise
+        finally:
+            self.stopped.set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.inbox.put(None)
+
+    def step(self) -> None:
+        out = self.scheduler.schedule()  # may be empty after preemption: it still carries the drops
+        result = self.workers.run_step(encode_step(out), alive=self.alive)
+        if result.error:
+            outputs = [self._fail_seq(s.seq, f"step failed on a worker: {result.error}")
+                       for s in out.new_seqs + out.running]
+        else:
+            decoded = decode_result(result)
+            outputs = self.scheduler.update(out, decoded.sampled, decoded.logprobs)
+        self._publish(out.step_id, outputs)
+
+    def _drain_inbox(self, block: bool) -> None:
+        outputs: list[SeqOutput] = []
+        errors: list[tuple[int, scheduler_pb2.RequestOutput]] = []
+        while True:
+            try:
+                item = self.inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                break
+            block = False
+            if item is None:
+                break
+            if isinstance(item, _Submit):
+                rejected = self._add(item)
+                if rejected is not None:
+                    errors.append((item.stream_id, rejected))
+            elif isinstance(item, _Abort):
+                outputs += self.scheduler.abort_request(item.stream_id, item.request_id)
+            elif isinstance(item, _CloseStream):
+                with self._sinks_lock:
+                    self._sinks.pop(item.stream_id, None)
+                self.scheduler.abort_stream(item.stream_id)
+        if outputs or errors:
+            self._publish(0, outputs, errors)
+
+    def _add(self, item: _Submit) -> scheduler_pb2.RequestOutput | None:
+        sub = item.submit
+        try:
+            self.scheduler.add_request(item.stream_id, sub.request_id, list(sub.prompt_token_ids),
+                                       sub.sampling_params)
+        except InvalidField as exc:
+            return scheduler_pb2.RequestOutput(
+                request_id=sub.request_id,
+                finish_reason=FinishReason.FINISH_REASON_ERROR,
+                error=str(exc),
+                error_field=exc.field,
+                num_prompt_tokens=len(sub.prompt_token_ids),
+            )
+        return None
+
+    def _fail_seq(self, seq, message: str) -> SeqOutput:
+        out = self.scheduler.finish(seq, FinishReason.FINISH_REASON_ERROR)
+        out.error = message
+        return out
+
+    def _fail_all(self, message: str) -> None:
+        s = self.scheduler
+        outputs = [self._fail_seq(seq, message) for seq in list(s.running) + list(s.waiting)]
+        self._publish(0, outputs)
+
+    def _publish(self, step_id: int, outputs: list[SeqOutput], extra=()) -> None:
+        by_stream: dict[int, scheduler_pb2.SchedulerEvent] = defaultdict(
+            lambda: scheduler_pb2.SchedulerEvent(step_id=step_id)
+        )
+        for o in outputs:
+            request = o.seq.request
+            by_stream[request.stream_id].outputs.add(
+                request_id=request.request_id,
+                index=o.seq.index,
+                token_ids=o.token_ids,
+                logprobs=o.logprobs,
+                finish_reason=o.finish_reason,
+                num_prompt_tokens=len(request.prompt_token_ids),
+                num_cached_tokens=request.num_cached_tokens,
+                error=o.error,
+                error_field=o.error_field,
+            )
+        for stream_id, output in extra:
+            by_stream[stream_id].outputs.append(output)
+        with self._sinks_lock:
+            sinks = [(self._sinks.get(sid), event) for sid, event in by_stream.items()]
+        for sink, event in sinks:
+            if sink is not None:
+                sink(event)

@@ -1,0 +1,85 @@
+"""Starting and supervising the service's processes (scheduler, workers, gateway).
+
+Children run ``python -m scheduler_svc.cli <role> ...`` with the checkout on PYTHONPATH, exactly as
+Kubernetes runs each role in its own container.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    parts = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cli_command(role: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "scheduler_svc.cli", role, *args]
+
+
+@dataclass(slots=True)
+class Child:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path | None
+
+
+class ProcessGroup:
+    """Children that live and die together: if one exits, the owner stops the rest."""
+
+    def __init__(self, log_dir: Path | None = None) -> None:
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+
+    def start(self, name: str, argv: list[str]) -> Child:
+        log_path = None
+        out = None
+        if self.log_dir is not None:
+            log_path = self.log_dir / f"{name}.log"
+            out = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+        popen = subprocess.Popen(
+            argv, env=child_env(), stdout=out, stderr=subprocess.STDOUT if out else None,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        if out is not None:
+            out.close()
+        child = Child(name, popen, log_path)
+        self.children.append(child)
+        return child
+
+    def first_dead(self) -> Child | None:
+        return next((c for c in self.children if c.popen.poll() is not None), None)
+
+    def all_alive(self) -> bool:
+        return self.first_dead() is None
+
+    def log_tail(self, child: Child, num_lines: int = 30) -> str:
+        if child.log_path is None or not child.log_path.exists():
+            return ""
+        return "\n".join(child.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every child, then SIGKILL those still alive after ``timeout_s``."""
+        for c in self.children:
+            if c.popen.poll() is None:
+                c.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for c in self.children:
+            try:
+                c.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.popen.kill()
+                c.popen.wait()

@@ -1,0 +1,90 @@
+"""User-facing sampling parameters, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import clients  # noqa: F401  (puts the generated stubs on sys.path)
+from pagedserve.internal.v1 import scheduler_pb2
+
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How tokens are chosen and when a sequence stops. ``temperature == 0`` means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
+               f"must be an integer >= 1, got {self.max_tokens!r}")
+        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
+               f"must be an integer >= 0 (0 disables), got {self.top_k!r}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "seed",
+               f"must be an integer in [0, 2**63), got {self.seed!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               "must be non-negative integers")
+        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n",
+               f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+        _check(isinstance(self.beam_width, int) and 1 <= self.beam_width <= MAX_N, "beam_width",
+               f"must be an integer in [1, {MAX_N}], got {self.beam_width!r}")
+        _check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
+               f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        _check(self.repetition_penalty > 0, "repetition_penalty",
+               f"must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_proto(self) -> scheduler_pb2.SamplingParams:
+        return scheduler_pb2.SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            has_seed=self.seed is not None,
+            seed=self.seed or 0,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            n=self.n,
+            beam_width=self.beam_width,
+            length_penalty=self.length_penalty,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise InvalidField(field_name, message)
+
+
+class InvalidField(ValueError):
+    """A request field is invalid; ``field`` names it (carried to clients as INVALID_ARGUMENT)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name

@@ -1,0 +1,120 @@
+"""The scheduler's side of the ZeroMQ link to its workers.
+
+One ROUTER socket; each worker connects a DEALER whose identity is ``rank<N>``. Every StepPlan goes to
+every rank; every rank answers, and rank 0's answer carries the sampled tokens. A worker that
+disconnects (its process died) fails the wait at once, through a socket monitor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+import clients  # noqa: F401
+from pagedserve.internal.v1 import worker_pb2
+
+
+class WorkerFailure(RuntimeError):
+    """A worker died, disconnected, failed to start or stopped answering."""
+
+
+class WorkerGroup:
+    def __init__(self, address: str, world_size: int = 1, ctx: zmq.Context | None = None) -> None:
+        self.world_size = world_size
+        self.ctx = ctx or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
+        self.sock.bind(address)
+        self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.identities = [f"rank{r}".encode() for r in range(world_size)]
+        self._connected = 0
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+
+    def _recv(self, timeout_s: float | None, alive: Callable[[], bool] | None = None):
+        """Next (identity, WorkerReply); raises WorkerFailure on disconnect, death or timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            events = dict(self.poller.poll(500))
+            if self.monitor in events:
+                event = recv_monitor_message(self.monitor)
+                if event["event"] == zmq.EVENT_ACCEPTED:
+                    self._connected += 1
+                elif event["event"] == zmq.EVENT_DISCONNECTED:
+                    raise WorkerFailure("a worker disconnected (its process exited?)")
+                continue
+            if self.sock in events:
+                identity, payload = self.sock.recv_multipart()
+                reply = worker_pb2.WorkerReply.FromString(payload)
+                if reply.WhichOneof("kind") == "fatal_error":
+                    raise WorkerFailure(f"worker {identity.decode()} failed: {reply.fatal_error}")
+                return identity, reply
+            if alive is not None and not alive():
+                raise WorkerFailure("a worker process exited")
+            if deadline is not None and time.monotonic() > deadline:
+                raise WorkerFailure(f"no answer from the workers within {timeout_s:.0f} s")
+
+    def wait_for_hellos(
+        self, timeout_s: float = 600.0, alive: Callable[[], bool] | None = None
+    ) -> list[worker_pb2.WorkerHello]:
+        hellos: dict[bytes, worker_pb2.WorkerHello] = {}
+        while len(hellos) < self.world_size:
+            identity, reply = self._recv(timeout_s, alive)
+            if reply.WhichOneof("kind") != "hello" or identity not in self.identities:
+                raise WorkerFailure(f"unexpected first message from {identity!r}")
+            hellos[identity] = reply.hello
+        return [hellos[i] for i in self.identities]
+
+    def init_cache(self, num_blocks: int, timeout_s: float = 600.0, alive=None) -> None:
+        cmd = worker_pb2.WorkerCommand()
+        cmd.init_cache.num_blocks = num_blocks
+        self._broadcast(cmd.SerializeToString())
+        for _ in range(self.world_size):
+            _, reply = self._recv(timeout_s, alive)
+            if reply.WhichOneof("kind") != "cache_ready":
+                raise WorkerFailure("expected CacheReady")
+
+    def _broadcast(self, payload: bytes) -> None:
+        for identity in self.identities:
+            try:
+                self.sock.send_multipart([identity, payload])
+            except zmq.ZMQError as exc:
+                raise WorkerFailure(f"cannot reach {identity.decode()}: {exc}") from exc
+
+    def run_step(self, plan: bytes, timeout_s: float | None = None, alive=None) -> worker_pb2.StepResult:
+        """Sends one encoded WorkerCommand(step) to every rank; returns rank 0's StepResult."""
+        self._broadcast(plan)
+        result = None
+        errors = []
+        for _ in range(self.world_size):
+            identity, reply = self._recv(timeout_s, alive)
+            if reply.WhichOneof("kind") != "step_result":
+                raise WorkerFailure(f"expected a StepResult from {identity.decode()}")
+            if reply.step_result.error:
+                errors.append(f"{identity.decode()}: {reply.step_result.error}")
+            if identity == self.identities[0]:
+                result = reply.step_result
+        assert result is not None
+        if errors and not result.error:
+            result.error = "; ".join(errors)
+        return result
+
+    def shutdown(self) -> None:
+        cmd = worker_pb2.WorkerCommand()
+        cmd.shutdown.SetInParent()
+        try:
+            for identity in self.identities:
+                self.sock.send_multipart([identity, cmd.SerializeToString()], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)

@@ -1,0 +1,92 @@
+"""The Go stubs and the example client build in GOPATH mode against Debian's Go packages, and the
+client streams a completion from a GenerationService (a fake one here, in this process)."""
+
+import subprocess
+from concurrent import futures
+
+import grpc
+import pytest
+from proto_helpers import REPO, go_env, require_go
+
+import clients  # noqa: F401  (puts clients/python, where the stubs live, on sys.path)
+
+# isort: split
+from pagedserve.v1 import generation_pb2, generation_pb2_grpc
+
+CLIENT = "pagedserve/cmd/pagedserve-generate"
+
+
+class FakeGeneration(generation_pb2_grpc.GenerationServiceServicer):
+    """Streams a fixed completion in three deltas and keeps the requests it saw."""
+
+    def __init__(self):
+        self.requests: list[generation_pb2.GenerateRequest] = []
+
+    def Generate(self, request, context):
+        self.requests.append(request)
+        if request.sampling_params.max_tokens == 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be at least 1")
+        for text in ("Hello", ", paged", " world"):
+            yield generation_pb2.GenerateResponse(request_id="r", text=text)
+        yield generation_pb2.GenerateResponse(
+            request_id="r", finish_reason=generation_pb2.FINISH_REASON_LENGTH
+        )
+
+
+@pytest.fixture(scope="module")
+def client_binary(tmp_path_factory):
+    """Builds and vets the stubs and the client; returns the client's path."""
+    require_go()
+    tmp = tmp_path_factory.mktemp("go")
+    env = go_env(tmp)
+    binary = tmp / "pagedserve-generate"
+    for cmd in (["go", "build", "pagedserve/..."], ["go", "vet", "pagedserve/..."],
+                ["go", "build", "-o", str(binary), CLIENT]):
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}"
+    return binary
+
+
+@pytest.fixture
+def server():
+    servicer = FakeGeneration()
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield f"127.0.0.1:{port}", servicer
+    srv.stop(grace=None)
+
+
+def run_client(binary, *args):
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_go_build_and_vet(client_binary):
+    assert client_binary.is_file()
+
+
+def test_client_prints_streamed_text(client_binary, server):
+    target, servicer = server
+    proc = run_client(client_binary, "-target", target, "-prompt", "Hi", "-max-tokens", "3",
+                      "-temperature", "0", "-seed", "7")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "Hello, paged world\n", "")
+    params = servicer.requests[0].sampling_params
+    assert servicer.requests[0].text == "Hi"
+    assert (params.max_tokens, params.HasField("temperature"), params.temperature) == (3, True, 0.0)
+    assert (params.HasField("seed"), params.seed) == (True, 7)
+
+
+def test_client_leaves_unset_params_to_the_server(client_binary, server):
+    target, servicer = server
+    assert run_client(client_binary, "-target", target, "-max-tokens", "2").returncode == 0
+    params = servicer.requests[0].sampling_params
+    assert not params.HasField("temperature") and not params.HasField("seed")
+
+
+def test_client_exits_nonzero_with_the_status(client_binary, server):
+    target, _ = server
+    proc = run_client(client_binary, "-target", target, "-max-tokens", "0")
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr == "pagedserve-generate: InvalidArgument: max_tokens must be at least 1\n"
