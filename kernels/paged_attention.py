@@ -3,9 +3,29 @@
 Sequence s owns queries ``q[query_start_loc[s]:query_start_loc[s+1]]``; they are its last tokens, so
 query i of a sequence with n queries and context length L sits at position L - n + i and attends
 causally to keys 0..L-n+i, read through the sequence's block table.
+
+Kernel layout. One launch covers the whole batch. A program owns one (query block, KV head, split):
+a query block is up to ``block_q`` consecutive queries of one sequence, and its rows are those
+queries times the ``group`` query heads that share the KV head (GQA packing), so every K/V tile is
+loaded once for all of them. Programs find their sequence in the kernel (a count over
+``query_start_loc``), so the grid depends only on shapes and host hints: no device-to-host sync.
+Long decode contexts split the key axis over several programs (split-KV); each writes a partial
+output and its log-sum-exp, and a second small kernel merges them.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
+
+from kernels._triton import cdiv, jit, next_power_of_2, sm_count, use_triton
+
+if TYPE_CHECKING:
+    import triton.language as tl
+
+_LOG2E = 1.4426950408889634
 
 
 def paged_attention_ref(
@@ -46,6 +66,344 @@ def paged_attention_ref(
     return out
 
 
+
+@dataclass(frozen=True, slots=True)
+class AttentionConfig:
+    """Launch shape of one paged-attention call; ``choose_config`` picks it from shapes and hints."""
+
+    block_q: int  # queries of one sequence per program
+    block_m: int  # rows per program: block_q * group, padded to a power of 2 >= 16 (tl.dot minimum)
+    tile_n: int  # keys per inner-loop step
+    num_splits: int  # programs along the key axis; > 1 adds the merge kernel
+    split_len: int  # keys per split, a multiple of tile_n; the last split also takes the rest
+    num_warps: int
+    num_stages: int
+
+
+# Split-KV aims for this many programs per multiprocessor, and gives each split at least this many keys.
+SPLIT_TARGET_PER_SM = 4
+MIN_SPLIT_LEN = 256
+
+
+def choose_config(
+    num_tokens: int,
+    num_seqs: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    max_query_len: int,
+    max_seq_len: int,
+    num_sms: int,
+) -> AttentionConfig:
+    group = num_heads // num_kv_heads
+    head_dim_pad = next_power_of_2(head_dim)
+    wide = head_dim_pad > 128 or dtype == torch.float32  # halve the tiles to stay within shared memory
+    max_rows = 64 if wide else 128
+    block_q = max(1, min(next_power_of_2(max(max_query_len, 1)), max_rows // group))
+    block_m = max(16, next_power_of_2(block_q * group))
+    if block_m <= 16:  # decode: bandwidth-bound, deep pipeline of K/V tiles
+        tile_n, num_warps, num_stages = (32 if wide else 64), 4, 3
+    elif block_m <= 64:
+        tile_n, num_warps, num_stages = (32 if wide else 64), 4, 2
+    else:  # prefill: matrix-bound
+        tile_n, num_warps, num_stages = 64, 8, 2
+    if wide and head_dim_pad > 128 and dtype == torch.float32:
+        num_stages = 1
+
+    # Split-KV when the (query block, KV head) programs alone cannot fill the GPU.
+    num_programs = num_kv_heads * _num_query_blocks(num_tokens, num_seqs, block_q)
+    target = SPLIT_TARGET_PER_SM * num_sms
+    num_splits = 1
+    if num_programs < target:
+        num_splits = max(1, min(cdiv(target, num_programs), max_seq_len // MIN_SPLIT_LEN))
+    split_len = cdiv(cdiv(max(max_seq_len, 1), num_splits), tile_n) * tile_n
+    num_splits = cdiv(max(max_seq_len, 1), split_len)
+    return AttentionConfig(block_q, block_m, tile_n, num_splits, split_len, num_warps, num_stages)
+
+
+def _num_query_blocks(num_tokens: int, num_seqs: int, block_q: int) -> int:
+    # Query block b of sequence s has index first(s) + b, first(s) = query_start_loc[s] // block_q + s:
+    # an upper bound of the real count that needs no device data (programs past a sequence's end exit).
+    # With block_q == 1 the blocks are the tokens themselves.
+    return num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
+
+
+@jit(do_not_specialize=("num_seqs", "num_tokens", "num_query_blocks", "split_len", "sliding_window"))
+def _paged_attention_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_dim], written when there is one split
+    part_out_ptr,  # [num_splits, num_tokens, num_heads, head_dim] fp32, per-split normalized output
+    part_lse_ptr,  # [num_splits, num_tokens, num_heads] fp32, per-split log2-sum-exp2 of scaled scores
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
+    num_seqs,
+    num_tokens,
+    num_query_blocks,
+    split_len,
+    sliding_window,  # keys k with k > position - sliding_window are visible; unused unless SLIDING
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,  # power of 2 >= HEAD_DIM; the extra channels are masked
+    BLOCK_SIZE: tl.constexpr,  # tokens per KV-cache block
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TILE_N: tl.constexpr,
+    SEARCH: tl.constexpr,  # query_start_loc entries read per step of the sequence search
+    SLIDING: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: write partials for the merge kernel
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = pid % NUM_KV_HEADS
+    # Latest query blocks first: under causal masking they see the most keys, so they should not
+    # be the tail of the launch. Neighbouring programs are the KV heads of one block, which read
+    # neighbouring bytes of the same cache blocks.
+    q_block = num_query_blocks - 1 - pid // NUM_KV_HEADS
+    split = tl.program_id(1)
+
+    # The owning sequence is the last s with first_block(s) <= q_block.
+    count = 0
+    for s0 in range(0, num_seqs, SEARCH):
+        s = s0 + tl.arange(0, SEARCH)
+        starts = tl.load(query_start_loc_ptr + s, mask=s < num_seqs, other=0)
+        if BLOCK_Q == 1:
+            first = starts
+        else:
+            first = starts // BLOCK_Q + s
+        count += tl.sum(((first <= q_block) & (s < num_seqs)).to(tl.int32), axis=0)
+    seq = count - 1
+    q_start = tl.load(query_start_loc_ptr + seq)
+    num_q = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    if BLOCK_Q == 1:
+        q_off = q_block - q_start
+    else:
+        q_off = (q_block - q_start // BLOCK_Q - seq) * BLOCK_Q  # first query of the block, in the seq
+    if q_off >= num_q:
+        return
+
+    # Row r is query q_off + r // GROUP of the block, head kv_head * GROUP + r % GROUP.
+    rows = tl.arange(0, BLOCK_M)
+    row_q = rows // GROUP
+    row_ok = (row_q < BLOCK_Q) & (q_off + row_q < num_q)
+    first_pos = seq_len - num_q + q_off
+    last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
+    row_pos = tl.minimum(first_pos + row_q, last_pos)  # padding rows borrow a real position
+    token = (q_start + q_off + tl.minimum(row_q, num_q - q_off - 1)).to(tl.int64)
+    head = kv_head * GROUP + rows % GROUP
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Keys [lo, hi) are visible to some row, [mid_lo, mid_hi) to every row: those tiles need no mask.
+    hi = last_pos + 1
+    mid_hi = (first_pos + 1) // TILE_N * TILE_N
+    if SLIDING:
+        lo = tl.maximum(first_pos - sliding_window + 1, 0) // TILE_N * TILE_N
+        mid_lo = tl.minimum(tl.cdiv(tl.maximum(last_pos - sliding_window + 1, 0), TILE_N) * TILE_N, mid_hi)
+    else:
+        lo = 0
+        mid_lo = 0
+    if SPLIT:
+        split_lo = split * split_len
+        split_hi = tl.where(split == tl.num_programs(1) - 1, hi, split_lo + split_len)
+    else:
+        split_lo = 0
+        split_hi = hi
+
+    kv_base_k = k_cache_ptr + kv_head * stride_kh
+    kv_base_v = v_cache_ptr + kv_head * stride_vh
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row whose keys are all masked stays NaN-free
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    # Phase 0: masked tiles at the sliding window's lower edge; 1: unmasked tiles; 2: masked tiles
+    # at the causal diagonal (and the partial last tile of a decode).
+    for phase in tl.static_range(3):
+        if phase == 0:
+            start = tl.maximum(lo, split_lo)
+            end = tl.minimum(mid_lo, split_hi)
+        elif phase == 1:
+            start = tl.maximum(mid_lo, split_lo)
+            end = tl.minimum(mid_hi, split_hi)
+        else:
+            start = tl.maximum(mid_hi, split_lo)
+            end = tl.minimum(hi, split_hi)
+        if SLIDING or phase != 0:
+            for k0 in range(start, end, TILE_N):
+                keys = k0 + tl.arange(0, TILE_N)
+                if phase == 1:
+                    blocks = tl.load(table + keys // BLOCK_SIZE)
+                    kv_mask = d_ok[None, :]
+                else:
+                    blocks = tl.load(table + keys // BLOCK_SIZE, mask=keys < hi, other=0)
+                    kv_mask = (keys < hi)[:, None] & d_ok[None, :]
+                slot = blocks.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_kt
+                k = tl.load(kv_base_k + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
+                if phase != 1:
+                    visible = keys[None, :] <= row_pos[:, None]
+                    if SLIDING:
+                        visible &= keys[None, :] > row_pos[:, None] - sliding_window
+                    s = tl.where(visible, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                slot_v = blocks.to(tl.int64) * stride_vb + (keys % BLOCK_SIZE) * stride_vt
+                v = tl.load(kv_base_v + slot_v[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+
+    if SPLIT:
+        # A split that saw no key of a row leaves l_i == 0: lse = -inf, output 0, weight 0 in the merge.
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1.0e-30)), float("-inf"))
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        part_row = (split * num_tokens + token) * (NUM_KV_HEADS * GROUP) + head
+        tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
+        tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + d[None, :], o,
+                 mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@jit(do_not_specialize=("num_splits", "num_tokens"))
+def _merge_splits_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    part_out_ptr,  # [num_splits, num_tokens, num_heads, head_dim] fp32
+    part_lse_ptr,  # [num_splits, num_tokens, num_heads] fp32
+    num_splits,
+    num_tokens,
+    stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    part_row = (sp * num_tokens + token) * NUM_HEADS + head
+    lse = tl.load(part_lse_ptr + part_row, mask=sp < num_splits, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # [SPLITS_PAD]; 0 for empty and missing splits
+    parts = tl.load(part_out_ptr + part_row[:, None] * HEAD_DIM + d[None, :],
+                    mask=(sp < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    o = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
+                         f"v_cache {tuple(v_cache.shape)}")
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim or num_heads % num_kv_heads != 0:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)}")
+    if head_dim > 256:
+        raise ValueError(f"head_dim {head_dim} > 256 is not supported")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q dtype {q.dtype} is not fp16, bf16 or fp32")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype} must match")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, strides {t.stride()}")
+    num_seqs = seq_lens.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables must be int32 [num_seqs={num_seqs}, max_blocks], got "
+                         f"{block_tables.dtype} {tuple(block_tables.shape)}")
+    for name, t, n in (("seq_lens", seq_lens, num_seqs), ("query_start_loc", query_start_loc, num_seqs + 1)):
+        if t.dtype != torch.int32 or t.shape != (n,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous int32 [{n}], got {t.dtype} {tuple(t.shape)}")
+    devices = {t.device for t in (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)}
+    if len(devices) != 1:
+        raise ValueError(f"tensors on several devices: {devices}")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    config: AttentionConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton path (CPU tensors run under TRITON_INTERPRET=1). Hints left as None cost a device
+    sync; a wrong hint is still correct (the last split takes the rest), only slower. ``out`` may be
+    given (same shape and dtype as q, last dimension contiguous); tokens past query_start_loc[-1] are
+    not written."""
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window)
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out {out.dtype} {tuple(out.shape)} does not match q {q.dtype} {tuple(q.shape)}")
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    if config is None:
+        config = choose_config(num_tokens, num_seqs, num_heads, num_kv_heads, head_dim, q.dtype,
+                               max_query_len, max_seq_len, sm_count(q))
+    head_dim_pad = next_power_of_2(head_dim)
+    split = config.num_splits > 1
+    if split:
+        part_out = torch.empty((config.num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty((config.num_splits, num_tokens, num_heads), dtype=torch.float32,
+                               device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    num_query_blocks = _num_query_blocks(num_tokens, num_seqs, config.block_q)
+    grid = (num_query_blocks * num_kv_heads, config.num_splits)
+    _paged_attention_kernel[grid](
+        out, part_out, part_lse, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        scale * _LOG2E, num_seqs, num_tokens, num_query_blocks, config.split_len, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
+        TILE_N=config.tile_n, SEARCH=min(128, next_power_of_2(num_seqs)),
+        SLIDING=sliding_window is not None, SPLIT=split,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            out, part_out, part_lse, config.num_splits, num_tokens, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+            SPLITS_PAD=next_power_of_2(config.num_splits), num_warps=4,
+        )
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -59,6 +417,9 @@ def paged_attention(
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``q`` over the paged cache; max_query_len / max_seq_len are host-side hints."""
+    if use_triton(q):
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                      sliding_window, max_query_len, max_seq_len)
     return paged_attention_ref(
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window
     )

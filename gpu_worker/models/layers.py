@@ -105,7 +105,8 @@ class RopeParams:
         return cls(float(theta), int(head_dim * partial), rope_type, numbers)
 
     def inv_freq(self) -> torch.Tensor:  # [rotary_dim / 2] fp32
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float) / self.rotary_dim))
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float, device="cpu") / self.rotary_dim
+        inv_freq = 1.0 / (self.theta**exponents)
         s = dict(self.scaling)
         if self.rope_type == "linear":
             inv_freq = inv_freq / s["factor"]
@@ -136,16 +137,18 @@ class RotaryEmbedding(nn.Module):
         self.params = params
         self.max_positions = max_positions
         self.is_neox = is_neox
-        self.register_buffer("cos_sin_cache", self._cos_sin(), persistent=False)
+        self.register_buffer("cos_sin_cache", self._cos_sin(torch.get_default_device()), persistent=False)
 
-    def _cos_sin(self) -> torch.Tensor:
+    def _cos_sin(self, device: torch.device) -> torch.Tensor:  # [max_positions, rotary_dim] fp32
+        if device.type == "meta":  # built for loading: init_buffers() fills it on the real device
+            return torch.empty(self.max_positions, self.params.rotary_dim, device=device)
         positions = torch.arange(self.max_positions, dtype=torch.float, device="cpu")
         freqs = torch.outer(positions, self.params.inv_freq())  # [max_positions, rotary_dim / 2]
-        return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(torch.get_default_device())
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
 
     def init_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Recompute the cache after the module was built on the meta device (see loader.py)."""
-        self.cos_sin_cache = self._cos_sin().to(device=device, dtype=dtype)
+        """Compute the cache on ``device`` after the module was built on the meta device (loader.py)."""
+        self.cos_sin_cache = self._cos_sin(device).to(dtype)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
         # positions: [T]; q: [T, H, D]; k: [T, H_kv, D]; rotated in place
@@ -262,8 +265,8 @@ class Slot:
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def linear_slots(src: str, dst: str, bias: bool, rows: tuple[int, int] | None = None) -> dict[str, Slot]:
-    """Slots of one checkpoint linear ``src`` (``src.weight``, ``src.bias``) into our linear ``dst``."""
+def weight_slots(src: str, dst: str, bias: bool, rows: tuple[int, int] | None = None) -> dict[str, Slot]:
+    """Slots of a checkpoint module's ``src.weight`` (and ``src.bias``) into our module ``dst``."""
     slots = {f"{src}.weight": Slot(f"{dst}.weight", rows)}
     if bias:
         slots[f"{src}.bias"] = Slot(f"{dst}.bias", rows)
@@ -274,7 +277,7 @@ def fused_slots(srcs: list[str], dst: str, sizes: list[int], bias: bool) -> dict
     """Slots of several checkpoint linears stacked by rows into our fused linear ``dst``."""
     slots, start = {}, 0
     for src, size in zip(srcs, sizes, strict=True):
-        slots |= linear_slots(src, dst, bias, (start, start + size))
+        slots |= weight_slots(src, dst, bias, (start, start + size))
         start += size
     return slots
 

@@ -22,7 +22,7 @@ from gpu_worker.models.layers import (
     Slot,
     fused_slots,
     layer_windows,
-    linear_slots,
+    weight_slots,
     load_slots,
 )
 
@@ -158,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
                 [q, kv, kv],
                 a.qkv_bias,
             )
-            slots |= linear_slots(attn + "o_proj", dst + "self_attn.o_proj", a.o_bias)
+            slots |= weight_slots(attn + "o_proj", dst + "self_attn.o_proj", a.o_bias)
             if a.qk_norm:
                 slots[attn + "q_norm.weight"] = Slot(dst + "self_attn.q_norm.weight")
                 slots[attn + "k_norm.weight"] = Slot(dst + "self_attn.k_norm.weight")
@@ -168,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
                 [a.intermediate_size, a.intermediate_size],
                 a.mlp_bias,
             )
-            slots |= linear_slots(mlp + "down_proj", dst + "mlp.down_proj", a.mlp_bias)
+            slots |= weight_slots(mlp + "down_proj", dst + "mlp.down_proj", a.mlp_bias)
             slots[src + "input_layernorm.weight"] = Slot(dst + "input_layernorm.weight")
             slots[src + "post_attention_layernorm.weight"] = Slot(dst + "post_attention_layernorm.weight")
         return slots

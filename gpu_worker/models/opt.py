@@ -1,0 +1,160 @@
+"""OPT: learned positions (table offset by 2), LayerNorm before (most sizes) or after (350m) each
+sublayer, ReLU MLP, and project_in / project_out around the decoder when word_embed_proj_dim differs
+from hidden_size.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gpu_worker.attention_metadata import AttentionMetadata
+from gpu_worker.models.layers import MLP, Attention, KVCache, Slot, fused_slots, weight_slots, load_slots
+
+POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
+
+
+@dataclass(frozen=True)
+class OPTArgs:
+    vocab_size: int
+    hidden_size: int
+    ffn_dim: int
+    num_layers: int
+    num_heads: int
+    max_position_embeddings: int
+    word_embed_proj_dim: int
+    do_layer_norm_before: bool = True
+    final_layer_norm: bool = True  # the decoder's last LayerNorm (pre-LN models only)
+    layer_norm_affine: bool = True
+    enable_bias: bool = True
+    activation: str = "relu"
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "OPTArgs":
+        before = hf.get("do_layer_norm_before", True)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            ffn_dim=hf["ffn_dim"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            max_position_embeddings=hf["max_position_embeddings"],
+            word_embed_proj_dim=hf.get("word_embed_proj_dim") or hf["hidden_size"],
+            do_layer_norm_before=before,
+            final_layer_norm=before and not hf.get("_remove_final_layer_norm", False),
+            layer_norm_affine=hf.get("layer_norm_elementwise_affine", True),
+            enable_bias=hf.get("enable_bias", True),
+            activation=hf.get("activation_function", "relu"),
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        )
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, args: OPTArgs):
+        super().__init__()
+        self.do_layer_norm_before = args.do_layer_norm_before
+        head_dim = args.hidden_size // args.num_heads
+        bias = args.enable_bias
+        self.self_attn_layer_norm = nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine)
+        self.self_attn = Attention(args.hidden_size, args.num_heads, args.num_heads, head_dim, None, bias, bias)
+        self.final_layer_norm = nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine)
+        self.mlp = MLP(args.hidden_size, args.ffn_dim, args.activation, bias)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        # x: [T, hidden] -> [T, hidden]
+        if self.do_layer_norm_before:
+            x = x + self.self_attn(positions, self.self_attn_layer_norm(x), kv_cache, meta)
+            return x + self.mlp(self.final_layer_norm(x))
+        x = self.self_attn_layer_norm(x + self.self_attn(positions, x, kv_cache, meta))
+        return self.final_layer_norm(x + self.mlp(x))
+
+
+class OPTForCausalLM(nn.Module):
+    def __init__(self, args: OPTArgs):
+        super().__init__()
+        self.args = args
+        projected = args.word_embed_proj_dim != args.hidden_size
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.word_embed_proj_dim)
+        self.embed_positions = nn.Embedding(args.max_position_embeddings + POSITION_OFFSET, args.hidden_size)
+        self.project_in = nn.Linear(args.word_embed_proj_dim, args.hidden_size, bias=False) if projected else None
+        self.layers = nn.ModuleList(OPTDecoderLayer(args) for _ in range(args.num_layers))
+        self.final_layer_norm = (
+            nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine)
+            if args.final_layer_norm
+            else None
+        )
+        self.project_out = nn.Linear(args.hidden_size, args.word_embed_proj_dim, bias=False) if projected else None
+        self.lm_head = nn.Linear(args.word_embed_proj_dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "OPTForCausalLM":
+        return cls(OPTArgs.from_hf(hf))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        attn_meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        # input_ids, positions: [T] -> [T, word_embed_proj_dim] (the LM head's input width)
+        h = self.embed_tokens(input_ids)  # [T, word_embed_proj_dim]
+        if self.project_in is not None:
+            h = self.project_in(h)  # [T, hidden]
+        h = h + self.embed_positions(positions + POSITION_OFFSET)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(positions, h, kv_cache, attn_meta)
+        if self.final_layer_norm is not None:
+            h = self.final_layer_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, proj_dim] -> [n, vocab] fp32
+        return self.lm_head(hidden).float()
+
+    def checkpoint_slots(self) -> dict[str, Slot]:
+        """HF checkpoint tensor name -> where it goes here (q/k/v fused)."""
+        a = self.args
+        bias, affine = a.enable_bias, a.layer_norm_affine
+        slots = {
+            "model.decoder.embed_tokens.weight": Slot("embed_tokens.weight"),
+            "model.decoder.embed_positions.weight": Slot("embed_positions.weight"),
+        }
+        if self.project_in is not None:
+            slots["model.decoder.project_in.weight"] = Slot("project_in.weight")
+            slots["model.decoder.project_out.weight"] = Slot("project_out.weight")
+        if self.final_layer_norm is not None and affine:
+            slots |= weight_slots("model.decoder.final_layer_norm", "final_layer_norm", True)
+        if not a.tie_word_embeddings:
+            slots["lm_head.weight"] = Slot("lm_head.weight")
+        for i in range(a.num_layers):
+            src, dst = f"model.decoder.layers.{i}.", f"layers.{i}."
+            attn = src + "self_attn."
+            slots |= fused_slots(
+                [attn + "q_proj", attn + "k_proj", attn + "v_proj"],
+                dst + "self_attn.qkv_proj",
+                [a.hidden_size] * 3,
+                bias,
+            )
+            slots |= weight_slots(attn + "out_proj", dst + "self_attn.o_proj", bias)
+            slots |= weight_slots(src + "fc1", dst + "mlp.fc1", bias)
+            slots |= weight_slots(src + "fc2", dst + "mlp.fc2", bias)
+            if affine:
+                for norm in ("self_attn_layer_norm", "final_layer_norm"):
+                    slots |= weight_slots(src + norm, dst + norm, True)
+        return slots
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # Checkpoints saved from OPTModel (most of the hub's) lack the "model." prefix.
+        tied = self.args.tie_word_embeddings
+        renamed = (("model." + n if n.startswith("decoder.") else n, w) for n, w in weights)
+        load_slots(
+            self, renamed, self.checkpoint_slots(), ignore=lambda name: tied and name == "lm_head.weight"
+        )
