@@ -2,7 +2,8 @@
 varlen batch, runs the model over the paged KV pool and samples.
 
 The scheduler decides which blocks hold what; the runner only follows the plan. A sequence samples a
-token in a step exactly when the step's tokens reach the end of its known tokens.
+token in a step exactly when the step's tokens reach the end of its known tokens. On CUDA, decode-only
+steps replay captured graphs; everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 
 import clients  # noqa: F401
 from gpu_worker.attention_metadata import AttentionMetadata
+from gpu_worker.cuda_graphs import DecodeGraphs
+from gpu_worker.input_batch import BlockTableRows, StepInputs, build_inputs
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.sampler import SampleRequest, sample
 from pagedserve.internal.v1 import scheduler_pb2, worker_pb2
@@ -27,24 +30,51 @@ class SeqState:
     num_computed_tokens: int
     block_table: list[int]
     params: scheduler_pb2.SamplingParams
+    row: int = -1  # row in the runner's BlockTableRows
+    # Entries of block_table already copied to the row; set to 0 after replacing entries in place.
+    num_synced_blocks: int = 0
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, model_config, device: torch.device, block_size: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_config,
+        device: torch.device,
+        block_size: int,
+        max_num_seqs: int = 256,
+        use_cuda_graphs: bool = True,
+    ) -> None:
         self.model = model
         self.model_config = model_config
         self.device = device
         self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self.kv: KVPool | None = None
+        self.graphs: DecodeGraphs | None = None
         self.seqs: dict[int, SeqState] = {}
+        self.rows = BlockTableRows(-(-model_config.max_model_len // block_size))
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(0)
 
     def allocate_kv(self, num_blocks: int, dtype: torch.dtype) -> None:
         cfg = self.model_config
+        self.graphs = None
+        self.kv = None
         self.kv = KVPool(
             cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim, dtype, self.device
         )
+
+    def capture_graphs(self) -> None:
+        """Captures decode graphs over the allocated pool (CUDA only; call after allocate_kv)."""
+        if not self.use_cuda_graphs or self.kv is None:
+            return
+        self.graphs = DecodeGraphs(
+            self.model, self.kv.caches, self.device, self.max_num_seqs, self.rows.max_blocks,
+            self.model_config.max_model_len,
+        )
+        self.graphs.capture()
 
     # ---- one step
 
@@ -56,19 +86,22 @@ class ModelRunner:
         if not batch:
             result.timings.total_ns = time.perf_counter_ns() - t0
             return result
-        input_ids, positions, meta, sample_rows = self._prepare(batch)
-        t1 = time.perf_counter_ns()
         assert self.kv is not None, "step before InitCache"
-        hidden = self.model(input_ids, positions, self.kv.caches, meta)
-        logits_index = torch.tensor([i for i, _ in sample_rows], device=self.device, dtype=torch.long)
-        logits = self.model.compute_logits(hidden[logits_index])
+        inputs = build_inputs(batch, self.rows, self.block_size)
+        t1 = time.perf_counter_ns()
+        if self.graphs is not None and self.graphs.fits(inputs):
+            logits = self.graphs.run(inputs)[torch.from_numpy(inputs.logits_indices).to(self.device)]
+        else:
+            logits = self._forward_eager(inputs)
         t2 = time.perf_counter_ns()
-        requests = [self._sample_request(state) for _, state in sample_rows]
-        sampled = sample(logits, requests, plan.num_top_logprobs, self.generator)
-        for (_, state), token in zip(sample_rows, sampled.token_ids, strict=True):
+        states = inputs.sample_states
+        want_logprobs = plan.num_top_logprobs > 0 or any(s.params.logprobs for s in states)
+        sampled = sample(logits, [self._sample_request(s) for s in states], plan.num_top_logprobs,
+                         self.generator, want_logprobs=want_logprobs)
+        for state, token in zip(states, sampled.token_ids, strict=True):
             state.token_ids.append(token)
         t3 = time.perf_counter_ns()
-        result.seq_ids.extend([state.seq_id for _, state in sample_rows])
+        result.seq_ids.extend([s.seq_id for s in states])
         result.sampled_token_ids.extend(sampled.token_ids)
         result.sampled_logprobs.extend(sampled.logprobs)
         for ids, lps in zip(sampled.top_token_ids, sampled.top_logprobs, strict=True):
@@ -79,12 +112,30 @@ class ModelRunner:
         result.timings.total_ns = time.perf_counter_ns() - t0
         return result
 
+    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
+        dev = self.device
+
+        def put(array):
+            return torch.from_numpy(array).to(dev, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=put(inputs.slot_mapping),
+            block_tables=put(inputs.block_tables),
+            seq_lens=put(inputs.seq_lens),
+            query_start_loc=put(inputs.query_start_loc),
+            max_query_len=inputs.max_query_len,
+            max_seq_len=inputs.max_seq_len,
+        )
+        hidden = self.model(put(inputs.input_ids), put(inputs.positions), self.kv.caches, meta)
+        return self.model.compute_logits(hidden[put(inputs.logits_indices)])
+
     def _apply_plan(self, plan: worker_pb2.StepPlan) -> list[tuple[SeqState, int]]:
         """Updates per-sequence state from the plan; returns (state, num_scheduled_tokens) in batch order."""
         for seq_id in plan.finished_seq_ids:
-            self.seqs.pop(seq_id, None)
+            self._drop(seq_id)
         batch = []
         for new in plan.new_seqs:
+            self._drop(new.seq_id)
             state = SeqState(
                 new.seq_id,
                 list(new.token_ids),
@@ -92,6 +143,7 @@ class ModelRunner:
                 new.num_computed_tokens,
                 list(new.block_ids),
                 new.sampling_params,
+                row=self.rows.acquire(),
             )
             self.seqs[new.seq_id] = state
             batch.append((state, new.num_scheduled_tokens))
@@ -107,45 +159,10 @@ class ModelRunner:
             batch.append((state, num_tokens))
         return batch
 
-    def _prepare(self, batch: list[tuple[SeqState, int]]):
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_start = [0]
-        sample_rows: list[tuple[int, SeqState]] = []  # (index into the flat batch, state)
-        max_blocks = 0
-        for state, num_tokens in batch:
-            start = state.num_computed_tokens
-            end = start + num_tokens
-            if end > len(state.token_ids):
-                raise ValueError(f"sequence {state.seq_id}: step reaches token {end} of {len(state.token_ids)}")
-            if (end + bs - 1) // bs > len(state.block_table):
-                raise ValueError(f"sequence {state.seq_id}: {end} tokens but {len(state.block_table)} blocks")
-            input_ids += state.token_ids[start:end]
-            positions += range(start, end)
-            table = state.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            seq_lens.append(end)
-            query_start.append(query_start[-1] + num_tokens)
-            max_blocks = max(max_blocks, len(table))
-            state.num_computed_tokens = end
-            if end == len(state.token_ids):
-                sample_rows.append((query_start[-1] - 1, state))
-        tables = [state.block_table + [0] * (max_blocks - len(state.block_table)) for state, _ in batch]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            max_query_len=max(n for _, n in batch),
-            max_seq_len=max(seq_lens),
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos, meta, sample_rows
+    def _drop(self, seq_id: int) -> None:
+        state = self.seqs.pop(seq_id, None)
+        if state is not None:
+            self.rows.release(state.row)
 
     def _sample_request(self, state: SeqState) -> SampleRequest:
         p = state.params

@@ -37,36 +37,40 @@ class SampleResult:
 
 
 def sample(
-    logits: torch.Tensor,  # [num_rows, vocab] float32
+    logits: torch.Tensor,  # [num_rows, vocab]
     rows: list[SampleRequest],
     num_top_logprobs: int = 0,
     generator: torch.Generator | None = None,
+    want_logprobs: bool = True,
 ) -> SampleResult:
+    """Chooses one token per row on the logits' device; the host reads back only the results."""
     logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs or num_top_logprobs else None
     logits = _apply_repetition_penalty(logits, rows)
     chosen = torch.argmax(logits, dim=-1)
     random_rows = [i for i, r in enumerate(rows) if r.temperature > 0]
     if random_rows:
         idx = torch.tensor(random_rows, device=logits.device)
         probs = _filtered_probs(logits[idx], [rows[i] for i in random_rows])
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one generator per row.
-        noise = torch.empty_like(probs)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; seeded rows get their own noise.
+        noise = torch.empty_like(probs).exponential_(generator=generator)
         for j, i in enumerate(random_rows):
             row = rows[i]
-            gen = generator
             if row.seed is not None:
                 gen = torch.Generator(device=logits.device)
                 gen.manual_seed((row.seed * _SEED_STRIDE + row.output_index) % (2**63))
-            noise[j].exponential_(generator=gen)
+                noise[j].exponential_(generator=gen)
         chosen[idx] = torch.argmax(probs / noise, dim=-1)
-    token_lp = raw_logprobs.gather(1, chosen[:, None])[:, 0]
+    token_ids = chosen.tolist()
+    if raw_logprobs is None:
+        return SampleResult(token_ids, [], [], [])
+    token_lp = raw_logprobs.gather(1, chosen[:, None])[:, 0].tolist()
     top_ids: list[list[int]] = []
     top_lps: list[list[float]] = []
     if num_top_logprobs:
         values, indices = raw_logprobs.topk(num_top_logprobs, dim=-1)
         top_ids, top_lps = indices.tolist(), values.tolist()
-    return SampleResult(chosen.tolist(), token_lp.tolist(), top_ids, top_lps)
+    return SampleResult(token_ids, token_lp, top_ids, top_lps)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:

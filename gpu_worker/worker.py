@@ -41,6 +41,8 @@ class WorkerConfig:
     kv_cache_memory: int = 256 * 2**20  # bytes of KV pool on CPU
     gpu_memory_utilization: float = 0.9
     max_num_batched_tokens: int = 2048  # largest step, for the profiling forward
+    max_num_seqs: int = 256  # largest decode batch, for CUDA graphs
+    enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,7 +80,12 @@ class Worker:
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
         self.model, self.model_config = load_model(config.model, self.device, config.torch_dtype)
-        self.runner = ModelRunner(self.model, self.model_config, self.device, config.block_size)
+        self.runner = self._new_runner()
+
+    def _new_runner(self) -> ModelRunner:
+        cfg = self.config
+        return ModelRunner(self.model, self.model_config, self.device, cfg.block_size,
+                           max_num_seqs=cfg.max_num_seqs, use_cuda_graphs=not cfg.enforce_eager)
 
     def num_blocks_that_fit(self) -> int:
         cfg, mc = self.config, self.model_config
@@ -109,8 +116,7 @@ class Worker:
         self.runner.execute(plan)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch_blocks * per_block
-        self.runner.seqs.clear()
-        self.runner.kv = None
+        self.runner = self._new_runner()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
@@ -148,6 +154,7 @@ class Worker:
             reply.step_result.rank = self.config.rank
         elif kind == "init_cache":
             self.runner.allocate_kv(cmd.init_cache.num_blocks, self.config.torch_dtype)
+            self.runner.capture_graphs()
             reply.cache_ready.rank = self.config.rank
             reply.cache_ready.num_blocks = cmd.init_cache.num_blocks
         elif kind == "shutdown":
@@ -203,6 +210,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="fraction of GPU memory for weights, activations and the KV pool (default 0.9)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="largest step in tokens, used for the profiling forward (default 2048)")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="largest decode batch; CUDA graphs are captured up to it (default 256)")
+    p.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
     p.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the launching process dies")
     return p
@@ -220,6 +230,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enforce_eager=args.enforce_eager,
         seed=args.seed,
     )
 

@@ -83,7 +83,7 @@ class LLM:
             "worker", "--model", str(self.model), "--scheduler", worker_addr, "--device", device,
             "--dtype", dtype, "--kv-cache-memory", str(kv_cache_memory),
             "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed),
-            "--exit-with-parent", *sizes,
+            "--max-num-seqs", str(max_num_seqs), "--exit-with-parent", *sizes,
         ))
         self._channel = grpc.insecure_channel(sched_addr)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)

@@ -1,0 +1,93 @@
+"""CUDA graphs of the decode forward (model + LM head) for a ladder of batch sizes.
+
+A decode step of n sequences replays the smallest captured graph of at least n rows. The graphs read
+static input buffers; padding rows write nothing (slot -1) and attend to one token of block 0, and
+their logits are ignored. Attention is captured with ``max_seq_len = max_model_len`` so one graph
+serves every context length.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+import torch
+
+from gpu_worker.attention_metadata import AttentionMetadata
+from gpu_worker.input_batch import StepInputs
+
+
+def default_sizes(max_batch: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 256, 16)) + list(range(256, 1025, 32))
+    return [s for s in sizes if s < max_batch] + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        max_model_len: int,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.device = device
+        self.max_model_len = max_model_len
+        self.sizes = default_sizes(max_batch)
+        b = max_batch
+        self.input_ids = torch.zeros(b, dtype=torch.long, device=device)
+        self.positions = torch.zeros(b, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((b,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((b, max_blocks_per_seq), dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _forward(self, n: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:n],
+            block_tables=self.block_tables[:n],
+            seq_lens=self.seq_lens[:n],
+            query_start_loc=self.query_start_loc[: n + 1],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+        )
+        hidden = self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        for n in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            self._forward(n)  # warm-up: compiles kernels, settles allocations
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[n] = self._forward(n)
+            pool = graph.pool()
+            self.graphs[n] = graph
+        torch.cuda.synchronize(self.device)
+
+    def fits(self, inputs: StepInputs) -> bool:
+        return inputs.decode_only and inputs.num_seqs <= self.sizes[-1] and bool(self.graphs)
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of a decode-only step."""
+        n = inputs.num_seqs
+        size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        host = torch.from_numpy
+        self.input_ids[:n].copy_(host(inputs.input_ids), non_blocking=True)
+        self.positions[:n].copy_(host(inputs.positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(host(inputs.slot_mapping), non_blocking=True)
+        self.seq_lens[:n].copy_(host(inputs.seq_lens), non_blocking=True)
+        width = inputs.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(host(np.ascontiguousarray(inputs.block_tables)), non_blocking=True)
+        if size > n:  # padding rows: no KV write, one key of block 0
+            self.slot_mapping[n:size].fill_(-1)
+            self.seq_lens[n:size].fill_(1)
+        self.graphs[size].replay()
+        return self.logits[size][:n]
