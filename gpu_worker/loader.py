@@ -77,8 +77,18 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> N
             raise RuntimeError(f"buffer {name} has no init_buffers() to build it after loading")
 
 
+def fill_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random normal weights, norm scales at 1: for benchmarks of real shapes without a checkpoint."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            param.data.fill_(1.0 if "norm" in name else 0.0)
+        else:
+            param.data.normal_(0.0, std, generator=gen)
+
+
 def load_model(
-    model_dir: str | Path, device: torch.device, dtype: torch.dtype
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype, load_format: str = "auto"
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model that config.json names and fill it from the checkpoint's weights.
 
@@ -91,5 +101,8 @@ def load_model(
     with torch.device("meta"):
         model = model_class.from_hf_config(config.hf_config)
     materialize(model, device, dtype)
-    model.load_weights(iter_weights(checkpoint_files(model_dir), device))
+    if load_format == "dummy":  # config.json alone: random weights of the real shape
+        fill_random(model)
+    else:
+        model.load_weights(iter_weights(checkpoint_files(model_dir), device))
     return model.eval(), config

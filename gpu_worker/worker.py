@@ -43,6 +43,7 @@ class WorkerConfig:
     max_num_batched_tokens: int = 2048  # largest step, for the profiling forward
     max_num_seqs: int = 256  # largest decode batch, for CUDA graphs
     enforce_eager: bool = False  # no CUDA graphs
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,7 +80,9 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
-        self.model, self.model_config = load_model(config.model, self.device, config.torch_dtype)
+        self.model, self.model_config = load_model(
+            config.model, self.device, config.torch_dtype, load_format=config.load_format
+        )
         self.runner = self._new_runner()
 
     def _new_runner(self) -> ModelRunner:
@@ -213,6 +216,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="largest decode batch; CUDA graphs are captured up to it (default 256)")
     p.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy: random weights from config.json alone, for benchmarks (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the launching process dies")
     return p
@@ -232,6 +237,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         enforce_eager=args.enforce_eager,
+        load_format=args.load_format,
         seed=args.seed,
     )
 

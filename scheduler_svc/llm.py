@@ -10,6 +10,7 @@ import queue
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,12 +60,15 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
         seed: int = 0,
+        load_format: str = "auto",
+        enforce_eager: bool = False,
         startup_timeout_s: float = 600.0,
     ) -> None:
         self.model = Path(model)
         if not (self.model / "config.json").exists():
             raise ValueError(f"model: {self.model} has no config.json")
-        self.tokenizer = Tokenizer(self.model)
+        # Without tokenizer.json (benchmark shapes) prompts must be token ids and texts stay empty.
+        self.tokenizer = Tokenizer(self.model) if (self.model / "tokenizer.json").exists() else None
         self._tmp = Path(tempfile.mkdtemp(prefix="pagedserve-"))
         self._procs = ProcessGroup(self._tmp)
         sched_addr = f"unix://{self._tmp}/scheduler.sock"
@@ -83,7 +87,8 @@ class LLM:
             "worker", "--model", str(self.model), "--scheduler", worker_addr, "--device", device,
             "--dtype", dtype, "--kv-cache-memory", str(kv_cache_memory),
             "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed),
-            "--max-num-seqs", str(max_num_seqs), "--exit-with-parent", *sizes,
+            "--max-num-seqs", str(max_num_seqs), "--load-format", load_format, "--exit-with-parent", *sizes,
+            *(["--enforce-eager"] if enforce_eager else []),
         ))
         self._channel = grpc.insecure_channel(sched_addr)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
@@ -121,8 +126,10 @@ class LLM:
         self,
         prompts: str | list[int] | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
+        on_finish: Callable[[int], None] | None = None,
     ) -> list[RequestOutput]:
-        """Completes every prompt; prompts are strings or token-id lists. Returns outputs in order."""
+        """Completes every prompt; prompts are strings or token-id lists. Returns outputs in order.
+        ``on_finish(i)`` is called as prompt i completes (progress bars)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         if not prompts:
@@ -140,10 +147,12 @@ class LLM:
                     f"{len(ids)} tokens leave no room to generate within the context length "
                     f"{self.info.max_model_len}",
                 )
-        return self._run(token_lists, params_list)
+        return self._run(token_lists, params_list, on_finish)
 
     def _tokenize(self, i: int, prompt) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidField(f"prompts[{i}]", "this model has no tokenizer.json: give token ids")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list | tuple):
             ids = list(prompt)
@@ -158,7 +167,8 @@ class LLM:
             raise InvalidField(f"prompts[{i}]", "must not be empty")
         return ids
 
-    def _run(self, token_lists: list[list[int]], params_list: list[SamplingParams]) -> list[RequestOutput]:
+    def _run(self, token_lists: list[list[int]], params_list: list[SamplingParams],
+             on_finish: Callable[[int], None] | None = None) -> list[RequestOutput]:
         up: queue.Queue = queue.Queue()
         base = self._next_request
         self._next_request += len(token_lists)
@@ -196,6 +206,8 @@ class LLM:
                         up.put(scheduler_pb2.GatewayMessage(abort=scheduler_pb2.Abort(request_id=o.request_id)))
                     if out.finish_reason is not None:
                         pending.discard(o.request_id)
+                        if on_finish is not None:
+                            on_finish(ids[o.request_id])
                 if not pending:
                     break
         finally:
@@ -203,13 +215,13 @@ class LLM:
             stream.cancel()
         for r in results:
             out = r.outputs[0]
-            if not out.text:
+            if not out.text and self.tokenizer is not None:
                 out.text = self.tokenizer.decode(out.token_ids)
         return results
 
     def _hit_stop_string(self, out: CompletionOutput, stops: tuple[str, ...]) -> bool:
         """Ends a completion at the first stop string; its text stops before it."""
-        if not stops:
+        if not stops or self.tokenizer is None:
             return False
         text = self.tokenizer.decode(out.token_ids)
         hits = [text.find(s) for s in stops if s in text]

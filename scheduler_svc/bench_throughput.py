@@ -1,0 +1,350 @@
+"""``pagedserve bench throughput``: offline output tokens per second, beside transformers measured in
+the same run and the roofline from ceilings measured at the start of the run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Random-weight shapes (Llama architecture, bf16, untied head), as in docs/DESIGN.md.
+SHAPES: dict[str, dict] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0),
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1000000.0),
+}
+# name: (shape, prompts, input length, output length, HF static batch size)
+WORKLOADS: dict[str, tuple[str, int, str, str, int]] = {
+    "W8B": ("llama3-8b", 256, "512", "256", 64),
+    "W06": ("qwen3-0.6b", 512, "256", "256", 128),
+    "WU": ("qwen3-0.6b", 256, "100-1024", "100-1024", 64),
+}
+
+
+def parse_lengths(spec: str, n: int, rng: random.Random) -> list[int]:
+    """'512' -> all 512; 'A-B' -> uniform integers in [A, B] drawn from rng."""
+    if "-" in spec:
+        lo, hi = (int(x) for x in spec.split("-", 1))
+        if not 1 <= lo <= hi:
+            raise argparse.ArgumentTypeError(f"bad length range {spec!r}")
+        return [rng.randint(lo, hi) for _ in range(n)]
+    return [int(spec)] * n
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+    @property
+    def num_total_tokens(self) -> int:
+        return self.num_output_tokens + sum(len(p) for p in self.prompts)
+
+
+def make_workload(num_prompts: int, input_len: str, output_len: str, vocab: int, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+    in_lens = parse_lengths(input_len, num_prompts, rng)
+    out_lens = parse_lengths(output_len, num_prompts, rng)
+    prompts = [[rng.randrange(10, vocab) for _ in range(n)] for n in in_lens]
+    return Workload(prompts, out_lens)
+
+
+def write_shape_config(shape: str, out_dir: Path, max_len: int) -> Path:
+    """A config.json-only model directory for ``--load-format dummy``."""
+    cfg = dict(SHAPES[shape], architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5,
+               tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2,
+               max_position_embeddings=-(-max_len // 256) * 256, hidden_act="silu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out_dir
+
+
+# ---- ceilings and roofline
+
+
+def measure_ceilings(device: str) -> dict[str, float]:
+    """Device copy bandwidth (bytes read + written per second) and bf16 (CPU: fp32) matmul rate."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    out = {"copy_bytes_per_s": _copy_rate(device, 2 * 2**30 if cuda else 256 * 2**20),
+           "matmul_flops_per_s": _matmul_rate(device, 8192 if cuda else 1024,
+                                              torch.bfloat16 if cuda else torch.float32)}
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def _copy_rate(device: str, n_bytes: int) -> float:
+    import torch
+
+    src = torch.empty(n_bytes // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / _median_time(lambda: dst.copy_(src), device)
+
+
+def _matmul_rate(device: str, size: int, dtype) -> float:
+    import torch
+
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    return 2 * size**3 / _median_time(lambda: a @ b, device)
+
+
+def _median_time(fn, device: str, reps: int = 20) -> float:
+    import statistics
+
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def roofline_seconds(cfg: dict, work: Workload, ceilings: dict[str, float], dtype_bytes: int = 2) -> float:
+    """Least time any engine needs on this device: prefill at the matmul rate, then each decode step at
+    max(bytes / bandwidth, flops / matmul rate), reading all weights and every live sequence's KV."""
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv_heads, hd, vocab = (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
+                                  cfg["vocab_size"])
+    layer_params = h * hd * (2 * heads + 2 * kv_heads) + 3 * h * inter
+    params = layers * layer_params
+    kv_per_token = 2 * layers * kv_heads * hd * dtype_bytes
+    bw, peak = ceilings["copy_bytes_per_s"], ceilings["matmul_flops_per_s"]
+    prefill_flops = 0.0
+    for p in work.prompts:
+        n = len(p)
+        prefill_flops += 2 * params * n + 2 * h * vocab  # linears on every token, LM head on the last
+        prefill_flops += 4 * layers * heads * hd * n * (n + 1) / 2  # causal QK^T and PV
+    seconds = prefill_flops / peak
+    in_lens = [len(p) for p in work.prompts]
+    for step in range(1, max(work.output_lens)):  # the first output token comes from the prefill
+        live = [i for i, n in enumerate(work.output_lens) if n > step]
+        ctx = sum(in_lens[i] + step for i in live)
+        bytes_ = (params + h * vocab) * dtype_bytes + ctx * kv_per_token
+        flops = 2 * (params + h * vocab) * len(live) + 4 * layers * heads * hd * ctx
+        seconds += max(bytes_ / bw, flops / peak)
+    return seconds
+
+
+# ---- systems under test
+
+
+@dataclass
+class Result:
+    system: str
+    seconds: float
+    output_tokens: int
+    total_tokens: int
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    @property
+    def total_tok_s(self) -> float:
+        return self.total_tokens / self.seconds
+
+
+def run_ours(model_dir: Path, work: Workload, args) -> Result:
+    from tqdm import tqdm
+
+    from scheduler_svc.llm import LLM
+    from scheduler_svc.sampling_params import SamplingParams
+
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in work.output_lens]
+    with LLM(model_dir, device=args.device, load_format=args.load_format, block_size=args.block_size,
+             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+             gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
+             enforce_eager=args.enforce_eager) as llm:
+        llm.generate([work.prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
+        with tqdm(total=len(work.prompts), desc="pagedserve", unit="req", disable=None) as bar:
+            t0 = time.perf_counter()
+            results = llm.generate(work.prompts, params, on_finish=lambda _: bar.update())
+            seconds = time.perf_counter() - t0
+    produced = sum(len(r.outputs[0].token_ids) for r in results)
+    if produced != work.num_output_tokens:
+        raise RuntimeError(f"pagedserve produced {produced} tokens, expected {work.num_output_tokens}")
+    return Result("pagedserve", seconds, produced, work.num_total_tokens)
+
+
+def _hf_model(model_dir: Path, device: str, load_format: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if load_format == "dummy":
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def run_hf_static(model_dir: Path, work: Workload, args) -> Result:
+    """transformers generate() in static batches (left padding); a batch runs to its longest output, and
+    only requested tokens count as output."""
+    import torch
+    from tqdm import tqdm
+
+    model = _hf_model(model_dir, args.device, args.load_format)
+    bsz = args.hf_batch_size
+    with torch.inference_mode(), tqdm(total=len(work.prompts), desc="hf-static", unit="req", disable=None) as bar:
+        t0 = time.perf_counter()
+        for start in range(0, len(work.prompts), bsz):
+            chunk = work.prompts[start : start + bsz]
+            out_len = max(work.output_lens[start : start + bsz])
+            width = max(len(p) for p in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(chunk):
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            model.generate(ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=out_len,
+                           min_new_tokens=out_len, do_sample=False, pad_token_id=0)
+            bar.update(len(chunk))
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    del model
+    _free(args.device)
+    return Result("hf-static", seconds, work.num_output_tokens, work.num_total_tokens)
+
+
+def run_hf_cb(model_dir: Path, work: Workload, args) -> Result:
+    """transformers' continuous batching manager, each request with its own output length, EOS off."""
+    import torch
+    from transformers import GenerationConfig
+
+    model = _hf_model(model_dir, args.device, args.load_format)
+    gen = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=-1)
+    done = 0
+    produced = 0
+    with torch.inference_mode(), model.continuous_batching_context_manager(generation_config=gen, block=True,
+                                                                           timeout=5) as manager:
+        t0 = time.perf_counter()
+        for i, (p, n) in enumerate(zip(work.prompts, work.output_lens, strict=True)):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1)
+        while done < len(work.prompts):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                done += 1
+                produced += len(result.generated_tokens)
+            elif result is None and not manager.is_running():
+                raise RuntimeError("transformers' continuous batching stopped early")
+        seconds = time.perf_counter() - t0
+    del model
+    _free(args.device)
+    return Result("hf-cb", seconds, produced, work.num_total_tokens)
+
+
+def _free(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def run(args) -> int:
+    if args.workload:
+        shape, n, in_len, out_len, hf_bs = WORKLOADS[args.workload]
+        args.shape = args.shape or shape
+        args.num_prompts = args.num_prompts or n
+        args.input_len, args.output_len = args.input_len or in_len, args.output_len or out_len
+        args.hf_batch_size = args.hf_batch_size or hf_bs
+    if not (args.num_prompts and args.input_len and args.output_len):
+        raise SystemExit("give --workload or all of --num-prompts, --input-len, --output-len")
+    args.hf_batch_size = args.hf_batch_size or 64
+    with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
+        if args.model:
+            model_dir, args.load_format = Path(args.model), "auto"
+        elif args.shape:
+            model_dir, args.load_format = Path(tmp) / args.shape, "dummy"
+        else:
+            raise SystemExit("give --shape or --model")
+        cfg_vocab = SHAPES[args.shape]["vocab_size"] if not args.model else \
+            json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        work = make_workload(args.num_prompts, args.input_len, args.output_len, cfg_vocab, args.seed)
+        if not args.model:
+            longest = max(len(p) + n for p, n in zip(work.prompts, work.output_lens, strict=True))
+            write_shape_config(args.shape, model_dir, longest)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        print(f"workload: {len(work.prompts)} prompts, {work.num_output_tokens} output tokens, "
+              f"model {args.shape or args.model} on {args.device}", flush=True)
+        ceilings = measure_ceilings(args.device)
+        print(f"measured ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+              f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+        roof_s = roofline_seconds(cfg, work, ceilings, 2 if args.device.startswith("cuda") else 4)
+        results = [run_ours(model_dir, work, args)]
+        runners = {"hf-static": run_hf_static, "hf-cb": run_hf_cb}
+        for name in [c for c in (args.compare or "").split(",") if c]:
+            if name not in runners:
+                raise SystemExit(f"--compare: unknown system {name!r} (known: {', '.join(runners)})")
+            results.append(runners[name](model_dir, work, args))
+    ours = results[0]
+    roof_tok_s = work.num_output_tokens / roof_s
+    print(f"\nroofline: {roof_tok_s:,.0f} output tok/s ({roof_s:.2f} s)")
+    print(f"{'system':<12} {'out tok/s':>11} {'total tok/s':>12} {'ours / it':>10} {'% roofline':>11}")
+    for r in results:
+        ratio = ours.output_tok_s / r.output_tok_s
+        print(f"{r.system:<12} {r.output_tok_s:>11,.0f} {r.total_tok_s:>12,.0f} {ratio:>9.2f}x "
+              f"{100 * r.output_tok_s / roof_tok_s:>10.1f}%")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "workload": args.workload, "shape": args.shape, "model": args.model, "device": args.device,
+            "num_prompts": len(work.prompts), "input_len": args.input_len, "output_len": args.output_len,
+            "ceilings": ceilings, "roofline_output_tok_s": roof_tok_s,
+            "results": [dict(asdict(r), output_tok_s=r.output_tok_s, total_tok_s=r.total_tok_s) for r in results],
+        }, indent=1))
+    return 0
+
+
+def add_parser(bench) -> None:
+    p = bench.add_parser("throughput", help="offline throughput beside transformers and the roofline",
+                         description="Offline throughput (output tokens/s) of pagedserve, optionally beside "
+                         "transformers generate (static batches) and its continuous batching, on the same "
+                         "prompts in the same run; the roofline comes from ceilings measured at the start.")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random-weight model of this shape (built on the GPU)")
+    p.add_argument("--model", help="checkpoint directory instead of --shape")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), help="preset: shape, prompts and lengths")
+    p.add_argument("--num-prompts", type=int)
+    p.add_argument("--input-len", help="tokens per prompt, N or A-B (uniform, seeded)")
+    p.add_argument("--output-len", help="tokens generated per prompt, N or A-B (uniform, seeded)")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts and lengths (default 0)")
+    p.add_argument("--compare", default="", help="comma-separated: hf-static, hf-cb")
+    p.add_argument("--hf-batch-size", type=int, help="batch size of hf-static (default from the workload or 64)")
+    p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool on CPU (default 1GiB)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.set_defaults(func=run)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One round of GPU checks and timings on the device machine, run from the repository root:
+#   bash tests/gpu/run_round.sh [pytest-args...]
+# Installs the wheels the GPU image lacks (.whl, from ../shared/scripts/gpu-wheels.sh), runs the GPU
+# tests, then the throughput benchmarks named in $BENCH (default: none), writing logs under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+status=0
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" "$@" 2>&1 | tee "$OUT/pytest.log" | tail -n 40
+  status=${PIPESTATUS[0]}
+fi
+for w in ${BENCH:-}; do
+  python3 -m scheduler_svc.cli bench throughput --workload "$w" --compare "${COMPARE:-hf-static,hf-cb}" \
+    --out "$OUT/bench-$w.json" 2>&1 | grep -v -e '^\s*$' -e 'it/s\]' | tee "$OUT/bench-$w.log" | tail -n 12
+done
+exit $status
