@@ -78,6 +78,8 @@ class Worker:
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", 0)
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
         self.model, self.model_config = load_model(
