@@ -101,31 +101,40 @@ class Worker:
             return cfg.kv_cache_memory // per_block
         return self._profile_cuda(per_block)
 
-    def _profile_cuda(self, per_block: int) -> int:
-        """Runs the largest step once and sizes the pool from what remains under the utilization cap."""
+    def profile_step(self) -> int:
+        """Runs the largest step once (max_num_batched_tokens of prefill, split into sequences no longer
+        than the context length) over a scratch pool; returns the scratch pool's size in blocks."""
         cfg = self.config
+        bs = cfg.block_size
+        seq_len = min(cfg.max_num_batched_tokens, self.model_config.max_model_len)
+        lens = [seq_len] * (cfg.max_num_batched_tokens // seq_len)
+        if cfg.max_num_batched_tokens % seq_len:
+            lens.append(cfg.max_num_batched_tokens % seq_len)
+        num_blocks = sum(-(-n // bs) for n in lens)
+        self.runner.allocate_kv(num_blocks, cfg.torch_dtype)
+        plan = worker_pb2.StepPlan(step_id=0)
+        first_block = 0
+        for i, n in enumerate(lens):
+            nb = -(-n // bs)
+            new = plan.new_seqs.add(seq_id=i, token_ids=[0] * n, num_prompt_tokens=n, num_scheduled_tokens=n,
+                                    block_ids=range(first_block, first_block + nb))
+            new.sampling_params.max_tokens = 1
+            first_block += nb
+        self.runner.execute(plan)
+        self.runner = self._new_runner()
+        return num_blocks
+
+    def _profile_cuda(self, per_block: int) -> int:
+        """Sizes the pool from what remains under the utilization cap after the largest step."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        num_tokens = cfg.max_num_batched_tokens
-        scratch_blocks = -(-num_tokens // cfg.block_size)
-        self.runner.allocate_kv(scratch_blocks, cfg.torch_dtype)
-        plan = worker_pb2.StepPlan(step_id=0)
-        plan.new_seqs.add(
-            seq_id=0,
-            token_ids=[0] * num_tokens,
-            num_prompt_tokens=num_tokens,
-            num_scheduled_tokens=num_tokens,
-            block_ids=range(scratch_blocks),
-        )
-        plan.new_seqs[0].sampling_params.max_tokens = 1
-        self.runner.execute(plan)
+        scratch_blocks = self.profile_step()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch_blocks * per_block
-        self.runner = self._new_runner()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * cfg.gpu_memory_utilization - used_by_others - peak
+        budget = total * self.config.gpu_memory_utilization - used_by_others - peak
         return max(0, int(budget // per_block))
 
     def hello(self) -> worker_pb2.WorkerReply:

@@ -104,9 +104,9 @@ class LLM:
         while time.monotonic() < deadline:
             dead = self._procs.first_dead()
             if dead is not None:
+                logs = "\n".join(f"--- {c.name} log:\n{self._procs.log_tail(c)}" for c in self._procs.children)
                 raise RuntimeError(
-                    f"the {dead.name} process exited with code {dead.popen.returncode} during start-up:\n"
-                    + self._procs.log_tail(dead)
+                    f"the {dead.name} process exited with code {dead.popen.returncode} during start-up\n{logs}"
                 )
             try:
                 info = self._stub.GetEngineInfo(scheduler_pb2.GetEngineInfoRequest(), timeout=2)
