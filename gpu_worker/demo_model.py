@@ -6,6 +6,7 @@ transformers' own random init under a seed, the tokenizer a byte-level BPE train
 here. The same arguments always write the same files.
 """
 
+import copy
 import functools
 import random
 from pathlib import Path
@@ -143,7 +144,7 @@ def write_demo_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, **
             "bos_token_id": BOS_ID,
             "eos_token_id": EOS_ID,
             "pad_token_id": PAD_ID,
-            **config_overrides,
+            **copy.deepcopy(config_overrides),  # transformers edits nested dicts in place
         },
     )
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was

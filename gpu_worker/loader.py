@@ -82,7 +82,7 @@ def fill_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
         if param.dim() == 1:
-            param.data.fill_(1.0 if "norm" in name else 0.0)
+            param.data.fill_(1.0 if name.endswith("weight") else 0.0)  # norm scales 1, biases 0
         else:
             param.data.normal_(0.0, std, generator=gen)
 

@@ -8,6 +8,7 @@ steps replay captured graphs; everything else runs eagerly.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -58,12 +59,13 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(0)
 
-    def allocate_kv(self, num_blocks: int, dtype: torch.dtype) -> None:
+    def allocate_kv(self, num_blocks: int, dtype: torch.dtype, num_cpu_blocks: int = 0) -> None:
         cfg = self.model_config
         self.graphs = None
         self.kv = None
         self.kv = KVPool(
-            cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim, dtype, self.device
+            cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim, dtype, self.device,
+            num_cpu_blocks=num_cpu_blocks,
         )
 
     def capture_graphs(self) -> None:
@@ -130,9 +132,18 @@ class ModelRunner:
         return self.model.compute_logits(hidden[put(inputs.logits_indices)])
 
     def _apply_plan(self, plan: worker_pb2.StepPlan) -> list[tuple[SeqState, int]]:
-        """Updates per-sequence state from the plan; returns (state, num_scheduled_tokens) in batch order."""
+        """Updates per-sequence state from the plan and runs its block operations; returns
+        (state, num_scheduled_tokens) in batch order.
+
+        Order: drop finished sequences, forks, last-token replacements, swap-out, swap-in, copies,
+        new sequences, table updates, then the running sequences' new blocks."""
         for seq_id in plan.finished_seq_ids:
             self._drop(seq_id)
+        for fork in plan.forks:
+            self._fork(fork)
+        for seq_id, token_id in zip(plan.last_token_seq_ids, plan.last_token_ids, strict=True):
+            self.seqs[seq_id].token_ids[-1] = token_id
+        self._run_block_ops(plan)
         batch = []
         for new in plan.new_seqs:
             self._drop(new.seq_id)
@@ -147,6 +158,11 @@ class ModelRunner:
             )
             self.seqs[new.seq_id] = state
             batch.append((state, new.num_scheduled_tokens))
+        for update in plan.table_updates:
+            state = self.seqs[update.seq_id]
+            for position, block_id in zip(update.positions, update.block_ids, strict=True):
+                state.block_table[position] = block_id
+            state.num_synced_blocks = 0  # entries changed in place: rewrite the row
         offset = 0
         new_block_ids = plan.running_new_block_ids
         for seq_id, num_tokens, num_new_blocks in zip(
@@ -158,6 +174,30 @@ class ModelRunner:
                 offset += num_new_blocks
             batch.append((state, num_tokens))
         return batch
+
+    def _fork(self, fork: worker_pb2.Fork) -> None:
+        """The child starts as a copy of the parent: same tokens, same block table (shared blocks)."""
+        child = copy.copy(self.seqs[fork.parent_seq_id])
+        child.seq_id = fork.child_seq_id
+        child.token_ids = list(child.token_ids)
+        child.block_table = list(child.block_table)
+        child.row = self.rows.acquire()
+        child.num_synced_blocks = 0
+        if fork.HasField("token_id"):
+            child.token_ids[-1] = fork.token_id
+        if fork.HasField("sampling_params"):
+            child.params = fork.sampling_params
+        self._drop(child.seq_id)
+        self.seqs[child.seq_id] = child
+
+    def _run_block_ops(self, plan: worker_pb2.StepPlan) -> None:
+        """Swaps and copy-on-write copies, before anything reads or writes the blocks this step."""
+        if not (plan.swap_out_src_block_ids or plan.swap_in_src_block_ids or plan.copy_src_block_ids):
+            return
+        assert self.kv is not None, "block operations before InitCache"
+        self.kv.swap_out(list(plan.swap_out_src_block_ids), list(plan.swap_out_dst_block_ids))
+        self.kv.swap_in(list(plan.swap_in_src_block_ids), list(plan.swap_in_dst_block_ids))
+        self.kv.copy(list(plan.copy_src_block_ids), list(plan.copy_dst_block_ids))
 
     def _drop(self, seq_id: int) -> None:
         state = self.seqs.pop(seq_id, None)

@@ -45,6 +45,7 @@ class WorkerConfig:
     enforce_eager: bool = False  # no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
     seed: int = 0
+    swap_space: int = 4 * 2**30  # bytes of CPU swap pool (preempted sequence groups)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -55,6 +56,8 @@ class WorkerConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0, got {self.swap_space}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -101,6 +104,13 @@ class Worker:
             return cfg.kv_cache_memory // per_block
         return self._profile_cuda(per_block)
 
+    def num_cpu_blocks_that_fit(self) -> int:
+        cfg, mc = self.config, self.model_config
+        per_block = KVPool.bytes_per_block(
+            mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, cfg.torch_dtype
+        )
+        return cfg.swap_space // per_block
+
     def profile_step(self) -> int:
         """Runs the largest step once (max_num_batched_tokens of prefill, split into sequences no longer
         than the context length) over a scratch pool; returns the scratch pool's size in blocks."""
@@ -145,6 +155,7 @@ class Worker:
                 rank=self.config.rank,
                 world_size=self.config.world_size,
                 num_blocks=self.num_blocks_that_fit(),
+                num_cpu_blocks=self.num_cpu_blocks_that_fit(),
                 block_size=self.config.block_size,
                 max_model_len=mc.max_model_len,
                 vocab_size=mc.vocab_size,
@@ -167,10 +178,12 @@ class Worker:
                 reply.step_result.error = f"{type(exc).__name__}: {exc}"
             reply.step_result.rank = self.config.rank
         elif kind == "init_cache":
-            self.runner.allocate_kv(cmd.init_cache.num_blocks, self.config.torch_dtype)
+            self.runner.allocate_kv(cmd.init_cache.num_blocks, self.config.torch_dtype,
+                                    num_cpu_blocks=cmd.init_cache.num_cpu_blocks)
             self.runner.capture_graphs()
             reply.cache_ready.rank = self.config.rank
             reply.cache_ready.num_blocks = cmd.init_cache.num_blocks
+            reply.cache_ready.num_cpu_blocks = cmd.init_cache.num_cpu_blocks
         elif kind == "shutdown":
             return None
         return reply
@@ -230,6 +243,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="dummy: random weights from config.json alone, for benchmarks (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
+    p.add_argument("--swap-space", type=float, default=4.0,
+                   help="GiB of CPU memory for swapped-out KV blocks of preempted sequence groups (n > 1, "
+                   "beam search); 0 disables swapping (default 4)")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the launching process dies")
     return p
 
@@ -250,6 +266,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         enforce_eager=args.enforce_eager,
         load_format=args.load_format,
         seed=args.seed,
+        swap_space=int(args.swap_space * 2**30),
     )
 
 

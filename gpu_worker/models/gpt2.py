@@ -55,7 +55,7 @@ class GPT2Block(nn.Module):
             scale /= layer_id + 1
         self.ln_1 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.attn = Attention(
-            args.hidden_size, args.num_heads, args.num_heads, head_dim, None, True, True, scale
+            args.hidden_size, args.num_heads, args.num_heads, head_dim, None, qkv_bias=True, o_bias=True, scale=scale
         )
         self.ln_2 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.mlp = MLP(args.hidden_size, args.intermediate_size, args.activation)
@@ -131,13 +131,13 @@ class GPT2LMHeadModel(nn.Module):
         # mask buffers attn.bias / attn.masked_bias; a tied head may be saved beside the embedding.
         tied = self.args.tie_word_embeddings
         renamed = (
-            (name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name, w)
-            for name, w in weights
+            (name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name, w) for name, w in weights
         )
         load_slots(
             self,
             renamed,
             self.checkpoint_slots(),
-            ignore=lambda name: name.endswith((".attn.bias", ".attn.masked_bias"))
-            or (tied and name == "lm_head.weight"),
+            ignore=lambda name: (
+                name.endswith((".attn.bias", ".attn.masked_bias")) or (tied and name == "lm_head.weight")
+            ),
         )

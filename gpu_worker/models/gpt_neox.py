@@ -56,7 +56,9 @@ class GPTNeoXLayer(nn.Module):
         head_dim = args.hidden_size // args.num_heads
         bias = args.attention_bias
         self.input_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
-        self.attention = Attention(args.hidden_size, args.num_heads, args.num_heads, head_dim, rotary, bias, bias)
+        self.attention = Attention(
+            args.hidden_size, args.num_heads, args.num_heads, head_dim, rotary, qkv_bias=bias, o_bias=bias
+        )
         self.post_attention_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.mlp = MLP(args.hidden_size, args.intermediate_size, args.activation)
 
@@ -143,6 +145,8 @@ class GPTNeoXForCausalLM(nn.Module):
             self,
             renamed,
             self.checkpoint_slots(),
-            ignore=lambda name: name.endswith((".attention.bias", ".attention.masked_bias", ".inv_freq"))
-            or (tied and name == "embed_out.weight"),
+            ignore=lambda name: (
+                name.endswith((".attention.bias", ".attention.masked_bias", ".inv_freq"))
+                or (tied and name == "embed_out.weight")
+            ),
         )

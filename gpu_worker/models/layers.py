@@ -24,9 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [num_tokens, dim] -> (normed, x + residual)
         return rms_norm(x, self.weight, self.eps, residual)
 
@@ -62,8 +60,7 @@ def layer_windows(hf: dict, num_layers: int) -> tuple[int | None, ...]:
     if not hf.get("use_sliding_window", False):
         return ()
     layer_types = hf.get("layer_types") or [
-        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-        for i in range(num_layers)
+        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(num_layers)
     ]
     windows = tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
     return windows if any(w is not None for w in windows) else ()
@@ -219,7 +216,7 @@ class Attention(nn.Module):
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
         )  # [T, H, D]
-        return self.o_proj(out.view(num_tokens, self.q_size))
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 # ------------------------------------------------------------------------------------------------ MLPs

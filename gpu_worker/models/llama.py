@@ -22,8 +22,8 @@ from gpu_worker.models.layers import (
     Slot,
     fused_slots,
     layer_windows,
-    weight_slots,
     load_slots,
+    weight_slots,
 )
 
 

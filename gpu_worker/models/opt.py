@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gpu_worker.attention_metadata import AttentionMetadata
-from gpu_worker.models.layers import MLP, Attention, KVCache, Slot, fused_slots, weight_slots, load_slots
+from gpu_worker.models.layers import MLP, Attention, KVCache, Slot, fused_slots, load_slots, weight_slots
 
 POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
 
@@ -58,7 +58,9 @@ class OPTDecoderLayer(nn.Module):
         head_dim = args.hidden_size // args.num_heads
         bias = args.enable_bias
         self.self_attn_layer_norm = nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine)
-        self.self_attn = Attention(args.hidden_size, args.num_heads, args.num_heads, head_dim, None, bias, bias)
+        self.self_attn = Attention(
+            args.hidden_size, args.num_heads, args.num_heads, head_dim, None, qkv_bias=bias, o_bias=bias
+        )
         self.final_layer_norm = nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine)
         self.mlp = MLP(args.hidden_size, args.ffn_dim, args.activation, bias)
 
@@ -83,9 +85,7 @@ class OPTForCausalLM(nn.Module):
         self.project_in = nn.Linear(args.word_embed_proj_dim, args.hidden_size, bias=False) if projected else None
         self.layers = nn.ModuleList(OPTDecoderLayer(args) for _ in range(args.num_layers))
         self.final_layer_norm = (
-            nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine)
-            if args.final_layer_norm
-            else None
+            nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine) if args.final_layer_norm else None
         )
         self.project_out = nn.Linear(args.hidden_size, args.word_embed_proj_dim, bias=False) if projected else None
         self.lm_head = nn.Linear(args.word_embed_proj_dim, args.vocab_size, bias=False)
@@ -155,6 +155,4 @@ class OPTForCausalLM(nn.Module):
         # Checkpoints saved from OPTModel (most of the hub's) lack the "model." prefix.
         tied = self.args.tie_word_embeddings
         renamed = (("model." + n if n.startswith("decoder.") else n, w) for n, w in weights)
-        load_slots(
-            self, renamed, self.checkpoint_slots(), ignore=lambda name: tied and name == "lm_head.weight"
-        )
+        load_slots(self, renamed, self.checkpoint_slots(), ignore=lambda name: tied and name == "lm_head.weight")

@@ -10,35 +10,17 @@ from transformers import AutoModelForCausalLM
 
 from gpu_worker.loader import load_model
 from gpu_worker.model_config import ModelConfig
-from tests.factories import PagedSequences, make_checkpoint
+from tests.factories import MODEL_CASES as CASES
+from tests.factories import PROMPT_LENS, PagedSequences, make_checkpoint, run_mixed_steps
 
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,  # puts head_dim 16's frequencies in all three bands
-}
 
-# case -> (demo arch, config overrides)
-CASES: dict[str, tuple[str, dict]] = {
-    "llama": ("llama", {}),
-    "llama_tied_biases": ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
-    "llama3_rope": ("llama", {"rope_parameters": LLAMA3_ROPE}),
-    "mistral_window8": ("mistral", {"sliding_window": 8}),
-    "qwen2": ("qwen2", {}),
-    "qwen2_window_layers": ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
-    "qwen3": ("qwen3", {}),
-    "gpt2": ("gpt2", {}),
-    "gpt_neox": ("gpt_neox", {}),
-    "gpt_neox_sequential": ("gpt_neox", {"use_parallel_residual": False, "rotary_pct": 0.5}),
-    "opt": ("opt", {}),
-    "opt_post_ln_projected": ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 32}),
-}
-
-PROMPT_LENS = (5, 23, 40)  # seqs 0-2, prefilled together; crosses 16-token blocks
-CHUNKED_LEN, FIRST_CHUNK = 29, 18  # seq 3, prefilled in two chunks
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls run faster on one thread than on two fighting over two busy cores."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
 
 
 @pytest.fixture(scope="module")
@@ -66,30 +48,11 @@ def _hf_logits(model_dir, sequences: dict[int, list[int]]) -> dict[int, torch.Te
 def test_matches_transformers(case_dirs, case, block_size):
     model_dir = case_dirs(case)
     model, config = load_model(model_dir, torch.device("cpu"), torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, config.vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENS]
-    chunked = torch.randint(3, config.vocab_size, (CHUNKED_LEN,), generator=gen).tolist()
-    paged = PagedSequences(config, block_size, num_blocks=512 // block_size, seed=block_size)
-    computed: dict[int, list[int]] = {s: [] for s in range(4)}  # tokens each sequence has run
-    ours: dict[int, list[torch.Tensor]] = {s: [] for s in range(4)}  # their logits, in order
-
-    def run(chunks):
-        for (s, ids), logits in zip(chunks, paged.step(model, chunks), strict=True):
-            computed[s] += ids
-            ours[s].append(logits)
-
-    def greedy(s):  # the next token from our own last logits
-        return [int(ours[s][-1][-1].argmax())]
-
-    run(list(enumerate(prompts)))  # one varlen prefill of three prompts
-    for _ in range(2):
-        run([(s, greedy(s)) for s in (0, 1, 2)])  # decode steps
-    run([(0, greedy(0)), (3, chunked[:FIRST_CHUNK]), (1, greedy(1))])  # chunk 1 amid decodes
-    run([(2, greedy(2)), (3, chunked[FIRST_CHUNK:])])  # chunk 2 beside a decode
+    computed, ours = run_mixed_steps(model, config, block_size)
 
     reference = _hf_logits(model_dir, computed)
     for s, expected in reference.items():
-        got = torch.cat(ours[s])
+        got = ours[s]
         assert got.shape == expected.shape
         assert (got - expected).abs().max() < 1e-4, f"seq {s}: max abs diff {(got - expected).abs().max()}"
         assert torch.equal(got.argmax(-1), expected.argmax(-1)), f"seq {s}: greedy tokens differ"
