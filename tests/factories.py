@@ -144,3 +144,23 @@ def run_mixed_steps(
     run([(0, greedy(0)), (3, chunked[:FIRST_CHUNK]), (1, greedy(1))])
     run([(2, greedy(2)), (3, chunked[FIRST_CHUNK:])])
     return computed, {s: torch.cat(rows) for s, rows in logits.items()}
+
+
+def hf_greedy(path: str | Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy continuation of each prompt (fp32, CPU, one prompt at a time)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    outs = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=model.config.eos_token_id)
+            outs.append(gen[0, len(p):].tolist())
+    return outs
+
+
+def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
