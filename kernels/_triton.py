@@ -14,8 +14,12 @@ import os
 import torch
 
 
+@functools.cache
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def interpreting() -> bool:
@@ -25,6 +29,9 @@ def interpreting() -> bool:
 class LazyKernel:
     """A ``@triton.jit`` kernel built on first use; ``kernel[grid](...)`` launches it."""
 
+    # When a list, launches are recorded here instead of run (kernels.compile_check).
+    recorded: list | None = None
+
     def __init__(self, fn, do_not_specialize: tuple[str, ...] = ()):
         self.fn = fn
         self.do_not_specialize = do_not_specialize
@@ -32,23 +39,29 @@ class LazyKernel:
         functools.update_wrapper(self, fn)
 
     def __getitem__(self, grid):
+        if LazyKernel.recorded is not None:
+            return lambda *args, **kwargs: LazyKernel.recorded.append((self, grid, args, kwargs))
         if self._kernel is None:
             import triton
             import triton.language
 
             self.fn.__globals__["tl"] = triton.language
             if interpreting():
-                _patch_interpreter_index()
+                _patch_interpreter()
             self._kernel = triton.jit(self.fn, do_not_specialize=self.do_not_specialize)
         return self._kernel[grid]
 
 
-def _patch_interpreter_index() -> None:
-    """Triton 3.6's interpreter turns scalar tensors into Python ints (loop bounds) with int(array),
-    which NumPy >= 2.4 refuses for 1-element arrays; use .item(), which works for either shape."""
+def _patch_interpreter() -> None:
+    """Three gaps of Triton 3.6's interpreter that the CPU tests hit, patched for the interpreter only:
+    scalar tensors used as loop bounds go through int(array), which NumPy >= 2.4 refuses for 1-element
+    arrays (use .item()); tl.dot multiplies bf16 operands as their raw uint16 bits (widen them to fp32
+    first, which is exact); fp32 -> bf16 casts truncate where GPUs round to nearest even."""
+    import numpy as np
+    import triton.language as tl
     from triton.runtime import interpreter
 
-    if getattr(interpreter, "_pagedserve_index_patch", False):
+    if getattr(interpreter, "_pagedserve_patched", False):
         return
     patch_tensor = interpreter._patch_lang_tensor
 
@@ -56,8 +69,31 @@ def _patch_interpreter_index() -> None:
         patch_tensor(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        data = (x.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+    def _cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = src.data.astype(np.float32).view(np.uint32)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
+            return interpreter.TensorHandle(rounded, tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
     interpreter._patch_lang_tensor = _patch_lang_tensor
-    interpreter._pagedserve_index_patch = True
+    interpreter.InterpreterBuilder.create_dot = _create_dot
+    interpreter.InterpreterBuilder.cast_impl = _cast_impl
+    interpreter._pagedserve_patched = True
 
 
 def jit(do_not_specialize: tuple[str, ...] = ()):

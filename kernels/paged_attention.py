@@ -7,14 +7,19 @@ causally to keys 0..L-n+i, read through the sequence's block table.
 Kernel layout. One launch covers the whole batch. A program owns one (query block, KV head, split):
 a query block is up to ``block_q`` consecutive queries of one sequence, and its rows are those
 queries times the ``group`` query heads that share the KV head (GQA packing), so every K/V tile is
-loaded once for all of them. Programs find their sequence in the kernel (a count over
-``query_start_loc``), so the grid depends only on shapes and host hints: no device-to-host sync.
-Long decode contexts split the key axis over several programs (split-KV); each writes a partial
-output and its log-sum-exp, and a second small kernel merges them.
+loaded once for all of them. Programs find their sequence in the kernel (decode: program = token,
+checked; otherwise a count over ``query_start_loc``), so the grid depends only on shapes and host
+hints: no device-to-host sync, and the call can be captured in a CUDA graph. Keys are walked in three
+phases so that only the tiles at the sliding-window edge and at the causal diagonal pay for masks.
+When there are too few programs for the GPU (small decode batches, long contexts) the key axis is
+split (split-KV): each split writes a partial output and its log-sum-exp to scratch, and the last
+split of each (query block, KV head) to finish, found with an atomic ticket, merges them in the same
+launch. See kernels/NOTES.md for the measurements behind the tile and split choices.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -74,17 +79,19 @@ class AttentionConfig:
     block_q: int  # queries of one sequence per program
     block_m: int  # rows per program: block_q * group, padded to a power of 2 >= 16 (tl.dot minimum)
     tile_n: int  # keys per inner-loop step
-    num_splits: int  # programs along the key axis; > 1 adds the merge kernel
+    num_splits: int  # programs along the key axis; > 1: partials merged by the last split
     split_len: int  # keys per split, a multiple of tile_n; the last split also takes the rest
     num_warps: int
     num_stages: int
 
 
-# Split-KV aims for this many programs per multiprocessor, and gives each split at least this many keys.
-SPLIT_TARGET_PER_SM = 4
-MIN_SPLIT_LEN = 256
+# Split-KV (tuned on H100, kernels/NOTES.md): programs of a long context split in pieces of at least
+# LONG_SPLIT_LEN keys; fewer programs than SMs are latency-bound and split into single-wave pieces.
+LONG_SPLIT_LEN = 2048
+MAX_SPLITS = 128
 
 
+@functools.lru_cache(maxsize=1024)
 def choose_config(
     num_tokens: int,
     num_seqs: int,
@@ -102,23 +109,34 @@ def choose_config(
     max_rows = 64 if wide else 128
     block_q = max(1, min(next_power_of_2(max(max_query_len, 1)), max_rows // group))
     block_m = max(16, next_power_of_2(block_q * group))
-    if block_m <= 16:  # decode: bandwidth-bound, deep pipeline of K/V tiles
-        tile_n, num_warps, num_stages = (32 if wide else 64), 4, 3
+    num_programs = num_kv_heads * _num_query_blocks(num_tokens, num_seqs, block_q)
+    seq_len = max(max_seq_len, 1)
+    # Few programs: split to about one program per SM (one wave of the 140 KB-shared-memory tile-128
+    # programs). Long contexts: split further, up to 4 per SM, for balance.
+    few = max(1, min(num_sms // num_programs, seq_len // 128))
+    long = min(cdiv(4 * num_sms, num_programs), seq_len // LONG_SPLIT_LEN)
+    if block_m <= 16:  # decode: bandwidth- or latency-bound
+        # 5 stages keep two K/V tiles in flight behind the block-table loads (3 stages keep one, and
+        # every tile then waits a full memory latency); 7 stages keep three.
+        num_warps = 4
+        if wide:
+            tile_n, num_stages = 32, 5
+        elif num_programs < num_sms and few >= long:
+            tile_n, num_stages = 128, 5
+        elif seq_len <= 1024:  # short contexts: small CTAs, 4 per SM
+            tile_n, num_stages = 32, 7
+        else:
+            tile_n, num_stages = 64, 5
     elif block_m <= 64:
         tile_n, num_warps, num_stages = (32 if wide else 64), 4, 2
     else:  # prefill: matrix-bound
-        tile_n, num_warps, num_stages = 64, 8, 2
+        tile_n, num_warps, num_stages = 128, 8, 3
     if wide and head_dim_pad > 128 and dtype == torch.float32:
         num_stages = 1
 
-    # Split-KV when the (query block, KV head) programs alone cannot fill the GPU.
-    num_programs = num_kv_heads * _num_query_blocks(num_tokens, num_seqs, block_q)
-    target = SPLIT_TARGET_PER_SM * num_sms
-    num_splits = 1
-    if num_programs < target:
-        num_splits = max(1, min(cdiv(target, num_programs), max_seq_len // MIN_SPLIT_LEN))
-    split_len = cdiv(cdiv(max(max_seq_len, 1), num_splits), tile_n) * tile_n
-    num_splits = cdiv(max(max_seq_len, 1), split_len)
+    num_splits = max(1, min(MAX_SPLITS, max(few, long) if num_programs < num_sms else long))
+    split_len = cdiv(cdiv(seq_len, num_splits), tile_n) * tile_n
+    num_splits = cdiv(seq_len, split_len)
     return AttentionConfig(block_q, block_m, tile_n, num_splits, split_len, num_warps, num_stages)
 
 
@@ -131,9 +149,10 @@ def _num_query_blocks(num_tokens: int, num_seqs: int, block_q: int) -> int:
 
 @jit(do_not_specialize=("num_seqs", "num_tokens", "num_query_blocks", "split_len", "sliding_window"))
 def _paged_attention_kernel(
-    out_ptr,  # [num_tokens, num_heads, head_dim], written when there is one split
-    part_out_ptr,  # [num_splits, num_tokens, num_heads, head_dim] fp32, per-split normalized output
-    part_lse_ptr,  # [num_splits, num_tokens, num_heads] fp32, per-split log2-sum-exp2 of scaled scores
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    part_ptr,  # fp32 scratch: [num_splits, num_tokens, num_heads, head_dim] per-split normalized output,
+    #            then [num_splits, num_tokens, num_heads] per-split log2-sum-exp2 of the scaled scores
+    counters_ptr,  # [>= grid dim 0] int32, zero: split tickets
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -158,7 +177,9 @@ def _paged_attention_kernel(
     TILE_N: tl.constexpr,
     SEARCH: tl.constexpr,  # query_start_loc entries read per step of the sequence search
     SLIDING: tl.constexpr,
-    SPLIT: tl.constexpr,  # num_splits > 1: write partials for the merge kernel
+    SPLIT: tl.constexpr,  # num_splits > 1: write partials, the last split merges them
+    MERGE_ROWS: tl.constexpr,  # power of 2 >= BLOCK_Q * GROUP
+    MERGE_CHUNK: tl.constexpr,  # splits merged per step
     DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -169,20 +190,35 @@ def _paged_attention_kernel(
     q_block = num_query_blocks - 1 - pid // NUM_KV_HEADS
     split = tl.program_id(1)
 
-    # The owning sequence is the last s with first_block(s) <= q_block.
-    count = 0
-    for s0 in range(0, num_seqs, SEARCH):
-        s = s0 + tl.arange(0, SEARCH)
-        starts = tl.load(query_start_loc_ptr + s, mask=s < num_seqs, other=0)
-        if BLOCK_Q == 1:
-            first = starts
-        else:
-            first = starts // BLOCK_Q + s
-        count += tl.sum(((first <= q_block) & (s < num_seqs)).to(tl.int32), axis=0)
-    seq = count - 1
-    q_start = tl.load(query_start_loc_ptr + seq)
-    num_q = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    seq_len = tl.load(seq_lens_ptr + seq)
+    # Find the owning sequence. Decode batches (one query per sequence) need no search: the guess
+    # seq = q_block is checked by loads that go out together with its seq_lens load.
+    if BLOCK_Q == 1:
+        seq = tl.minimum(q_block, num_seqs - 1)
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_end = tl.load(query_start_loc_ptr + seq + 1)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        miss = (q_block < q_start) | (q_block >= q_end)
+    else:  # placeholders: prefill blocks always search
+        seq = q_block
+        q_start = q_block
+        q_end = q_block
+        seq_len = q_block
+        miss = q_block >= 0
+    if miss:  # the owner is the last s with first_block(s) <= q_block
+        count = 0
+        for s0 in range(0, num_seqs, SEARCH):
+            s = s0 + tl.arange(0, SEARCH)
+            starts = tl.load(query_start_loc_ptr + s, mask=s < num_seqs, other=0)
+            if BLOCK_Q == 1:
+                first = starts
+            else:
+                first = starts // BLOCK_Q + s
+            count += tl.sum(((first <= q_block) & (s < num_seqs)).to(tl.int32), axis=0)
+        seq = count - 1
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_end = tl.load(query_start_loc_ptr + seq + 1)
+        seq_len = tl.load(seq_lens_ptr + seq)
+    num_q = q_end - q_start
     if BLOCK_Q == 1:
         q_off = q_block - q_start
     else:
@@ -265,6 +301,8 @@ def _paged_attention_kernel(
                 m_i = m_new
 
     if SPLIT:
+        part_out_ptr = part_ptr
+        part_lse_ptr = part_ptr + tl.num_programs(1).to(tl.int64) * num_tokens * (NUM_KV_HEADS * GROUP * HEAD_DIM)
         # A split that saw no key of a row leaves l_i == 0: lse = -inf, output 0, weight 0 in the merge.
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1.0e-30)), float("-inf"))
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -272,37 +310,57 @@ def _paged_attention_kernel(
         tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
         tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + d[None, :], o,
                  mask=row_ok[:, None] & d_ok[None, :])
+        # The last split of this (query block, KV head) to finish merges all of them, so the batch
+        # needs one launch. The barrier orders every thread's partial stores before the one thread's
+        # acq_rel ticket (release); the winner's acquire orders its reads (.cg: skip L1) after them.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(1) - 1:
+            # Merge over the real rows only (decode pads GROUP rows to 16 for tl.dot), MERGE_CHUNK
+            # splits per load so the reads overlap instead of costing a round trip per split.
+            mr = tl.arange(0, MERGE_ROWS)
+            mr_ok = (mr < BLOCK_Q * GROUP) & (q_off + mr // GROUP < num_q)
+            mr_token = (q_start + q_off + tl.minimum(mr // GROUP, num_q - q_off - 1)).to(tl.int64)
+            mr_head = kv_head * GROUP + mr % GROUP
+            c = tl.arange(0, MERGE_CHUNK)
+            m = tl.full([MERGE_ROWS], -1.0e30, tl.float32)
+            den = tl.zeros([MERGE_ROWS], tl.float32)
+            merged = tl.zeros([MERGE_ROWS, HEAD_DIM_PAD], tl.float32)
+            for s0 in range(0, tl.num_programs(1), MERGE_CHUNK):
+                sp = s0 + c
+                row_sp = (sp[None, :] * num_tokens + mr_token[:, None]) * (NUM_KV_HEADS * GROUP) + mr_head[:, None]
+                ok = mr_ok[:, None] & (sp < tl.num_programs(1))[None, :]  # [MERGE_ROWS, MERGE_CHUNK]
+                lse_c = tl.load(part_lse_ptr + row_sp, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                o_c = tl.load(part_out_ptr + row_sp[:, :, None] * HEAD_DIM + d[None, None, :],
+                              mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m, tl.max(lse_c, axis=1))
+                keep = tl.exp2(m - m_new)
+                w = tl.exp2(lse_c - m_new[:, None])  # [MERGE_ROWS, MERGE_CHUNK]; 0 for empty splits
+                den = den * keep + tl.sum(w, axis=1)
+                merged = merged * keep[:, None] + tl.sum(o_c * w[:, :, None], axis=1)
+                m = m_new
+            merged = merged / tl.where(den == 0.0, 1.0, den)[:, None]
+            tl.store(out_ptr + mr_token[:, None] * stride_ot + mr_head[:, None] * stride_oh + d[None, :],
+                     merged.to(out_ptr.dtype.element_ty), mask=mr_ok[:, None] & d_ok[None, :])
+            tl.store(counters_ptr + pid, 0)  # zero again for the next launch
     else:
         o = acc / l_i[:, None]
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@jit(do_not_specialize=("num_splits", "num_tokens"))
-def _merge_splits_kernel(
-    out_ptr,  # [num_tokens, num_heads, head_dim]
-    part_out_ptr,  # [num_splits, num_tokens, num_heads, head_dim] fp32
-    part_lse_ptr,  # [num_splits, num_tokens, num_heads] fp32
-    num_splits,
-    num_tokens,
-    stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-):
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    sp = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, HEAD_DIM_PAD)
-    part_row = (sp * num_tokens + token) * NUM_HEADS + head
-    lse = tl.load(part_lse_ptr + part_row, mask=sp < num_splits, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, axis=0))  # [SPLITS_PAD]; 0 for empty and missing splits
-    parts = tl.load(part_out_ptr + part_row[:, None] * HEAD_DIM + d[None, :],
-                    mask=(sp < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-    o = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
-             mask=d < HEAD_DIM)
+# Split-KV tickets, per device: one int32 per (query block, KV head) program column, zero between
+# launches (each launch's merging program resets its own). Calls on one device must not overlap in
+# time on different streams.
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _counters[device] = counters
+    return counters
 
 
 def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window) -> None:
@@ -351,9 +409,10 @@ def paged_attention_triton(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton path (CPU tensors run under TRITON_INTERPRET=1). Hints left as None cost a device
-    sync; a wrong hint is still correct (the last split takes the rest), only slower. ``out`` may be
-    given (same shape and dtype as q, last dimension contiguous); tokens past query_start_loc[-1] are
-    not written."""
+    sync; a wrong hint is still correct (the last split takes the rest, a missed decode guess searches),
+    only slower. ``out`` may be given (same shape and dtype as q, last dimension contiguous); tokens
+    past query_start_loc[-1] are not written. ``config`` overrides choose_config (tests, tuning).
+    Split launches share per-device tickets: calls on one GPU must not run concurrently on two streams."""
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window)
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
@@ -373,34 +432,28 @@ def paged_attention_triton(
                                max_query_len, max_seq_len, sm_count(q))
     head_dim_pad = next_power_of_2(head_dim)
     split = config.num_splits > 1
+    part = out  # unused without splits
     if split:
-        part_out = torch.empty((config.num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32,
-                               device=q.device)
-        part_lse = torch.empty((config.num_splits, num_tokens, num_heads), dtype=torch.float32,
-                               device=q.device)
-    else:
-        part_out = part_lse = out  # unused
+        part = torch.empty(config.num_splits * num_tokens * num_heads * (head_dim + 1), dtype=torch.float32,
+                           device=q.device)
     num_query_blocks = _num_query_blocks(num_tokens, num_seqs, config.block_q)
     grid = (num_query_blocks * num_kv_heads, config.num_splits)
+    counters = _split_counters(q.device, grid[0]) if split else seq_lens  # unused without splits
+    merge_rows = next_power_of_2(config.block_q * (num_heads // num_kv_heads))
     _paged_attention_kernel[grid](
-        out, part_out, part_lse, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        out, part, counters, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         scale * _LOG2E, num_seqs, num_tokens, num_query_blocks, config.split_len, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
-        TILE_N=config.tile_n, SEARCH=min(128, next_power_of_2(num_seqs)),
-        SLIDING=sliding_window is not None, SPLIT=split,
+        TILE_N=config.tile_n, SEARCH=128,
+        SLIDING=sliding_window is not None, SPLIT=split, MERGE_ROWS=merge_rows,
+        MERGE_CHUNK=max(1, min(16, next_power_of_2(config.num_splits), 8192 // (merge_rows * head_dim_pad))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if split:
-        _merge_splits_kernel[(num_tokens, num_heads)](
-            out, part_out, part_lse, config.num_splits, num_tokens, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            SPLITS_PAD=next_power_of_2(config.num_splits), num_warps=4,
-        )
     return out
 
 

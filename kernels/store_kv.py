@@ -41,16 +41,16 @@ def _store_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + token)
-    if slot < 0:
-        return
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
     h = tl.program_id(1) * HEADS_PER_PROGRAM + tl.arange(0, HEADS_PER_PROGRAM)
     d = tl.arange(0, HEAD_DIM_PAD)
     mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+    # The K/V loads do not wait for the slot: all three reads are in flight together.
     k = tl.load(k_ptr + token * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    slot = tl.load(slot_mapping_ptr + token)
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    mask &= slot >= 0
     tl.store(k_cache_ptr + block * stride_ckb + offset * stride_ckt + h[:, None] * stride_ckh + d[None, :],
              k, mask=mask)
     tl.store(v_cache_ptr + block * stride_cvb + offset * stride_cvt + h[:, None] * stride_cvh + d[None, :],
