@@ -20,8 +20,8 @@ test: venv
 	$(PY) -m pytest -q
 
 run: venv
-	$(PY) -m scheduler_svc.cli demo-model out/demo-model
-	$(PY) -m scheduler_svc.cli offline --model out/demo-model --prompt "Hello, paged world" --max-tokens 32
+	test -f out/demo-model/config.json || $(PY) -m scheduler_svc.cli demo-model out/demo-model
+	$(PY) -m scheduler_svc.cli serve --model out/demo-model
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -19,7 +19,7 @@ from gpu_worker.attention_metadata import AttentionMetadata
 from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.input_batch import BlockTableRows, StepInputs, build_inputs
 from gpu_worker.kv_pool import KVPool
-from gpu_worker.sampler import SampleRequest, sample
+from gpu_worker.sampler import SampleRequest, SampleResult, sample
 from pagedserve.internal.v1 import scheduler_pb2, worker_pb2
 
 
@@ -98,8 +98,11 @@ class ModelRunner:
         t2 = time.perf_counter_ns()
         states = inputs.sample_states
         want_logprobs = plan.num_top_logprobs > 0 or any(s.params.logprobs for s in states)
-        sampled = sample(logits, [self._sample_request(s) for s in states], plan.num_top_logprobs,
-                         self.generator, want_logprobs=want_logprobs)
+        if not want_logprobs and all(_plain_greedy(s.params) for s in states):
+            sampled = SampleResult(logits.argmax(dim=-1).tolist(), [], [], [])  # the common fast path
+        else:
+            sampled = sample(logits, [self._sample_request(s) for s in states], plan.num_top_logprobs,
+                             self.generator, want_logprobs=want_logprobs)
         for state, token in zip(states, sampled.token_ids, strict=True):
             state.token_ids.append(token)
         t3 = time.perf_counter_ns()
@@ -216,3 +219,7 @@ class ModelRunner:
             output_index=len(state.token_ids) - state.num_prompt_tokens,
             token_ids=state.token_ids,
         )
+
+
+def _plain_greedy(p: scheduler_pb2.SamplingParams) -> bool:
+    return p.temperature == 0 and p.repetition_penalty in (0.0, 1.0)

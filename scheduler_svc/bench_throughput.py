@@ -236,15 +236,14 @@ def run_hf_static(model_dir: Path, work: Workload, args) -> Result:
 
 def run_hf_cb(model_dir: Path, work: Workload, args) -> Result:
     """transformers' continuous batching manager, each request with its own output length, EOS off."""
-    import torch
     from transformers import GenerationConfig
 
     model = _hf_model(model_dir, args.device, args.load_format)
     gen = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=-1)
     done = 0
     produced = 0
-    with torch.inference_mode(), model.continuous_batching_context_manager(generation_config=gen, block=True,
-                                                                           timeout=5) as manager:
+    # No inference_mode here: the manager's own thread updates tensors made in this one.
+    with model.continuous_batching_context_manager(generation_config=gen, block=True, timeout=5) as manager:
         t0 = time.perf_counter()
         for i, (p, n) in enumerate(zip(work.prompts, work.output_lens, strict=True)):
             manager.add_request(p, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1)
@@ -258,6 +257,8 @@ def run_hf_cb(model_dir: Path, work: Workload, args) -> Result:
         seconds = time.perf_counter() - t0
     del model
     _free(args.device)
+    if produced != work.num_output_tokens:
+        raise RuntimeError(f"hf-cb produced {produced} tokens, expected {work.num_output_tokens}")
     return Result("hf-cb", seconds, produced, work.num_total_tokens)
 
 
@@ -281,6 +282,7 @@ def run(args) -> int:
     if not (args.num_prompts and args.input_len and args.output_len):
         raise SystemExit("give --workload or all of --num-prompts, --input-len, --output-len")
     args.hf_batch_size = args.hf_batch_size or 64
+    args.max_num_seqs = args.max_num_seqs or min(args.num_prompts, 1024)
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
         if args.model:
             model_dir, args.load_format = Path(args.model), "auto"
@@ -341,7 +343,8 @@ def add_parser(bench) -> None:
     p.add_argument("--hf-batch-size", type=int, help="batch size of hf-static (default from the workload or 64)")
     p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences per step (default: the number of prompts, at most 1024)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool on CPU (default 1GiB)")

@@ -25,6 +25,15 @@ def _add_offline(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="per-request seed")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt, sharing the prompt's KV blocks (default 1)")
+    p.add_argument("--beam-width", type=int, default=1,
+                   help="beam search with this many beams, as transformers' num_beams (default 1: off)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: score = log probability / length ** length_penalty (default 1)")
+    p.add_argument("--early-stopping", choices=("false", "true", "never"), default="false",
+                   help="beam search stopping rule, as transformers' early_stopping (default false)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the KV blocks of identical prompt prefixes")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
@@ -45,11 +54,13 @@ def _run_offline(args) -> int:
         prompts = args.prompt
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, n=args.n,
+        beam_width=args.beam_width, length_penalty=args.length_penalty,
+        early_stopping={"false": False, "true": True, "never": "never"}[args.early_stopping],
     )
     print(f"starting engine on {args.model} ({args.device})...", file=sys.stderr, flush=True)
     with LLM(args.model, device=args.device, block_size=args.block_size,
-             kv_cache_memory=args.kv_cache_memory) as llm:
+             kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching) as llm:
         results = llm.generate(prompts, params)
     for r in results:
         if args.json:
@@ -59,7 +70,8 @@ def _run_offline(args) -> int:
             ]}, ensure_ascii=False))
         else:
             for o in r.outputs:
-                print(f"[{r.index}] ({o.finish_reason}) {o.text}")
+                tag = f"[{r.index}]" if len(r.outputs) == 1 else f"[{r.index}.{o.index}]"
+                print(f"{tag} ({o.finish_reason}) {o.text}")
     return 0
 
 
@@ -91,12 +103,114 @@ def _add_bench(sub) -> None:
     s.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
     s.add_argument("--steps", type=int, default=2000, help="steps to time (default 2000)")
     s.set_defaults(func=lambda a: __import__("scheduler_svc.bench_scheduler", fromlist=["run"]).run(a))
+    from scheduler_svc import bench_memory, bench_throughput  # stdlib-only at import time
+
+    bench_throughput.add_parser(bench)
+    from scheduler_svc import bench_serving  # stdlib-only at import time
+
+    bench_serving.add_parser(bench)
+    bench_memory.add_parser(bench)
+
+
+def _add_serve(sub) -> None:
+    from scheduler_svc import serve  # light: argparse and process management only
+
+    p = sub.add_parser("serve", help="serve a model over gRPC (gateway, scheduler and worker processes)",
+                       description="Start a gateway, a scheduler and the workers as separate processes and "
+                       "supervise them. SIGINT/SIGTERM drains running streams, then exits 0; if any "
+                       "process dies, the others are stopped and the exit status is 1.")
+    serve.add_arguments(p)
+    p.set_defaults(func=serve.run)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream one completion from a running gateway",
+                       description="Stream one completion from a pagedserve gateway and print the text as "
+                       "it arrives.")
+    p.add_argument("--target", default="localhost:50051", help="gateway address (default localhost:50051)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-tokens", type=int, required=True, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's, 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables (default 0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus threshold in (0, 1] (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="per-request seed")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (token_ids, text, finish_reason, usage) at the end instead")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    import clients  # noqa: F401  (puts pagedserve.* on sys.path)
+    from pagedserve.client import Client, GenerationError, SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+    )
+    token_ids: list[int] = []
+    text: list[str] = []
+    last = None
+    try:
+        with Client(args.target) as client:
+            for chunk in client.generate(args.prompt, params, timeout=args.timeout):
+                token_ids += chunk.token_ids
+                text.append(chunk.text)
+                last = chunk
+                if not args.json:
+                    print(chunk.text, end="", flush=True)
+    except GenerationError as exc:
+        if text and not args.json:
+            print()
+        print(f"pagedserve generate: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        usage = last.usage if last is not None else None
+        print(json.dumps({
+            "token_ids": token_ids, "text": "".join(text), "finish_reason": last.finish_reason if last else None,
+            "usage": None if usage is None else {
+                "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                "cached_prompt_tokens": usage.cached_prompt_tokens,
+            },
+        }, ensure_ascii=False))
+    else:
+        print()
+    return 0
+
+
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="exit 0 if a scheduler is ready (for Kubernetes exec probes)",
+                       description="Ask a scheduler's GetEngineInfo whether its workers are ready; exit 0 if "
+                       "they are, 1 if not or if it does not answer.")
+    p.add_argument("--scheduler", default="127.0.0.1:50052", help="scheduler address (default 127.0.0.1:50052)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer (default 3)")
+    p.set_defaults(func=_run_probe)
+
+
+def _run_probe(args) -> int:
+    import grpc
+
+    import clients  # noqa: F401
+    from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    with grpc.insecure_channel(args.scheduler) as channel:
+        try:
+            info = scheduler_pb2_grpc.SchedulerServiceStub(channel).GetEngineInfo(
+                scheduler_pb2.GetEngineInfoRequest(), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"scheduler {args.scheduler}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"scheduler {args.scheduler}: {'ready' if info.ready else 'not ready'}")
+    return 0 if info.ready else 1
 
 
 # Process roles parse their own arguments (``pagedserve ROLE --help``); listed here for the overview.
 ROLES = {
     "scheduler": ("scheduler_svc.service", "run the scheduler process (block tables, batching)"),
     "worker": ("gpu_worker.worker", "run one worker process (model, KV pool, kernels)"),
+    "gateway": ("scheduler_svc.gateway", "run a gateway process (public gRPC API, text side)"),
 }
 
 
@@ -115,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_offline(sub)
     _add_demo_model(sub)
     _add_bench(sub)
+    _add_serve(sub)
+    _add_generate(sub)
+    _add_probe(sub)
     _add_roles(sub)
     return parser
 

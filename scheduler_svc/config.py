@@ -16,6 +16,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # tokens in one step (prefill chunks plus decodes)
     max_model_len: int | None = None  # cap below the model's own context length
     watermark: float = 0.01  # fraction of blocks kept free when admitting, to avoid instant preemption
+    enable_prefix_caching: bool = True  # reuse cached full blocks of earlier requests' prefixes
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):

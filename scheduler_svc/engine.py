@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.request import FinishReason, SeqOutput
+from scheduler_svc.request import FinishReason, SeqOutput, SeqStatus
 from scheduler_svc.sampling_params import InvalidField
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.step_plan import decode_result, encode_step
@@ -52,11 +52,12 @@ class EngineCore:
             raise RuntimeError("the workers have no memory left for even one KV block")
         if any(h.block_size != config.block_size for h in hellos):
             raise RuntimeError("workers and scheduler disagree on block_size")
-        workers.init_cache(num_blocks, startup_timeout_s, alive)
+        num_cpu_blocks = min(h.num_cpu_blocks for h in hellos)
+        workers.init_cache(num_blocks, startup_timeout_s, alive, num_cpu_blocks=num_cpu_blocks)
         first = hellos[0]
         self.scheduler = Scheduler(
             config, num_blocks, min(h.max_model_len for h in hellos), list(first.eos_token_ids),
-            vocab_size=first.vocab_size,
+            vocab_size=first.vocab_size, num_cpu_blocks=num_cpu_blocks,
         )
         self.info = scheduler_pb2.EngineInfo(
             architecture=first.architecture,
@@ -68,6 +69,8 @@ class EngineCore:
             eos_token_ids=first.eos_token_ids,
             ready=True,
             world_size=workers.world_size,
+            num_cpu_blocks=num_cpu_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
         self.inbox: queue.Queue = queue.Queue()
         self._sinks: dict[int, EventSink] = {}
@@ -107,6 +110,10 @@ class EngineCore:
         st.num_running = len(s.running)
         st.num_waiting = len(s.waiting)
         st.num_requests = len(s.requests)
+        st.num_cached_prompt_tokens = s.stats.num_cached_prompt_tokens
+        st.num_swapped = len(s.swapped)
+        st.num_swap_preemptions = s.stats.num_swap_preemptions
+        st.num_evictions = s.pool.num_evictions
         info.ready = not self.stopped.is_set()
         return info
 
@@ -135,10 +142,10 @@ class EngineCore:
         result = self.workers.run_step(encode_step(out), alive=self.alive)
         if result.error:
             outputs = [self._fail_seq(s.seq, f"step failed on a worker: {result.error}")
-                       for s in out.new_seqs + out.running]
+                       for s in out.new_seqs + out.running if s.seq.status is not SeqStatus.FINISHED]
         else:
             decoded = decode_result(result)
-            outputs = self.scheduler.update(out, decoded.sampled, decoded.logprobs)
+            outputs = self.scheduler.update(out, decoded.sampled, decoded.logprobs, decoded.top)
         self._publish(out.step_id, outputs)
 
     def _drain_inbox(self, block: bool) -> None:
@@ -187,7 +194,8 @@ class EngineCore:
 
     def _fail_all(self, message: str) -> None:
         s = self.scheduler
-        outputs = [self._fail_seq(seq, message) for seq in list(s.running) + list(s.waiting)]
+        outputs = [self._fail_seq(seq, message) for seq in [*s.running, *s.waiting, *s.swapped]
+                   if seq.status is not SeqStatus.FINISHED]  # an error ends a whole group at once
         self._publish(0, outputs)
 
     def _publish(self, step_id: int, outputs: list[SeqOutput], extra=()) -> None:
@@ -206,6 +214,7 @@ class EngineCore:
                 num_cached_tokens=request.num_cached_tokens,
                 error=o.error,
                 error_field=o.error_field,
+                final_token_ids=o.final_token_ids,
             )
         for stream_id, output in extra:
             by_stream[stream_id].outputs.append(output)

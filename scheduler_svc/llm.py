@@ -41,9 +41,12 @@ class CompletionOutput:
 
 @dataclass(slots=True)
 class RequestOutput:
+    """One prompt's completions: n samples by index, or beam_width beams best first."""
+
     index: int
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class LLM:
@@ -62,6 +65,8 @@ class LLM:
         seed: int = 0,
         load_format: str = "auto",
         enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        swap_space: float = 4.0,
         startup_timeout_s: float = 600.0,
     ) -> None:
         self.model = Path(model)
@@ -82,12 +87,15 @@ class LLM:
         ]
         if max_model_len is not None:
             sched_args += ["--max-model-len", str(max_model_len)]
+        if not enable_prefix_caching:
+            sched_args.append("--no-prefix-caching")
         self._procs.start("scheduler", cli_command("scheduler", *sched_args))
         self._procs.start("worker", cli_command(
             "worker", "--model", str(self.model), "--scheduler", worker_addr, "--device", device,
             "--dtype", dtype, "--kv-cache-memory", str(kv_cache_memory),
             "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed),
             "--max-num-seqs", str(max_num_seqs), "--load-format", load_format, "--exit-with-parent", *sizes,
+            "--swap-space", str(swap_space),
             *(["--enforce-eager"] if enforce_eager else []),
         ))
         self._channel = grpc.insecure_channel(sched_addr)
@@ -173,7 +181,10 @@ class LLM:
         base = self._next_request
         self._next_request += len(token_lists)
         ids = {f"offline-{base + i}": i for i in range(len(token_lists))}
-        results = [RequestOutput(i, t, [CompletionOutput(0, [], "", None)]) for i, t in enumerate(token_lists)]
+        results = [
+            RequestOutput(i, t, [CompletionOutput(j, [], "", None) for j in range(max(p.n, p.beam_width))])
+            for i, (t, p) in enumerate(zip(token_lists, params_list, strict=True))
+        ]
         for rid, i in ids.items():
             up.put(scheduler_pb2.GatewayMessage(submit=scheduler_pb2.Submit(
                 request_id=rid, prompt_token_ids=token_lists[i], sampling_params=params_list[i].to_proto()
@@ -197,14 +208,21 @@ class LLM:
                     if o.finish_reason == scheduler_pb2.FINISH_REASON_ERROR:
                         raise InvalidField(o.error_field or "request", o.error) if o.error_field else \
                             RuntimeError(o.error)
-                    out = results[ids[o.request_id]].outputs[0]
+                    result = results[ids[o.request_id]]
+                    result.num_cached_tokens = o.num_cached_tokens
+                    out = result.outputs[o.index]
+                    if out.finish_reason is not None:
+                        continue  # ended here at a stop string; its sibling samples go on
                     out.token_ids += o.token_ids
                     out.logprobs += o.logprobs
+                    if o.final_token_ids:
+                        out.token_ids = list(o.final_token_ids)  # a finished beam
                     if o.finish_reason:
                         out.finish_reason = FINISH_REASONS[o.finish_reason]
                     elif self._hit_stop_string(out, stop_strings[o.request_id]):
-                        up.put(scheduler_pb2.GatewayMessage(abort=scheduler_pb2.Abort(request_id=o.request_id)))
-                    if out.finish_reason is not None:
+                        if all(c.finish_reason is not None for c in result.outputs):
+                            up.put(scheduler_pb2.GatewayMessage(abort=scheduler_pb2.Abort(request_id=o.request_id)))
+                    if all(c.finish_reason is not None for c in result.outputs):
                         pending.discard(o.request_id)
                         if on_finish is not None:
                             on_finish(ids[o.request_id])
@@ -214,9 +232,9 @@ class LLM:
             up.put(None)
             stream.cancel()
         for r in results:
-            out = r.outputs[0]
-            if not out.text and self.tokenizer is not None:
-                out.text = self.tokenizer.decode(out.token_ids)
+            for out in r.outputs:
+                if not out.text and self.tokenizer is not None:
+                    out.text = self.tokenizer.decode(out.token_ids)
         return results
 
     def _hit_stop_string(self, out: CompletionOutput, stops: tuple[str, ...]) -> bool:

@@ -1,12 +1,23 @@
-"""Request and sequence state as the scheduler tracks it (token ids only; text lives in the gateway)."""
+"""Request and sequence state as the scheduler tracks it (token ids only; text lives in the gateway).
+
+A request is a sequence group: one sequence for plain sampling, up to ``n`` samples for parallel
+sampling, up to ``beam_width`` live beams for beam search. The group's sequences share blocks (forks)
+and are preempted together.
+"""
 
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2
+from scheduler_svc.sampling_params import InvalidField
+
+if TYPE_CHECKING:
+    from scheduler_svc.beam_search import BeamSearch
 
 FinishReason = scheduler_pb2.FinishReason
 
@@ -14,6 +25,7 @@ FinishReason = scheduler_pb2.FinishReason
 class SeqStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
+    SWAPPED = enum.auto()  # blocks in the CPU pool; the workers hold no state for it
     FINISHED = enum.auto()
 
 
@@ -27,17 +39,29 @@ class Request:
     params: scheduler_pb2.SamplingParams
     arrival: int  # admission order; lower arrived earlier
     stop_token_ids: frozenset[int]  # stop ids plus EOS unless ignore_eos
-    seqs: list[Sequence] = field(default_factory=list)
+    seqs: list[Sequence] = field(default_factory=list)  # live and finished samples; live beams
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # Parallel sampling: samples still to fork from the first sequence once it has computed
+    # prompt[:-1]; they then compute the last prompt token together and sample independently.
+    num_pending_forks: int = 0
+    beam: BeamSearch | None = None  # set for beam search (beam_width > 1)
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences the group may still run at once."""
+        if self.beam is not None:
+            return self.beam.beam_width
+        return sum(s.status is not SeqStatus.FINISHED for s in self.seqs) + self.num_pending_forks
 
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """One sample of a request. ``token_ids`` is the prompt followed by the outputs so far.
+    """One sample or beam of a request. ``token_ids`` is the prompt followed by the outputs so far.
 
     ``num_computed_tokens`` counts tokens whose KV is in the sequence's blocks; the worker samples a
-    new token in a step exactly when the step's computation reaches ``len(token_ids)``.
+    new token in a step exactly when the step's computation reaches ``len(token_ids)``. Only the last
+    token may be uncomputed after a step, and only it may change (beam re-selection).
     """
 
     seq_id: int
@@ -47,6 +71,14 @@ class Sequence:
     num_computed_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: int = FinishReason.FINISH_REASON_UNSPECIFIED
+    # Sampling parameters sent to the workers when they differ from the request's (per-sample seed,
+    # beam search); None: the request's.
+    params: scheduler_pb2.SamplingParams | None = None
+    # Prefix-cache hashes of the full blocks of token_ids[:-1], computed lazily (chained: each covers
+    # all tokens up to the end of its block), and how many of the table's blocks carry theirs.
+    block_hashes: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0
+    beam_score: float = 0.0  # beam search: sum of the output tokens' log probabilities
 
     @property
     def arrival(self) -> int:
@@ -64,10 +96,17 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.request.prompt_token_ids)
 
+    @property
+    def sampling_params(self) -> scheduler_pb2.SamplingParams:
+        return self.params if self.params is not None else self.request.params
+
 
 @dataclass(slots=True)
 class SeqOutput:
-    """What one step produced for one sequence; ``finish_reason`` set when it ended."""
+    """What one step produced for one sequence; ``finish_reason`` set when it ended.
+
+    A finished beam search reports its hypotheses as sequences of their own, ``final_token_ids``
+    holding each one's output tokens."""
 
     seq: Sequence
     token_ids: list[int]
@@ -75,3 +114,78 @@ class SeqOutput:
     finish_reason: int = FinishReason.FINISH_REASON_UNSPECIFIED
     error: str = ""
     error_field: str = ""
+    final_token_ids: list[int] = field(default_factory=list)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of sample ``index`` of a seeded request; sample 0 keeps the request's seed."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
+def beam_params(params: scheduler_pb2.SamplingParams, num_candidates: int) -> scheduler_pb2.SamplingParams:
+    """What beams send to the workers: greedy scoring with ``num_candidates`` top alternatives; the
+    beams themselves are chosen by the scheduler."""
+    beam = scheduler_pb2.SamplingParams()
+    beam.CopyFrom(params)
+    beam.temperature, beam.top_k, beam.top_p, beam.min_p = 0.0, 0, 1.0, 0.0
+    beam.repetition_penalty, beam.has_seed, beam.logprobs = 1.0, False, False
+    beam.top_logprobs = num_candidates
+    return beam
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What one request may ask of a scheduler."""
+
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    max_group_size: int  # sequences one step can hold
+    vocab_size: int | None = None
+
+    def longest(self, prompt_token_ids: list[int], params) -> int:
+        """Prompt plus output tokens at most."""
+        return min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
+
+
+def validate_request(
+    prompt_token_ids: list[int], params, stop_token_ids: frozenset[int], limits: RequestLimits
+) -> None:
+    """Raises InvalidField (naming the field) for a request that can never run."""
+    vocab = limits.vocab_size
+    if not prompt_token_ids:
+        raise InvalidField("prompt", "must not be empty")
+    if vocab is not None and not all(0 <= t < vocab for t in prompt_token_ids):
+        bad = next(t for t in prompt_token_ids if not 0 <= t < vocab)
+        raise InvalidField("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
+    if len(prompt_token_ids) >= limits.max_model_len:
+        raise InvalidField(
+            "prompt",
+            f"{len(prompt_token_ids)} tokens leave no room to generate within the context "
+            f"length {limits.max_model_len}",
+        )
+    if params.max_tokens < 1:
+        raise InvalidField("max_tokens", f"must be at least 1, got {params.max_tokens}")
+    width, n = max(1, params.beam_width), max(1, params.n)
+    if width > 1 and n > 1:
+        raise InvalidField("n", "must be 1 with beam search (beam_width > 1 returns beam_width beams)")
+    group = max(width, n)
+    field_name = "beam_width" if width > 1 else "n"
+    if group > limits.max_group_size:
+        raise InvalidField(field_name, f"{group} sequences exceed the scheduler's step limit {limits.max_group_size}")
+    num_candidates = max(2, 1 + len(stop_token_ids)) * width
+    if width > 1 and vocab is not None and num_candidates > vocab:
+        raise InvalidField("beam_width", f"{width} beams need {num_candidates} candidates per step")
+    # The group alone must fit: every sequence holds its own blocks past the shared prompt[:-1].
+    longest = limits.longest(prompt_token_ids, params)
+    shared = (len(prompt_token_ids) - 1) // limits.block_size
+    needed = group * -(-longest // limits.block_size) - (group - 1) * shared
+    if needed > limits.num_blocks:
+        raise InvalidField(
+            "max_tokens",
+            f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) for {group} "
+            f"sequence(s) needs {needed} KV blocks; the pool has {limits.num_blocks}",
+        )

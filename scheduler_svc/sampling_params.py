@@ -27,6 +27,7 @@ class SamplingParams:
     n: int = 1
     beam_width: int = 1
     length_penalty: float = 1.0
+    early_stopping: bool | str = False  # beam search, as transformers: False, True or "never"
     logprobs: bool = False
     top_logprobs: int = 0
     repetition_penalty: float = 1.0
@@ -48,6 +49,10 @@ class SamplingParams:
                f"must be an integer in [1, {MAX_N}], got {self.n!r}")
         _check(isinstance(self.beam_width, int) and 1 <= self.beam_width <= MAX_N, "beam_width",
                f"must be an integer in [1, {MAX_N}], got {self.beam_width!r}")
+        _check(self.n == 1 or self.beam_width == 1, "n",
+               "must be 1 with beam search (beam_width > 1 returns beam_width beams)")
+        _check(self.early_stopping in (False, True, "never"), "early_stopping",
+               f"must be False, True or 'never', got {self.early_stopping!r}")
         _check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
                f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         _check(self.repetition_penalty > 0, "repetition_penalty",
@@ -74,7 +79,15 @@ class SamplingParams:
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs,
             repetition_penalty=self.repetition_penalty,
+            early_stopping=_EARLY_STOPPING[self.early_stopping],
         )
+
+
+_EARLY_STOPPING = {
+    False: scheduler_pb2.EARLY_STOPPING_HEURISTIC,
+    True: scheduler_pb2.EARLY_STOPPING_ON_FULL,
+    "never": scheduler_pb2.EARLY_STOPPING_NEVER,
+}
 
 
 def _check(ok: bool, field_name: str, message: str) -> None:

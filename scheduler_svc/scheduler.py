@@ -1,10 +1,19 @@
-"""Iteration-level (continuous) batching with paged KV blocks.
+"""Iteration-level (continuous) batching with paged KV blocks, shared between sequences.
 
-Each step: running sequences first (decodes, then prefill chunks in progress), oldest first, each
-growing its block table; when blocks run out, the latest arrival is preempted by recompute (its blocks
-freed, its tokens computed again later). Then, if nothing was preempted, waiting sequences are admitted
-first-come-first-served while the token budget, the sequence cap and the free blocks last. Prompts
-longer than the remaining token budget are computed in chunks over several steps.
+Each step has two phases. First the running sequences are picked, decodes first, then prefill
+chunks in progress, oldest first, under the token budget and the sequence cap; when the free blocks
+cannot cover a pick, the latest-arriving group is preempted: a multi-sequence group (n > 1, beams) is
+swapped out to the CPU pool when it fits there, anything else is recomputed later (its blocks freed).
+Then the picks take their blocks (copy-on-write where they write into shared ones). If nothing was
+preempted, swapped groups come back first, then waiting sequences are admitted first-come-first-served
+(reusing cached prefix blocks) while the budget, the cap and the free blocks last.
+
+Sequence groups:
+- parallel sampling: the first sequence computes prompt[:-1]; the other n-1 then fork from it, sharing
+  every block, and all n compute the last prompt token in one step and sample independently;
+- beam search: one sequence computes the prompt; after every step the beams are re-selected from the
+  workers' top candidates (scheduler_svc.beam_search), survivors fork (the child's last token set by
+  the plan), dropped beams free their blocks. Live beams always step together.
 """
 
 from __future__ import annotations
@@ -12,47 +21,57 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import chain
 
+from scheduler_svc.beam_search import BeamSearch
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.kv_cache_manager import KVCacheManager
-from scheduler_svc.request import FinishReason, Request, SeqOutput, SeqStatus, Sequence
+from scheduler_svc.request import (
+    FinishReason,
+    Request,
+    RequestLimits,
+    SeqOutput,
+    SeqStatus,
+    Sequence,
+    beam_params,
+    sample_seed,
+    validate_request,
+)
 from scheduler_svc.sampling_params import InvalidField
+from scheduler_svc.step_plan import ForkedSeq, ScheduledSeq, SchedulerOutput
 
-_ARRIVAL = lambda seq: seq.request.arrival  # noqa: E731
+__all__ = ["ForkedSeq", "ScheduledSeq", "Scheduler", "SchedulerOutput", "SchedulerStats", "sample_seed"]
 
-
-@dataclass(slots=True)
-class ScheduledSeq:
-    seq: Sequence
-    num_scheduled_tokens: int
-    block_ids: list[int]  # new sequences: the whole table; running ones: blocks added this step
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    step_id: int
-    new_seqs: list[ScheduledSeq] = field(default_factory=list)
-    running: list[ScheduledSeq] = field(default_factory=list)
-    finished_seq_ids: list[int] = field(default_factory=list)  # finished, aborted or preempted
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def num_scheduled_tokens(self) -> int:
-        return sum(s.num_scheduled_tokens for s in self.new_seqs) + sum(
-            s.num_scheduled_tokens for s in self.running
-        )
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.new_seqs or self.running)
+_KEY = lambda seq: (seq.request.arrival, seq.seq_id)  # noqa: E731  running/swapped order: groups contiguous
+_RUNNING = SeqStatus.RUNNING
 
 
 @dataclass(slots=True)
 class SchedulerStats:
     num_steps: int = 0
-    num_preemptions: int = 0
+    num_preemptions: int = 0  # sequences preempted (recompute or swap)
+    num_swap_preemptions: int = 0  # sequences preempted by swapping their group out
     num_computed_prompt_tokens: int = 0  # prompt tokens computed (not served from cache)
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass(slots=True)
+class _Pick:
+    """A running group's share of the step, decided before any block is taken."""
+
+    request: Request
+    slots: list[tuple[Sequence, int]]  # (sequence, tokens to compute)
+    num_forks: int  # parallel sampling: samples to fork from slots[0] first
+    num_blocks: int  # blocks the slots will take (new ones and copies)
+
+
+@dataclass(slots=True)
+class _Step:
+    budget: int
+    num_seqs: int = 0
+    num_reserved_blocks: int = 0
+    picks: list[_Pick] = field(default_factory=list)
 
 
 class Scheduler:
@@ -63,23 +82,31 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: list[int],
         vocab_size: int | None = None,
+        num_cpu_blocks: int = 0,
     ) -> None:
         self.config = config
         self.block_size = config.block_size
         self.max_model_len = min(max_model_len, config.max_model_len or max_model_len)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
-        self.pool = BlockPool(num_blocks)
-        self.kv = KVCacheManager(self.pool, config.block_size)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # sorted by arrival
+        self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
+        self.cpu_pool = BlockPool(num_cpu_blocks) if num_cpu_blocks > 0 else None
+        self.kv = KVCacheManager(self.pool, config.block_size, self.cpu_pool)
+        self.waiting: deque[Sequence] = deque()  # sorted by _KEY: new requests append, preempted ones insert
+        self.running: list[Sequence] = []  # sorted by _KEY
+        self.swapped: list[Sequence] = []  # sorted by _KEY
         self.requests: dict[tuple[int, str], Request] = {}
         self.stats = SchedulerStats()
+        self.limits = RequestLimits(self.max_model_len, config.block_size, num_blocks,
+                                    min(config.max_num_seqs, config.max_num_batched_tokens), vocab_size)
         self._watermark_blocks = int(config.watermark * num_blocks)
         self._next_arrival = 0
         self._next_seq_id = 0
         self._next_step_id = 0
         self._dropped_seq_ids: list[int] = []  # workers drop these before the next step
+        self._pending_forks: list[ForkedSeq] = []  # beam forks for the next plan
+        self._pending_last_tokens: list[Sequence] = []  # beams whose last token the next plan sets
+        self._pending_outputs: list[SeqOutput] = []  # failures found while scheduling
 
     # ---- requests in and out
 
@@ -88,36 +115,22 @@ class Scheduler:
         key = (stream_id, request_id)
         if key in self.requests:
             raise InvalidField("request_id", f"{request_id!r} is already running on this stream")
-        if not prompt_token_ids:
-            raise InvalidField("prompt", "must not be empty")
-        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in prompt_token_ids):
-            bad = next(t for t in prompt_token_ids if not 0 <= t < self.vocab_size)
-            raise InvalidField("prompt", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidField(
-                "prompt",
-                f"{len(prompt_token_ids)} tokens leave no room to generate within the context "
-                f"length {self.max_model_len}",
-            )
-        if params.max_tokens < 1:
-            raise InvalidField("max_tokens", f"must be at least 1, got {params.max_tokens}")
-        longest = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
-        if self.kv.num_blocks_for(longest) > self.pool.num_blocks:
-            raise InvalidField(
-                "max_tokens",
-                f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) needs "
-                f"{self.kv.num_blocks_for(longest)} KV blocks; the pool has {self.pool.num_blocks}",
-            )
         stop_ids = frozenset(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
-        request = Request(
-            request_id, stream_id, list(prompt_token_ids), params, self._next_arrival, stop_ids
-        )
+        validate_request(prompt_token_ids, params, stop_ids, self.limits)
+        request = Request(request_id, stream_id, list(prompt_token_ids), params, self._next_arrival, stop_ids)
         self._next_arrival += 1
-        seq = Sequence(self._next_seq_id, request, list(prompt_token_ids))
-        self._next_seq_id += 1
+        seq = Sequence(self._new_seq_id(), request, list(prompt_token_ids))
         request.seqs.append(seq)
+        if params.beam_width > 1:
+            request.beam = BeamSearch(
+                params.beam_width, len(prompt_token_ids), self.limits.longest(prompt_token_ids, params), stop_ids,
+                params.length_penalty, params.early_stopping,
+            )
+            seq.params = beam_params(params, request.beam.num_candidates)
+        elif params.n > 1:
+            request.num_pending_forks = params.n - 1
         self.requests[key] = request
         self.waiting.append(seq)
         return request
@@ -127,11 +140,12 @@ class Scheduler:
         request = self.requests.get((stream_id, request_id))
         if request is None:
             return []
-        return [
+        outputs = [
             self.finish(seq, FinishReason.FINISH_REASON_ABORT)
-            for seq in request.seqs
+            for seq in list(request.seqs)
             if seq.status is not SeqStatus.FINISHED
         ]
+        return outputs[:1] if request.beam is not None else outputs  # beams: one report, index 0
 
     def abort_stream(self, stream_id: int) -> list[SeqOutput]:
         outputs = []
@@ -140,71 +154,302 @@ class Scheduler:
         return outputs
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     # ---- one step
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(self._next_step_id)
         self._next_step_id += 1
-        budget = self.config.max_num_batched_tokens
-        # Decodes first, then prefill chunks in progress; each group oldest first.
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        chunks = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        for seq in decodes + chunks:
-            if budget == 0:
-                break
-            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
-                continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
-                continue
-            new_ids = self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
-            out.running.append(ScheduledSeq(seq, num_new, new_ids))
-            budget -= num_new
+        step = _Step(self.config.max_num_batched_tokens)
+        self._pick_running(step, out)
+        for pick in step.picks:
+            self._place(pick, out)
         if not out.preempted:
-            self._admit(out, budget)
+            self._swap_in(step, out)
+            if not self.swapped:
+                self._admit(step, out)
+        if out.is_empty and not out.preempted and self.has_work():
+            self._fail_stuck()
+        # Forks and last tokens decided by the last update, for sequences still on the workers.
+        out.forks[:0] = [f for f in self._pending_forks if f.child.status is _RUNNING]
+        out.last_tokens = [(s.seq_id, s.token_ids[-1]) for s in self._pending_last_tokens if s.status is _RUNNING]
+        self._pending_forks, self._pending_last_tokens = [], []
         out.finished_seq_ids = self._dropped_seq_ids
         self._dropped_seq_ids = []
         self.stats.num_steps += 1
         return out
 
-    def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
-        """Preempts latest arrivals until ``seq`` can grow to ``num_tokens``; False if seq itself went."""
-        while not self.kv.can_allocate(seq.seq_id, num_tokens):
-            victim = self.running[-1]
-            self._preempt(victim, out)
-            if victim is seq:
+    def _pick_running(self, step: _Step, out: SchedulerOutput) -> None:
+        """Phase one: which running sequences compute how many tokens; preempts to make room."""
+        decodes = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1]
+        chunks = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens > 1]
+        grouped: set[int] = set()  # beam groups already picked as a whole
+        cap = self.config.max_num_seqs
+        free_queue = self.pool.free_queue
+        for seq in chain(decodes, chunks):
+            if step.budget == 0:
+                break
+            if seq.status is not _RUNNING or id(seq.request) in grouped:
+                continue
+            pick = self._pick(seq, step.budget)
+            if pick is None:
+                continue
+            num_seqs = len(pick.slots) + pick.num_forks
+            if step.num_seqs + num_seqs > cap:
+                continue
+            if num_seqs > 1:
+                grouped.add(id(pick.request))
+            if free_queue.num_free - step.num_reserved_blocks < pick.num_blocks and not self._make_room(
+                pick, step, out
+            ):
+                continue
+            step.picks.append(pick)
+            step.num_reserved_blocks += pick.num_blocks
+            step.num_seqs += num_seqs
+            step.budget -= pick.num_forks + (pick.slots[0][1] if num_seqs == 1 else sum(n for _, n in pick.slots))
+
+    def _pick(self, seq: Sequence, budget: int) -> _Pick | None:
+        request = seq.request
+        start = seq.num_computed_tokens
+        remaining = len(seq.token_ids) - start
+        if request.beam is None and not request.num_pending_forks:
+            # The common case, kept cheap: one sequence whose table ends at or just past ``start``.
+            n = min(remaining, budget)
+            table = self.kv.block_tables[seq.seq_id]
+            i = start // self.block_size
+            if len(table) <= i + 1:
+                needed = (start + n + self.block_size - 1) // self.block_size - len(table)
+                if i < len(table) and table[i].ref_cnt > 1:
+                    needed += 1  # copy-on-write of a block shared with a sibling sample
+                return _Pick(request, [(seq, n)], 0, needed)
+            return _Pick(request, [(seq, n)], 0, self.kv.num_blocks_needed([(seq.seq_id, start, start + n)]))
+        if request.beam is not None and len(request.seqs) > 1:
+            beams = request.seqs
+            if all(b.status is _RUNNING and b.num_tokens - b.num_computed_tokens == 1 for b in beams):
+                if budget < len(beams):
+                    return None
+                slots = [(b, 1) for b in beams]  # beams step together
+            elif remaining > 1:
+                slots = [(seq, min(remaining - 1, budget))]  # catch up, then wait for the others
+            else:
+                return None
+        elif request.num_pending_forks:
+            if remaining == 1:  # prompt[:-1] is computed: fork the samples and sample all together
+                n = 1 + request.num_pending_forks
+                if budget < n:
+                    return None
+                return _Pick(request, [(seq, 1)], n - 1, self._fork_blocks(seq, n))
+            slots = [(seq, min(remaining - 1, budget))]
+        else:
+            slots = [(seq, min(remaining, budget))]
+        blocks = self.kv.num_blocks_needed(
+            [(s.seq_id, s.num_computed_tokens, s.num_computed_tokens + n) for s, n in slots]
+        )
+        return _Pick(request, slots, 0, blocks)
+
+    def _fork_blocks(self, parent: Sequence, n: int) -> int:
+        """Blocks that n sequences sharing ``parent``'s table take to write its next slot."""
+        table = self.kv.block_tables[parent.seq_id]
+        i = parent.num_computed_tokens // self.block_size
+        if i >= len(table):
+            return n  # the slot starts a block: one new block each
+        return n - 1 + (table[i].ref_cnt > 1)  # copies; the last writer keeps the block unless shared
+
+    def _make_room(self, pick: _Pick, step: _Step, out: SchedulerOutput) -> bool:
+        """Preempts latest arrivals until the pick fits; False if the pick's own group went."""
+        while self.pool.num_free_blocks - step.num_reserved_blocks < pick.num_blocks:
+            victim = self.running[-1].request
+            self._preempt(victim, step, out)
+            if victim is pick.request:
                 return False
         return True
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            needed = self.kv.num_new_blocks(seq.seq_id, seq.num_computed_tokens + num_new)
-            if needed > self.pool.num_free_blocks - self._watermark_blocks and self.running:
-                break  # FCFS: the head waits for blocks; nobody overtakes it
-            if needed > self.pool.num_free_blocks:
-                break
-            self.waiting.popleft()
-            self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
-            seq.status = SeqStatus.RUNNING
-            bisect.insort(self.running, seq, key=_ARRIVAL)
-            out.new_seqs.append(ScheduledSeq(seq, num_new, self.kv.block_ids(seq.seq_id)))
-            budget -= num_new
+    def _place(self, pick: _Pick, out: SchedulerOutput) -> None:
+        """Phase two: the pick takes its blocks; forks first, copy-on-write as it writes."""
+        slots = pick.slots
+        if not pick.num_blocks and not pick.num_forks:  # neither new blocks nor copies
+            out.running += [ScheduledSeq(seq, n, []) for seq, n in slots]
+            return
+        if pick.num_forks:
+            parent = slots[0][0]
+            children = self._fork_samples(parent, pick.num_forks)
+            out.forks += [ForkedSeq(parent.seq_id, c) for c in children]
+            slots = slots + [(c, 1) for c in children]
+        for seq, n in slots:
+            start = seq.num_computed_tokens
+            new_ids, copies, replaced = self.kv.allocate_slots(seq.seq_id, start, start + n)
+            out.running.append(ScheduledSeq(seq, n, new_ids))
+            if copies:
+                out.copies += copies
+                out.table_updates.append((seq.seq_id, [p for p, _ in replaced], [b for _, b in replaced]))
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        """Recompute preemption: free the blocks, forget computed tokens, wait at the front."""
+    # ---- preemption and swapping
+
+    def _preempt(self, request: Request, step: _Step, out: SchedulerOutput) -> None:
+        """Takes the whole group off the device: swapped when it is a multi-sequence group in step and
+        the CPU pool holds it, recomputed otherwise. Beams recomputed without the prefix cache would
+        each need their own copy of the blocks they shared, and might never fit again: that fails."""
+        mine = [p for p in step.picks if p.request is request]
+        for pick in mine:
+            step.picks.remove(pick)
+            step.num_reserved_blocks -= pick.num_blocks
+            step.num_seqs -= len(pick.slots) + pick.num_forks
+            step.budget += sum(n for _, n in pick.slots) + pick.num_forks
+        live = [s for s in request.seqs if s.status is _RUNNING]
+        ids = [s.seq_id for s in live]
+        in_step = all(
+            s.status is _RUNNING and s.num_tokens - s.num_computed_tokens == 1
+            for s in request.seqs
+            if s.status is not SeqStatus.FINISHED
+        )
+        if len(live) > 1 and in_step and self.kv.can_swap_out(ids):
+            out.swap_out += self.kv.swap_out(ids)
+            for seq in live:
+                self._take_off(seq, SeqStatus.SWAPPED)
+                bisect.insort(self.swapped, seq, key=_KEY)
+            self.stats.num_swap_preemptions += len(live)
+        elif request.beam is not None and len(request.seqs) > 1 and not self.pool.enable_caching:
+            self._fail(request, "preempting a beam search needs CPU swap space (--swap-space) or prefix caching")
+            return
+        else:
+            for seq in live:
+                self.kv.free(seq.seq_id)
+                self._take_off(seq, SeqStatus.WAITING)
+                seq.num_computed_tokens = 0
+                bisect.insort(self.waiting, seq, key=_KEY)  # back in arrival order, ahead of later ones
+        request.num_preemptions += 1
+        out.preempted += live
+        self.stats.num_preemptions += len(live)
+
+    def _take_off(self, seq: Sequence, status: SeqStatus) -> None:
         self.running.remove(seq)
-        self.kv.free(seq.seq_id)
-        seq.num_computed_tokens = 0
-        seq.status = SeqStatus.WAITING
-        seq.request.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        seq.status = status
+        seq.num_hashed_blocks = 0
         self._dropped_seq_ids.append(seq.seq_id)
-        out.preempted.append(seq)
-        self.stats.num_preemptions += 1
+
+    def _swap_in(self, step: _Step, out: SchedulerOutput) -> None:
+        """Brings swapped groups back, oldest first; each computes its next token this step."""
+        while self.swapped:
+            request = self.swapped[0].request
+            group = [s for s in self.swapped[: request.max_num_seqs] if s.request is request]
+            ids = [s.seq_id for s in group]
+            if step.budget < len(group) or step.num_seqs + len(group) > self.config.max_num_seqs:
+                return
+            writes = [(s.seq_id, s.num_computed_tokens, s.num_computed_tokens + 1) for s in group]
+            needed = self.kv.num_swap_in_blocks(ids) + self.kv.num_blocks_needed(writes, cpu=True)
+            free = self.pool.num_free_blocks - (self._watermark_blocks if self.running else 0)
+            if needed > free:
+                return
+            out.swap_in += self.kv.swap_in(ids)
+            del self.swapped[: len(group)]
+            for seq in group:
+                seq.status = _RUNNING
+                bisect.insort(self.running, seq, key=_KEY)
+                self._start(seq, 1, out)
+            step.budget -= len(group)
+            step.num_seqs += len(group)
+
+    def _start(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
+        """Schedules a sequence that the workers do not hold: it travels in full."""
+        start = seq.num_computed_tokens
+        _, copies, _ = self.kv.allocate_slots(seq.seq_id, start, start + num_new)
+        out.copies += copies
+        out.new_seqs.append(ScheduledSeq(seq, num_new, self.kv.block_ids(seq.seq_id)))
+
+    # ---- admission
+
+    def _admit(self, step: _Step, out: SchedulerOutput) -> None:
+        while self.waiting and step.budget > 0 and self._admit_head(step, out):
+            pass
+
+    def _admit_head(self, step: _Step, out: SchedulerOutput) -> bool:
+        """Admits the head of the waiting queue if it fits; False when it has to wait."""
+        seq = self.waiting[0]
+        request = seq.request
+        seats = request.max_num_seqs - sum(s.status is _RUNNING for s in request.seqs)
+        if len(self.running) + seats > self.config.max_num_seqs:
+            return False
+        hits = self.kv.cached_prefix(seq)
+        num_cached = len(hits) * self.block_size
+        fork_now = request.num_pending_forks > 0 and num_cached == seq.num_tokens - 1
+        if fork_now:
+            num_new = 1
+            num_seqs = 1 + request.num_pending_forks
+            if step.budget < num_seqs:
+                return False
+            needed = num_seqs  # the last prompt token starts a block: one new block per sample
+        else:
+            target = seq.num_tokens
+            if request.num_pending_forks or (request.beam is not None and len(request.seqs) > 1):
+                target -= 1  # stop before the last token: the group samples it together
+                if num_cached == target:
+                    hits.pop()
+                    num_cached -= self.block_size
+            num_new = min(target - num_cached, step.budget)
+            num_seqs = 1
+            needed = self.kv.num_blocks_for(num_cached + num_new) - len(hits)
+        free = self.pool.num_free_blocks - sum(b.ref_cnt == 0 for b in hits)
+        if needed > free - (self._watermark_blocks if self.running else 0):
+            return False  # FCFS: the head waits for blocks; nobody overtakes it
+        self.waiting.popleft()
+        self.kv.adopt_prefix(seq, hits)
+        self._note_cached(seq, num_cached)
+        seq.status = _RUNNING
+        bisect.insort(self.running, seq, key=_KEY)
+        # Samples fork before anyone writes: they share the cached prefix, each gets its own block.
+        children = self._fork_samples(seq, request.num_pending_forks) if fork_now else []
+        for s in [seq, *children]:
+            self._start(s, num_new, out)
+        step.budget -= num_new + num_seqs - 1
+        step.num_seqs += num_seqs
+        return True
+
+    def _note_cached(self, seq: Sequence, num_cached: int) -> None:
+        seq.num_computed_tokens = num_cached
+        cached_prompt = min(num_cached, seq.num_prompt_tokens)
+        self.stats.num_cached_prompt_tokens += cached_prompt
+        request = seq.request
+        if seq.num_output_tokens == 0 and request.num_preemptions == 0:
+            request.num_cached_tokens = cached_prompt  # first admission
+
+    def _fork_samples(self, parent: Sequence, count: int) -> list[Sequence]:
+        """Parallel sampling: ``count`` samples that share every block of ``parent``."""
+        request = parent.request
+        params = request.params
+        children = []
+        for _ in range(count):
+            child = self._child(parent, list(parent.token_ids), len(request.seqs))
+            if params.has_seed:
+                child.params = type(params)()
+                child.params.CopyFrom(params)
+                child.params.seed = sample_seed(params.seed, child.index)
+            request.seqs.append(child)
+            children.append(child)
+        request.num_pending_forks = 0
+        return children
+
+    def _child(self, parent: Sequence, token_ids: list[int], index: int) -> Sequence:
+        child = Sequence(
+            self._new_seq_id(), parent.request, token_ids, index=index,
+            num_computed_tokens=parent.num_computed_tokens, status=_RUNNING, params=parent.params,
+            block_hashes=list(parent.block_hashes), num_hashed_blocks=parent.num_hashed_blocks,
+        )
+        self.kv.fork(parent.seq_id, child.seq_id)
+        bisect.insort(self.running, child, key=_KEY)
+        return child
+
+    def _fail_stuck(self) -> None:
+        """Nothing can run, and nothing will free blocks: the head group can never fit. Fail it."""
+        head = self.swapped[0] if self.swapped else self.waiting[0] if self.waiting else self.running[0]
+        self._fail(head.request, "the request does not fit the KV cache alongside its own sequences")
+
+    def _fail(self, request: Request, message: str) -> None:
+        """Ends the whole group with an error, reported with the next update."""
+        seq = next(s for s in request.seqs if s.status is not SeqStatus.FINISHED)
+        output = self.finish(seq, FinishReason.FINISH_REASON_ERROR)  # ends the siblings too
+        output.error = message
+        self._pending_outputs.append(output)
 
     # ---- results
 
@@ -213,18 +458,25 @@ class Scheduler:
         out: SchedulerOutput,
         sampled: dict[int, int],
         logprobs: dict[int, float] | None = None,
+        top: dict[int, tuple[list[int], list[float]]] | None = None,
     ) -> list[SeqOutput]:
-        """Applies a step's result: ``sampled`` maps seq_id -> token for sequences that sampled."""
-        results = []
-        for sched in out.new_seqs + out.running:
+        """Applies a step's result: ``sampled`` maps seq_id -> token for sequences that sampled;
+        ``top`` their top candidates (needed by beam search)."""
+        results, self._pending_outputs = self._pending_outputs, []
+        beam_rows: dict[int, tuple[Request, dict[int, tuple[list[int], list[float]]]]] = {}
+        caching = self.pool.enable_caching
+        for sched in chain(out.new_seqs, out.running):
             seq = sched.seq
-            if seq.status is not SeqStatus.RUNNING:
+            if seq.status is not _RUNNING:
                 continue  # aborted while the step ran
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
+            num_prompt = len(seq.request.prompt_token_ids)
+            if seq.num_computed_tokens < num_prompt:
                 self.stats.num_computed_prompt_tokens += min(
-                    sched.num_scheduled_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
+                    sched.num_scheduled_tokens, num_prompt - seq.num_computed_tokens
                 )
             seq.num_computed_tokens += sched.num_scheduled_tokens
+            if caching:
+                self.kv.cache_full_blocks(seq)
             if seq.num_computed_tokens < seq.num_tokens:
                 if seq.seq_id in sampled:
                     raise RuntimeError(f"worker sampled for sequence {seq.seq_id} mid-prefill")
@@ -233,12 +485,20 @@ class Scheduler:
             if token is None:
                 raise RuntimeError(f"worker returned no token for sequence {seq.seq_id}")
             seq.token_ids.append(token)
+            request = seq.request
+            if request.beam is not None:
+                if top is None or seq.seq_id not in top:
+                    raise RuntimeError(f"worker returned no candidates for beam {seq.seq_id}")
+                beam_rows.setdefault(id(request), (request, {}))[1][seq.seq_id] = top[seq.seq_id]
+                continue
             reason = self._stop_reason(seq, token)
             lp = [logprobs[seq.seq_id]] if logprobs and seq.seq_id in logprobs else []
             if reason:
                 results.append(self.finish(seq, reason, [token], lp))
             else:
                 results.append(SeqOutput(seq, [token], lp))
+        for request, rows in beam_rows.values():
+            results += self._beam_step(request, rows)
         return results
 
     def _stop_reason(self, seq: Sequence, token: int) -> int:
@@ -249,16 +509,90 @@ class Scheduler:
             return FinishReason.FINISH_REASON_LENGTH
         return FinishReason.FINISH_REASON_UNSPECIFIED
 
+    def _beam_step(self, request: Request, rows: dict) -> list[SeqOutput]:
+        """Re-selects the beams: survivors continue (forking for extra tokens), the rest are dropped."""
+        beams = request.seqs  # best first
+        if len(rows) != len(beams):
+            raise RuntimeError(f"beams of {request.request_id!r} did not step together")
+        num_prompt = len(request.prompt_token_ids)
+        tops = [rows[b.seq_id] for b in beams]
+        assert request.beam is not None
+        chosen = request.beam.step(
+            [b.beam_score for b in beams], [b.token_ids[num_prompt:-1] for b in beams],
+            [t[0] for t in tops], [t[1] for t in tops],
+        )
+        if request.beam.done:
+            return self._finish_beams(request)
+        kept: list[Sequence] = []
+        continued: set[int] = set()
+        for c in chosen:
+            parent = beams[c.beam]
+            if c.beam in continued:
+                child = self._child(parent, parent.token_ids[:-1] + [c.token_id], len(kept))
+                child.beam_score = c.score
+                self._pending_forks.append(ForkedSeq(parent.seq_id, child, c.token_id))
+                kept.append(child)
+                continue
+            continued.add(c.beam)
+            if parent.token_ids[-1] != c.token_id:
+                parent.token_ids[-1] = c.token_id
+                self._pending_last_tokens.append(parent)
+            parent.beam_score = c.score
+            parent.index = len(kept)
+            kept.append(parent)
+        for i, beam in enumerate(beams):
+            if i not in continued:
+                self._drop(beam)
+        request.seqs = kept
+        return []
+
+    def _finish_beams(self, request: Request) -> list[SeqOutput]:
+        """Reports the best hypotheses, best first (index 0), as transformers orders them."""
+        for beam in request.seqs:
+            self._drop(beam)
+        request.seqs = []
+        del self.requests[(request.stream_id, request.request_id)]
+        assert request.beam is not None
+        outputs = []
+        for i, hyp in enumerate(request.beam.finished):
+            stopped = bool(hyp.token_ids) and hyp.token_ids[-1] in request.stop_token_ids
+            reason = FinishReason.FINISH_REASON_STOP if stopped else FinishReason.FINISH_REASON_LENGTH
+            seq = Sequence(self._new_seq_id(), request, request.prompt_token_ids + hyp.token_ids, index=i,
+                           status=SeqStatus.FINISHED, finish_reason=reason)
+            outputs.append(SeqOutput(seq, [], [], reason, final_token_ids=list(hyp.token_ids)))
+        return outputs
+
+    def _drop(self, seq: Sequence) -> None:
+        """Ends a running beam silently (not selected, or the search is over)."""
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        self._dropped_seq_ids.append(seq.seq_id)
+        seq.status = SeqStatus.FINISHED
+
     def finish(self, seq: Sequence, reason: int, tokens=(), logprobs=()) -> SeqOutput:
-        if seq.status is SeqStatus.RUNNING:
+        """Ends a sequence (an error ends its whole group) and frees its blocks."""
+        if seq.status is _RUNNING:
             self.running.remove(seq)
             self.kv.free(seq.seq_id)
             self._dropped_seq_ids.append(seq.seq_id)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)  # waiting sequences hold no blocks
+        elif seq.status is SeqStatus.SWAPPED:
+            self.swapped.remove(seq)
+            self.kv.free(seq.seq_id)  # the workers hold nothing for it
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         request = seq.request
-        if all(s.status is SeqStatus.FINISHED for s in request.seqs):
-            del self.requests[(request.stream_id, request.request_id)]
+        request.num_pending_forks = 0  # only the unforked first sequence can end with forks pending
+        if reason == FinishReason.FINISH_REASON_ERROR:
+            for other in request.seqs:
+                if other.status is not SeqStatus.FINISHED:
+                    self.finish(other, reason)
+        key = (request.stream_id, request.request_id)
+        if key in self.requests and all(s.status is SeqStatus.FINISHED for s in request.seqs):
+            del self.requests[key]
         return SeqOutput(seq, list(tokens), list(logprobs), reason)
+
+    def _new_seq_id(self) -> int:
+        self._next_seq_id += 1
+        return self._next_seq_id - 1

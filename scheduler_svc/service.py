@@ -127,6 +127,9 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per step, prefill chunks included (default 2048)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="cap on prompt plus completion length (default: the model's)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the KV blocks of earlier requests' identical prefixes "
+                   "(automatic prefix caching is on by default)")
 
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -135,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 

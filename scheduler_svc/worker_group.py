@@ -71,9 +71,10 @@ class WorkerGroup:
             hellos[identity] = reply.hello
         return [hellos[i] for i in self.identities]
 
-    def init_cache(self, num_blocks: int, timeout_s: float = 600.0, alive=None) -> None:
+    def init_cache(self, num_blocks: int, timeout_s: float = 600.0, alive=None, num_cpu_blocks: int = 0) -> None:
         cmd = worker_pb2.WorkerCommand()
         cmd.init_cache.num_blocks = num_blocks
+        cmd.init_cache.num_cpu_blocks = num_cpu_blocks
         self._broadcast(cmd.SerializeToString())
         for _ in range(self.world_size):
             _, reply = self._recv(timeout_s, alive)

@@ -53,7 +53,7 @@ def test_engine_matches_transformers_bf16(arch, tmp_path):
     prompts = [[rng.randrange(3, 1000) for _ in range(rng.randint(1, 300))] for _ in range(NUM_PROMPTS)]
     want = _hf_greedy(path, prompts)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=True)
-    with LLM(path, device="cuda", gpu_memory_utilization=0.5) as llm:
+    with LLM(path, device="cuda", gpu_memory_utilization=0.5, max_num_seqs=NUM_PROMPTS) as llm:
         got = llm.generate(prompts, params)
     equal = total = 0
     worst_lp = 0.0

@@ -1,9 +1,21 @@
-"""Small builders shared by the scheduler tests."""
+"""Small builders shared by the scheduler tests, and a worker stand-in that runs the real plan
+application (gpu_worker.model_runner) over a KV pool that stores token ids instead of K and V."""
+
+import math
+import random
+from types import SimpleNamespace
+
+import torch
 
 import clients  # noqa: F401
-from pagedserve.internal.v1 import scheduler_pb2
+from gpu_worker.model_runner import ModelRunner
+from pagedserve.internal.v1 import scheduler_pb2, worker_pb2
 from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.request import SeqStatus
 from scheduler_svc.scheduler import Scheduler, SchedulerOutput
+from scheduler_svc.step_plan import decode_result, encode_step
+
+TOY_VOCAB = 100
 
 
 def params(max_tokens=4, **kw) -> scheduler_pb2.SamplingParams:
@@ -11,10 +23,10 @@ def params(max_tokens=4, **kw) -> scheduler_pb2.SamplingParams:
 
 
 def scheduler(num_blocks=16, block_size=4, max_num_seqs=8, budget=64, max_model_len=128, eos=(99,),
-              watermark=0.0) -> Scheduler:
-    config = SchedulerConfig(block_size=block_size, max_num_seqs=max_num_seqs,
-                             max_num_batched_tokens=budget, watermark=watermark)
-    return Scheduler(config, num_blocks, max_model_len, list(eos), vocab_size=100)
+              watermark=0.0, num_cpu_blocks=0, prefix_caching=True) -> Scheduler:
+    config = SchedulerConfig(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                             watermark=watermark, enable_prefix_caching=prefix_caching)
+    return Scheduler(config, num_blocks, max_model_len, list(eos), vocab_size=100, num_cpu_blocks=num_cpu_blocks)
 
 
 def sampled_for(out: SchedulerOutput, token=5) -> dict[int, int]:
@@ -32,17 +44,117 @@ def step(sched: Scheduler, token=5):
 
 
 def check_invariants(sched: Scheduler) -> None:
-    """Every block is free xor referenced, and ref counts equal the references block tables hold."""
-    held: dict[int, int] = {}
-    for table in sched.kv.block_tables.values():
-        for block in table:
-            held[block.block_id] = held.get(block.block_id, 0) + 1
-    free = set(sched.pool.free_queue.block_ids())
-    assert len(free) == sched.pool.num_free_blocks
-    for block in sched.pool.blocks:
-        assert block.ref_cnt == held.get(block.block_id, 0), block
-        assert (block.block_id in free) != (block.ref_cnt > 0), block
-    running_ids = {s.seq_id for s in sched.running}
-    assert set(sched.kv.block_tables) == running_ids
+    """Every block is free xor referenced, and ref counts equal the references block tables hold (device
+    and CPU pools separately); cached hashes are consistent and only on fully computed blocks."""
+    kv = sched.kv
+    for pool, tables in ((sched.pool, kv.block_tables), (sched.cpu_pool, kv.cpu_tables)):
+        if pool is None:
+            assert not tables
+            continue
+        held: dict[int, int] = {}
+        for table in tables.values():
+            for block in table:
+                held[block.block_id] = held.get(block.block_id, 0) + 1
+        free = set(pool.free_queue.block_ids())
+        assert len(free) == pool.num_free_blocks
+        for block in pool.blocks:
+            assert block.ref_cnt == held.get(block.block_id, 0), block
+            assert (block.block_id in free) != (block.ref_cnt > 0), block
+    for block_hash, block in sched.pool.cached_blocks.items():
+        assert block.block_hash == block_hash
+    assert sum(b.block_hash is not None for b in sched.pool.blocks) == len(sched.pool.cached_blocks)
+    assert set(kv.block_tables) == {s.seq_id for s in sched.running}
+    assert set(kv.cpu_tables) == {s.seq_id for s in sched.swapped}
+    bs = sched.block_size
     for seq in sched.running:
-        assert len(sched.kv.block_tables[seq.seq_id]) * sched.block_size >= seq.num_computed_tokens
+        table = kv.block_tables[seq.seq_id]
+        assert seq.status is SeqStatus.RUNNING
+        assert len(table) * bs >= seq.num_computed_tokens
+        for i, block in enumerate(table):  # a cached block is full and never written again
+            assert block.block_hash is None or (i + 1) * bs <= seq.num_computed_tokens, (seq, i, block)
+    for seq in sched.waiting:
+        assert seq.status is SeqStatus.WAITING and seq.num_computed_tokens == 0
+    for seq in sched.swapped:
+        assert seq.status is SeqStatus.SWAPPED
+    for seq in [*sched.running, *sched.waiting, *sched.swapped]:
+        r = seq.request
+        assert sched.requests[(r.stream_id, r.request_id)] is r and seq in r.seqs
+
+
+def toy_logprobs(token_ids: list[int]) -> list[float]:
+    """A deterministic toy language model over TOY_VOCAB tokens: next-token log probabilities from the
+    last three tokens."""
+    rng = random.Random(hash(tuple(token_ids[-3:])))
+    logits = [rng.gauss(0.0, 2.0) for _ in range(TOY_VOCAB)]
+    top = max(logits)
+    norm = top + math.log(sum(math.exp(x - top) for x in logits))
+    return [x - norm for x in logits]
+
+
+class ToyWorker:
+    """The real ModelRunner._apply_plan (forks, last tokens, swaps, copies, table updates) over a KV
+    pool of one layer, one head, head_dim 1, whose slots hold the token id written there. A step writes
+    each computed token into its slot and samples from toy_logprobs (greedy), with top candidates."""
+
+    def __init__(self, sched: Scheduler, num_top: int | None = None) -> None:
+        cfg = SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=1, max_model_len=sched.max_model_len)
+        self.runner = ModelRunner(None, cfg, torch.device("cpu"), sched.block_size, use_cuda_graphs=False)
+        num_cpu = sched.cpu_pool.num_blocks if sched.cpu_pool is not None else 0
+        self.runner.allocate_kv(sched.pool.num_blocks, torch.float32, num_cpu_blocks=num_cpu)
+        self.runner.kv.caches[0][0].fill_(-1.0)
+        self.block_size = sched.block_size
+        self.num_copies = 0
+        self.num_swapped_blocks = 0
+
+    @property
+    def slots(self):
+        return self.runner.kv.caches[0][0].numpy()  # [num_blocks, block_size, 1, 1], shares memory
+
+    def run(self, out: SchedulerOutput, sched: Scheduler | None = None):
+        """Executes the step (checking the workers' state against ``sched`` once the plan is applied);
+        returns (sampled, top) as the scheduler's update takes them."""
+        plan = worker_pb2.WorkerCommand.FromString(encode_step(out)).step
+        self.num_copies += len(plan.copy_src_block_ids)
+        self.num_swapped_blocks += len(plan.swap_out_src_block_ids)
+        batch = self.runner._apply_plan(plan)
+        if sched is not None:
+            self.check(sched)
+        result = worker_pb2.StepResult(step_id=plan.step_id)
+        slots, bs = self.slots, self.block_size
+        for state, n in batch:
+            start = state.num_computed_tokens
+            for p in range(start, start + n):
+                slots[state.block_table[p // bs], p % bs, 0, 0] = state.token_ids[p]
+            state.num_computed_tokens = start + n
+            if state.num_computed_tokens == len(state.token_ids):
+                lps = toy_logprobs(state.token_ids)
+                order = sorted(range(TOY_VOCAB), key=lambda t: -lps[t])
+                result.seq_ids.append(state.seq_id)
+                result.sampled_token_ids.append(order[0])
+                result.sampled_logprobs.append(lps[order[0]])
+                k = plan.num_top_logprobs
+                result.top_logprobs.add(token_ids=order[:k], logprobs=[lps[t] for t in order[:k]])
+                state.token_ids.append(order[0])
+        decoded = decode_result(result)
+        return decoded.sampled, decoded.top
+
+    def check(self, sched: Scheduler) -> None:
+        """After a plan is applied: the workers hold exactly the running sequences, with the scheduler's
+        tokens and tables, and every computed slot holds its token (forks, copies, swaps and prefix
+        hits moved the right data)."""
+        seqs = self.runner.seqs
+        assert set(seqs) == {s.seq_id for s in sched.running}
+        slots, bs = self.slots, self.block_size
+        for seq in sched.running:
+            state = seqs[seq.seq_id]
+            assert state.token_ids == seq.token_ids
+            assert state.num_computed_tokens == seq.num_computed_tokens
+            assert state.block_table == sched.kv.block_ids(seq.seq_id)
+            stored = [slots[state.block_table[p // bs], p % bs, 0, 0] for p in range(seq.num_computed_tokens)]
+            assert stored == seq.token_ids[: seq.num_computed_tokens], seq.seq_id
+
+
+def run_step(sched: Scheduler, worker: ToyWorker):
+    out = sched.schedule()
+    sampled, top = worker.run(out, sched)
+    return out, sched.update(out, sampled, top=top)

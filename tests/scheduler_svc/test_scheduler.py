@@ -4,7 +4,7 @@ import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2, worker_pb2
 from scheduler_svc.sampling_params import InvalidField
 from scheduler_svc.step_plan import encode_step
-from tests.scheduler_svc.factories import check_invariants, params, scheduler, step
+from tests.scheduler_svc.factories import check_invariants, params, sampled_for, scheduler, step
 
 FR = scheduler_pb2
 
@@ -143,3 +143,57 @@ def test_step_plan_encodes_new_seqs_in_full_and_running_as_deltas():
     assert list(plan.running_num_scheduled_tokens) == [1]
     assert list(plan.running_num_new_blocks) == [0]  # 4th token still fits block 1
     assert plan.num_top_logprobs == 2
+
+
+def test_a_multi_sequence_group_is_swapped_out_and_back_keeping_its_sharing():
+    s = scheduler(num_blocks=10, block_size=2, max_model_len=64, num_cpu_blocks=8)
+    s.add_request(0, "a", [1, 2, 3], params(max_tokens=8, ignore_eos=True))
+    s.add_request(0, "g", [4, 5, 6], params(max_tokens=6, n=2, ignore_eos=True))  # samples 1 and 2
+    for _ in range(5):
+        step(s)
+    out, _ = step(s)  # a needs a block: the latest group (g) leaves for the CPU pool
+    assert [p.seq_id for p in out.preempted] == [1, 2] and out.finished_seq_ids == [1, 2]
+    assert out.swap_out == [(2, 0), (3, 1), (6, 2), (4, 3), (7, 4)]  # block 2 (prompt) once, shared
+    assert [s.seq_id for s in s.swapped] == [1, 2] and s.cpu_pool.num_free_blocks == 3
+    assert [b.ref_cnt for b in s.cpu_pool.blocks[:5]] == [2, 1, 1, 1, 1]
+    assert s.stats.num_swap_preemptions == 2 and s.stats.num_preemptions == 2
+    check_invariants(s)
+    for _ in range(2):
+        step(s)
+    out, _ = step(s)
+    assert out.swap_in == [(0, 6), (1, 3), (2, 7), (3, 4), (4, 2)]
+    # Back as new sequences that carry their computed tokens, and compute one token each.
+    assert [(n.seq.seq_id, n.num_scheduled_tokens, n.seq.num_computed_tokens, n.block_ids) for n in out.new_seqs] == [
+        (1, 1, 7, [6, 3, 7, 9]), (2, 1, 7, [6, 4, 2, 8])
+    ]
+    check_invariants(s)
+    while s.has_work():
+        step(s)
+    assert s.pool.num_free_blocks == 10 and s.cpu_pool.num_free_blocks == 8
+
+
+def test_groups_recompute_without_swap_space_and_single_sequences_always_recompute():
+    s = scheduler(num_blocks=10, block_size=2, max_model_len=64, num_cpu_blocks=0)
+    s.add_request(0, "a", [1, 2, 3], params(max_tokens=8, ignore_eos=True))
+    s.add_request(0, "g", [4, 5, 6], params(max_tokens=6, n=2, ignore_eos=True))
+    while not s.stats.num_preemptions:
+        out, _ = step(s)
+    assert [p.seq_id for p in out.preempted] == [1, 2] and out.swap_out == []
+    assert [q.seq_id for q in s.waiting] == [1, 2] and s.stats.num_swap_preemptions == 0
+    while s.has_work():
+        step(s)
+        check_invariants(s)
+
+
+def test_a_beam_search_that_cannot_swap_or_use_the_cache_fails_instead_of_recomputing():
+    s = scheduler(num_blocks=12, block_size=2, max_model_len=64, num_cpu_blocks=0, prefix_caching=False)
+    s.add_request(0, "a", [1, 2, 3], params(max_tokens=16, ignore_eos=True))
+    s.add_request(0, "b", [4, 5, 6], params(max_tokens=8, beam_width=2, ignore_eos=True))
+    outputs = []
+    for i in range(40):
+        out = s.schedule()
+        top = {k: ([7, 8], [-0.5, -50.0 - i]) for k in sampled_for(out)}  # each beam keeps its own path
+        outputs += s.update(out, sampled_for(out, 7), top=top)
+    (failed,) = [o for o in outputs if o.finish_reason == FR.FINISH_REASON_ERROR]
+    assert failed.seq.request.request_id == "b" and "swap" in failed.error
+    assert not s.has_work() and s.pool.num_free_blocks == 12

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagedserve.internal.v1 import scheduler_pb2 as pagedserve_dot_internal_dot_v1_dot_scheduler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pagedserve/internal/v1/worker.proto\x12\x16pagedserve.internal.v1\x1a&pagedserve/internal/v1/scheduler.proto\"\xd6\x01\n\x0bWorkerHello\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x16\n\x0enum_cpu_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\"7\n\tInitCache\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x16\n\x0enum_cpu_blocks\x18\x02 \x01(\r\"\xda\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x05 \x01(\r\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12?\n\x0fsampling_params\x18\x07 \x01(\x0b\x32&.pagedserve.internal.v1.SamplingParams\"3\n\x04\x46ork\x12\x15\n\rparent_seq_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x63hild_seq_id\x18\x02 \x01(\x04\"\xa3\x04\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x10\x66inished_seq_ids\x18\x02 \x03(\x04\x12+\n\x05\x66orks\x18\x03 \x03(\x0b\x32\x1c.pagedserve.internal.v1.Fork\x12\x1a\n\x12\x63opy_src_block_ids\x18\x04 \x03(\r\x12\x1a\n\x12\x63opy_dst_block_ids\x18\x05 \x03(\r\x12\x1e\n\x16swap_out_src_block_ids\x18\x06 \x03(\r\x12\x1e\n\x16swap_out_dst_block_ids\x18\x07 \x03(\r\x12\x1d\n\x15swap_in_src_block_ids\x18\x08 \x03(\r\x12\x1d\n\x15swap_in_dst_block_ids\x18\t \x03(\r\x12\x35\n\x08new_seqs\x18\n \x03(\x0b\x32#.pagedserve.internal.v1.NewSequence\x12\x17\n\x0frunning_seq_ids\x18\x0b \x03(\x04\x12$\n\x1crunning_num_scheduled_tokens\x18\x0c \x03(\r\x12\x1e\n\x16running_num_new_blocks\x18\r \x03(\r\x12\x1d\n\x15running_new_block_ids\x18\x0e \x03(\r\x12:\n\rtable_updates\x18\x0f \x03(\x0b\x32#.pagedserve.internal.v1.TableUpdate\x12\x18\n\x10num_top_logprobs\x18\x10 \x01(\r\"C\n\x0bTableUpdate\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tpositions\x18\x02 \x03(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\r\"Z\n\x0bStepTimings\x12\x12\n\nprepare_ns\x18\x01 \x01(\x04\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12\x11\n\tsample_ns\x18\x03 \x01(\x04\x12\x10\n\x08total_ns\x18\x04 \x01(\x04\"\xf1\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x19\n\x11sampled_token_ids\x18\x03 \x03(\r\x12\x18\n\x10sampled_logprobs\x18\x04 \x03(\x02\x12\x39\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32#.pagedserve.internal.v1.TopLogprobs\x12\x34\n\x07timings\x18\x06 \x01(\x0b\x32#.pagedserve.internal.v1.StepTimings\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0c\n\x04rank\x18\x08 \x01(\r\"\n\n\x08Shutdown\"\xb8\x01\n\rWorkerCommand\x12\x37\n\ninit_cache\x18\x01 \x01(\x0b\x32!.pagedserve.internal.v1.InitCacheH\x00\x12\x30\n\x04step\x18\x02 \x01(\x0b\x32 .pagedserve.internal.v1.StepPlanH\x00\x12\x34\n\x08shutdown\x18\x03 \x01(\x0b\x32 .pagedserve.internal.v1.ShutdownH\x00\x42\x06\n\x04kind\".\n\nCacheReady\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\"\xd8\x01\n\x0bWorkerReply\x12\x34\n\x05hello\x18\x01 \x01(\x0b\x32#.pagedserve.internal.v1.WorkerHelloH\x00\x12\x39\n\x0b\x63\x61\x63he_ready\x18\x02 \x01(\x0b\x32\".pagedserve.internal.v1.CacheReadyH\x00\x12\x39\n\x0bstep_result\x18\x03 \x01(\x0b\x32\".pagedserve.internal.v1.StepResultH\x00\x12\x15\n\x0b\x66\x61tal_error\x18\x04 \x01(\tH\x00\x42\x06\n\x04kindB#Z!pagedserve/internal/v1;internalv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pagedserve/internal/v1/worker.proto\x12\x16pagedserve.internal.v1\x1a&pagedserve/internal/v1/scheduler.proto\"\xd6\x01\n\x0bWorkerHello\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x16\n\x0enum_cpu_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\"7\n\tInitCache\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x16\n\x0enum_cpu_blocks\x18\x02 \x01(\r\"\xda\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x05 \x01(\r\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12?\n\x0fsampling_params\x18\x07 \x01(\x0b\x32&.pagedserve.internal.v1.SamplingParams\"\x98\x01\n\x04\x46ork\x12\x15\n\rparent_seq_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x63hild_seq_id\x18\x02 \x01(\x04\x12\x15\n\x08token_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x12?\n\x0fsampling_params\x18\x04 \x01(\x0b\x32&.pagedserve.internal.v1.SamplingParamsB\x0b\n\t_token_id\"\xd7\x04\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x10\x66inished_seq_ids\x18\x02 \x03(\x04\x12+\n\x05\x66orks\x18\x03 \x03(\x0b\x32\x1c.pagedserve.internal.v1.Fork\x12\x1a\n\x12\x63opy_src_block_ids\x18\x04 \x03(\r\x12\x1a\n\x12\x63opy_dst_block_ids\x18\x05 \x03(\r\x12\x1e\n\x16swap_out_src_block_ids\x18\x06 \x03(\r\x12\x1e\n\x16swap_out_dst_block_ids\x18\x07 \x03(\r\x12\x1d\n\x15swap_in_src_block_ids\x18\x08 \x03(\r\x12\x1d\n\x15swap_in_dst_block_ids\x18\t \x03(\r\x12\x35\n\x08new_seqs\x18\n \x03(\x0b\x32#.pagedserve.internal.v1.NewSequence\x12\x17\n\x0frunning_seq_ids\x18\x0b \x03(\x04\x12$\n\x1crunning_num_scheduled_tokens\x18\x0c \x03(\r\x12\x1e\n\x16running_num_new_blocks\x18\r \x03(\r\x12\x1d\n\x15running_new_block_ids\x18\x0e \x03(\r\x12:\n\rtable_updates\x18\x0f \x03(\x0b\x32#.pagedserve.internal.v1.TableUpdate\x12\x18\n\x10num_top_logprobs\x18\x10 \x01(\r\x12\x1a\n\x12last_token_seq_ids\x18\x11 \x03(\x04\x12\x16\n\x0elast_token_ids\x18\x12 \x03(\r\"C\n\x0bTableUpdate\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tpositions\x18\x02 \x03(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\r\"Z\n\x0bStepTimings\x12\x12\n\nprepare_ns\x18\x01 \x01(\x04\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12\x11\n\tsample_ns\x18\x03 \x01(\x04\x12\x10\n\x08total_ns\x18\x04 \x01(\x04\"\xf1\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x19\n\x11sampled_token_ids\x18\x03 \x03(\r\x12\x18\n\x10sampled_logprobs\x18\x04 \x03(\x02\x12\x39\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32#.pagedserve.internal.v1.TopLogprobs\x12\x34\n\x07timings\x18\x06 \x01(\x0b\x32#.pagedserve.internal.v1.StepTimings\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0c\n\x04rank\x18\x08 \x01(\r\"\n\n\x08Shutdown\"\xb8\x01\n\rWorkerCommand\x12\x37\n\ninit_cache\x18\x01 \x01(\x0b\x32!.pagedserve.internal.v1.InitCacheH\x00\x12\x30\n\x04step\x18\x02 \x01(\x0b\x32 .pagedserve.internal.v1.StepPlanH\x00\x12\x34\n\x08shutdown\x18\x03 \x01(\x0b\x32 .pagedserve.internal.v1.ShutdownH\x00\x42\x06\n\x04kind\"F\n\nCacheReady\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x16\n\x0enum_cpu_blocks\x18\x03 \x01(\r\"\xd8\x01\n\x0bWorkerReply\x12\x34\n\x05hello\x18\x01 \x01(\x0b\x32#.pagedserve.internal.v1.WorkerHelloH\x00\x12\x39\n\x0b\x63\x61\x63he_ready\x18\x02 \x01(\x0b\x32\".pagedserve.internal.v1.CacheReadyH\x00\x12\x39\n\x0bstep_result\x18\x03 \x01(\x0b\x32\".pagedserve.internal.v1.StepResultH\x00\x12\x15\n\x0b\x66\x61tal_error\x18\x04 \x01(\tH\x00\x42\x06\n\x04kindB#Z!pagedserve/internal/v1;internalv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,22 +39,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INITCACHE']._serialized_end=375
   _globals['_NEWSEQUENCE']._serialized_start=378
   _globals['_NEWSEQUENCE']._serialized_end=596
-  _globals['_FORK']._serialized_start=598
-  _globals['_FORK']._serialized_end=649
-  _globals['_STEPPLAN']._serialized_start=652
-  _globals['_STEPPLAN']._serialized_end=1199
-  _globals['_TABLEUPDATE']._serialized_start=1201
-  _globals['_TABLEUPDATE']._serialized_end=1268
-  _globals['_STEPTIMINGS']._serialized_start=1270
-  _globals['_STEPTIMINGS']._serialized_end=1360
-  _globals['_STEPRESULT']._serialized_start=1363
-  _globals['_STEPRESULT']._serialized_end=1604
-  _globals['_SHUTDOWN']._serialized_start=1606
-  _globals['_SHUTDOWN']._serialized_end=1616
-  _globals['_WORKERCOMMAND']._serialized_start=1619
-  _globals['_WORKERCOMMAND']._serialized_end=1803
-  _globals['_CACHEREADY']._serialized_start=1805
-  _globals['_CACHEREADY']._serialized_end=1851
-  _globals['_WORKERREPLY']._serialized_start=1854
-  _globals['_WORKERREPLY']._serialized_end=2070
+  _globals['_FORK']._serialized_start=599
+  _globals['_FORK']._serialized_end=751
+  _globals['_STEPPLAN']._serialized_start=754
+  _globals['_STEPPLAN']._serialized_end=1353
+  _globals['_TABLEUPDATE']._serialized_start=1355
+  _globals['_TABLEUPDATE']._serialized_end=1422
+  _globals['_STEPTIMINGS']._serialized_start=1424
+  _globals['_STEPTIMINGS']._serialized_end=1514
+  _globals['_STEPRESULT']._serialized_start=1517
+  _globals['_STEPRESULT']._serialized_end=1758
+  _globals['_SHUTDOWN']._serialized_start=1760
+  _globals['_SHUTDOWN']._serialized_end=1770
+  _globals['_WORKERCOMMAND']._serialized_start=1773
+  _globals['_WORKERCOMMAND']._serialized_end=1957
+  _globals['_CACHEREADY']._serialized_start=1959
+  _globals['_CACHEREADY']._serialized_end=2029
+  _globals['_WORKERREPLY']._serialized_start=2032
+  _globals['_WORKERREPLY']._serialized_end=2248
 # @@protoc_insertion_point(module_scope)

@@ -58,15 +58,19 @@ class NewSequence(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class Fork(_message.Message):
-    __slots__ = ("parent_seq_id", "child_seq_id")
+    __slots__ = ("parent_seq_id", "child_seq_id", "token_id", "sampling_params")
     PARENT_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     CHILD_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     parent_seq_id: int
     child_seq_id: int
-    def __init__(self, parent_seq_id: _Optional[int] = ..., child_seq_id: _Optional[int] = ...) -> None: ...
+    token_id: int
+    sampling_params: _scheduler_pb2.SamplingParams
+    def __init__(self, parent_seq_id: _Optional[int] = ..., child_seq_id: _Optional[int] = ..., token_id: _Optional[int] = ..., sampling_params: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class StepPlan(_message.Message):
-    __slots__ = ("step_id", "finished_seq_ids", "forks", "copy_src_block_ids", "copy_dst_block_ids", "swap_out_src_block_ids", "swap_out_dst_block_ids", "swap_in_src_block_ids", "swap_in_dst_block_ids", "new_seqs", "running_seq_ids", "running_num_scheduled_tokens", "running_num_new_blocks", "running_new_block_ids", "table_updates", "num_top_logprobs")
+    __slots__ = ("step_id", "finished_seq_ids", "forks", "copy_src_block_ids", "copy_dst_block_ids", "swap_out_src_block_ids", "swap_out_dst_block_ids", "swap_in_src_block_ids", "swap_in_dst_block_ids", "new_seqs", "running_seq_ids", "running_num_scheduled_tokens", "running_num_new_blocks", "running_new_block_ids", "table_updates", "num_top_logprobs", "last_token_seq_ids", "last_token_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     FINISHED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     FORKS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +87,8 @@ class StepPlan(_message.Message):
     RUNNING_NEW_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     TABLE_UPDATES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    LAST_TOKEN_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     finished_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     forks: _containers.RepeatedCompositeFieldContainer[Fork]
@@ -99,7 +105,9 @@ class StepPlan(_message.Message):
     running_new_block_ids: _containers.RepeatedScalarFieldContainer[int]
     table_updates: _containers.RepeatedCompositeFieldContainer[TableUpdate]
     num_top_logprobs: int
-    def __init__(self, step_id: _Optional[int] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., forks: _Optional[_Iterable[_Union[Fork, _Mapping]]] = ..., copy_src_block_ids: _Optional[_Iterable[int]] = ..., copy_dst_block_ids: _Optional[_Iterable[int]] = ..., swap_out_src_block_ids: _Optional[_Iterable[int]] = ..., swap_out_dst_block_ids: _Optional[_Iterable[int]] = ..., swap_in_src_block_ids: _Optional[_Iterable[int]] = ..., swap_in_dst_block_ids: _Optional[_Iterable[int]] = ..., new_seqs: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., running_seq_ids: _Optional[_Iterable[int]] = ..., running_num_scheduled_tokens: _Optional[_Iterable[int]] = ..., running_num_new_blocks: _Optional[_Iterable[int]] = ..., running_new_block_ids: _Optional[_Iterable[int]] = ..., table_updates: _Optional[_Iterable[_Union[TableUpdate, _Mapping]]] = ..., num_top_logprobs: _Optional[int] = ...) -> None: ...
+    last_token_seq_ids: _containers.RepeatedScalarFieldContainer[int]
+    last_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., forks: _Optional[_Iterable[_Union[Fork, _Mapping]]] = ..., copy_src_block_ids: _Optional[_Iterable[int]] = ..., copy_dst_block_ids: _Optional[_Iterable[int]] = ..., swap_out_src_block_ids: _Optional[_Iterable[int]] = ..., swap_out_dst_block_ids: _Optional[_Iterable[int]] = ..., swap_in_src_block_ids: _Optional[_Iterable[int]] = ..., swap_in_dst_block_ids: _Optional[_Iterable[int]] = ..., new_seqs: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., running_seq_ids: _Optional[_Iterable[int]] = ..., running_num_scheduled_tokens: _Optional[_Iterable[int]] = ..., running_num_new_blocks: _Optional[_Iterable[int]] = ..., running_new_block_ids: _Optional[_Iterable[int]] = ..., table_updates: _Optional[_Iterable[_Union[TableUpdate, _Mapping]]] = ..., num_top_logprobs: _Optional[int] = ..., last_token_seq_ids: _Optional[_Iterable[int]] = ..., last_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TableUpdate(_message.Message):
     __slots__ = ("seq_id", "positions", "block_ids")
@@ -158,12 +166,14 @@ class WorkerCommand(_message.Message):
     def __init__(self, init_cache: _Optional[_Union[InitCache, _Mapping]] = ..., step: _Optional[_Union[StepPlan, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
 
 class CacheReady(_message.Message):
-    __slots__ = ("rank", "num_blocks")
+    __slots__ = ("rank", "num_blocks", "num_cpu_blocks")
     RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     num_blocks: int
-    def __init__(self, rank: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    num_cpu_blocks: int
+    def __init__(self, rank: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_cpu_blocks: _Optional[int] = ...) -> None: ...
 
 class WorkerReply(_message.Message):
     __slots__ = ("hello", "cache_ready", "step_result", "fatal_error")

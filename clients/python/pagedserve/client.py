@@ -1,0 +1,333 @@
+"""Python client of a pagedserve gateway (pagedserve.v1.GenerationService): sync and asyncio.
+
+    import clients  # in a checkout: puts the pagedserve package on sys.path
+    from pagedserve.client import Client, SamplingParams
+
+    with Client("localhost:50051") as client:
+        client.wait_ready(timeout=60)
+        for chunk in client.generate("Hello", SamplingParams(max_tokens=16, temperature=0)):
+            print(chunk.text, end="", flush=True)
+
+``AsyncClient`` has the same methods as coroutines, and ``generate`` returns an async iterator.
+Failed calls raise ``GenerationError``, with the status code and, for INVALID_ARGUMENT, the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagedserve.v1 import generation_pb2, generation_pb2_grpc
+
+_FINISH = {
+    generation_pb2.FINISH_REASON_LENGTH: "length",
+    generation_pb2.FINISH_REASON_STOP: "stop",
+    generation_pb2.FINISH_REASON_ABORT: "abort",
+}
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How tokens are chosen; ``None`` leaves a field to the server's default (see generation.proto)."""
+
+    max_tokens: int = 16
+    temperature: float | None = None  # server default 1.0; 0 is greedy
+    top_k: int = 0
+    top_p: float | None = None  # server default 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    n: int | None = None  # server default 1
+    beam_width: int = 0
+    length_penalty: float | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    repetition_penalty: float | None = None
+
+    def to_proto(self) -> generation_pb2.SamplingParams:
+        p = generation_pb2.SamplingParams(
+            max_tokens=self.max_tokens, top_k=self.top_k, min_p=self.min_p, stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, beam_width=self.beam_width,
+            logprobs=self.logprobs, top_logprobs=self.top_logprobs,
+        )
+        for name in ("temperature", "top_p", "seed", "n", "length_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(p, name, value)
+        return p
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log probability), best first
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateChunk:
+    """One streamed response: new tokens of sample ``index`` and their text; the last one of a sample
+    has ``finish_reason`` ("length", "stop" or "abort") and ``usage``."""
+
+    request_id: str
+    index: int
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+    @classmethod
+    def from_proto(cls, r: generation_pb2.GenerateResponse) -> GenerateChunk:
+        return cls(
+            request_id=r.request_id,
+            index=r.index,
+            token_ids=tuple(r.token_ids),
+            text=r.text,
+            logprobs=tuple(
+                TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+                for lp in r.logprobs
+            ),
+            finish_reason=_FINISH.get(r.finish_reason),
+            usage=Usage(r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_prompt_tokens)
+            if r.HasField("usage") else None,
+        )
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole sample, collected from its chunks."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    usage: Usage | None
+    logprobs: list[TokenLogprob]
+
+
+class GenerationError(Exception):
+    """A failed call: ``code`` (grpc.StatusCode), ``message`` and, for a bad request, ``field``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message, self.field = code, message, field
+
+    @classmethod
+    def from_rpc_error(cls, err: grpc.RpcError) -> GenerationError:
+        field = None
+        for key, value in err.trailing_metadata() or ():
+            if key == _STATUS_DETAILS_KEY:
+                for detail in status_pb2.Status.FromString(value).details:
+                    bad = error_details_pb2.BadRequest()
+                    if detail.Unpack(bad) and bad.field_violations:
+                        field = bad.field_violations[0].field
+        return cls(err.code(), err.details() or "", field)
+
+
+def _request(prompt: str | Sequence[int], params: SamplingParams | None, request_id: str, model: str):
+    req = generation_pb2.GenerateRequest(
+        request_id=request_id, model=model, sampling_params=(params or SamplingParams()).to_proto()
+    )
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+def _collect(chunks: list[GenerateChunk]) -> list[Completion]:
+    out: dict[int, Completion] = {}
+    for c in chunks:
+        comp = out.setdefault(c.index, Completion(c.index, [], "", None, None, []))
+        comp.token_ids += c.token_ids
+        comp.text += c.text
+        comp.logprobs += c.logprobs
+        if c.finish_reason is not None:
+            comp.finish_reason, comp.usage = c.finish_reason, c.usage
+    return [out[i] for i in sorted(out)]
+
+
+# ---- sync
+
+
+class GenerateStream(Iterator[GenerateChunk]):
+    """The responses of one Generate call; ``cancel()`` ends it (the server frees the request's blocks)."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+        self._cancelled = False
+
+    def __next__(self) -> GenerateChunk:
+        try:
+            return GenerateChunk.from_proto(next(self._call))
+        except grpc.RpcError as err:
+            if self._cancelled and err.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise GenerationError.from_rpc_error(err) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+
+class Client:
+    def __init__(self, target: str, *, options: Sequence[tuple[str, object]] = ()) -> None:
+        self._channel = grpc.insecure_channel(target, options=list(options))
+        self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str = "",
+        model: str = "",
+        timeout: float | None = None,
+    ) -> GenerateStream:
+        """Streams the completion of ``prompt`` (text or token ids)."""
+        return GenerateStream(self._stub.Generate(_request(prompt, params, request_id, model), timeout=timeout))
+
+    def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs) -> list[Completion]:
+        """Generates and collects: one Completion per sample, by index."""
+        return _collect(list(self.generate(prompt, params, **kwargs)))
+
+    def tokenize(self, text: str, *, model: str = "", timeout: float | None = 30.0) -> list[int]:
+        try:
+            return list(self._stub.Tokenize(generation_pb2.TokenizeRequest(text=text, model=model),
+                                            timeout=timeout).token_ids)
+        except grpc.RpcError as err:
+            raise GenerationError.from_rpc_error(err) from None
+
+    def model_info(self, *, timeout: float | None = 30.0) -> generation_pb2.GetModelInfoResponse:
+        try:
+            return self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            raise GenerationError.from_rpc_error(err) from None
+
+    def is_serving(self, timeout: float = 2.0) -> bool:
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Waits until the gateway's health is SERVING; raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while not self.is_serving():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gateway was not SERVING within {timeout:g} s")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- asyncio
+
+
+class AsyncGenerateStream(AsyncIterator[GenerateChunk]):
+    def __init__(self, call) -> None:
+        self._call = call
+        self._cancelled = False
+
+    async def __anext__(self) -> GenerateChunk:
+        try:
+            resp = await self._call.read()
+        except grpc.RpcError as err:  # grpc.aio.AioRpcError
+            if self._cancelled and err.code() == grpc.StatusCode.CANCELLED:
+                raise StopAsyncIteration from None
+            raise GenerationError.from_rpc_error(err) from None
+        except asyncio.CancelledError:
+            if self._cancelled:  # reading a call we cancelled ourselves: the stream simply ends
+                raise StopAsyncIteration from None
+            raise
+        if resp is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return GenerateChunk.from_proto(resp)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+
+class AsyncClient:
+    def __init__(self, target: str, *, options: Sequence[tuple[str, object]] = ()) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=list(options))
+        self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str = "",
+        model: str = "",
+        timeout: float | None = None,
+    ) -> AsyncGenerateStream:
+        return AsyncGenerateStream(self._stub.Generate(_request(prompt, params, request_id, model), timeout=timeout))
+
+    async def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                       **kwargs) -> list[Completion]:
+        return _collect([c async for c in self.generate(prompt, params, **kwargs)])
+
+    async def tokenize(self, text: str, *, model: str = "", timeout: float | None = 30.0) -> list[int]:
+        try:
+            reply = await self._stub.Tokenize(generation_pb2.TokenizeRequest(text=text, model=model), timeout=timeout)
+        except grpc.RpcError as err:
+            raise GenerationError.from_rpc_error(err) from None
+        return list(reply.token_ids)
+
+    async def model_info(self, *, timeout: float | None = 30.0) -> generation_pb2.GetModelInfoResponse:
+        try:
+            return await self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            raise GenerationError.from_rpc_error(err) from None
+
+    async def is_serving(self, timeout: float = 2.0) -> bool:
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not await self.is_serving():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gateway was not SERVING within {timeout:g} s")
+            await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

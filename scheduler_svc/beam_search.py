@@ -1,0 +1,134 @@
+"""Beam search as transformers' ``generate(num_beams=k, do_sample=False)`` runs it, one step at a time.
+
+Each step takes the running beams (best first) and every beam's top candidates (token, log
+probability), as the workers return them, and decides:
+- the candidates: the ``num_candidates`` best (beam, token) continuations by accumulated log
+  probability, where ``num_candidates = max(2, 1 + number of stop tokens) * beam_width`` so that at
+  least ``beam_width`` of them do not stop;
+- the next running beams: the best ``beam_width`` candidates that do not stop;
+- the finished hypotheses: among the first ``beam_width`` candidates, those that stop (a stop token or
+  the length limit), scored by ``sum of log probabilities / output_length ** length_penalty``; the best
+  ``beam_width`` hypotheses seen so far are kept;
+- whether to stop: when no running beam can improve on the finished ones (the early-stopping rule),
+  when ``beam_width`` hypotheses are finished and early stopping is ON_FULL, or when every candidate
+  stopped.
+
+The early-stopping rule: once ``beam_width`` hypotheses are finished, the best running beam is scored
+at its current output length (or at the longest possible one, for NEVER with a positive length
+penalty); if that does not beat the worst finished hypothesis, the search is over. The rule is
+sticky: once no improvement is possible, no hypothesis is added any more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import clients  # noqa: F401
+from pagedserve.internal.v1 import scheduler_pb2
+
+EarlyStopping = scheduler_pb2.EarlyStopping
+
+
+@dataclass(slots=True)
+class Hypothesis:
+    """A finished beam: its output tokens (ending with the stop token, if any) and its score."""
+
+    score: float  # sum of log probabilities / len(token_ids) ** length_penalty
+    token_ids: list[int]
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A continuation: the running beam it extends (its index), the next token and its new score."""
+
+    beam: int
+    token_id: int
+    score: float  # accumulated log probability of the beam's output tokens
+
+
+class BeamSearch:
+    def __init__(
+        self,
+        beam_width: int,
+        num_prompt_tokens: int,
+        max_num_tokens: int,
+        stop_token_ids: frozenset[int],
+        length_penalty: float = 1.0,
+        early_stopping: int = EarlyStopping.EARLY_STOPPING_HEURISTIC,
+    ) -> None:
+        if beam_width < 1:
+            raise ValueError(f"beam_width must be at least 1, got {beam_width}")
+        if max_num_tokens <= num_prompt_tokens:
+            raise ValueError("max_num_tokens leaves no room for output")
+        self.beam_width = beam_width
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_num_tokens = max_num_tokens  # prompt plus output, the length limit
+        self.stop_token_ids = stop_token_ids
+        self.length_penalty = length_penalty
+        self.early_stopping = early_stopping or EarlyStopping.EARLY_STOPPING_HEURISTIC
+        self.num_candidates = max(2, 1 + len(stop_token_ids)) * beam_width
+        self.finished: list[Hypothesis] = []  # best first, at most beam_width
+        self.improvable = True  # transformers' is_early_stop_heuristic_unsatisfied
+        self.done = False
+
+    def step(
+        self,
+        scores: list[float],
+        outputs: list[list[int]],
+        top_token_ids: list[list[int]],
+        top_logprobs: list[list[float]],
+    ) -> list[Candidate]:
+        """One step over the running beams, given best first: their scores, output tokens so far (all
+        of one length) and their top candidates. Returns the next running beams, best first; empty
+        once ``done``."""
+        if self.done:
+            raise RuntimeError("beam search is over")
+        candidates = self._top_candidates(scores, top_token_ids, top_logprobs)
+        num_out = len(outputs[0]) + 1  # output length once the candidate token is appended
+        at_limit = self.num_prompt_tokens + num_out >= self.max_num_tokens
+        stops = [at_limit or c.token_id in self.stop_token_ids for c in candidates]
+        running = [c for c, stop in zip(candidates, stops, strict=True) if not stop][: self.beam_width]
+        self._add_finished(candidates, stops, outputs, num_out)
+        if self.improvable and len(self.finished) == self.beam_width and running:
+            self.improvable = self._can_improve(running[0].score, num_out)
+        full = len(self.finished) == self.beam_width
+        self.done = (
+            not self.improvable
+            or (full and self.early_stopping == EarlyStopping.EARLY_STOPPING_ON_FULL)
+            or all(stops)
+        )
+        return [] if self.done else running
+
+    def _top_candidates(self, scores, top_token_ids, top_logprobs) -> list[Candidate]:
+        candidates = [
+            Candidate(beam, token, score + lp)
+            for beam, (score, tokens, lps) in enumerate(zip(scores, top_token_ids, top_logprobs, strict=True))
+            for token, lp in zip(tokens, lps, strict=True)
+        ]
+        # Stable: equal scores keep beam order, then the workers' rank order.
+        candidates.sort(key=lambda c: -c.score)
+        return candidates[: self.num_candidates]
+
+    def _add_finished(self, candidates, stops, outputs, num_out: int) -> None:
+        """Only the first beam_width candidates may finish; the rest are there to keep beams running."""
+        if not self.improvable:
+            return
+        if len(self.finished) == self.beam_width and self.early_stopping == EarlyStopping.EARLY_STOPPING_ON_FULL:
+            return
+        norm = num_out**self.length_penalty
+        new = [
+            Hypothesis(c.score / norm, outputs[c.beam] + [c.token_id])
+            for c, stop in zip(candidates[: self.beam_width], stops, strict=False)
+            if stop
+        ]
+        if new:
+            merged = self.finished + new
+            merged.sort(key=lambda h: -h.score)  # stable: earlier hypotheses win ties
+            self.finished = merged[: self.beam_width]
+
+    def _can_improve(self, best_running_score: float, num_out: int) -> bool:
+        length = num_out
+        if self.early_stopping == EarlyStopping.EARLY_STOPPING_NEVER and self.length_penalty > 0:
+            length = self.max_num_tokens - self.num_prompt_tokens
+        best_possible = best_running_score / length**self.length_penalty
+        return best_possible > min(h.score for h in self.finished)

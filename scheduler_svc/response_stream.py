@@ -1,0 +1,118 @@
+"""From the scheduler's RequestOutputs to the public GenerateResponses of one request.
+
+Per sample: token ids pass through, text comes from the incremental detokenizer, stop strings and
+stop tokens end the sample here (the text of either is never emitted), and everything that arrived
+since the last response is coalesced into the next one. A beam is known only when the search ends
+(beams are re-selected every step), so each beam arrives whole, as its final_token_ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import clients  # noqa: F401
+from pagedserve.internal.v1 import scheduler_pb2
+from pagedserve.v1 import generation_pb2
+from scheduler_svc.detokenizer import Decode, IncrementalDetokenizer, StopStrings
+from scheduler_svc.sampling_params import SamplingParams
+
+PUBLIC_FINISH = {
+    scheduler_pb2.FINISH_REASON_LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    scheduler_pb2.FINISH_REASON_STOP: generation_pb2.FINISH_REASON_STOP,
+    scheduler_pb2.FINISH_REASON_ABORT: generation_pb2.FINISH_REASON_ABORT,
+}
+FINISH_NAMES = {
+    generation_pb2.FINISH_REASON_UNSPECIFIED: "",
+    generation_pb2.FINISH_REASON_LENGTH: "length",
+    generation_pb2.FINISH_REASON_STOP: "stop",
+    generation_pb2.FINISH_REASON_ABORT: "abort",
+}
+
+
+@dataclass(slots=True)
+class SampleStream:
+    """One sample (index) of a request: its detokenizer, its stop strings and what is not yet sent."""
+
+    index: int
+    params: SamplingParams
+    decode: Decode
+    stop_token_ids: frozenset[int]  # stop_token_ids, plus the model's EOS unless ignore_eos
+    byte_token_ids: frozenset[int] = frozenset()  # byte-fallback tokens of the vocabulary
+    num_tokens: int = 0
+    finish_reason: int = generation_pb2.FINISH_REASON_UNSPECIFIED
+    upstream_finished: bool = False  # the scheduler reported the end (else it must be told: Abort)
+    sent_final: bool = False
+    detok: IncrementalDetokenizer = field(init=False)
+    stops: StopStrings = field(init=False)
+    # Not yet sent:
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[generation_pb2.TokenLogprob] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.detok = IncrementalDetokenizer(self.decode, self.byte_token_ids)
+        self.stops = StopStrings(self.params.stop)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
+
+    def feed(self, out: scheduler_pb2.RequestOutput) -> None:
+        """Takes one step's output for this sample (not an error: those end the whole request)."""
+        if out.finish_reason:
+            self.upstream_finished = True
+        if self.finished:
+            return  # ended here by a stop string or stop token; later tokens are dropped
+        token_ids = out.final_token_ids if self.params.beam_width > 1 else out.token_ids
+        for i, token_id in enumerate(token_ids):
+            self.num_tokens += 1
+            self.token_ids.append(token_id)
+            if i < len(out.logprobs) and self.params.beam_width == 1:
+                self.logprobs.append(_token_logprob(out, i))
+            if token_id in self.stop_token_ids:  # counted, but its text is not emitted
+                self.finish(generation_pb2.FINISH_REASON_STOP)
+                return
+            text, hit = self.stops.add(self.detok.add(token_id))
+            self.text.append(text)
+            if hit:
+                self.finish_reason = generation_pb2.FINISH_REASON_STOP
+                return
+            if self.num_tokens >= self.params.max_tokens:
+                self.finish(generation_pb2.FINISH_REASON_LENGTH)
+                return
+        if out.finish_reason:
+            self.finish(PUBLIC_FINISH.get(out.finish_reason, generation_pb2.FINISH_REASON_ABORT))
+
+    def finish(self, reason: int) -> None:
+        """Ends the sample: releases held-back text (unless it completes a stop string)."""
+        if self.finished:
+            return
+        text, hit = self.stops.add(self.detok.flush())
+        self.text.append(text if hit else text + self.stops.flush())
+        self.finish_reason = generation_pb2.FINISH_REASON_STOP if hit else reason
+
+    def take_response(self, request_id: str, usage: generation_pb2.Usage) -> generation_pb2.GenerateResponse | None:
+        """The response carrying everything not yet sent, or None when there is nothing to send."""
+        text = "".join(self.text)
+        final = self.finished and not self.sent_final
+        if not (self.token_ids or text or final):
+            return None
+        resp = generation_pb2.GenerateResponse(
+            request_id=request_id, index=self.index, token_ids=self.token_ids, text=text, logprobs=self.logprobs,
+        )
+        if final:
+            resp.finish_reason = self.finish_reason
+            resp.usage.CopyFrom(usage)
+            resp.usage.completion_tokens = self.num_tokens
+            self.sent_final = True
+        self.token_ids, self.text, self.logprobs = [], [], []
+        return resp
+
+
+def _token_logprob(out: scheduler_pb2.RequestOutput, i: int) -> generation_pb2.TokenLogprob:
+    lp = generation_pb2.TokenLogprob(token_id=out.token_ids[i], logprob=out.logprobs[i])
+    if i < len(out.top_logprobs):
+        top = out.top_logprobs[i]
+        for token_id, logprob in zip(top.token_ids, top.logprobs, strict=False):
+            lp.top.add(token_id=token_id, logprob=logprob)
+    return lp
