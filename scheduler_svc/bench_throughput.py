@@ -158,6 +158,7 @@ class Result:
     seconds: float
     output_tokens: int
     total_tokens: int
+    profile: dict | None = None
 
     @property
     def output_tok_s(self) -> float:
@@ -182,12 +183,36 @@ def run_ours(model_dir: Path, work: Workload, args) -> Result:
         llm.generate([work.prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
         with tqdm(total=len(work.prompts), desc="pagedserve", unit="req", disable=None) as bar:
             t0 = time.perf_counter()
+            before = llm.stats()
             results = llm.generate(work.prompts, params, on_finish=lambda _: bar.update())
             seconds = time.perf_counter() - t0
+            profile = step_profile(before, llm.stats())
     produced = sum(len(r.outputs[0].token_ids) for r in results)
     if produced != work.num_output_tokens:
         raise RuntimeError(f"pagedserve produced {produced} tokens, expected {work.num_output_tokens}")
-    return Result("pagedserve", seconds, produced, work.num_total_tokens)
+    print("step profile: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in profile.items()), flush=True)
+    return Result("pagedserve", seconds, produced, work.num_total_tokens, profile)
+
+
+def step_profile(before, after) -> dict:
+    """Where the engine's time went between two EngineStats snapshots (milliseconds)."""
+    d = {f: getattr(after, f) - getattr(before, f) for f in (
+        "num_steps", "num_decode_steps", "step_wall_ns", "decode_step_wall_ns", "worker_total_ns",
+        "worker_forward_ns", "worker_sample_ns", "worker_prepare_ns")}
+    ms = 1e-6
+    steps = max(d["num_steps"], 1)
+    return {
+        "steps": d["num_steps"],
+        "decode_steps": d["num_decode_steps"],
+        "step_wall_ms_total": d["step_wall_ns"] * ms,
+        "decode_step_wall_ms_mean": d["decode_step_wall_ns"] * ms / max(d["num_decode_steps"], 1),
+        "worker_ms_mean": d["worker_total_ns"] * ms / steps,
+        "worker_prepare_ms_mean": d["worker_prepare_ns"] * ms / steps,
+        "worker_forward_launch_ms_mean": d["worker_forward_ns"] * ms / steps,
+        "worker_sample_and_device_wait_ms_mean": d["worker_sample_ns"] * ms / steps,
+        "scheduler_and_transport_ms_mean": (d["step_wall_ns"] - d["worker_total_ns"]) * ms / steps,
+    }
 
 
 def _hf_model(model_dir: Path, device: str, load_format: str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ class EngineCore:
             num_cpu_blocks=num_cpu_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
         )
+        self.timing = scheduler_pb2.EngineStats()  # only the step-time fields are used
+        self._unpublished: tuple[int, list[SeqOutput]] | None = None
         self.inbox: queue.Queue = queue.Queue()
         self._sinks: dict[int, EventSink] = {}
         self._sinks_lock = threading.Lock()
@@ -114,6 +117,7 @@ class EngineCore:
         st.num_swapped = len(s.swapped)
         st.num_swap_preemptions = s.stats.num_swap_preemptions
         st.num_evictions = s.pool.num_evictions
+        st.MergeFrom(self.timing)
         info.ready = not self.stopped.is_set()
         return info
 
@@ -123,9 +127,12 @@ class EngineCore:
         """Runs until stop() or a worker failure (kept in ``failure``; every request is then failed)."""
         try:
             while not self.stopped.is_set():
+                if not self.scheduler.has_work():
+                    self._flush()
                 self._drain_inbox(block=not self.scheduler.has_work())
                 if self.scheduler.has_work():
                     self.step()
+            self._flush()
         except BaseException as exc:  # a dead worker ends the engine: fail everything, loudly
             self.failure = exc
             self._fail_all(f"engine failed: {exc}")
@@ -138,15 +145,40 @@ class EngineCore:
         self.inbox.put(None)
 
     def step(self) -> None:
+        t0 = time.perf_counter_ns()
         out = self.scheduler.schedule()  # may be empty after preemption: it still carries the drops
-        result = self.workers.run_step(encode_step(out), alive=self.alive)
+        self.workers.send_step(encode_step(out))
+        self._flush()  # the previous step's outputs go out while the workers run this one
+        result = self.workers.recv_step(alive=self.alive)
+        self._time_step(out, result, t0)
         if result.error:
             outputs = [self._fail_seq(s.seq, f"step failed on a worker: {result.error}")
                        for s in out.new_seqs + out.running if s.seq.status is not SeqStatus.FINISHED]
         else:
             decoded = decode_result(result)
             outputs = self.scheduler.update(out, decoded.sampled, decoded.logprobs, decoded.top)
-        self._publish(out.step_id, outputs)
+        self._unpublished = (out.step_id, outputs)
+
+    def _flush(self) -> None:
+        """Publishes the last step's outputs if they have not gone out yet (keeps events in order)."""
+        if self._unpublished is not None:
+            step_id, outputs = self._unpublished
+            self._unpublished = None
+            self._publish(step_id, outputs)
+
+    def _time_step(self, out, result, t0: int) -> None:
+        """Accumulates where step time goes (exposed in EngineStats)."""
+        t = self.timing
+        wall = time.perf_counter_ns() - t0
+        t.step_wall_ns += wall
+        tim = result.timings
+        t.worker_total_ns += tim.total_ns
+        t.worker_forward_ns += tim.forward_ns
+        t.worker_sample_ns += tim.sample_ns
+        t.worker_prepare_ns += tim.prepare_ns
+        if not out.new_seqs and out.running and all(s.num_scheduled_tokens == 1 for s in out.running):
+            t.num_decode_steps += 1
+            t.decode_step_wall_ns += wall
 
     def _drain_inbox(self, block: bool) -> None:
         outputs: list[SeqOutput] = []
@@ -170,6 +202,7 @@ class EngineCore:
                     self._sinks.pop(item.stream_id, None)
                 self.scheduler.abort_stream(item.stream_id)
         if outputs or errors:
+            self._flush()
             self._publish(0, outputs, errors)
 
     def _add(self, item: _Submit) -> scheduler_pb2.RequestOutput | None:
@@ -196,6 +229,7 @@ class EngineCore:
         s = self.scheduler
         outputs = [self._fail_seq(seq, message) for seq in [*s.running, *s.waiting, *s.swapped]
                    if seq.status is not SeqStatus.FINISHED]  # an error ends a whole group at once
+        self._flush()
         self._publish(0, outputs)
 
     def _publish(self, step_id: int, outputs: list[SeqOutput], extra=()) -> None:

@@ -90,7 +90,14 @@ class WorkerGroup:
 
     def run_step(self, plan: bytes, timeout_s: float | None = None, alive=None) -> worker_pb2.StepResult:
         """Sends one encoded WorkerCommand(step) to every rank; returns rank 0's StepResult."""
+        self.send_step(plan)
+        return self.recv_step(timeout_s, alive)
+
+    def send_step(self, plan: bytes) -> None:
         self._broadcast(plan)
+
+    def recv_step(self, timeout_s: float | None = None, alive=None) -> worker_pb2.StepResult:
+        """Every rank's answer to the step last sent; returns rank 0's StepResult."""
         result = None
         errors = []
         for _ in range(self.world_size):

@@ -166,7 +166,7 @@ class EngineInfo(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., world_size: _Optional[int] = ..., stats: _Optional[_Union[EngineStats, _Mapping]] = ..., num_cpu_blocks: _Optional[int] = ..., enable_prefix_caching: _Optional[bool] = ...) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("num_steps", "num_preemptions", "num_computed_prompt_tokens", "num_free_blocks", "num_running", "num_waiting", "num_requests", "num_cached_prompt_tokens", "num_swapped", "num_swap_preemptions", "num_evictions")
+    __slots__ = ("num_steps", "num_preemptions", "num_computed_prompt_tokens", "num_free_blocks", "num_running", "num_waiting", "num_requests", "num_cached_prompt_tokens", "num_swapped", "num_swap_preemptions", "num_evictions", "step_wall_ns", "worker_total_ns", "worker_forward_ns", "worker_sample_ns", "worker_prepare_ns", "num_decode_steps", "decode_step_wall_ns")
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,13 @@ class EngineStats(_message.Message):
     NUM_SWAPPED_FIELD_NUMBER: _ClassVar[int]
     NUM_SWAP_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    STEP_WALL_NS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SAMPLE_NS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PREPARE_NS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_WALL_NS_FIELD_NUMBER: _ClassVar[int]
     num_steps: int
     num_preemptions: int
     num_computed_prompt_tokens: int
@@ -189,4 +196,11 @@ class EngineStats(_message.Message):
     num_swapped: int
     num_swap_preemptions: int
     num_evictions: int
-    def __init__(self, num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_computed_prompt_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_cached_prompt_tokens: _Optional[int] = ..., num_swapped: _Optional[int] = ..., num_swap_preemptions: _Optional[int] = ..., num_evictions: _Optional[int] = ...) -> None: ...
+    step_wall_ns: int
+    worker_total_ns: int
+    worker_forward_ns: int
+    worker_sample_ns: int
+    worker_prepare_ns: int
+    num_decode_steps: int
+    decode_step_wall_ns: int
+    def __init__(self, num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_computed_prompt_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_cached_prompt_tokens: _Optional[int] = ..., num_swapped: _Optional[int] = ..., num_swap_preemptions: _Optional[int] = ..., num_evictions: _Optional[int] = ..., step_wall_ns: _Optional[int] = ..., worker_total_ns: _Optional[int] = ..., worker_forward_ns: _Optional[int] = ..., worker_sample_ns: _Optional[int] = ..., worker_prepare_ns: _Optional[int] = ..., num_decode_steps: _Optional[int] = ..., decode_step_wall_ns: _Optional[int] = ...) -> None: ...
