@@ -31,29 +31,34 @@ WIDE_LLAMA = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=512)
 
 
-def _hf_greedy(path, prompts, dtype):
+def _hf_greedy(path, prompts, dtype, device="cuda"):
+    """transformers' greedy tokens and their logprobs. EOS neither stops nor is suppressed, as in the
+    engine's ignore_eos: min_new_tokens would mask EOS out of the logits, so where a random checkpoint's
+    argmax is EOS transformers would take the runner-up and the two would part ways there."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").cuda()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
     outs = []
     with torch.inference_mode():
         for p in prompts:
-            ids = torch.tensor([p], device="cuda")
+            ids = torch.tensor([p], device=device)
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
-                                 min_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True,
+                                 eos_token_id=None, do_sample=False, output_logits=True,
                                  return_dict_in_generate=True, pad_token_id=0)
             tokens = gen.sequences[0, len(p):].tolist()
+            assert len(tokens) == MAX_TOKENS, f"transformers stopped after {len(tokens)} tokens"
             lps = [torch.log_softmax(step[0].float(), -1)[t].item()
                    for step, t in zip(gen.logits, tokens, strict=True)]
             outs.append((tokens, lps))
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return outs
 
 
-def _ours(path, prompts, dtype: str):
+def _ours(path, prompts, dtype: str, device="cuda"):
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=True)
-    with LLM(path, device="cuda", dtype=dtype, gpu_memory_utilization=0.4, max_num_seqs=NUM_PROMPTS) as llm:
+    with LLM(path, device=device, dtype=dtype, gpu_memory_utilization=0.4, max_num_seqs=NUM_PROMPTS) as llm:
         return [(r.outputs[0].token_ids, r.outputs[0].logprobs) for r in llm.generate(prompts, params)]
 
 
