@@ -44,6 +44,9 @@ def add_parser(bench) -> None:
     p.add_argument("--prefix-kv-blocks", type=int, default=64,
                    help="KV pool of the shared-prefix runs, in blocks: small, so that memory bounds the batch "
                    "as in the paper's serving runs (default 64)")
+    p.add_argument("--prefix-hidden-size", type=int, default=512,
+                   help="hidden size of the llama checkpoint for the shared-prefix runs (head_dim 64, 4 layers); "
+                   "large enough that computing tokens, not per-step overhead, dominates (default 512)")
     p.add_argument("--device", default="cpu", help="device of the real worker (default cpu)")
     p.add_argument("--repeats", type=int, default=5, help="shared-prefix runs per setting, best kept (default 5)")
     p.add_argument("--skip-prefix", action="store_true", help="skip the shared-prefix throughput runs")
@@ -186,7 +189,8 @@ def prefix_section(args) -> list[str]:
     from gpu_worker.demo_model import write_demo_model
 
     lines = ["Shared prefix: requests/s with and without prefix caching (real worker: LLM, demo llama "
-             f"checkpoint, {args.device}, a pool of {args.prefix_kv_blocks} blocks of {args.block_size} tokens; "
+             f"checkpoint of hidden size {args.prefix_hidden_size} and 4 layers, {args.device}, a pool of "
+             f"{args.prefix_kv_blocks} blocks of {args.block_size} tokens; "
              f"{args.prefix_requests} requests of prefix + 8-24 own tokens, 16 output tokens each, after one "
              f"warm-up request; best of {args.repeats} runs with fresh suffixes; engine steps and prompt tokens "
              "computed per run beside)",
@@ -195,7 +199,10 @@ def prefix_section(args) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        model = write_demo_model(Path(tmp) / "demo", arch="llama")
+        h = args.prefix_hidden_size
+        model = write_demo_model(Path(tmp) / "demo", arch="llama", hidden_size=h, intermediate_size=3 * h,
+                                 num_attention_heads=max(1, h // 64), num_key_value_heads=max(1, h // 128),
+                                 head_dim=64, num_hidden_layers=4)
         for name, prefix_len in (("one-shot", 80), ("five-shot", 340)):
             prefix = [rng.randrange(3, 1000) for _ in range(prefix_len)]
             batches = [[prefix + [rng.randrange(3, 1000) for _ in range(rng.randint(8, 24))]
