@@ -36,7 +36,7 @@ MAX_LEN = 2048  # context length of the simulated model (OPT's, as in the paper)
 def add_parser(bench) -> None:
     p = bench.add_parser("memory", help="KV utilization, sharing savings and prefix-cache speed-up",
                          description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-requests", type=int, default=32, help="requests per simulated workload (default 32)")
+    p.add_argument("--num-requests", type=int, default=300, help="requests per simulated workload (default 300)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic traces (default 0)")
     p.add_argument("--prefix-requests", type=int, default=96,
@@ -48,7 +48,7 @@ def add_parser(bench) -> None:
                    help="hidden size of the llama checkpoint for the shared-prefix runs (head_dim 64, 4 layers); "
                    "large enough that computing tokens, not per-step overhead, dominates (default 512)")
     p.add_argument("--device", default="cpu", help="device of the real worker (default cpu)")
-    p.add_argument("--repeats", type=int, default=5, help="shared-prefix runs per setting, best kept (default 5)")
+    p.add_argument("--repeats", type=int, default=3, help="shared-prefix runs per setting, best kept (default 3)")
     p.add_argument("--skip-prefix", action="store_true", help="skip the shared-prefix throughput runs")
     p.set_defaults(func=run)
 
