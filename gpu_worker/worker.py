@@ -44,6 +44,7 @@ class WorkerConfig:
     max_num_seqs: int = 256  # largest decode batch, for CUDA graphs
     enforce_eager: bool = False  # no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
+    max_num_blocks: int | None = None  # cap on the pool, e.g. to make memory the limit in a benchmark
     seed: int = 0
     swap_space: int = 4 * 2**30  # bytes of CPU swap pool (preempted sequence groups)
 
@@ -54,6 +55,8 @@ class WorkerConfig:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_blocks is not None and self.max_num_blocks < 1:
+            raise ValueError(f"max_num_blocks must be at least 1, got {self.max_num_blocks}")
         if self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if self.swap_space < 0:
@@ -100,9 +103,8 @@ class Worker:
         per_block = KVPool.bytes_per_block(
             mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, cfg.torch_dtype
         )
-        if self.device.type == "cpu":
-            return cfg.kv_cache_memory // per_block
-        return self._profile_cuda(per_block)
+        fit = cfg.kv_cache_memory // per_block if self.device.type == "cpu" else self._profile_cuda(per_block)
+        return fit if cfg.max_num_blocks is None else min(fit, cfg.max_num_blocks)
 
     def num_cpu_blocks_that_fit(self) -> int:
         cfg, mc = self.config, self.model_config
@@ -240,6 +242,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="largest decode batch; CUDA graphs are captured up to it (default 256)")
     p.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+    p.add_argument("--max-num-blocks", type=int, default=None,
+                   help="allocate at most this many KV blocks even if more fit (default: all that fit)")
     p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="dummy: random weights from config.json alone, for benchmarks (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
@@ -265,6 +269,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_num_seqs=args.max_num_seqs,
         enforce_eager=args.enforce_eager,
         load_format=args.load_format,
+        max_num_blocks=args.max_num_blocks,
         seed=args.seed,
         swap_space=int(args.swap_space * 2**30),
     )

@@ -48,6 +48,9 @@ def add_parser(bench) -> None:
                    help="hidden size of the llama checkpoint for the shared-prefix runs (head_dim 64, 4 layers); "
                    "large enough that computing tokens, not per-step overhead, dominates (default 512)")
     p.add_argument("--device", default="cpu", help="device of the real worker (default cpu)")
+    p.add_argument("--shape", default=None,
+                   help="shared-prefix runs on a random-weight model of this shape (bench throughput's shapes), "
+                   "with --device cuda; the pool is still capped at --prefix-kv-blocks")
     p.add_argument("--repeats", type=int, default=3, help="shared-prefix runs per setting, best kept (default 3)")
     p.add_argument("--skip-prefix", action="store_true", help="skip the shared-prefix throughput runs")
     p.set_defaults(func=run)
@@ -188,8 +191,10 @@ def sharing_section(args) -> list[str]:
 def prefix_section(args) -> list[str]:
     from gpu_worker.demo_model import write_demo_model
 
-    lines = ["Shared prefix: requests/s with and without prefix caching (real worker: LLM, demo llama "
-             f"checkpoint of hidden size {args.prefix_hidden_size} and 4 layers, {args.device}, a pool of "
+    model_desc = (f"random {args.shape} weights" if args.shape else
+                  f"demo llama checkpoint of hidden size {args.prefix_hidden_size} and 4 layers")
+    lines = ["Shared prefix: requests/s with and without prefix caching (real worker: LLM, "
+             f"{model_desc}, {args.device}, a pool of "
              f"{args.prefix_kv_blocks} blocks of {args.block_size} tokens; "
              f"{args.prefix_requests} requests of prefix + 8-24 own tokens, 16 output tokens each, after one "
              f"warm-up request; best of {args.repeats} runs with fresh suffixes; engine steps and prompt tokens "
@@ -199,10 +204,15 @@ def prefix_section(args) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        h = args.prefix_hidden_size
-        model = write_demo_model(Path(tmp) / "demo", arch="llama", hidden_size=h, intermediate_size=3 * h,
-                                 num_attention_heads=max(1, h // 64), num_key_value_heads=max(1, h // 128),
-                                 head_dim=64, num_hidden_layers=4)
+        if args.shape:
+            from scheduler_svc.bench_throughput import write_shape_config
+
+            model = write_shape_config(args.shape, Path(tmp) / args.shape, 512)
+        else:
+            h = args.prefix_hidden_size
+            model = write_demo_model(Path(tmp) / "demo", arch="llama", hidden_size=h, intermediate_size=3 * h,
+                                     num_attention_heads=max(1, h // 64), num_key_value_heads=max(1, h // 128),
+                                     head_dim=64, num_hidden_layers=4)
         for name, prefix_len in (("one-shot", 80), ("five-shot", 340)):
             prefix = [rng.randrange(3, 1000) for _ in range(prefix_len)]
             batches = [[prefix + [rng.randrange(3, 1000) for _ in range(rng.randint(8, 24))]
@@ -226,7 +236,8 @@ def _prefix_runs(model, prefix: list[int], batches, caching: bool, args) -> tupl
     kv_bytes = args.prefix_kv_blocks * args.block_size * ModelConfig.from_dir(model).kv_bytes_per_token(dtype)
     best = (0.0, 0, 0)
     with LLM(model, device=args.device, block_size=args.block_size, enable_prefix_caching=caching,
-             kv_cache_memory=kv_bytes) as llm:  # on CUDA the pool is profiled instead
+             kv_cache_memory=kv_bytes, max_num_blocks=args.prefix_kv_blocks,
+             load_format="dummy" if args.shape else "auto") as llm:
         llm.generate([prefix + [5]], params)  # warm-up; with caching, the prefix is cached from here on
         for prompts in batches:
             before = llm.stats()

@@ -65,6 +65,7 @@ class LLM:
         seed: int = 0,
         load_format: str = "auto",
         enforce_eager: bool = False,
+        max_num_blocks: int | None = None,
         enable_prefix_caching: bool = True,
         swap_space: float = 4.0,
         startup_timeout_s: float = 600.0,
@@ -97,6 +98,7 @@ class LLM:
             "--max-num-seqs", str(max_num_seqs), "--load-format", load_format, "--exit-with-parent", *sizes,
             "--swap-space", str(swap_space),
             *(["--enforce-eager"] if enforce_eager else []),
+            *(["--max-num-blocks", str(max_num_blocks)] if max_num_blocks else []),
         ))
         self._channel = grpc.insecure_channel(sched_addr)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)

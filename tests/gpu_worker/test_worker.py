@@ -31,3 +31,10 @@ def test_hello_reports_blocks_that_fit_the_cpu_budget(tmp_path):
     cmd.init_cache.num_blocks = 4
     reply = worker.handle(cmd)
     assert reply.cache_ready.num_blocks == 4 and worker.runner.kv.num_blocks == 4
+
+
+def test_max_num_blocks_caps_what_the_hello_reports(tmp_path):
+    path = make_checkpoint(tmp_path / "m")
+    worker = Worker(WorkerConfig(model=str(path), scheduler_address="inproc://x", kv_cache_memory=2**20,
+                                 max_num_blocks=3))
+    assert worker.hello().hello.num_blocks == 3
