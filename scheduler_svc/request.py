@@ -46,6 +46,10 @@ class Request:
     # prompt[:-1]; they then compute the last prompt token together and sample independently.
     num_pending_forks: int = 0
     beam: BeamSearch | None = None  # set for beam search (beam_width > 1)
+    max_tokens: int = field(init=False)  # params.max_tokens as a plain int (read per token)
+
+    def __post_init__(self) -> None:
+        self.max_tokens = self.params.max_tokens
 
     @property
     def max_num_seqs(self) -> int:

@@ -45,6 +45,10 @@ __all__ = ["ForkedSeq", "ScheduledSeq", "Scheduler", "SchedulerOutput", "Schedul
 
 _KEY = lambda seq: (seq.request.arrival, seq.seq_id)  # noqa: E731  running/swapped order: groups contiguous
 _RUNNING = SeqStatus.RUNNING
+# Plain ints: protobuf enum attribute lookups are slow on the per-token path.
+_STOP = int(FinishReason.FINISH_REASON_STOP)
+_LENGTH = int(FinishReason.FINISH_REASON_LENGTH)
+_NOT_FINISHED = int(FinishReason.FINISH_REASON_UNSPECIFIED)
 
 
 @dataclass(slots=True)
@@ -182,8 +186,14 @@ class Scheduler:
 
     def _pick_running(self, step: _Step, out: SchedulerOutput) -> None:
         """Phase one: which running sequences compute how many tokens; preempts to make room."""
-        decodes = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1]
-        chunks = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens > 1]
+        decodes: list[Sequence] = []
+        chunks: list[Sequence] = []
+        for s in self.running:
+            remaining = len(s.token_ids) - s.num_computed_tokens
+            if remaining == 1:
+                decodes.append(s)
+            elif remaining > 1:
+                chunks.append(s)
         grouped: set[int] = set()  # beam groups already picked as a whole
         cap = self.config.max_num_seqs
         free_queue = self.pool.free_queue
@@ -269,7 +279,10 @@ class Scheduler:
         """Phase two: the pick takes its blocks; forks first, copy-on-write as it writes."""
         slots = pick.slots
         if not pick.num_blocks and not pick.num_forks:  # neither new blocks nor copies
-            out.running += [ScheduledSeq(seq, n, []) for seq, n in slots]
+            if len(slots) == 1:
+                out.running.append(ScheduledSeq(slots[0][0], slots[0][1], []))
+            else:
+                out.running += [ScheduledSeq(seq, n, []) for seq, n in slots]
             return
         if pick.num_forks:
             parent = slots[0][0]
@@ -502,12 +515,13 @@ class Scheduler:
         return results
 
     def _stop_reason(self, seq: Sequence, token: int) -> int:
-        num_out = seq.num_output_tokens
-        if token in seq.request.stop_token_ids:
-            return FinishReason.FINISH_REASON_STOP
-        if num_out >= seq.request.params.max_tokens or seq.num_tokens >= self.max_model_len:
-            return FinishReason.FINISH_REASON_LENGTH
-        return FinishReason.FINISH_REASON_UNSPECIFIED
+        request = seq.request
+        if token in request.stop_token_ids:
+            return _STOP
+        num_tokens = len(seq.token_ids)
+        if num_tokens - len(request.prompt_token_ids) >= request.max_tokens or num_tokens >= self.max_model_len:
+            return _LENGTH
+        return _NOT_FINISHED
 
     def _beam_step(self, request: Request, rows: dict) -> list[SeqOutput]:
         """Re-selects the beams: survivors continue (forking for extra tokens), the rest are dropped."""
