@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gpu_worker.attention_metadata import AttentionMetadata
-from gpu_worker.models.layers import MLP, Attention, KVCache, Slot, load_slots
+from gpu_worker.models.layers import MLP, Attention, CausalLM, KVCache, Slot, load_slots
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,9 @@ class GPT2Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
+    args_class = GPT2Args
+
     def __init__(self, args: GPT2Args):
         super().__init__()
         self.args = args
@@ -76,13 +78,7 @@ class GPT2LMHeadModel(nn.Module):
         self.wpe = nn.Embedding(args.max_position_embeddings, args.hidden_size)
         self.h = nn.ModuleList(GPT2Block(args, i) for i in range(args.num_layers))
         self.ln_f = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.wte.weight
-
-    @classmethod
-    def from_hf_config(cls, hf: dict) -> "GPT2LMHeadModel":
-        return cls(GPT2Args.from_hf(hf))
+        self.make_lm_head(self.wte, args.tie_word_embeddings)
 
     def forward(
         self,
@@ -96,9 +92,6 @@ class GPT2LMHeadModel(nn.Module):
         for block, kv_cache in zip(self.h, kv_caches, strict=True):
             h = block(positions, h, kv_cache, attn_meta)
         return self.ln_f(h)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] fp32
-        return self.lm_head(hidden).float()
 
     def checkpoint_slots(self) -> dict[str, Slot]:
         """HF checkpoint tensor name -> where it goes here (Conv1D weights transposed)."""

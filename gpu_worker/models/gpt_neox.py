@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gpu_worker.attention_metadata import AttentionMetadata
-from gpu_worker.models.layers import MLP, Attention, KVCache, RopeParams, RotaryEmbedding, Slot, load_slots
+from gpu_worker.models.layers import MLP, Attention, CausalLM, KVCache, RopeParams, RotaryEmbedding, Slot, load_slots
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,9 @@ class GPTNeoXLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(x)) + x
 
 
-class GPTNeoXForCausalLM(nn.Module):
+class GPTNeoXForCausalLM(CausalLM):
+    args_class = GPTNeoXArgs
+
     def __init__(self, args: GPTNeoXArgs):
         super().__init__()
         self.args = args
@@ -81,13 +83,7 @@ class GPTNeoXForCausalLM(nn.Module):
         self.embed_in = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(GPTNeoXLayer(args, rotary) for _ in range(args.num_layers))
         self.final_layer_norm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.embed_in.weight
-
-    @classmethod
-    def from_hf_config(cls, hf: dict) -> "GPTNeoXForCausalLM":
-        return cls(GPTNeoXArgs.from_hf(hf))
+        self.make_lm_head(self.embed_in, args.tie_word_embeddings)
 
     def forward(
         self,
@@ -101,9 +97,6 @@ class GPTNeoXForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h = layer(positions, h, kv_cache, attn_meta)
         return self.final_layer_norm(h)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] fp32
-        return self.lm_head(hidden).float()
 
     def _regroup_qkv(self, w: torch.Tensor) -> torch.Tensor:
         # w: [heads * 3 * head_dim, ...] per head (q, k, v) -> [3 * heads * head_dim, ...] q, k, v blocks

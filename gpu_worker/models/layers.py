@@ -312,3 +312,22 @@ def load_slots(
         target.copy_(tensor)
     if pending:
         raise ValueError(f"checkpoint is missing tensor(s): {', '.join(sorted(pending))}")
+
+
+class CausalLM(nn.Module):
+    """What every family's top module shares: built from its frozen Args (``args_class.from_hf``), an LM
+    head over the token embedding (the same tensor when the config ties them), float32 logits."""
+
+    args_class: type
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "CausalLM":
+        return cls(cls.args_class.from_hf(hf))
+
+    def make_lm_head(self, embedding: nn.Embedding, tie: bool) -> None:
+        self.lm_head = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False)
+        if tie:
+            self.lm_head.weight = embedding.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, vocab] fp32
+        return self.lm_head(hidden).float()

@@ -14,6 +14,7 @@ from torch import nn
 from gpu_worker.attention_metadata import AttentionMetadata
 from gpu_worker.models.layers import (
     Attention,
+    CausalLM,
     GatedMLP,
     KVCache,
     RMSNorm,
@@ -107,7 +108,9 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
+    args_class = LlamaArgs
+
     def __init__(self, args: LlamaArgs):
         super().__init__()
         self.args = args
@@ -115,13 +118,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(args, rotary, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    @classmethod
-    def from_hf_config(cls, hf: dict) -> "LlamaForCausalLM":
-        return cls(LlamaArgs.from_hf(hf))
+        self.make_lm_head(self.embed_tokens, args.tie_word_embeddings)
 
     def forward(
         self,
@@ -135,9 +132,6 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h, residual = layer(positions, h, residual, kv_cache, attn_meta)
         return self.norm(h, residual)[0]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] fp32
-        return self.lm_head(hidden).float()
 
     def checkpoint_slots(self) -> dict[str, Slot]:
         """HF checkpoint tensor name -> where it goes here (q/k/v and gate/up are fused)."""

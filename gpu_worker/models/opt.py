@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gpu_worker.attention_metadata import AttentionMetadata
-from gpu_worker.models.layers import MLP, Attention, KVCache, Slot, fused_slots, load_slots, weight_slots
+from gpu_worker.models.layers import MLP, Attention, CausalLM, KVCache, Slot, fused_slots, load_slots, weight_slots
 
 POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
 
@@ -75,7 +75,9 @@ class OPTDecoderLayer(nn.Module):
         return self.final_layer_norm(x + self.mlp(x))
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(CausalLM):
+    args_class = OPTArgs
+
     def __init__(self, args: OPTArgs):
         super().__init__()
         self.args = args
@@ -88,13 +90,7 @@ class OPTForCausalLM(nn.Module):
             nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine) if args.final_layer_norm else None
         )
         self.project_out = nn.Linear(args.hidden_size, args.word_embed_proj_dim, bias=False) if projected else None
-        self.lm_head = nn.Linear(args.word_embed_proj_dim, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    @classmethod
-    def from_hf_config(cls, hf: dict) -> "OPTForCausalLM":
-        return cls(OPTArgs.from_hf(hf))
+        self.make_lm_head(self.embed_tokens, args.tie_word_embeddings)
 
     def forward(
         self,
@@ -115,9 +111,6 @@ class OPTForCausalLM(nn.Module):
         if self.project_out is not None:
             h = self.project_out(h)
         return h
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, proj_dim] -> [n, vocab] fp32
-        return self.lm_head(hidden).float()
 
     def checkpoint_slots(self) -> dict[str, Slot]:
         """HF checkpoint tensor name -> where it goes here (q/k/v fused)."""
