@@ -179,7 +179,7 @@ def run_ours(model_dir: Path, work: Workload, args) -> Result:
     with LLM(model_dir, device=args.device, load_format=args.load_format, block_size=args.block_size,
              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
              gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
-             enforce_eager=args.enforce_eager) as llm:
+             enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling) as llm:
         # Warm-up on other prompts of the same lengths (no prefix-cache hits later): compiles the kernel
         # variants that this workload's prefill and mixed steps use before the clock starts.
         warm = make_workload(len(work.prompts), args.input_len, args.output_len, args.vocab_size, args.seed + 1)
@@ -202,18 +202,20 @@ def step_profile(before, after) -> dict:
     """Where the engine's time went between two EngineStats snapshots (milliseconds)."""
     d = {f: getattr(after, f) - getattr(before, f) for f in (
         "num_steps", "num_decode_steps", "step_wall_ns", "decode_step_wall_ns", "worker_total_ns",
-        "worker_forward_ns", "worker_sample_ns", "worker_prepare_ns")}
+        "worker_forward_ns", "worker_sample_ns", "worker_prepare_ns", "num_ahead_steps")}
     ms = 1e-6
     steps = max(d["num_steps"], 1)
     return {
         "steps": d["num_steps"],
         "decode_steps": d["num_decode_steps"],
+        "ahead_steps": d["num_ahead_steps"],
         "step_wall_ms_total": d["step_wall_ns"] * ms,
         "decode_step_wall_ms_mean": d["decode_step_wall_ns"] * ms / max(d["num_decode_steps"], 1),
         "worker_ms_mean": d["worker_total_ns"] * ms / steps,
         "worker_prepare_ms_mean": d["worker_prepare_ns"] * ms / steps,
         "worker_forward_launch_ms_mean": d["worker_forward_ns"] * ms / steps,
         "worker_sample_and_device_wait_ms_mean": d["worker_sample_ns"] * ms / steps,
+        # With steps planned ahead the scheduler's work overlaps the workers' and this shrinks toward 0.
         "scheduler_and_transport_ms_mean": (d["step_wall_ns"] - d["worker_total_ns"]) * ms / steps,
     }
 
@@ -378,5 +380,8 @@ def add_parser(bench) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool on CPU (default 1GiB)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="plan every step after the previous one's results (default: decode steps are "
+                   "planned ahead while the GPU runs the current one)")
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=run)

@@ -17,6 +17,7 @@ class SchedulerConfig:
     max_model_len: int | None = None  # cap below the model's own context length
     watermark: float = 0.01  # fraction of blocks kept free when admitting, to avoid instant preemption
     enable_prefix_caching: bool = True  # reuse cached full blocks of earlier requests' prefixes
+    async_scheduling: bool = True  # plan step N+1 while the workers run step N, where the data allow
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):

@@ -2,6 +2,11 @@
 publish one batched event per stream.
 
 Requests and aborts arrive from gRPC threads through ``inbox``; the loop alone touches the scheduler.
+
+Steps are pipelined where the data allow: while the workers run step N, the loop plans step N+1
+(``Scheduler.schedule_ahead``) and sends it before reading N's results, so the workers start N+1 as
+soon as N is done instead of waiting for the scheduler's update, the next schedule and the round
+trip. At most two steps are in flight; results are applied in order.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,6 +80,8 @@ class EngineCore:
         )
         self.timing = scheduler_pb2.EngineStats()  # only the step-time fields are used
         self._unpublished: tuple[int, list[SeqOutput]] | None = None
+        self._in_flight: deque[tuple[object, int]] = deque()  # (SchedulerOutput, send time) sent, not applied
+        self._last_result_ns = 0
         self.inbox: queue.Queue = queue.Queue()
         self._sinks: dict[int, EventSink] = {}
         self._sinks_lock = threading.Lock()
@@ -117,6 +124,7 @@ class EngineCore:
         st.num_swapped = len(s.swapped)
         st.num_swap_preemptions = s.stats.num_swap_preemptions
         st.num_evictions = s.pool.num_evictions
+        st.num_ahead_steps = s.stats.num_ahead_steps
         st.MergeFrom(self.timing)
         info.ready = not self.stopped.is_set()
         return info
@@ -127,11 +135,14 @@ class EngineCore:
         """Runs until stop() or a worker failure (kept in ``failure``; every request is then failed)."""
         try:
             while not self.stopped.is_set():
-                if not self.scheduler.has_work():
+                busy = self.scheduler.has_work() or bool(self._in_flight)
+                if not busy:
                     self._flush()
-                self._drain_inbox(block=not self.scheduler.has_work())
-                if self.scheduler.has_work():
+                self._drain_inbox(block=not busy)
+                if self.scheduler.has_work() or self._in_flight:
                     self.step()
+            while self._in_flight:  # stopped with a step planned ahead: apply it, leave the workers idle
+                self.step()
             self._flush()
         except BaseException as exc:  # a dead worker ends the engine: fail everything, loudly
             self.failure = exc
@@ -145,12 +156,20 @@ class EngineCore:
         self.inbox.put(None)
 
     def step(self) -> None:
-        t0 = time.perf_counter_ns()
-        out = self.scheduler.schedule()  # may be empty after preemption: it still carries the drops
-        self.workers.send_step(encode_step(out))
+        """Applies the oldest step in flight; first sends a step if none is, and the one after it if
+        it can be planned ahead."""
+        if not self._in_flight:
+            out = self.scheduler.schedule()  # may be empty after preemption: it still carries the drops
+            self._send(out)
+        if self.config.async_scheduling and not self.stopped.is_set():
+            ahead = self.scheduler.schedule_ahead(self._in_flight[-1][0])
+            if ahead is not None:
+                self._send(ahead)
         self._flush()  # the previous step's outputs go out while the workers run this one
+        out, sent_ns = self._in_flight.popleft()
         result = self.workers.recv_step(alive=self.alive)
-        self._time_step(out, result, t0)
+        self._time_step(out, result, max(sent_ns, self._last_result_ns))
+        self._last_result_ns = time.perf_counter_ns()
         if result.error:
             outputs = [self._fail_seq(s.seq, f"step failed on a worker: {result.error}")
                        for s in out.new_seqs + out.running if s.seq.status is not SeqStatus.FINISHED]
@@ -158,6 +177,10 @@ class EngineCore:
             decoded = decode_result(result)
             outputs = self.scheduler.update(out, decoded.sampled, decoded.logprobs, decoded.top)
         self._unpublished = (out.step_id, outputs)
+
+    def _send(self, out) -> None:
+        self.workers.send_step(encode_step(out))
+        self._in_flight.append((out, time.perf_counter_ns()))
 
     def _flush(self) -> None:
         """Publishes the last step's outputs if they have not gone out yet (keeps events in order)."""

@@ -67,6 +67,7 @@ class LLM:
         enforce_eager: bool = False,
         max_num_blocks: int | None = None,
         enable_prefix_caching: bool = True,
+        async_scheduling: bool = True,
         swap_space: float = 4.0,
         startup_timeout_s: float = 600.0,
     ) -> None:
@@ -90,6 +91,8 @@ class LLM:
             sched_args += ["--max-model-len", str(max_model_len)]
         if not enable_prefix_caching:
             sched_args.append("--no-prefix-caching")
+        if not async_scheduling:
+            sched_args.append("--no-async-scheduling")
         self._procs.start("scheduler", cli_command("scheduler", *sched_args))
         self._procs.start("worker", cli_command(
             "worker", "--model", str(self.model), "--scheduler", worker_addr, "--device", device,

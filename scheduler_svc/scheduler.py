@@ -58,6 +58,7 @@ class SchedulerStats:
     num_swap_preemptions: int = 0  # sequences preempted by swapping their group out
     num_computed_prompt_tokens: int = 0  # prompt tokens computed (not served from cache)
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_ahead_steps: int = 0  # steps planned by schedule_ahead, before the previous step's results
 
 
 @dataclass(slots=True)
@@ -182,6 +183,58 @@ class Scheduler:
         out.finished_seq_ids = self._dropped_seq_ids
         self._dropped_seq_ids = []
         self.stats.num_steps += 1
+        return out
+
+    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after ``prev``, planned while ``prev`` still runs on the workers (its results not
+        applied yet), or None where the plan would depend on them.
+
+        Only the plain case qualifies: every running sequence is one request's only sequence, it
+        samples in ``prev``, nothing waits for admission, swap-in, a fork or a beam re-selection, and
+        the pool has the blocks without preempting. Each such sequence then decodes the token that
+        ``prev`` samples: the workers keep their sampled tokens, so the plan needs only ids and block
+        deltas. A sequence that ``prev`` ends by length is left out; one that ``prev`` ends by a stop
+        token, or that is aborted meanwhile, computes one extra token, which ``update`` ignores (it is
+        no longer running) and whose KV slot lies past its end, in blocks freed by then, and any
+        later step that reuses them runs after this one on the workers."""
+        if self.waiting or self.swapped or self._pending_forks or self._pending_last_tokens:
+            return None
+        if prev.preempted or prev.forks or prev.swap_out or prev.swap_in:
+            return None
+        scheduled = {id(s.seq): s.num_scheduled_tokens for s in chain(prev.new_seqs, prev.running)}
+        if len(scheduled) < len(self.running):
+            return None  # someone left out of prev (budget, seq cap) must not be skipped again
+        picks: list[Sequence] = []
+        slots: list[tuple[int, int, int]] = []
+        max_model_len = self.max_model_len
+        for seq in self.running:
+            n = scheduled.get(id(seq))
+            request = seq.request
+            if n is None or request.beam is not None or request.num_pending_forks or len(request.seqs) > 1:
+                return None
+            num_tokens = len(seq.token_ids)
+            if seq.num_computed_tokens + n != num_tokens:
+                return None  # a prefill chunk that does not sample yet
+            if num_tokens + 1 - len(request.prompt_token_ids) >= request.max_tokens or num_tokens + 1 >= max_model_len:
+                continue  # prev's token ends it
+            picks.append(seq)
+            slots.append((seq.seq_id, num_tokens, num_tokens + 1))
+        if not picks or len(picks) > self.config.max_num_batched_tokens:
+            return None
+        if self.kv.num_blocks_needed(slots) > self.pool.num_free_blocks:
+            return None
+        out = SchedulerOutput(self._next_step_id)
+        self._next_step_id += 1
+        for seq, (seq_id, start, end) in zip(picks, slots, strict=True):
+            new_ids, copies, replaced = self.kv.allocate_slots(seq_id, start, end)
+            out.running.append(ScheduledSeq(seq, 1, new_ids))
+            if copies:
+                out.copies += copies
+                out.table_updates.append((seq_id, [p for p, _ in replaced], [b for _, b in replaced]))
+        out.finished_seq_ids = self._dropped_seq_ids
+        self._dropped_seq_ids = []
+        self.stats.num_steps += 1
+        self.stats.num_ahead_steps += 1
         return out
 
     def _pick_running(self, step: _Step, out: SchedulerOutput) -> None:

@@ -39,6 +39,8 @@ def _child_args(args: argparse.Namespace, tmp: Path, sched_addr: str, worker_add
         scheduler += ["--max-model-len", str(args.max_model_len)]
     if not args.enable_prefix_caching:
         scheduler.append("--no-prefix-caching")
+    if not args.async_scheduling:
+        scheduler.append("--no-async-scheduling")
     workers = []
     for rank in range(world):
         device = f"{args.device}:{rank}" if args.device == "cuda" and world > 1 else args.device
@@ -193,6 +195,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cap on prompt plus completion length (default: the model's)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse the KV blocks of identical prompt prefixes")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="plan each step only after the previous step's results (default: plan the next "
+                   "decode step while the workers run the current one)")
     p.add_argument("--swap-space", type=float, default=4.0,
                    help="GiB of CPU memory per worker for swapped-out KV blocks (default 4)")
     p.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")

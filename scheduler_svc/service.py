@@ -130,6 +130,9 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse the KV blocks of earlier requests' identical prefixes "
                    "(automatic prefix caching is on by default)")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="plan each step only after the previous step's results (by default the next decode "
+                   "step is planned and sent while the workers still run the current one)")
 
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -139,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
+        async_scheduling=args.async_scheduling,
     )
 
 

@@ -65,6 +65,7 @@ def test_greedy_equals_transformers(checkpoint, prompts, hf_greedy, block_size):
         _check_equal(results, hf_greedy, set(llm.info.eos_token_ids))
         stats = llm.stats()
         assert stats.num_free_blocks == llm.info.num_blocks and stats.num_requests == 0
+        assert stats.num_ahead_steps > 0, "no decode step was planned ahead (async scheduling is on by default)"
 
 
 def test_greedy_equals_transformers_under_recompute_preemption(checkpoint, prompts, hf_greedy):

@@ -166,7 +166,7 @@ class EngineInfo(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., world_size: _Optional[int] = ..., stats: _Optional[_Union[EngineStats, _Mapping]] = ..., num_cpu_blocks: _Optional[int] = ..., enable_prefix_caching: _Optional[bool] = ...) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("num_steps", "num_preemptions", "num_computed_prompt_tokens", "num_free_blocks", "num_running", "num_waiting", "num_requests", "num_cached_prompt_tokens", "num_swapped", "num_swap_preemptions", "num_evictions", "step_wall_ns", "worker_total_ns", "worker_forward_ns", "worker_sample_ns", "worker_prepare_ns", "num_decode_steps", "decode_step_wall_ns")
+    __slots__ = ("num_steps", "num_preemptions", "num_computed_prompt_tokens", "num_free_blocks", "num_running", "num_waiting", "num_requests", "num_cached_prompt_tokens", "num_swapped", "num_swap_preemptions", "num_evictions", "step_wall_ns", "worker_total_ns", "worker_forward_ns", "worker_sample_ns", "worker_prepare_ns", "num_decode_steps", "decode_step_wall_ns", "num_ahead_steps")
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,7 @@ class EngineStats(_message.Message):
     WORKER_PREPARE_NS_FIELD_NUMBER: _ClassVar[int]
     NUM_DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_WALL_NS_FIELD_NUMBER: _ClassVar[int]
+    NUM_AHEAD_STEPS_FIELD_NUMBER: _ClassVar[int]
     num_steps: int
     num_preemptions: int
     num_computed_prompt_tokens: int
@@ -203,4 +204,5 @@ class EngineStats(_message.Message):
     worker_prepare_ns: int
     num_decode_steps: int
     decode_step_wall_ns: int
-    def __init__(self, num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_computed_prompt_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_cached_prompt_tokens: _Optional[int] = ..., num_swapped: _Optional[int] = ..., num_swap_preemptions: _Optional[int] = ..., num_evictions: _Optional[int] = ..., step_wall_ns: _Optional[int] = ..., worker_total_ns: _Optional[int] = ..., worker_forward_ns: _Optional[int] = ..., worker_sample_ns: _Optional[int] = ..., worker_prepare_ns: _Optional[int] = ..., num_decode_steps: _Optional[int] = ..., decode_step_wall_ns: _Optional[int] = ...) -> None: ...
+    num_ahead_steps: int
+    def __init__(self, num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_computed_prompt_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_cached_prompt_tokens: _Optional[int] = ..., num_swapped: _Optional[int] = ..., num_swap_preemptions: _Optional[int] = ..., num_evictions: _Optional[int] = ..., step_wall_ns: _Optional[int] = ..., worker_total_ns: _Optional[int] = ..., worker_forward_ns: _Optional[int] = ..., worker_sample_ns: _Optional[int] = ..., worker_prepare_ns: _Optional[int] = ..., num_decode_steps: _Optional[int] = ..., decode_step_wall_ns: _Optional[int] = ..., num_ahead_steps: _Optional[int] = ...) -> None: ...
