@@ -75,12 +75,15 @@ class DecodeGraphs:
     def fits(self, inputs: StepInputs) -> bool:
         return inputs.decode_only and inputs.num_seqs <= self.sizes[-1] and bool(self.graphs)
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits [num_seqs, vocab] of a decode-only step."""
+    def run(self, inputs: StepInputs, fixups: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of a decode-only step. ``fixups``: (rows, token ids on the device)
+        for inputs that the previous step is still sampling."""
         n = inputs.num_seqs
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         host = torch.from_numpy
         self.input_ids[:n].copy_(host(inputs.input_ids), non_blocking=True)
+        if fixups is not None:
+            self.input_ids[fixups[0]] = fixups[1]
         self.positions[:n].copy_(host(inputs.positions), non_blocking=True)
         self.slot_mapping[:n].copy_(host(inputs.slot_mapping), non_blocking=True)
         self.seq_lens[:n].copy_(host(inputs.seq_lens), non_blocking=True)

@@ -4,6 +4,13 @@ varlen batch, runs the model over the paged KV pool and samples.
 The scheduler decides which blocks hold what; the runner only follows the plan. A sequence samples a
 token in a step exactly when the step's tokens reach the end of its known tokens. On CUDA, decode-only
 steps replay captured graphs; everything else runs eagerly.
+
+A step is launched, then finished. Greedy steps without logprobs (the common case) sample on the
+device and copy the tokens to pinned host memory behind an event; their sequences get a placeholder
+token until ``finish`` reads the tokens back. A plain decode step planned ahead by the scheduler can
+be launched before the previous step is finished (``can_follow``): its inputs take the previous
+step's tokens on the device, so the host prepares step N+1 while the GPU runs step N and the only
+host sync per step is the one read of sampled tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import copy
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import clients  # noqa: F401
@@ -19,8 +27,26 @@ from gpu_worker.attention_metadata import AttentionMetadata
 from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.input_batch import BlockTableRows, StepInputs, build_inputs
 from gpu_worker.kv_pool import KVPool
-from gpu_worker.sampler import SampleRequest, SampleResult, sample
+from gpu_worker.sampler import SampleRequest, sample
 from pagedserve.internal.v1 import scheduler_pb2, worker_pb2
+
+PLACEHOLDER = -1  # token id of a sampled token not read back yet
+
+
+@dataclass(slots=True)
+class PendingStep:
+    """A launched step whose sampled tokens are still on their way to the host."""
+
+    result: worker_pb2.StepResult  # timings and everything but the tokens
+    states: list  # SeqState of each sampled row
+    positions: list[int]  # where each state's placeholder sits in its token_ids
+    device_tokens: torch.Tensor  # [num_sampled] int64 on the device
+    host_tokens: torch.Tensor  # [num_sampled] int64, pinned on CUDA
+    event: torch.cuda.Event | None  # recorded after the copy to the host (CUDA only)
+    t_launched: int
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
 
 
 @dataclass(slots=True)
@@ -80,8 +106,31 @@ class ModelRunner:
 
     # ---- one step
 
-    @torch.inference_mode()
     def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+        """Launches and finishes one step."""
+        step = self.launch(plan)
+        return self.finish(step) if isinstance(step, PendingStep) else step
+
+    def can_follow(self, plan: worker_pb2.StepPlan, prev: PendingStep) -> bool:
+        """Whether ``plan`` may be launched before ``prev`` is finished: decodes only, of sequences
+        whose next input is known or is prev's token, greedy without logprobs, and nothing that reads
+        or moves tokens or blocks on the host (forks, new sequences, beam tokens, swaps, copies)."""
+        if (plan.new_seqs or plan.forks or plan.last_token_seq_ids or plan.table_updates or plan.num_top_logprobs
+                or plan.swap_out_src_block_ids or plan.swap_in_src_block_ids or plan.copy_src_block_ids):
+            return False
+        seqs = self.seqs
+        for seq_id, n in zip(plan.running_seq_ids, plan.running_num_scheduled_tokens, strict=True):
+            state = seqs.get(seq_id)
+            if n != 1 or state is None or state.params.logprobs or not _plain_greedy(state.params):
+                return False
+        return True
+
+    @torch.inference_mode()
+    def launch(self, plan: worker_pb2.StepPlan, prev: PendingStep | None = None
+               ) -> PendingStep | worker_pb2.StepResult:
+        """Applies the plan and starts the step on the device. Greedy steps without logprobs return a
+        PendingStep (finish it for the result); the others run to the end and return their result.
+        ``prev``: a step launched before and not finished, which ``can_follow(plan, prev)`` accepted."""
         t0 = time.perf_counter_ns()
         batch = self._apply_plan(plan)
         result = worker_pb2.StepResult(step_id=plan.step_id)
@@ -89,20 +138,38 @@ class ModelRunner:
             result.timings.total_ns = time.perf_counter_ns() - t0
             return result
         assert self.kv is not None, "step before InitCache"
+        fixups = self._fixups(batch, prev)
         inputs = build_inputs(batch, self.rows, self.block_size)
         t1 = time.perf_counter_ns()
         if self.graphs is not None and self.graphs.fits(inputs):
-            logits = self.graphs.run(inputs)[torch.from_numpy(inputs.logits_indices).to(self.device)]
+            logits = self.graphs.run(inputs, fixups)
+            if len(inputs.logits_indices) != inputs.num_seqs:
+                logits = logits[self._to_device(inputs.logits_indices)]
         else:
-            logits = self._forward_eager(inputs)
+            logits = self._forward_eager(inputs, fixups)
         t2 = time.perf_counter_ns()
         states = inputs.sample_states
         want_logprobs = plan.num_top_logprobs > 0 or any(s.params.logprobs for s in states)
-        if not want_logprobs and all(_plain_greedy(s.params) for s in states):
-            sampled = SampleResult(logits.argmax(dim=-1).tolist(), [], [], [])  # the common fast path
-        else:
-            sampled = sample(logits, [self._sample_request(s) for s in states], plan.num_top_logprobs,
-                             self.generator, want_logprobs=want_logprobs)
+        result.timings.prepare_ns = t1 - t0
+        result.timings.forward_ns = t2 - t1
+        if not want_logprobs and all(_plain_greedy(s.params) for s in states):  # the common fast path
+            device_tokens = logits.argmax(dim=-1)
+            on_cuda = device_tokens.is_cuda
+            host_tokens = torch.empty(device_tokens.shape, dtype=torch.int64, pin_memory=on_cuda)
+            host_tokens.copy_(device_tokens, non_blocking=on_cuda)
+            event = None
+            if on_cuda:
+                event = torch.cuda.Event()
+                event.record()
+            positions = []
+            for state in states:
+                positions.append(len(state.token_ids))
+                state.token_ids.append(PLACEHOLDER)
+            return PendingStep(result, states, positions, device_tokens, host_tokens, event, t0)
+        if prev is not None:
+            raise RuntimeError("a step that samples on the host cannot follow an unfinished step")
+        sampled = sample(logits, [self._sample_request(s) for s in states], plan.num_top_logprobs,
+                         self.generator, want_logprobs=want_logprobs)
         for state, token in zip(states, sampled.token_ids, strict=True):
             state.token_ids.append(token)
         t3 = time.perf_counter_ns()
@@ -111,13 +178,51 @@ class ModelRunner:
         result.sampled_logprobs.extend(sampled.logprobs)
         for ids, lps in zip(sampled.top_token_ids, sampled.top_logprobs, strict=True):
             result.top_logprobs.add(token_ids=ids, logprobs=lps)
-        result.timings.prepare_ns = t1 - t0
-        result.timings.forward_ns = t2 - t1
         result.timings.sample_ns = t3 - t2
         result.timings.total_ns = time.perf_counter_ns() - t0
         return result
 
-    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
+    def finish(self, step: PendingStep) -> worker_pb2.StepResult:
+        """Waits for the step's tokens (its own event only: later launches keep running), puts them in
+        place of the placeholders and returns the result."""
+        t = time.perf_counter_ns()
+        if step.event is not None:
+            step.event.synchronize()
+        tokens = step.host_tokens.tolist()
+        for state, position, token in zip(step.states, step.positions, tokens, strict=True):
+            state.token_ids[position] = token
+        result = step.result
+        result.seq_ids.extend([s.seq_id for s in step.states])
+        result.sampled_token_ids.extend(tokens)
+        now = time.perf_counter_ns()
+        result.timings.sample_ns = now - t
+        result.timings.total_ns = now - step.t_launched
+        return result
+
+    def _fixups(self, batch: list, prev: PendingStep | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows of this step's input_ids, rows of prev's device tokens) for inputs that are prev's
+        placeholders; None when there are none."""
+        if prev is None:
+            return None
+        where = {id(state): j for j, state in enumerate(prev.states)}
+        rows, sources = [], []
+        t = 0
+        for state, n in batch:
+            if state.token_ids[state.num_computed_tokens] == PLACEHOLDER:
+                if n != 1:
+                    raise RuntimeError(f"sequence {state.seq_id}: a placeholder inside a prefill chunk")
+                rows.append(t)
+                sources.append(where[id(state)])
+            t += n
+        if not rows:
+            return None
+        return self._to_device(np.asarray(rows, dtype=np.int64)), prev.device_tokens[self._to_device(
+            np.asarray(sources, dtype=np.int64))]
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+    def _forward_eager(self, inputs: StepInputs, fixups=None) -> torch.Tensor:
         dev = self.device
 
         def put(array):
@@ -131,7 +236,10 @@ class ModelRunner:
             max_query_len=inputs.max_query_len,
             max_seq_len=inputs.max_seq_len,
         )
-        hidden = self.model(put(inputs.input_ids), put(inputs.positions), self.kv.caches, meta)
+        input_ids = put(inputs.input_ids)
+        if fixups is not None:
+            input_ids[fixups[0]] = fixups[1]
+        hidden = self.model(input_ids, put(inputs.positions), self.kv.caches, meta)
         return self.model.compute_logits(hidden[put(inputs.logits_indices)])
 
     def _apply_plan(self, plan: worker_pb2.StepPlan) -> list[tuple[SeqState, int]]:

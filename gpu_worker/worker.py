@@ -23,7 +23,7 @@ import zmq
 import clients  # noqa: F401
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
-from gpu_worker.model_runner import ModelRunner
+from gpu_worker.model_runner import ModelRunner, PendingStep
 from pagedserve.internal.v1 import worker_pb2
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -168,17 +168,57 @@ class Worker:
         )
         return reply
 
+    def step(self, plan: worker_pb2.StepPlan, pending: PendingStep | None, send) -> PendingStep | None:
+        """Launches ``plan``; ``send`` gets the replies in step order. A step still on the device is
+        finished first unless the plan can follow it, in which case it is finished right after the
+        plan's launch (the device runs both back to back). Returns the step now left unfinished."""
+        follow = pending is not None and self.runner.can_follow(plan, pending)
+        if pending is not None and not follow:
+            send(self.finish(pending))
+            pending = None
+        try:
+            launched = self.runner.launch(plan, pending)
+        except Exception as exc:  # in-band: the scheduler fails this step's requests
+            if pending is not None:
+                send(self.finish(pending))
+            send(self._step_error(plan.step_id, exc))
+            return None
+        if pending is not None:
+            send(self.finish(pending))
+        if isinstance(launched, PendingStep):
+            return launched
+        reply = worker_pb2.WorkerReply()
+        reply.step_result.CopyFrom(launched)
+        reply.step_result.rank = self.config.rank
+        send(reply)
+        return None
+
+    def finish(self, pending: PendingStep) -> worker_pb2.WorkerReply:
+        try:
+            result = self.runner.finish(pending)
+        except Exception as exc:
+            return self._step_error(pending.result.step_id, exc)
+        reply = worker_pb2.WorkerReply()
+        reply.step_result.CopyFrom(result)
+        reply.step_result.rank = self.config.rank
+        return reply
+
+    def _step_error(self, step_id: int, exc: Exception) -> worker_pb2.WorkerReply:
+        traceback.print_exc()
+        reply = worker_pb2.WorkerReply()
+        reply.step_result.step_id = step_id
+        reply.step_result.error = f"{type(exc).__name__}: {exc}"
+        reply.step_result.rank = self.config.rank
+        return reply
+
     def handle(self, cmd: worker_pb2.WorkerCommand) -> worker_pb2.WorkerReply | None:
+        """Commands other than steps (see ``step``)."""
         reply = worker_pb2.WorkerReply()
         kind = cmd.WhichOneof("kind")
         if kind == "step":
-            try:
-                reply.step_result.CopyFrom(self.runner.execute(cmd.step))
-            except Exception as exc:  # in-band: the scheduler fails this step's requests
-                traceback.print_exc()
-                reply.step_result.step_id = cmd.step.step_id
-                reply.step_result.error = f"{type(exc).__name__}: {exc}"
-            reply.step_result.rank = self.config.rank
+            pending = self.step(cmd.step, None, reply.CopyFrom)
+            if pending is not None:
+                reply.CopyFrom(self.finish(pending))
         elif kind == "init_cache":
             self.runner.allocate_kv(cmd.init_cache.num_blocks, self.config.torch_dtype,
                                     num_cpu_blocks=cmd.init_cache.num_cpu_blocks)
@@ -205,12 +245,31 @@ def serve(config: WorkerConfig) -> int:
         sock.send(worker_pb2.WorkerReply(fatal_error=f"{type(exc).__name__}: {exc}").SerializeToString())
         time.sleep(0.2)
         return 1
+    def send(reply: worker_pb2.WorkerReply) -> None:
+        sock.send(reply.SerializeToString())
+
+    pending: PendingStep | None = None  # launched, tokens not read back, reply not sent
     while True:
+        if pending is not None:
+            # The next plan usually arrives while the device runs this step (the scheduler plans
+            # ahead): take it if it comes before the step ends, else reply now.
+            while not pending.done() and not sock.poll(1):
+                pass
+            if not sock.poll(0):
+                send(worker.finish(pending))
+                pending = None
+                continue
         cmd = worker_pb2.WorkerCommand.FromString(sock.recv())
+        if cmd.WhichOneof("kind") == "step":
+            pending = worker.step(cmd.step, pending, send)
+            continue
+        if pending is not None:
+            send(worker.finish(pending))
+            pending = None
         reply = worker.handle(cmd)
         if reply is None:
             return 0
-        sock.send(reply.SerializeToString())
+        send(reply)
 
 
 def _die_with_parent() -> None:
