@@ -155,7 +155,7 @@ def run(args) -> int:
 
             args.load_format = load_format
             args.block_size, args.gpu_memory_utilization, args.kv_cache_memory = 16, 0.9, "1GiB"
-            args.enforce_eager = False
+            args.enforce_eager, args.async_scheduling = False, True  # as `pagedserve serve` runs
             args.vocab_size = vocab
             offline = run_ours(model_dir, work, args)
             report["offline_output_tok_s"] = offline.output_tok_s

@@ -66,7 +66,7 @@ def test_bench_serving_on_cpu_reports_latencies(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "scheduler_svc.cli", "bench", "serving", "--model", str(model), "--device", "cpu",
          "--num-prompts", "4", "--input-len", "8", "--output-len", "6", "--concurrency", "2", "--port", str(port),
-         "--out", str(out)],
+         "--offline-too", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -74,3 +74,4 @@ def test_bench_serving_on_cpu_reports_latencies(tmp_path):
     assert report["requests"] == 4 and report["output_tokens"] == 24
     assert 0 < report["ttft_ms"]["p50"] <= report["ttft_ms"]["p99"]
     assert report["itl_ms"]["p50"] > 0 and "inter-token latency" in proc.stdout
+    assert report["offline_output_tok_s"] > 0 and report["serving_over_offline"] > 0
