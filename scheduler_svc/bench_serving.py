@@ -56,12 +56,18 @@ async def _one(client, prompt, params, timing: RequestTiming) -> None:
             timing.chunks.append((now, len(chunk.token_ids)))
 
 
-async def drive(target: str, work, concurrency: int | None, rate: float | None, seed: int) -> tuple[float, list]:
+async def drive(target: str, work, concurrency: int | None, rate: float | None, seed: int,
+                warm=None) -> tuple[float, list]:
+    """Sends ``work`` and times it; ``warm``: prompts sent first (2 tokens each, untimed), as the offline
+    benchmark warms up, so that kernel compilation for these prompt lengths is not timed."""
     import clients  # noqa: F401
     from pagedserve.client import AsyncClient, SamplingParams
 
     client = AsyncClient(target)
     await client.wait_ready(timeout=900)
+    if warm is not None:
+        two = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        await asyncio.gather(*(_one(client, p, two, RequestTiming(time.perf_counter())) for p in warm.prompts))
     rng = random.Random(seed)
     timings = [RequestTiming(0.0) for _ in work.prompts]
     sem = asyncio.Semaphore(concurrency or len(work.prompts))
@@ -135,7 +141,11 @@ def run(args) -> int:
             print(f"serving benchmark: {len(work.prompts)} requests to {target}, "
                   f"concurrency {args.concurrency or 'unbounded'}, rate {args.request_rate or 'all at once'}",
                   flush=True)
-            seconds, timings = asyncio.run(drive(target, work, args.concurrency, args.request_rate, args.seed))
+            # Warm-up on other prompts of the same lengths (no prefix-cache hits later), unless targeting a
+            # service that is already running.
+            warm = None if args.target else make_workload(args.num_prompts, args.input_len, args.output_len, vocab,
+                                                          args.seed + 1)
+            seconds, timings = asyncio.run(drive(target, work, args.concurrency, args.request_rate, args.seed, warm))
         finally:
             if server is not None:
                 server.terminate()
