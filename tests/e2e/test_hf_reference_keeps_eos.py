@@ -8,8 +8,8 @@ import random
 import pytest
 
 from gpu_worker.demo_model import EOS_ID
-from tests.e2e.test_gpu_matches_hf import MAX_TOKENS, WIDE_LLAMA, _compare, _hf_greedy, _ours
-from tests.factories import make_checkpoint
+from tests.e2e.test_gpu_matches_hf import MAX_TOKENS, WIDE_LLAMA, _hf_greedy, _ours
+from tests.factories import compare_greedy, make_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_reference_and_engine_agree_past_a_greedy_eos(tmp_path):
     prompts = [[rng.randrange(3, 1000) for _ in range(rng.randint(1, 300))] for _ in range(16)][8:9]
     want = _hf_greedy(path, prompts, torch.float32, device="cpu")
     got = _ours(path, prompts, "float32", device="cpu")
-    first, equal, total, worst = _compare(got, want)
+    first, equal, total, worst = compare_greedy(got, want)
     assert (first, equal) == (1, MAX_TOKENS), f"positions {equal}/{total}"
     assert worst <= 1e-3, f"logprob gap {worst:.4f}"
     assert EOS_ID in want[0][0], "no greedy EOS: the case tests nothing"
