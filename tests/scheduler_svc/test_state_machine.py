@@ -1,5 +1,6 @@
 """Randomized invariant check: admissions (plain, n > 1, beam search), steps (allocate / append, forks,
-copy-on-write, prefix hits, evictions), aborts (free), recompute and swap preemptions in any order keep
+copy-on-write, prefix hits, evictions), steps planned ahead of the previous step's results (async
+scheduling), aborts (free), recompute and swap preemptions in any order keep
 the block accounting exact, the workers' state (run by the real plan application) equal to the
 scheduler's, every computed KV slot holding its token, and nothing leaks once every request has
 ended."""
@@ -57,6 +58,31 @@ class SchedulerMachine(RuleBasedStateMachine):
         for o in self.s.update(out, sampled, top=top):
             if o.finish_reason:
                 self._maybe_done(o.seq.request)
+
+    @precondition(lambda self: self.s.has_work())
+    @rule(eos_every=st.integers(2, 12), abort_between=st.booleans(), data=st.data())
+    def step_with_next_planned_ahead(self, eos_every, abort_between, data):
+        """A step, then the next one planned ahead and run before the first step's results are applied
+        (as EngineCore pipelines decode steps), optionally with an abort in between."""
+        out = self.s.schedule()
+        sampled, top = self.w.run(out, self.s)
+        for seq_id in sampled:
+            if data.draw(st.integers(0, eos_every)) == 0:
+                self._force_eos(seq_id, sampled, top)
+        ahead = self.s.schedule_ahead(out)
+        if ahead is not None:
+            ahead_result = self.w.run(ahead)  # the workers run it before the scheduler sees `out`'s results
+        if abort_between and self.live:
+            stream, rid = data.draw(st.sampled_from(sorted(self.live)))
+            self.s.abort_request(stream, rid)
+            self.live.discard((stream, rid))
+        for o in self.s.update(out, sampled, top=top):
+            if o.finish_reason:
+                self._maybe_done(o.seq.request)
+        if ahead is not None:
+            for o in self.s.update(ahead, *ahead_result[:1], top=ahead_result[1]):
+                if o.finish_reason:
+                    self._maybe_done(o.seq.request)
 
     def _force_eos(self, seq_id, sampled, top):
         """The worker samples EOS instead (and, for beams, EOS becomes the best candidate)."""
