@@ -282,9 +282,8 @@ def sweep(ceil: dict) -> list[dict]:
             for factor in (0.5, 1, 2, 4):  # splits around the chosen count
                 splits = max(1, min(ctx // tile_n, round(base.num_splits * factor)))
                 split_len = cdiv(cdiv(ctx, splits), tile_n) * tile_n
-                for heads in (base.heads, 1 if base.heads is None and batch <= 8 else base.heads):
-                    configs.append(dataclasses.replace(base, tile_n=tile_n, num_stages=stages, heads=heads,
-                                                       num_splits=cdiv(ctx, split_len), split_len=split_len))
+                configs.append(dataclasses.replace(base, tile_n=tile_n, num_stages=stages,
+                                                   num_splits=cdiv(ctx, split_len), split_len=split_len))
         for cfg in dict.fromkeys(configs):
             rows.append(sweep_one("decode", batch, ctx, cell, cfg, kv_bytes, ceil))
         cell = None
@@ -346,7 +345,7 @@ def sweep_one(kind, batch, ctx, cell, cfg, work, ceil) -> dict:
     except Exception as e:  # out of resources for one config should not end the sweep
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
     print(f"sweep {kind} {batch}x{ctx} {cfg.tile_n=} {cfg.num_warps=} {cfg.num_stages=} "
-          f"{cfg.num_splits=} {cfg.heads=} {cfg.block_m=}: {row.get('ms', row.get('error'))}", flush=True)
+          f"{cfg.num_splits=} {cfg.block_m=}: {row.get('ms', row.get('error'))}", flush=True)
     return row
 
 
@@ -388,7 +387,7 @@ def tables(result: dict) -> str:
              "the runner replays decode steps), i.e. device time without host launch overhead. L2 is flushed",
              "before every run in both. Ratio = paged_attention / SDPA.", "",
              "| batch | context | eager ms | % copy BW | SDPA eager ms | ratio | graph ms | % copy BW | "
-             "SDPA graph ms | ratio | host us/call (ours, SDPA) | splits (x query-head programs) |",
+             "SDPA graph ms | ratio | host us/call (ours, SDPA) | splits |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["decode"]:
         if "skipped" in r:
@@ -398,8 +397,7 @@ def tables(result: dict) -> str:
         lines.append(f"| {r['batch']} | {r['context']} | {r['ms']:.4f} | {r['pct_copy_bw']:.1f} | "
                      f"{sd[best]:.4f} ({best}) | {r['vs_sdpa']:.2f} | {r['graph_ms']:.4f} | "
                      f"{r['pct_copy_bw_graph']:.1f} | {r['sdpa_graph_ms']:.4f} | {r['vs_sdpa_graph']:.2f} | "
-                     f"{r['cpu_us']:.0f}, {sd[best + '_cpu_us']:.0f} | {r['config']['num_splits']}"
-                     f"{' (1 head each)' if r['config'].get('heads') == 1 else ''} |")
+                     f"{r['cpu_us']:.0f}, {sd[best + '_cpu_us']:.0f} | {r['config']['num_splits']} |")
     lines += ["", "Prefill (causal, same config):", "",
               "| seqs x tokens | paged_attention ms | TFLOP/s | SDPA flash ms | SDPA TFLOP/s | ratio |",
               "|---|---:|---:|---:|---:|---:|"]

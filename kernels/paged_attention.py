@@ -83,9 +83,6 @@ class AttentionConfig:
     split_len: int  # keys per split, a multiple of tile_n; the last split also takes the rest
     num_warps: int
     num_stages: int
-    # Query heads of one KV head per program; None: all of them (``group``). Fewer split the GQA group
-    # over programs that read the same K/V (shared in L2) instead of splitting the keys.
-    heads: int | None = None
 
 
 # Split-KV (tuned on H100, kernels/NOTES.md): programs of a long context split in pieces of at least
@@ -114,14 +111,6 @@ def choose_config(
     block_m = max(16, next_power_of_2(block_q * group))
     num_programs = num_kv_heads * _num_query_blocks(num_tokens, num_seqs, block_q)
     seq_len = max(max_seq_len, 1)
-    heads = None
-    if block_m <= 16 and num_programs < num_sms <= num_programs * group and seq_len <= 1024:
-        # Short decodes, too few (sequence, KV head) programs for the GPU but enough (sequence, query
-        # head) ones: one program per query head fills the GPU without splitting the keys, so there is
-        # no merge (two dependent round trips) at the end; the group's programs are neighbours and
-        # read the same K/V, which DRAM serves once.
-        heads = 1
-        num_programs *= group
     # Few programs: split to about one program per SM (one wave of the 140 KB-shared-memory tile-128
     # programs). Long contexts: split further, up to 4 per SM, for balance.
     few = max(1, min(num_sms // num_programs, seq_len // 128))
@@ -148,7 +137,7 @@ def choose_config(
     num_splits = max(1, min(MAX_SPLITS, max(few, long) if num_programs < num_sms else long))
     split_len = cdiv(cdiv(seq_len, num_splits), tile_n) * tile_n
     num_splits = cdiv(seq_len, split_len)
-    return AttentionConfig(block_q, block_m, tile_n, num_splits, split_len, num_warps, num_stages, heads)
+    return AttentionConfig(block_q, block_m, tile_n, num_splits, split_len, num_warps, num_stages)
 
 
 def _num_query_blocks(num_tokens: int, num_seqs: int, block_q: int) -> int:
@@ -180,7 +169,6 @@ def _paged_attention_kernel(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head
-    HEADS: tl.constexpr,  # query heads per program, a divisor of GROUP
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,  # power of 2 >= HEAD_DIM; the extra channels are masked
     BLOCK_SIZE: tl.constexpr,  # tokens per KV-cache block
@@ -190,19 +178,16 @@ def _paged_attention_kernel(
     SEARCH: tl.constexpr,  # query_start_loc entries read per step of the sequence search
     SLIDING: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partials, the last split merges them
-    MERGE_ROWS: tl.constexpr,  # power of 2 >= BLOCK_Q * HEADS
+    MERGE_ROWS: tl.constexpr,  # power of 2 >= BLOCK_Q * GROUP
     MERGE_CHUNK: tl.constexpr,  # splits merged per step
     DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # Program columns: (KV head, which HEADS query heads of its group); the group's columns neighbour.
-    col = pid % (NUM_KV_HEADS * (GROUP // HEADS))
-    kv_head = col // (GROUP // HEADS)
-    head0 = kv_head * GROUP + (col % (GROUP // HEADS)) * HEADS
+    kv_head = pid % NUM_KV_HEADS
     # Latest query blocks first: under causal masking they see the most keys, so they should not
     # be the tail of the launch. Neighbouring programs are the KV heads of one block, which read
     # neighbouring bytes of the same cache blocks.
-    q_block = num_query_blocks - 1 - pid // (NUM_KV_HEADS * (GROUP // HEADS))
+    q_block = num_query_blocks - 1 - pid // NUM_KV_HEADS
     split = tl.program_id(1)
 
     # Find the owning sequence. Decode batches (one query per sequence) need no search: the guess
@@ -241,15 +226,15 @@ def _paged_attention_kernel(
     if q_off >= num_q:
         return
 
-    # Row r is query q_off + r // HEADS of the block, head head0 + r % HEADS.
+    # Row r is query q_off + r // GROUP of the block, head kv_head * GROUP + r % GROUP.
     rows = tl.arange(0, BLOCK_M)
-    row_q = rows // HEADS
+    row_q = rows // GROUP
     row_ok = (row_q < BLOCK_Q) & (q_off + row_q < num_q)
     first_pos = seq_len - num_q + q_off
     last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
     row_pos = tl.minimum(first_pos + row_q, last_pos)  # padding rows borrow a real position
     token = (q_start + q_off + tl.minimum(row_q, num_q - q_off - 1)).to(tl.int64)
-    head = head0 + rows % HEADS
+    head = kv_head * GROUP + rows % GROUP
     d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = d < HEAD_DIM
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
@@ -334,9 +319,9 @@ def _paged_attention_kernel(
             # Merge over the real rows only (decode pads GROUP rows to 16 for tl.dot), MERGE_CHUNK
             # splits per load so the reads overlap instead of costing a round trip per split.
             mr = tl.arange(0, MERGE_ROWS)
-            mr_ok = (mr < BLOCK_Q * HEADS) & (q_off + mr // HEADS < num_q)
-            mr_token = (q_start + q_off + tl.minimum(mr // HEADS, num_q - q_off - 1)).to(tl.int64)
-            mr_head = head0 + mr % HEADS
+            mr_ok = (mr < BLOCK_Q * GROUP) & (q_off + mr // GROUP < num_q)
+            mr_token = (q_start + q_off + tl.minimum(mr // GROUP, num_q - q_off - 1)).to(tl.int64)
+            mr_head = kv_head * GROUP + mr % GROUP
             c = tl.arange(0, MERGE_CHUNK)
             m = tl.full([MERGE_ROWS], -1.0e30, tl.float32)
             den = tl.zeros([MERGE_ROWS], tl.float32)
@@ -451,21 +436,17 @@ def paged_attention_triton(
     if split:
         part = torch.empty(config.num_splits * num_tokens * num_heads * (head_dim + 1), dtype=torch.float32,
                            device=q.device)
-    group = num_heads // num_kv_heads
-    heads = config.heads or group
-    if group % heads or config.block_m < config.block_q * heads:
-        raise ValueError(f"config {config} does not fit {num_heads} query heads over {num_kv_heads} KV heads")
     num_query_blocks = _num_query_blocks(num_tokens, num_seqs, config.block_q)
-    grid = (num_query_blocks * num_kv_heads * (group // heads), config.num_splits)
+    grid = (num_query_blocks * num_kv_heads, config.num_splits)
     counters = _split_counters(q.device, grid[0]) if split else seq_lens  # unused without splits
-    merge_rows = next_power_of_2(config.block_q * heads)
+    merge_rows = next_power_of_2(config.block_q * (num_heads // num_kv_heads))
     _paged_attention_kernel[grid](
         out, part, counters, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         scale * _LOG2E, num_seqs, num_tokens, num_query_blocks, config.split_len, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, HEADS=heads, HEAD_DIM=head_dim,
+        NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
         TILE_N=config.tile_n, SEARCH=128,
         SLIDING=sliding_window is not None, SPLIT=split, MERGE_ROWS=merge_rows,

@@ -3,13 +3,7 @@
 import pytest
 import torch
 
-from kernels.paged_attention import (
-    AttentionConfig,
-    _counters,
-    choose_config,
-    paged_attention_ref,
-    paged_attention_triton,
-)
+from kernels.paged_attention import AttentionConfig, _counters, paged_attention_ref, paged_attention_triton
 
 # (seq_len, num_queries): decode, whole prefill, prefill chunk after cached context, no queries, ...
 MIXED = [(37, 1), (5, 5), (70, 20), (16, 0), (130, 1), (33, 33)]
@@ -106,30 +100,6 @@ def test_split_kv(interpreter, seed, assert_close, tol, seqs, config):
     check(interpreter, seed, assert_close, tol, seqs, config=config)
 
 
-@pytest.mark.parametrize("heads,num_splits", [(1, 1), (2, 1), (1, 3), (2, 4)])
-def test_query_heads_split_over_programs(interpreter, seed, assert_close, tol, heads, num_splits):
-    # A GQA group of 4 spread over 4 // heads programs that read the same K/V, alone and with split-KV.
-    config = AttentionConfig(block_q=1, block_m=16, tile_n=16, num_splits=num_splits, split_len=48,
-                             num_warps=4, num_stages=1, heads=heads)
-    check(interpreter, seed, assert_close, tol, DECODE, num_heads=8, num_kv_heads=2, config=config)
-
-
-def test_short_decodes_that_underfill_the_gpu_split_the_group_not_the_keys():
-    # 8 sequences x 8 KV heads = 64 programs < 132 SMs; per query head 256 >= 132: one head a program.
-    cfg = choose_config(8, 8, 32, 8, 128, torch.bfloat16, 1, 512, 132)
-    assert (cfg.heads, cfg.num_splits) == (1, 1)
-    # Long contexts, or enough programs already, keep the group together.
-    assert choose_config(8, 8, 32, 8, 128, torch.bfloat16, 1, 4096, 132).heads is None
-    assert choose_config(64, 64, 32, 8, 128, torch.bfloat16, 1, 512, 132).heads is None
-    with pytest.raises(ValueError, match="does not fit"):
-        q = torch.zeros(1, 8, 64)
-        kv = torch.zeros(2, 16, 2, 64)
-        one = torch.ones(1, dtype=torch.int32)
-        paged_attention_triton(q, kv, kv, torch.zeros(1, 1, dtype=torch.int32), one,
-                               torch.tensor([0, 1], dtype=torch.int32), 1.0, max_query_len=1, max_seq_len=1,
-                               config=AttentionConfig(1, 16, 16, 1, 16, 4, 1, heads=3))
-
-
 def test_split_kv_auto_with_window(interpreter, seed, assert_close, tol):
     # Two long decodes: too few programs, so choose_config splits the keys (3 splits of 384).
     check(interpreter, seed, assert_close, tol, [(1000, 1), (777, 1)], sliding_window=500)
@@ -178,8 +148,7 @@ def test_gpu_sliding_window(cuda, seed, assert_close, tol):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("seqs", [[(32768, 1), (20000, 1)], [(4096 - 7 * i, 1) for i in range(64)],
-                                  [(512, 1)] * 256, [(512 - 9 * i, 1) for i in range(8)]],
-                         ids=["long", "batch64", "batch256", "batch8-one-head-a-program"])
+                                  [(512, 1)] * 256], ids=["long", "batch64", "batch256"])
 def test_gpu_decode(cuda, seed, assert_close, tol, seqs):
     check(cuda, seed, assert_close, tol, seqs, **GPU_SHAPE)
 
