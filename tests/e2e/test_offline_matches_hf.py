@@ -68,6 +68,16 @@ def test_greedy_equals_transformers(checkpoint, prompts, hf_greedy, block_size):
         assert stats.num_ahead_steps > 0, "no decode step was planned ahead (async scheduling is on by default)"
 
 
+def test_greedy_equals_transformers_with_async_scheduling_off(checkpoint, prompts, hf_greedy):
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    with LLM(checkpoint, block_size=16, async_scheduling=False) as llm:
+        results = llm.generate(prompts, greedy)
+        _check_equal(results, hf_greedy, set(llm.info.eos_token_ids))
+        stats = llm.stats()
+        assert stats.num_ahead_steps == 0 and stats.num_steps > MAX_TOKENS
+        assert stats.num_free_blocks == llm.info.num_blocks and stats.num_requests == 0
+
+
 def test_greedy_equals_transformers_under_recompute_preemption(checkpoint, prompts, hf_greedy):
     from gpu_worker.model_config import ModelConfig
 
