@@ -187,32 +187,26 @@ class Worker:
             send(self.finish(pending))
         if isinstance(launched, PendingStep):
             return launched
-        reply = worker_pb2.WorkerReply()
-        reply.step_result.CopyFrom(launched)
-        reply.step_result.rank = self.config.rank
-        send(reply)
+        send(self._reply(launched))
         return None
 
     def finish(self, pending: PendingStep) -> worker_pb2.WorkerReply:
         try:
-            result = self.runner.finish(pending)
+            return self._reply(self.runner.finish(pending))
         except Exception as exc:
             return self._step_error(pending.result.step_id, exc)
-        reply = worker_pb2.WorkerReply()
-        reply.step_result.CopyFrom(result)
-        reply.step_result.rank = self.config.rank
-        return reply
 
     def _step_error(self, step_id: int, exc: Exception) -> worker_pb2.WorkerReply:
         traceback.print_exc()
-        reply = worker_pb2.WorkerReply()
-        reply.step_result.step_id = step_id
-        reply.step_result.error = f"{type(exc).__name__}: {exc}"
-        reply.step_result.rank = self.config.rank
-        return reply
+        return self._reply(worker_pb2.StepResult(step_id=step_id, error=f"{type(exc).__name__}: {exc}"))
+
+    def _reply(self, result: worker_pb2.StepResult) -> worker_pb2.WorkerReply:
+        result.rank = self.config.rank
+        return worker_pb2.WorkerReply(step_result=result)
 
     def handle(self, cmd: worker_pb2.WorkerCommand) -> worker_pb2.WorkerReply | None:
-        """Commands other than steps (see ``step``)."""
+        """One command and its reply (None: shut down). The serving loop sends steps to ``step``
+        instead, so that a step can follow one still on the device."""
         reply = worker_pb2.WorkerReply()
         kind = cmd.WhichOneof("kind")
         if kind == "step":
@@ -245,6 +239,7 @@ def serve(config: WorkerConfig) -> int:
         sock.send(worker_pb2.WorkerReply(fatal_error=f"{type(exc).__name__}: {exc}").SerializeToString())
         time.sleep(0.2)
         return 1
+
     def send(reply: worker_pb2.WorkerReply) -> None:
         sock.send(reply.SerializeToString())
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from scheduler_svc import LLM, SamplingParams
+from tests import factories
 from tests.factories import make_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -35,17 +36,7 @@ def prompts(checkpoint):
 
 @pytest.fixture(scope="module")
 def hf_greedy(checkpoint, prompts):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
-    outs = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
-                                 do_sample=False, pad_token_id=model.config.eos_token_id)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
+    return factories.hf_greedy(checkpoint, prompts, MAX_TOKENS)
 
 
 def _check_equal(results, hf_greedy, eos_ids):
