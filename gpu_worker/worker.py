@@ -24,6 +24,7 @@ import clients  # noqa: F401
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
 from gpu_worker.model_runner import ModelRunner, PendingStep
+from gpu_worker.step_profile import StepProfiler
 from pagedserve.internal.v1 import worker_pb2
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -232,6 +233,7 @@ def serve(config: WorkerConfig) -> int:
     sock.setsockopt(zmq.IDENTITY, f"rank{config.rank}".encode())
     sock.connect(config.scheduler_address)
     try:
+        profiler = StepProfiler.from_env() if config.device != "cpu" else None
         worker = Worker(config)
         sock.send(worker.hello().SerializeToString())
     except Exception as exc:
@@ -256,6 +258,8 @@ def serve(config: WorkerConfig) -> int:
                 continue
         cmd = worker_pb2.WorkerCommand.FromString(sock.recv())
         if cmd.WhichOneof("kind") == "step":
+            if profiler is not None:
+                profiler.observe(cmd.step)
             pending = worker.step(cmd.step, pending, send)
             continue
         if pending is not None:
@@ -263,6 +267,8 @@ def serve(config: WorkerConfig) -> int:
             pending = None
         reply = worker.handle(cmd)
         if reply is None:
+            if profiler is not None:
+                profiler.close()
             return 0
         send(reply)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import time
@@ -313,7 +314,18 @@ def run(args) -> int:
         raise SystemExit("give --workload or all of --num-prompts, --input-len, --output-len")
     args.hf_batch_size = args.hf_batch_size or 64
     args.max_num_seqs = args.max_num_seqs or min(args.num_prompts, 1024)
+    profiles = []
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
+        if args.profile_steps:
+            from gpu_worker import step_profile
+
+            try:
+                step_profile.parse_windows(args.profile_steps)
+            except ValueError as e:
+                raise SystemExit(f"--profile-steps: {e}") from None
+            profile_out = Path(tmp) / "profile.jsonl"
+            os.environ[step_profile.ENV_STEPS] = args.profile_steps  # read by the worker processes
+            os.environ[step_profile.ENV_OUT] = str(profile_out)
         if args.model:
             model_dir, args.load_format = Path(args.model), "auto"
         elif args.shape:
@@ -335,6 +347,13 @@ def run(args) -> int:
               f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
         roof_s = roofline_seconds(cfg, work, ceilings, 2 if args.device.startswith("cuda") else 4)
         results = [run_ours(model_dir, work, args)]
+        if args.profile_steps:
+            profiles = [json.loads(line) for line in profile_out.read_text().splitlines()] \
+                if profile_out.exists() else []
+            for prof in profiles:
+                print(step_profile.format_summary(prof), flush=True)
+            if not profiles:
+                print("--profile-steps: no window was reached (count the warm-up steps too)", flush=True)
         runners = {"hf-static": run_hf_static, "hf-cb": run_hf_cb}
         for name in [c for c in (args.compare or "").split(",") if c]:
             if name not in runners:
@@ -354,6 +373,7 @@ def run(args) -> int:
             "num_prompts": len(work.prompts), "input_len": args.input_len, "output_len": args.output_len,
             "ceilings": ceilings, "roofline_output_tok_s": roof_tok_s,
             "results": [dict(asdict(r), output_tok_s=r.output_tok_s, total_tok_s=r.total_tok_s) for r in results],
+            "kernel_profiles": profiles,
         }, indent=1))
     return 0
 
@@ -383,5 +403,9 @@ def add_parser(bench) -> None:
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="plan every step after the previous one's results (default: decode steps are "
                    "planned ahead while the GPU runs the current one)")
+    p.add_argument("--profile-steps", metavar="KIND:SKIP:COUNT[,...]",
+                   help="profile the device kernels of these step windows in the worker and print where the "
+                   "time goes, e.g. decode:100:10,prefill:20:2 (KIND decode or prefill; steps counted from "
+                   "the worker's start, warm-up included). Perturbs the run's throughput.")
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=run)
