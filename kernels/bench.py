@@ -278,7 +278,7 @@ def sweep(ceil: dict) -> list[dict]:
         base = choose_config(batch, batch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE, 1, ctx, sms)
         kv_bytes = 2 * batch * ctx * NUM_KV_HEADS * HEAD_DIM * 2
         configs = [base]
-        for tile_n, stages in ((128, 5), (64, 5), (32, 7)):
+        for tile_n, stages in ((128, 5), (128, 2), (64, 5), (32, 7)):
             for factor in (0.5, 1, 2, 4):  # splits around the chosen count
                 splits = max(1, min(ctx // tile_n, round(base.num_splits * factor)))
                 split_len = cdiv(cdiv(ctx, splits), tile_n) * tile_n
@@ -297,7 +297,7 @@ def sweep_prefill(ceil: dict) -> list[dict]:
     for batch, seq_len in PREFILL_SHAPES:
         cell = make_cell(batch, seq_len, seq_len, gen)
         flops = 4 * batch * NUM_HEADS * HEAD_DIM * seq_len * (seq_len + 1) / 2
-        for block_m, tile_n, warps, stages in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3),
+        for block_m, tile_n, warps, stages in ((128, 128, 8, 3), (128, 32, 4, 3), (128, 128, 8, 4), (128, 64, 8, 3),
                                                (256, 64, 8, 2), (64, 64, 4, 3)):
             cfg = AttentionConfig(block_q=block_m // (NUM_HEADS // NUM_KV_HEADS), block_m=block_m, tile_n=tile_n,
                                   num_splits=1, split_len=cdiv(seq_len, tile_n) * tile_n, num_warps=warps,

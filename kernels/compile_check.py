@@ -48,7 +48,7 @@ def record_launches(quick: bool) -> list[tuple[str, tuple]]:
     ]
     if not quick:
         labels += [
-            attention("decode 64 x 512 (tile 32)", 64, 512, 1),
+            attention("decode 64 x 512 (tile 128, 2 stages)", 64, 512, 1),
             attention("decode fp32 D 256", 4, 8192, 1, (16, 8), 256, torch.float32),
             attention("prefill fp32 D 256", 2, 512, 512, (16, 8), 256, torch.float32),
         ]
