@@ -123,13 +123,13 @@ def choose_config(
             tile_n, num_stages = 32, 5
         elif num_programs < num_sms and few >= long:
             tile_n, num_stages = 128, 5
-        elif seq_len <= 1024:  # short contexts, many programs: one wide CTA per SM (v8: 3-4% over tile 32)
+        elif seq_len <= 1024:  # short contexts, many programs: wide tiles (NOTES v9: 3-4% over tile 32)
             tile_n, num_stages = 128, 2
         else:
             tile_n, num_stages = 64, 5
     elif block_m <= 64:
         tile_n, num_warps, num_stages = (32 if wide else 64), 4, 2
-    elif seq_len <= 2048:  # prefill of short sequences: narrow key tiles waste less at the diagonal (v8)
+    elif seq_len <= 2048:  # prefill of short sequences: narrow key tiles waste less at the diagonal (NOTES v9)
         tile_n, num_warps, num_stages = 32, 4, 3
     else:  # prefill of long sequences: matrix-bound
         tile_n, num_warps, num_stages = 128, 8, 3
