@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from gpu_worker.loader import checkpoint_files, load_model
+from gpu_worker.loader import NN_LINEARS, checkpoint_files, load_model, relayout_linears
 from gpu_worker.model_config import ModelConfig
 from gpu_worker.models import get_model_class
 from tests.factories import MODEL_CASES, make_checkpoint
@@ -22,8 +22,8 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _assert_same_params(a: torch.nn.Module, b: torch.nn.Module):
-    sa, sb = _state(a), _state(b)
+def _assert_same_params(a: torch.nn.Module, b: torch.nn.Module | dict[str, torch.Tensor]):
+    sa, sb = _state(a), b if isinstance(b, dict) else _state(b)
     assert sa.keys() == sb.keys()
     for name in sa:
         assert torch.equal(sa[name], sb[name]), name
@@ -74,6 +74,28 @@ def test_weights_cast_to_dtype(llama_dir):
 def test_tied_head_shares_the_embedding(tmp_path):
     model, _ = load_model(make_checkpoint(tmp_path, "qwen2"), torch.device("cpu"), torch.float32)
     assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_relayout_keeps_values_and_shapes(llama_dir):
+    """On CUDA the loader stores the MLP and LM head weights [in, out] (cuBLAS NN); same values, same
+    shapes, same products; QKV / O keep [out, in]."""
+    model, _ = load_model(llama_dir, torch.device("cpu"), torch.float32)
+    before = _state(model)
+    x = torch.randn(5, model.lm_head.weight.shape[1])
+    logits = model.lm_head(x)
+    assert relayout_linears(model) == 2 * len(model.layers) + 1
+    _assert_same_params(model, before)
+    for name, p in model.named_parameters():
+        moved = name.rsplit(".", 2)[-2] in NN_LINEARS
+        assert (p.stride() == (1, p.shape[0])) == moved, f"{name}: strides {p.stride()}"
+    torch.testing.assert_close(model.lm_head(x), logits)
+    assert relayout_linears(model) == 0  # already moved
+
+
+def test_relayout_leaves_a_tied_head(tmp_path):
+    model, _ = load_model(make_checkpoint(tmp_path, "qwen2"), torch.device("cpu"), torch.float32)
+    relayout_linears(model)
+    assert model.lm_head.weight is model.embed_tokens.weight and model.embed_tokens.weight.is_contiguous()
 
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
