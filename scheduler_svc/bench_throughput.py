@@ -319,6 +319,9 @@ def run(args) -> int:
         if args.profile_steps:
             from gpu_worker import step_profile
 
+            if not args.device.startswith("cuda"):
+                raise SystemExit("--profile-steps profiles CUDA kernels: it needs --device cuda")
+
             try:
                 step_profile.parse_windows(args.profile_steps)
             except ValueError as e:
