@@ -80,12 +80,14 @@ def categorize(name: str) -> str:
 def summarize(kernels: list[tuple[str, float]], wall_us: float, window: Window, top: int = 25) -> dict:
     """kernels: (name, device microseconds) of every kernel in the window."""
     by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    by_cat: dict[str, float] = defaultdict(float)
     for name, us in kernels:
         entry = by_name[name]
         entry[0] += us
         entry[1] += 1
-        by_cat[categorize(name)] += us
+    category = {name: categorize(name) for name in by_name}
+    by_cat: dict[str, float] = defaultdict(float)
+    for name, (us, _) in by_name.items():
+        by_cat[category[name]] += us
     n = window.count
     kernel_us = sum(us for _, us in kernels)
     names = sorted(by_name.items(), key=lambda kv: -kv[1][0])
@@ -97,7 +99,7 @@ def summarize(kernels: list[tuple[str, float]], wall_us: float, window: Window, 
         "kernels_per_step": len(kernels) / n,
         "categories_ms_per_step": {c: us / n / 1e3 for c, us in sorted(by_cat.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": name[:160], "ms_per_step": us / n / 1e3, "calls_per_step": calls / n,
-                         "category": categorize(name)} for name, (us, calls) in names[:top]],
+                         "category": category[name]} for name, (us, calls) in names[:top]],
     }
 
 

@@ -317,18 +317,18 @@ def run(args) -> int:
     profiles = []
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
         if args.profile_steps:
-            from gpu_worker import step_profile
+            from gpu_worker import step_profile as kernel_profile  # not this module's step_profile()
 
             if not args.device.startswith("cuda"):
                 raise SystemExit("--profile-steps profiles CUDA kernels: it needs --device cuda")
 
             try:
-                step_profile.parse_windows(args.profile_steps)
+                kernel_profile.parse_windows(args.profile_steps)
             except ValueError as e:
                 raise SystemExit(f"--profile-steps: {e}") from None
             profile_out = Path(tmp) / "profile.jsonl"
-            os.environ[step_profile.ENV_STEPS] = args.profile_steps  # read by the worker processes
-            os.environ[step_profile.ENV_OUT] = str(profile_out)
+            os.environ[kernel_profile.ENV_STEPS] = args.profile_steps  # read by the worker processes
+            os.environ[kernel_profile.ENV_OUT] = str(profile_out)
         if args.model:
             model_dir, args.load_format = Path(args.model), "auto"
         elif args.shape:
@@ -354,7 +354,7 @@ def run(args) -> int:
             profiles = [json.loads(line) for line in profile_out.read_text().splitlines()] \
                 if profile_out.exists() else []
             for prof in profiles:
-                print(step_profile.format_summary(prof), flush=True)
+                print(kernel_profile.format_summary(prof), flush=True)
             if not profiles:
                 print("--profile-steps: no window was reached (count the warm-up steps too)", flush=True)
         runners = {"hf-static": run_hf_static, "hf-cb": run_hf_cb}
