@@ -102,14 +102,12 @@ def _add_bench(sub) -> None:
     s.add_argument("--context-len", type=int, default=512, help="tokens per sequence (default 512)")
     s.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
     s.add_argument("--steps", type=int, default=2000, help="steps to time (default 2000)")
-    s.set_defaults(func=lambda a: __import__("scheduler_svc.bench_scheduler", fromlist=["run"]).run(a))
-    from scheduler_svc import bench_memory, bench_throughput  # stdlib-only at import time
+    s.set_defaults(func=lambda a: __import__("scheduler_svc.bench.scheduler", fromlist=["run"]).run(a))
+    from scheduler_svc.bench import memory, serving, throughput  # stdlib-only at import time
 
-    bench_throughput.add_parser(bench)
-    from scheduler_svc import bench_serving  # stdlib-only at import time
-
-    bench_serving.add_parser(bench)
-    bench_memory.add_parser(bench)
+    throughput.add_parser(bench)
+    serving.add_parser(bench)
+    memory.add_parser(bench)
 
 
 def _add_serve(sub) -> None:
@@ -210,7 +208,7 @@ def _run_probe(args) -> int:
 ROLES = {
     "scheduler": ("scheduler_svc.service", "run the scheduler process (block tables, batching)"),
     "worker": ("gpu_worker.worker", "run one worker process (model, KV pool, kernels)"),
-    "gateway": ("scheduler_svc.gateway", "run a gateway process (public gRPC API, text side)"),
+    "gateway": ("scheduler_svc.gateway.server", "run a gateway process (public gRPC API, text side)"),
 }
 
 

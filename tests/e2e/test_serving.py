@@ -23,7 +23,7 @@ import clients  # noqa: F401
 # isort: split
 from pagedserve.client import AsyncClient, Client, GenerationError, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
-from scheduler_svc.tokenizer import Tokenizer
+from scheduler_svc.gateway.tokenizer import Tokenizer
 from tests.factories import make_checkpoint
 from tests.protos.proto_helpers import REPO, go_env, require_go
 

@@ -46,7 +46,8 @@ def flag(args: list[str], name: str) -> str:
 
 def test_container_arguments_parse_with_the_roles_parsers():
     from gpu_worker import worker
-    from scheduler_svc import gateway, service
+    from scheduler_svc import service
+    from scheduler_svc.gateway import server as gateway
 
     objs = base_objects()
     env = objs[("ConfigMap", "pagedserve-config")]["data"]

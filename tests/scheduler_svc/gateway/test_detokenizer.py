@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models
 
-from scheduler_svc.detokenizer import IncrementalDetokenizer, StopStrings, byte_fallback_ids
-from scheduler_svc.tokenizer import Tokenizer
+from scheduler_svc.gateway.detokenizer import IncrementalDetokenizer, StopStrings, byte_fallback_ids
+from scheduler_svc.gateway.tokenizer import Tokenizer
 from tests.factories import make_checkpoint
 
 MULTILINGUAL = "Hello café 日本語 😀 🚀 naïve Ελλάδα привет 👍🏽 ❤️ x"

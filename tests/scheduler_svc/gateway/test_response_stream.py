@@ -6,7 +6,7 @@ import clients  # noqa: F401
 # isort: split
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
-from scheduler_svc.response_stream import SampleStream
+from scheduler_svc.gateway.response_stream import SampleStream
 from scheduler_svc.sampling_params import SamplingParams
 
 EOS = 1

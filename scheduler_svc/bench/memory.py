@@ -205,7 +205,7 @@ def prefix_section(args) -> list[str]:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape:
-            from scheduler_svc.bench_throughput import write_shape_config
+            from scheduler_svc.bench.throughput import write_shape_config
 
             model = write_shape_config(args.shape, Path(tmp) / args.shape, 512)
         else:

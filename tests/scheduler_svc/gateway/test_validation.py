@@ -9,7 +9,7 @@ import clients  # noqa: F401
 
 # isort: split
 from pagedserve.v1 import generation_pb2
-from scheduler_svc.gateway_validation import ModelLimits, public_field, validate
+from scheduler_svc.gateway.validation import ModelLimits, public_field, validate
 from scheduler_svc.sampling_params import InvalidField
 
 LIMITS = ModelLimits(name="demo", vocab_size=100, max_model_len=32)

@@ -1,4 +1,4 @@
-"""Kernel benchmarks on a CUDA GPU: ``python -m kernels.bench --out bench.json``.
+"""Kernel benchmarks on a CUDA GPU: ``python -m kernels.bench --out bench.json`` (kernels/bench/__main__.py runs this).
 
 First the two ceilings of this device (device-to-device copy bandwidth, counting bytes read plus
 written, and the bf16 matmul rate), then one table per kernel: median time over

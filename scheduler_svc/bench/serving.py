@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scheduler_svc.bench_throughput import SHAPES, WORKLOADS, make_workload, write_shape_config
+from scheduler_svc.bench.throughput import SHAPES, WORKLOADS, make_workload, write_shape_config
 
 
 def write_placeholder_tokenizer(model_dir: Path, vocab_size: int) -> None:
@@ -161,7 +161,7 @@ def run(args) -> int:
             "median_itl_ms": 1e3 * statistics.median(itl) if itl else float("nan"),
         }
         if args.offline_too:
-            from scheduler_svc.bench_throughput import run_ours
+            from scheduler_svc.bench.throughput import run_ours
 
             args.load_format = load_format
             args.block_size, args.gpu_memory_utilization, args.kv_cache_memory = 16, 0.9, "1GiB"

@@ -5,7 +5,7 @@ sequences x 512-1024 keys (graph replay, against SDPA) and causal prefill of sho
 import torch
 from torch.nn.attention import SDPBackend
 
-from kernels.bench import HEAD_DIM, NUM_HEADS, bench, bench_graph, make_cell, ours, sdpa
+from kernels.bench.kernels import HEAD_DIM, NUM_HEADS, bench, bench_graph, make_cell, ours, sdpa
 from kernels.paged_attention import AttentionConfig
 
 DECODE = ((64, 512), (256, 512), (256, 640), (256, 768), (256, 1024), (128, 1024))

@@ -15,8 +15,8 @@ import clients  # noqa: F401
 # isort: split
 from pagedserve.client import AsyncClient, Client, GenerationError, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
-from scheduler_svc.gateway import SERVICE_NAME, Gateway
-from scheduler_svc.tokenizer import Tokenizer
+from scheduler_svc.gateway.server import SERVICE_NAME, Gateway
+from scheduler_svc.gateway.tokenizer import Tokenizer
 from tests.factories import make_checkpoint
 
 LENGTH = scheduler_pb2.FINISH_REASON_LENGTH

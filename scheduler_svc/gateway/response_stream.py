@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
-from scheduler_svc.detokenizer import Decode, IncrementalDetokenizer, StopStrings
+from scheduler_svc.gateway.detokenizer import Decode, IncrementalDetokenizer, StopStrings
 from scheduler_svc.sampling_params import SamplingParams
 
 PUBLIC_FINISH = {

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from scheduler_svc.bench_throughput import SHAPES, Workload, make_workload, parse_lengths, roofline_seconds
+from scheduler_svc.bench.throughput import SHAPES, Workload, make_workload, parse_lengths, roofline_seconds
 from tests.factories import make_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ batch sizes. Graph replays for M <= 256 (as the runner's decode steps), do_bench
 import torch
 import torch.nn.functional as F
 
-from kernels.bench import bench, bench_graph
+from kernels.bench.kernels import bench, bench_graph
 
 SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("lm_head", 128256, 4096))

@@ -1,0 +1,3 @@
+from kernels.bench.kernels import main
+
+main()
