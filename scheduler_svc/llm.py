@@ -18,9 +18,9 @@ import grpc
 
 import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc.gateway.tokenizer import Tokenizer
 from scheduler_svc.launcher import ProcessGroup, cli_command
 from scheduler_svc.sampling_params import InvalidField, SamplingParams
-from scheduler_svc.gateway.tokenizer import Tokenizer
 
 FINISH_REASONS = {
     scheduler_pb2.FINISH_REASON_LENGTH: "length",

@@ -31,11 +31,11 @@ from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 from scheduler_svc import log
 from scheduler_svc.gateway.detokenizer import byte_fallback_ids
-from scheduler_svc.gateway.validation import ModelLimits, check_model, public_field, validate
 from scheduler_svc.gateway.response_stream import FINISH_NAMES, SampleStream
-from scheduler_svc.sampling_params import InvalidField
 from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, LinkLost, SchedulerLink
 from scheduler_svc.gateway.tokenizer import Tokenizer
+from scheduler_svc.gateway.validation import ModelLimits, check_model, public_field, validate
+from scheduler_svc.sampling_params import InvalidField
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 SHUTDOWN = object()  # queued to requests still running when the drain period is over
