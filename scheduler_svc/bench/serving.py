@@ -4,7 +4,9 @@ Poisson request rate; throughput, time to first token and inter-token latency pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scheduler_svc.bench import process_profile
 from scheduler_svc.bench.throughput import SHAPES, WORKLOADS, make_workload, write_shape_config
 
 
@@ -57,9 +60,10 @@ async def _one(client, prompt, params, timing: RequestTiming) -> None:
 
 
 async def drive(target: str, work, concurrency: int | None, rate: float | None, seed: int,
-                warm=None) -> tuple[float, list]:
+                warm=None, timed=None) -> tuple[float, list]:
     """Sends ``work`` and times it; ``warm``: prompts sent first (2 tokens each, untimed), as the offline
-    benchmark warms up, so that kernel compilation for these prompt lengths is not timed."""
+    benchmark warms up, so that kernel compilation for these prompt lengths is not timed. ``timed``: a
+    context manager entered around the timed region (the process profiler)."""
     import clients  # noqa: F401
     from pagedserve.client import AsyncClient, SamplingParams
 
@@ -84,11 +88,43 @@ async def drive(target: str, work, concurrency: int | None, rate: float | None, 
         delays.append(t)
         if rate:
             t += rng.expovariate(rate)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(run(i, d) for i, d in enumerate(delays)))
-    seconds = time.perf_counter() - t0
+    with timed if timed is not None else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        await asyncio.gather(*(run(i, d) for i, d in enumerate(delays)))
+        seconds = time.perf_counter() - t0
     await client.close()
     return seconds, timings
+
+
+class _Profiled:
+    """The process profiler around the timed region; its report is kept in ``report``."""
+
+    def __init__(self, find_processes, out_dir: Path) -> None:
+        self.find_processes, self.out_dir = find_processes, out_dir
+        self.profile: process_profile.ProcessProfile | None = None
+        self.report: dict = {}
+
+    def __enter__(self):
+        # Looked up now, after the warm-up: the launcher starts its children only after it starts.
+        self.profile = process_profile.ProcessProfile(self.find_processes(), self.out_dir)
+        self.profile.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self.profile is not None
+        self.report = self.profile.stop()
+
+
+def _profiler(args, server: subprocess.Popen | None) -> _Profiled | None:
+    """With --profile-dir: the service's processes (when started here) and this client process."""
+    if not args.profile_dir:
+        return None
+
+    def find() -> dict[str, int]:
+        processes = process_profile.service_processes(server.pid) if server is not None else {}
+        return processes | {"client": os.getpid()}
+
+    return _Profiled(find, Path(args.profile_dir))
 
 
 def _vocab_size(args, model_dir: Path) -> int:
@@ -145,7 +181,9 @@ def run(args) -> int:
             # service that is already running.
             warm = None if args.target else make_workload(args.num_prompts, args.input_len, args.output_len, vocab,
                                                           args.seed + 1)
-            seconds, timings = asyncio.run(drive(target, work, args.concurrency, args.request_rate, args.seed, warm))
+            timed = _profiler(args, server)
+            seconds, timings = asyncio.run(drive(target, work, args.concurrency, args.request_rate, args.seed, warm,
+                                                 timed))
         finally:
             if server is not None:
                 server.terminate()
@@ -160,6 +198,9 @@ def run(args) -> int:
             "itl_ms": {f"p{q}": 1e3 * _pct(itl, q) for q in (50, 90, 99)},
             "median_itl_ms": 1e3 * statistics.median(itl) if itl else float("nan"),
         }
+        if timed is not None:
+            report["processes"] = timed.report
+            print(process_profile.format_report(timed.report), flush=True)
         if args.offline_too:
             from scheduler_svc.bench.throughput import run_ours
 
@@ -201,4 +242,6 @@ def add_parser(bench) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--profile-dir", help="measure each process's CPU time over the timed region and, with py-spy "
+                   "on the PATH, sample its Python stacks into DIR (see scheduler_svc/bench/process_profile.py)")
     p.set_defaults(func=run)
