@@ -1,8 +1,8 @@
 """The gateway process: pagedserve.v1.GenerationService in front of one scheduler (grpc.aio).
 
-Stateless between requests. It tokenizes and validates, submits token ids over the one Connect stream
-it keeps to the scheduler (scheduler_link), turns the scheduler's per-step outputs into text deltas
-(response_stream), and serves grpc.health.v1 and server reflection. Health is SERVING only while the
+Stateless between requests. A request's life (validate, tokenize, submit over the one Connect stream
+kept to the scheduler, text deltas out) is GenerationCore's (generation.py); this module is its gRPC
+face, plus grpc.health.v1, server reflection, the scheduler watcher and draining. Health is SERVING only while the
 scheduler reports ready, the stream is open and the gateway is not draining.
 
     pagedserve gateway --model DIR --scheduler HOST:PORT --port 50051
@@ -27,180 +27,57 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 import clients  # noqa: F401
-from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 from scheduler_svc import log
-from scheduler_svc.gateway.detokenizer import byte_fallback_ids
-from scheduler_svc.gateway.response_stream import FINISH_NAMES, SampleStream
-from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, LinkLost, SchedulerLink
+from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, GenerationFailed
+from scheduler_svc.gateway.scheduler_link import SchedulerLink
 from scheduler_svc.gateway.tokenizer import Tokenizer
-from scheduler_svc.gateway.validation import ModelLimits, check_model, public_field, validate
+from scheduler_svc.gateway.validation import ModelLimits, check_model
 from scheduler_svc.sampling_params import InvalidField
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
-SHUTDOWN = object()  # queued to requests still running when the drain period is over
-TOKENIZE_INLINE_CHARS = 4096  # longer prompts are tokenized in a thread, off the event loop
-
-
-class _Failed(Exception):
-    """Ends a Generate call with a status; ``field`` adds a google.rpc.BadRequest detail."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.code, self.message, self.field = code, message, field
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, tokenizer: Tokenizer, model_name: str, link: SchedulerLink) -> None:
-        self.tokenizer = tokenizer
-        self.byte_token_ids = byte_fallback_ids(tokenizer.id_to_token, tokenizer.vocab_size)
-        self.model_name = model_name
-        self.link = link
-        self.info: scheduler_pb2.EngineInfo | None = None  # set by the watcher once the scheduler is ready
-        self.draining = False
-        self.num_active = 0
-        self._log = log.get_logger()
+    """The gRPC face of GenerationCore: requests in, response batches written to the stream, a
+    GenerationFailed as the call's status (INVALID_ARGUMENT with a google.rpc.BadRequest detail)."""
 
-    @property
-    def limits(self) -> ModelLimits:
-        if self.info is None or not self.link.connected:
-            raise _Failed(grpc.StatusCode.UNAVAILABLE, "the scheduler is not ready")
-        return ModelLimits(self.model_name, self.info.vocab_size, self.info.max_model_len)
-
-    # ---- Generate
+    def __init__(self, core: GenerationCore) -> None:
+        self.core = core
 
     async def Generate(self, request, context):
-        start = time.monotonic()
-        self.num_active += 1
-        summary = {"status": "OK", "prompt_tokens": 0, "completion_tokens": 0}
-        request_id = request.request_id
-        samples: dict[int, SampleStream] = {}
-        submitted = False
-        try:
-            if self.draining:
-                raise _Failed(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
-            valid = await self._validate(request)
-            request_id = valid.request_id
-            summary["prompt_tokens"] = len(valid.prompt_token_ids)
-            new_sample = self._sample_factory(valid.params)
-            # n samples stream side by side; beams join as the search reports them (all in its last step).
-            samples = {i: new_sample(i) for i in range(valid.params.n)}
-            try:
-                queue = self.link.submit(request_id, valid.prompt_token_ids, valid.params.to_proto())
-            except LinkDown as exc:
-                raise _Failed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-            except DuplicateRequest:
-                raise _Failed(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running") from None
-            submitted = True
-            usage = generation_pb2.Usage(prompt_tokens=len(valid.prompt_token_ids))
-            while not all(s.sent_final for s in samples.values()):
-                items = [await queue.get()]
-                while not queue.empty():  # coalesce whatever arrived while we were writing
-                    items.append(queue.get_nowait())
-                for item in items:
-                    self._apply(item, samples, usage, new_sample if valid.params.beam_width > 1 else None)
-                if "time_to_first_token_s" not in summary and any(s.num_tokens for s in samples.values()):
-                    summary["time_to_first_token_s"] = round(time.monotonic() - start, 6)
-                for sample in samples.values():
-                    resp = sample.take_response(request_id, usage)
-                    if resp is not None:
-                        await context.write(resp)
-        except _Failed as exc:
-            summary["status"] = exc.code.name
-            summary["error"] = exc.message
-            await _abort(context, exc)
-        except asyncio.CancelledError:
+        def cancel_status() -> str:
             remaining = context.time_remaining()
-            summary["status"] = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-            raise
-        except Exception as exc:  # a bug or a broken transport: grpc reports UNKNOWN to the client
-            summary["status"] = "UNKNOWN"
-            summary["error"] = repr(exc)
-            raise
-        finally:
-            self.num_active -= 1
-            if submitted:
-                self.link.release(request_id, abort=not all(s.upstream_finished for s in samples.values()))
-            self._summarize(request_id or "-", start, summary, samples)
+            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
-    def _sample_factory(self, params):
-        eos = frozenset() if params.ignore_eos else frozenset(self.info.eos_token_ids)
-        stop_ids = eos | frozenset(params.stop_token_ids)
-        return lambda index: SampleStream(index, params, self.tokenizer.decode, stop_ids, self.byte_token_ids)
-
-    async def _validate(self, request):
-        limits = self.limits
         try:
-            if request.WhichOneof("prompt") == "text" and len(request.text) > TOKENIZE_INLINE_CHARS:
-                return await asyncio.to_thread(validate, request, limits, self.tokenizer.encode)
-            return validate(request, limits, self.tokenizer.encode)
-        except InvalidField as exc:
-            raise _Failed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
-
-    def _apply(self, item, samples: dict[int, SampleStream], usage: generation_pb2.Usage, new_beam=None) -> None:
-        if isinstance(item, LinkLost):
-            raise _Failed(grpc.StatusCode.UNAVAILABLE, f"lost the scheduler: {item.reason}")
-        if item is SHUTDOWN:
-            for s in samples.values():
-                s.finish(generation_pb2.FINISH_REASON_ABORT)
-            return
-        if item.finish_reason == scheduler_pb2.FINISH_REASON_ERROR:
-            for s in samples.values():
-                s.upstream_finished = True  # a failed request holds nothing in the scheduler
-            raise _scheduler_error(item)
-        sample = samples.get(item.index)
-        if sample is None:
-            if new_beam is None:
-                return
-            sample = samples[item.index] = new_beam(item.index)
-        usage.cached_prompt_tokens = item.num_cached_tokens
-        sample.feed(item)
-
-    def _summarize(self, request_id: str, start: float, summary: dict, samples: dict[int, SampleStream]) -> None:
-        summary["completion_tokens"] = sum(s.num_tokens for s in samples.values())
-        reasons = [FINISH_NAMES[s.finish_reason] for s in samples.values() if s.finished]
-        if reasons:
-            summary["finish_reason"] = reasons[0] if len(reasons) == 1 else ",".join(reasons)
-        self._log.info("request finished", request_id=request_id, total_s=round(time.monotonic() - start, 6),
-                       **summary)
-
-    # ---- unary methods
+            async for batch in self.core.generate(request, cancel_status):
+                for resp in batch:
+                    await context.write(resp)
+        except GenerationFailed as exc:
+            await _abort(context, exc)
 
     async def Tokenize(self, request, context):
         try:
-            check_model(request.model, ModelLimits(self.model_name, 0, 0))
+            check_model(request.model, ModelLimits(self.core.model_name, 0, 0))
         except InvalidField as exc:
-            await _abort(context, _Failed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field))
-        if len(request.text) > TOKENIZE_INLINE_CHARS:
-            ids = await asyncio.to_thread(self.tokenizer.encode, request.text)
-        else:
-            ids = self.tokenizer.encode(request.text)
-        tokens = [self.tokenizer.id_to_token(i) or "" for i in ids]
+            await _abort(context, GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field))
+        ids = await self.core.tokenize(request.text)
+        tokens = [self.core.tokenizer.id_to_token(i) or "" for i in ids]
         return generation_pb2.TokenizeResponse(token_ids=ids, tokens=tokens)
 
     async def GetModelInfo(self, request, context):
-        info = self.info
+        info = self.core.info
         if info is None:
-            await _abort(context, _Failed(grpc.StatusCode.UNAVAILABLE, "the scheduler is not ready"))
+            await _abort(context, GenerationFailed(grpc.StatusCode.UNAVAILABLE, "the scheduler is not ready"))
         return generation_pb2.GetModelInfoResponse(
-            model=self.model_name, architecture=info.architecture, max_model_len=info.max_model_len,
+            model=self.core.model_name, architecture=info.architecture, max_model_len=info.max_model_len,
             vocab_size=info.vocab_size, block_size=info.block_size, num_kv_blocks=info.num_blocks,
             dtype=info.dtype, eos_token_ids=info.eos_token_ids,
         )
 
 
-def _scheduler_error(out: scheduler_pb2.RequestOutput) -> _Failed:
-    """A FINISH_REASON_ERROR output as a status: a named field is the caller's fault."""
-    if out.error_field:
-        field = public_field(out.error_field)
-        message = out.error.removeprefix(f"{out.error_field}: ")
-        return _Failed(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
-    if out.error.startswith("engine failed"):
-        return _Failed(grpc.StatusCode.UNAVAILABLE, out.error)
-    return _Failed(grpc.StatusCode.INTERNAL, out.error or "the scheduler failed the request")
-
-
-async def _abort(context, failure: _Failed) -> None:
+async def _abort(context, failure: GenerationFailed) -> None:
     if not failure.field:
         await context.abort(failure.code, failure.message)
     detail = any_pb2.Any()
@@ -219,7 +96,8 @@ class Gateway:
         self.model_name = model_name or Path(model_dir).resolve().name
         self._changed = asyncio.Event()
         self.link = SchedulerLink(scheduler_address, on_lost=self._changed.set)
-        self.servicer = GenerationServicer(self.tokenizer, self.model_name, self.link)
+        self.core = GenerationCore(self.tokenizer, self.model_name, self.link)
+        self.servicer = GenerationServicer(self.core)
         self.health = health.aio.HealthServicer()
         self._serving: bool | None = None
         self._log = log.get_logger()
@@ -238,13 +116,13 @@ class Gateway:
 
     async def watch_scheduler(self) -> None:
         """Polls GetEngineInfo; (re)opens the stream when the scheduler is ready; keeps health current."""
-        while not self.servicer.draining:
+        while not self.core.draining:
             try:
                 info = await self.link.engine_info()
             except grpc.aio.AioRpcError:
                 info = None
             if info is not None and info.ready:
-                self.servicer.info = info
+                self.core.info = info
                 self.link.connect()
             await self._set_serving(info is not None and info.ready and self.link.connected)
             self._changed.clear()
@@ -254,7 +132,7 @@ class Gateway:
                 pass
 
     async def _set_serving(self, serving: bool) -> None:
-        if serving == self._serving or self.servicer.draining:
+        if serving == self._serving or self.core.draining:
             return
         self._serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -264,17 +142,17 @@ class Gateway:
 
     async def drain(self, timeout_s: float) -> None:
         """NOT_SERVING at once; new calls get UNAVAILABLE; running ones get ``timeout_s`` to finish."""
-        self.servicer.draining = True
+        self.core.draining = True
         await self.health.enter_graceful_shutdown()
-        self._log.info("draining", requests_in_flight=self.servicer.num_active, timeout_s=timeout_s)
+        self._log.info("draining", requests_in_flight=self.core.num_active, timeout_s=timeout_s)
         deadline = time.monotonic() + timeout_s
-        while self.servicer.num_active and time.monotonic() < deadline:
+        while self.core.num_active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.servicer.num_active:
-            self._log.warning("drain timeout: aborting requests", requests_in_flight=self.servicer.num_active)
+        if self.core.num_active:
+            self._log.warning("drain timeout: aborting requests", requests_in_flight=self.core.num_active)
             self.link.broadcast(SHUTDOWN)
             deadline = time.monotonic() + 2.0
-            while self.servicer.num_active and time.monotonic() < deadline:
+            while self.core.num_active and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
 
     async def close(self) -> None:

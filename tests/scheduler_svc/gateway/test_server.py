@@ -345,7 +345,7 @@ def test_drain_lets_running_streams_finish(model_dir, tokenizer):
             stream = client.generate("p", SamplingParams(max_tokens=100))
             first = await stream.__anext__()
             drain = asyncio.create_task(gateway.drain(timeout_s=30))
-            await eventually(lambda: gateway.servicer.draining)
+            await eventually(lambda: gateway.core.draining)
             async with grpc.aio.insecure_channel(target) as channel:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -1,0 +1,198 @@
+"""One request's life in the gateway, independent of the transport that carries it.
+
+``GenerationCore.generate`` validates a public GenerateRequest, submits its token ids to the scheduler
+over the link, turns the scheduler's per-step outputs into GenerateResponses (one SampleStream per
+sample: detokenization, stop strings, coalescing) and yields them in batches; whatever ends the
+iteration (the last sample finished, an error, the consumer going away) releases the request, and an
+unfinished one is aborted upstream so its KV blocks are freed within a step. The gRPC servicer writes
+the batches to its stream; the HTTP front end turns them into OpenAI-shaped JSON. Failures are
+``GenerationFailed`` with a gRPC status code; the transports map it to their own form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+import clients  # noqa: F401
+from pagedserve.internal.v1 import scheduler_pb2
+from pagedserve.v1 import generation_pb2
+from scheduler_svc import log
+from scheduler_svc.gateway.detokenizer import byte_fallback_ids
+from scheduler_svc.gateway.response_stream import FINISH_NAMES, SampleStream
+from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, LinkLost, SchedulerLink
+from scheduler_svc.gateway.tokenizer import Tokenizer
+from scheduler_svc.gateway.validation import ModelLimits, ValidRequest, public_field, validate
+from scheduler_svc.sampling_params import InvalidField
+
+SHUTDOWN = object()  # queued to requests still running when the drain period is over
+TOKENIZE_INLINE_CHARS = 4096  # longer prompts are tokenized in a thread, off the event loop
+
+
+class GenerationFailed(Exception):
+    """Ends a request with a status; ``field`` names the offending request field (INVALID_ARGUMENT)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
+@dataclass(slots=True)
+class RequestSummary:
+    """What the request log line says about one request."""
+
+    request_id: str = "-"
+    status: str = "OK"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+    finish_reason: str = ""
+    time_to_first_token_s: float | None = None
+
+
+class GenerationCore:
+    """Validation, submission and response streams of the gateway's requests."""
+
+    def __init__(self, tokenizer: Tokenizer, model_name: str, link: SchedulerLink) -> None:
+        self.tokenizer = tokenizer
+        self.byte_token_ids = byte_fallback_ids(tokenizer.id_to_token, tokenizer.vocab_size)
+        self.model_name = model_name
+        self.link = link
+        self.info: scheduler_pb2.EngineInfo | None = None  # set by the watcher once the scheduler is ready
+        self.draining = False
+        self.num_active = 0
+        self._log = log.get_logger()
+
+    @property
+    def limits(self) -> ModelLimits:
+        if self.info is None or not self.link.connected:
+            raise GenerationFailed(grpc.StatusCode.UNAVAILABLE, "the scheduler is not ready")
+        return ModelLimits(self.model_name, self.info.vocab_size, self.info.max_model_len)
+
+    async def validate(self, request: generation_pb2.GenerateRequest) -> ValidRequest:
+        limits = self.limits
+        try:
+            if request.WhichOneof("prompt") == "text" and len(request.text) > TOKENIZE_INLINE_CHARS:
+                return await asyncio.to_thread(validate, request, limits, self.tokenizer.encode)
+            return validate(request, limits, self.tokenizer.encode)
+        except InvalidField as exc:
+            raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
+
+    async def generate(
+        self, request: generation_pb2.GenerateRequest, cancel_status: Callable[[], str] | None = None
+    ) -> AsyncIterator[list[generation_pb2.GenerateResponse]]:
+        """Yields the responses that are ready, in batches (coalesced while the consumer was busy).
+        ``cancel_status`` names a cancellation in the request log (CANCELLED, DEADLINE_EXCEEDED)."""
+        summary = RequestSummary()
+        start = time.monotonic()
+        self.num_active += 1
+        samples: dict[int, SampleStream] = {}
+        request_id = request.request_id
+        submitted = False
+        try:
+            if self.draining:
+                raise GenerationFailed(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+            valid = await self.validate(request)
+            request_id = summary.request_id = valid.request_id
+            summary.prompt_tokens = len(valid.prompt_token_ids)
+            new_sample = self._sample_factory(valid.params)
+            # n samples stream side by side; beams join as the search reports them (all in its last step).
+            samples = {i: new_sample(i) for i in range(valid.params.n)}
+            queue = self._submit(valid)
+            submitted = True
+            usage = generation_pb2.Usage(prompt_tokens=len(valid.prompt_token_ids))
+            new_beam = new_sample if valid.params.beam_width > 1 else None
+            while not all(s.sent_final for s in samples.values()):
+                items = [await queue.get()]
+                while not queue.empty():  # coalesce whatever arrived while the consumer was writing
+                    items.append(queue.get_nowait())
+                for item in items:
+                    self._apply(item, samples, usage, new_beam)
+                if summary.time_to_first_token_s is None and any(s.num_tokens for s in samples.values()):
+                    summary.time_to_first_token_s = round(time.monotonic() - start, 6)
+                batch = [r for s in samples.values() if (r := s.take_response(request_id, usage)) is not None]
+                if batch:
+                    yield batch
+        except GenerationFailed as exc:
+            summary.status, summary.error = exc.code.name, exc.message
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            summary.status = cancel_status() if cancel_status is not None else "CANCELLED"
+            raise
+        except Exception as exc:  # a bug or a broken transport
+            summary.status, summary.error = "UNKNOWN", repr(exc)
+            raise
+        finally:
+            self.num_active -= 1
+            if submitted:
+                self.link.release(request_id, abort=not all(s.upstream_finished for s in samples.values()))
+            self._summarize(summary, start, samples)
+
+    def _submit(self, valid: ValidRequest) -> asyncio.Queue:
+        try:
+            return self.link.submit(valid.request_id, valid.prompt_token_ids, valid.params.to_proto())
+        except LinkDown as exc:
+            raise GenerationFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        except DuplicateRequest:
+            raise GenerationFailed(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"request {valid.request_id!r} is already running") from None
+
+    def _sample_factory(self, params) -> Callable[[int], SampleStream]:
+        assert self.info is not None
+        eos = frozenset() if params.ignore_eos else frozenset(self.info.eos_token_ids)
+        stop_ids = eos | frozenset(params.stop_token_ids)
+        return lambda index: SampleStream(index, params, self.tokenizer.decode, stop_ids, self.byte_token_ids)
+
+    def _apply(self, item, samples: dict[int, SampleStream], usage: generation_pb2.Usage, new_beam=None) -> None:
+        if isinstance(item, LinkLost):
+            raise GenerationFailed(grpc.StatusCode.UNAVAILABLE, f"lost the scheduler: {item.reason}")
+        if item is SHUTDOWN:
+            for s in samples.values():
+                s.finish(generation_pb2.FINISH_REASON_ABORT)
+            return
+        if item.finish_reason == scheduler_pb2.FINISH_REASON_ERROR:
+            for s in samples.values():
+                s.upstream_finished = True  # a failed request holds nothing in the scheduler
+            raise scheduler_error(item)
+        sample = samples.get(item.index)
+        if sample is None:
+            if new_beam is None:
+                return
+            sample = samples[item.index] = new_beam(item.index)
+        usage.cached_prompt_tokens = item.num_cached_tokens
+        sample.feed(item)
+
+    def _summarize(self, summary: RequestSummary, start: float, samples: dict[int, SampleStream]) -> None:
+        summary.completion_tokens = sum(s.num_tokens for s in samples.values())
+        reasons = [FINISH_NAMES[s.finish_reason] for s in samples.values() if s.finished]
+        if reasons:
+            summary.finish_reason = reasons[0] if len(reasons) == 1 else ",".join(reasons)
+        fields = {k: v for k, v in (
+            ("status", summary.status), ("prompt_tokens", summary.prompt_tokens),
+            ("completion_tokens", summary.completion_tokens), ("error", summary.error),
+            ("finish_reason", summary.finish_reason), ("time_to_first_token_s", summary.time_to_first_token_s),
+        ) if v not in ("", None)}
+        self._log.info("request finished", request_id=summary.request_id or "-",
+                       total_s=round(time.monotonic() - start, 6), **fields)
+
+    # ---- unary
+
+    async def tokenize(self, text: str) -> list[int]:
+        if len(text) > TOKENIZE_INLINE_CHARS:
+            return await asyncio.to_thread(self.tokenizer.encode, text)
+        return self.tokenizer.encode(text)
+
+
+def scheduler_error(out: scheduler_pb2.RequestOutput) -> GenerationFailed:
+    """A FINISH_REASON_ERROR output as a status: a named field is the caller's fault."""
+    if out.error_field:
+        field = public_field(out.error_field)
+        message = out.error.removeprefix(f"{out.error_field}: ")
+        return GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
+    if out.error.startswith("engine failed"):
+        return GenerationFailed(grpc.StatusCode.UNAVAILABLE, out.error)
+    return GenerationFailed(grpc.StatusCode.INTERNAL, out.error or "the scheduler failed the request")
