@@ -149,9 +149,9 @@ def _num_query_blocks(num_tokens: int, num_seqs: int, block_q: int) -> int:
     return num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
 
 
-# The kernel and its helpers. Triton inlines every @jit_helper call before its first pass, so the
-# split changes no compiled instruction (kernels/compile_check.py --dump shows the SASS). Shapes in
-# comments: num_heads = NUM_KV_HEADS * GROUP; rows are the program's BLOCK_M packed (query, head) pairs.
+# The kernel and its helpers. Triton inlines every @jit_helper call before its first pass: the PTX
+# is the one-function kernel's, instruction for instruction (NOTES v11; compile_check --dump shows it).
+# Shapes: num_heads = NUM_KV_HEADS * GROUP; rows are the program's BLOCK_M packed (query, head) pairs.
 
 @jit(do_not_specialize=("num_seqs", "num_tokens", "num_query_blocks", "split_len", "sliding_window"))
 def _paged_attention_kernel(
