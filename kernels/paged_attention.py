@@ -14,18 +14,17 @@ phases so that only the tiles at the sliding-window edge and at the causal diago
 When there are too few programs for the GPU (small decode batches, long contexts) the key axis is
 split (split-KV): each split writes a partial output and its log-sum-exp to scratch, and the last
 split of each (query block, KV head) to finish, found with an atomic ticket, merges them in the same
-launch. See kernels/NOTES.md for the measurements behind the tile and split choices.
+launch. Launch configs (tiles, stages, splits) come from kernels/attention_config.py.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from kernels._triton import cdiv, jit, jit_helper, next_power_of_2, sm_count, use_triton
+from kernels._triton import jit, jit_helper, next_power_of_2, sm_count, use_triton
+from kernels.attention_config import AttentionConfig, choose_config, count_query_blocks
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -69,84 +68,6 @@ def paged_attention_ref(
         probs = torch.softmax(scores, dim=-1)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out
-
-
-
-@dataclass(frozen=True, slots=True)
-class AttentionConfig:
-    """Launch shape of one paged-attention call; ``choose_config`` picks it from shapes and hints."""
-
-    block_q: int  # queries of one sequence per program
-    block_m: int  # rows per program: block_q * group, padded to a power of 2 >= 16 (tl.dot minimum)
-    tile_n: int  # keys per inner-loop step
-    num_splits: int  # programs along the key axis; > 1: partials merged by the last split
-    split_len: int  # keys per split, a multiple of tile_n; the last split also takes the rest
-    num_warps: int
-    num_stages: int
-
-
-# Split-KV (tuned on H100, kernels/NOTES.md): programs of a long context split in pieces of at least
-# LONG_SPLIT_LEN keys; fewer programs than SMs are latency-bound and split into single-wave pieces.
-LONG_SPLIT_LEN = 2048
-MAX_SPLITS = 128
-
-
-@functools.lru_cache(maxsize=1024)
-def choose_config(
-    num_tokens: int,
-    num_seqs: int,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    max_query_len: int,
-    max_seq_len: int,
-    num_sms: int,
-) -> AttentionConfig:
-    group = num_heads // num_kv_heads
-    head_dim_pad = next_power_of_2(head_dim)
-    wide = head_dim_pad > 128 or dtype == torch.float32  # halve the tiles to stay within shared memory
-    max_rows = 64 if wide else 128
-    block_q = max(1, min(next_power_of_2(max(max_query_len, 1)), max_rows // group))
-    block_m = max(16, next_power_of_2(block_q * group))
-    num_programs = num_kv_heads * _num_query_blocks(num_tokens, num_seqs, block_q)
-    seq_len = max(max_seq_len, 1)
-    # Few programs: split to about one program per SM (one wave of the 140 KB-shared-memory tile-128
-    # programs). Long contexts: split further, up to 4 per SM, for balance.
-    few = max(1, min(num_sms // num_programs, seq_len // 128))
-    long = min(cdiv(4 * num_sms, num_programs), seq_len // LONG_SPLIT_LEN)
-    if block_m <= 16:  # decode: bandwidth- or latency-bound
-        # 5 stages keep two K/V tiles in flight behind the block-table loads (3 stages keep one, and
-        # every tile then waits a full memory latency); 7 stages keep three.
-        num_warps = 4
-        if wide:
-            tile_n, num_stages = 32, 5
-        elif num_programs < num_sms and few >= long:
-            tile_n, num_stages = 128, 5
-        elif seq_len <= 1024:  # short contexts, many programs: wide tiles (NOTES v9: 3-4% over tile 32)
-            tile_n, num_stages = 128, 2
-        else:
-            tile_n, num_stages = 64, 5
-    elif block_m <= 64:
-        tile_n, num_warps, num_stages = (32 if wide else 64), 4, 2
-    elif seq_len <= 2048:  # prefill of short sequences: narrow key tiles waste less at the diagonal (NOTES v9)
-        tile_n, num_warps, num_stages = 32, 4, 3
-    else:  # prefill of long sequences: matrix-bound
-        tile_n, num_warps, num_stages = 128, 8, 3
-    if wide and head_dim_pad > 128 and dtype == torch.float32:
-        num_stages = 1
-
-    num_splits = max(1, min(MAX_SPLITS, max(few, long) if num_programs < num_sms else long))
-    split_len = cdiv(cdiv(seq_len, num_splits), tile_n) * tile_n
-    num_splits = cdiv(seq_len, split_len)
-    return AttentionConfig(block_q, block_m, tile_n, num_splits, split_len, num_warps, num_stages)
-
-
-def _num_query_blocks(num_tokens: int, num_seqs: int, block_q: int) -> int:
-    # Query block b of sequence s has index first(s) + b, first(s) = query_start_loc[s] // block_q + s:
-    # an upper bound of the real count that needs no device data (programs past a sequence's end exit).
-    # With block_q == 1 the blocks are the tokens themselves.
-    return num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
 
 
 # The kernel and its helpers. Triton inlines every @jit_helper call before its first pass: the PTX
@@ -228,7 +149,7 @@ def _paged_attention_kernel(
 
 @jit_helper
 def _locate_query_block(
-    q_block,  # this program's query block, numbered as in _num_query_blocks
+    q_block,  # this program's query block, numbered as in count_query_blocks
     num_seqs,
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
@@ -293,8 +214,7 @@ def _pack_rows(kv_head, q_start, num_q, seq_len, q_off,
 @jit_helper
 def _attend(
     q,  # [BLOCK_M, HEAD_DIM_PAD]
-    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq, kv_head,
     row_pos,  # [BLOCK_M] position of each row's query
@@ -307,22 +227,8 @@ def _attend(
 ):
     """Online softmax over this split's visible keys: (m_i, l_i) [BLOCK_M] running max and sum of
     exp2(scores - m_i), acc [BLOCK_M, HEAD_DIM_PAD] the unnormalized output, all fp32."""
-    # Keys [lo, hi) are visible to some row, [mid_lo, mid_hi) to every row: those tiles need no mask.
-    hi = last_pos + 1
-    mid_hi = (first_pos + 1) // TILE_N * TILE_N
-    if SLIDING:
-        lo = tl.maximum(first_pos - sliding_window + 1, 0) // TILE_N * TILE_N
-        mid_lo = tl.minimum(tl.cdiv(tl.maximum(last_pos - sliding_window + 1, 0), TILE_N) * TILE_N, mid_hi)
-    else:
-        lo = 0
-        mid_lo = 0
-    if SPLIT:
-        split_lo = split * split_len
-        split_hi = tl.where(split == tl.num_programs(1) - 1, hi, split_lo + split_len)
-    else:
-        split_lo = 0
-        split_hi = hi
-
+    lo, mid_lo, mid_hi, hi, split_lo, split_hi = _key_bounds(
+        first_pos, last_pos, split, split_len, sliding_window, TILE_N, SLIDING, SPLIT)
     k_base = k_cache_ptr + kv_head * stride_kh  # [num_blocks, block_size, head_dim]
     v_base = v_cache_ptr + kv_head * stride_vh
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt  # [max_blocks_per_seq]: this sequence's row
@@ -342,54 +248,56 @@ def _attend(
             start = tl.maximum(mid_hi, split_lo)
             end = tl.minimum(hi, split_hi)
         if SLIDING or phase != 0:
+            # One K/V tile of the online softmax per step, inline: as a helper, the labels its debug
+            # line ranges add to the PTX led ptxas to schedule this loop differently (NOTES v11).
             for k0 in range(start, end, TILE_N):
-                m_i, l_i, acc = _attend_tile(
-                    q, m_i, l_i, acc, k0, hi, k_base, v_base, table, row_pos, d, d_ok, qk_scale,
-                    sliding_window, stride_kb, stride_kt, stride_vb, stride_vt,
-                    phase == 1, BLOCK_SIZE, TILE_N, SLIDING, DOT_PRECISION)
+                keys = k0 + tl.arange(0, TILE_N)
+                if phase == 1:
+                    blocks = tl.load(table + keys // BLOCK_SIZE)
+                    kv_mask = d_ok[None, :]
+                else:
+                    blocks = tl.load(table + keys // BLOCK_SIZE, mask=keys < hi, other=0)
+                    kv_mask = (keys < hi)[:, None] & d_ok[None, :]
+                slot = blocks.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_kt
+                k = tl.load(k_base + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
+                if phase != 1:
+                    visible = keys[None, :] <= row_pos[:, None]
+                    if SLIDING:
+                        visible &= keys[None, :] > row_pos[:, None] - sliding_window
+                    s = tl.where(visible, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                slot_v = blocks.to(tl.int64) * stride_vb + (keys % BLOCK_SIZE) * stride_vt
+                v = tl.load(v_base + slot_v[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
     return m_i, l_i, acc
 
 
 @jit_helper
-def _attend_tile(
-    q,  # [BLOCK_M, HEAD_DIM_PAD]
-    m_i, l_i,  # [BLOCK_M] fp32 running max and sum of exp2(scores - m_i)
-    acc,  # [BLOCK_M, HEAD_DIM_PAD] fp32 unnormalized output
-    k0,  # first key of the tile, a multiple of TILE_N
-    hi,  # keys >= hi are past the block's last query
-    k_base,  # K cache at this KV head: [num_blocks, block_size, head_dim], strides (stride_kb, stride_kt, 1)
-    v_base,  # V cache at this KV head: [num_blocks, block_size, head_dim], strides (stride_vb, stride_vt, 1)
-    table,  # [max_blocks_per_seq] int32: the sequence's block table
-    row_pos,  # [BLOCK_M] position of each row's query
-    d, d_ok,  # [HEAD_DIM_PAD] channel index, channel < HEAD_DIM
-    qk_scale, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt,
-    UNMASKED: tl.constexpr,  # every key of the tile exists and is visible to every row
-    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One K/V tile of the online softmax: the updated (m_i, l_i, acc)."""
-    keys = k0 + tl.arange(0, TILE_N)
-    if UNMASKED:
-        blocks = tl.load(table + keys // BLOCK_SIZE)
-        kv_mask = d_ok[None, :]
+def _key_bounds(first_pos, last_pos, split, split_len, sliding_window,
+                TILE_N: tl.constexpr, SLIDING: tl.constexpr, SPLIT: tl.constexpr):
+    """(lo, mid_lo, mid_hi, hi, split_lo, split_hi) for a query block at positions first_pos..last_pos:
+    keys [lo, hi) are visible to some row, [mid_lo, mid_hi) to every row (those tiles need no mask);
+    this split walks keys [split_lo, split_hi). lo, mid_lo and mid_hi are multiples of TILE_N."""
+    hi = last_pos + 1
+    mid_hi = (first_pos + 1) // TILE_N * TILE_N
+    if SLIDING:
+        lo = tl.maximum(first_pos - sliding_window + 1, 0) // TILE_N * TILE_N
+        mid_lo = tl.minimum(tl.cdiv(tl.maximum(last_pos - sliding_window + 1, 0), TILE_N) * TILE_N, mid_hi)
     else:
-        blocks = tl.load(table + keys // BLOCK_SIZE, mask=keys < hi, other=0)
-        kv_mask = (keys < hi)[:, None] & d_ok[None, :]
-    slot = blocks.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_kt
-    k = tl.load(k_base + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
-    if not UNMASKED:
-        visible = keys[None, :] <= row_pos[:, None]
-        if SLIDING:
-            visible &= keys[None, :] > row_pos[:, None] - sliding_window
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    slot_v = blocks.to(tl.int64) * stride_vb + (keys % BLOCK_SIZE) * stride_vt
-    v = tl.load(v_base + slot_v[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+        lo = 0
+        mid_lo = 0
+    if SPLIT:
+        split_lo = split * split_len
+        split_hi = tl.where(split == tl.num_programs(1) - 1, hi, split_lo + split_len)
+    else:
+        split_lo = 0
+        split_hi = hi
+    return lo, mid_lo, mid_hi, hi, split_lo, split_hi
 
 
 @jit_helper
@@ -539,7 +447,7 @@ def paged_attention_triton(
     if split:
         part = torch.empty(config.num_splits * num_tokens * num_heads * (head_dim + 1), dtype=torch.float32,
                            device=q.device)
-    num_query_blocks = _num_query_blocks(num_tokens, num_seqs, config.block_q)
+    num_query_blocks = count_query_blocks(num_tokens, num_seqs, config.block_q)
     grid = (num_query_blocks * num_kv_heads, config.num_splits)
     counters = _split_counters(q.device, grid[0]) if split else seq_lens  # unused without splits
     merge_rows = next_power_of_2(config.block_q * (num_heads // num_kv_heads))
