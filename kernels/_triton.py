@@ -4,7 +4,9 @@ Why lazy: Triton decides when it is imported whether ``@triton.jit`` compiles or
 (``TRITON_INTERPRET=1``), and the worker imports ``kernels`` on machines without Triton. So importing
 ``kernels`` never imports Triton; the first launch does, then binds ``tl`` into the kernel's module
 (kernel files import it only under ``TYPE_CHECKING`` and use ``from __future__ import annotations``,
-which Triton reads as strings). The CPU tests set ``TRITON_INTERPRET=1`` before that first launch.
+which Triton reads as strings), and turns the module's ``@jit_helper`` functions into ``@triton.jit``
+ones, which the kernel calls and Triton inlines. The CPU tests set ``TRITON_INTERPRET=1`` before that
+first launch.
 """
 
 import functools
@@ -43,13 +45,34 @@ class LazyKernel:
             return lambda *args, **kwargs: LazyKernel.recorded.append((self, grid, args, kwargs))
         if self._kernel is None:
             import triton
-            import triton.language
 
-            self.fn.__globals__["tl"] = triton.language
+            bind_triton(self.fn)
             if interpreting():
                 _patch_interpreter()
             self._kernel = triton.jit(self.fn, do_not_specialize=self.do_not_specialize)
         return self._kernel[grid]
+
+
+class LazyHelper:
+    """A device function that kernels of its module call: becomes ``triton.jit(fn)`` in the module's
+    globals when the first of them is built (Triton resolves calls through the caller's globals)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+
+def bind_triton(fn) -> None:
+    """Make ``fn``'s module ready for Triton to parse: bind ``tl``, and replace each ``LazyHelper``
+    there with its ``@triton.jit`` function (interpreted under ``TRITON_INTERPRET=1``). Idempotent."""
+    import triton
+    import triton.language
+
+    module_globals = fn.__globals__
+    module_globals["tl"] = triton.language
+    for name, value in list(module_globals.items()):
+        if isinstance(value, LazyHelper):
+            module_globals[name] = triton.jit(value.fn)
 
 
 def _patch_interpreter() -> None:
@@ -99,6 +122,12 @@ def _patch_interpreter() -> None:
 def jit(do_not_specialize: tuple[str, ...] = ()):
     """Decorator; name the int arguments that vary per step so they do not each get a compile."""
     return lambda fn: LazyKernel(fn, do_not_specialize)
+
+
+def jit_helper(fn):
+    """Decorator for device functions called from ``@jit`` kernels of the same module; Triton inlines
+    them, so splitting a kernel into helpers leaves its compiled code unchanged."""
+    return LazyHelper(fn)
 
 
 def use_triton(t: torch.Tensor) -> bool:

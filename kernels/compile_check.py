@@ -1,20 +1,23 @@
 """Compile the kernels for sm_90 (H100) without a GPU: ``python -m kernels.compile_check``.
 
 The wrappers run on small CPU tensors with their launches recorded (not run), then each launch is
-compiled by Triton for sm_90 with the same constexprs, warps and stages, and ptxas's resource use is
-printed. Catches compile-only errors (the interpreter runs Python semantics, not Triton's) in CI.
+compiled by Triton for sm_90 with the same constexprs, warps and stages, and ptxas's resource use and
+the SASS instruction count are printed. Catches compile-only errors (the interpreter runs Python
+semantics, not Triton's) in CI. ``--dump DIR`` also writes each variant's TTGIR, PTX and SASS, so two
+versions of a kernel can be diffed without a GPU.
 Needs TRITON_INTERPRET unset: compiled and interpreted Triton cannot share a process.
 """
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
 
 import torch
 
-from kernels._triton import LazyKernel
+from kernels._triton import LazyKernel, bind_triton
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
           torch.int64: "i64"}
@@ -78,7 +81,7 @@ def compile_sm90(lazy: LazyKernel, args: tuple, kwargs: dict):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    lazy.fn.__globals__["tl"] = triton.language
+    bind_triton(lazy.fn)
     fn = triton.jit(lazy.fn, do_not_specialize=lazy.do_not_specialize)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     signature, constexprs, attrs = {}, {}, {}
@@ -99,22 +102,43 @@ def compile_sm90(lazy: LazyKernel, args: tuple, kwargs: dict):
                           options=options)
 
 
-def resources(kernel) -> str:
+def _cuobjdump(kernel, flag: str) -> str:
     import triton
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        report = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
-    usage = next((line.split() for line in report.stdout.splitlines() if "REG:" in line), ["?", "?"])
+        return subprocess.run([cuobjdump, flag, f.name], capture_output=True, text=True).stdout
+
+
+def sass(kernel) -> str:
+    return _cuobjdump(kernel, "-sass")
+
+
+def resources(kernel) -> str:
+    report = _cuobjdump(kernel, "--dump-resource-usage")
+    usage = next((line.split() for line in report.splitlines() if "REG:" in line), ["?", "?"])
     regs, stack = usage[0].removeprefix("REG:"), usage[1].removeprefix("STACK:")
-    return f"{regs:>4s} regs, {stack:>5s} B stack (spills), {kernel.metadata.shared:>6d} B shared"
+    # SASS lines look like "/*0070*/ IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;"
+    instructions = sum(1 for line in sass(kernel).splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line))
+    return (f"{regs:>4s} regs, {stack:>5s} B stack (spills), {kernel.metadata.shared:>6d} B shared, "
+            f"{instructions:>5d} SASS instructions")
+
+
+def dump(kernel, directory: str, index: int, name: str) -> None:
+    """Write the variant's TTGIR, PTX and SASS as DIR/NN_name.{ttgir,ptx,sass}."""
+    os.makedirs(directory, exist_ok=True)
+    stem = os.path.join(directory, f"{index:02d}_{name.strip('_')}")
+    for suffix, text in (("ttgir", kernel.asm["ttgir"]), ("ptx", kernel.asm["ptx"]), ("sass", sass(kernel))):
+        with open(f"{stem}.{suffix}", "w") as f:
+            f.write(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer attention variants (CI)")
+    parser.add_argument("--dump", metavar="DIR", help="write each variant's TTGIR, PTX and SASS into DIR")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: compiled and interpreted Triton cannot share a process")
@@ -123,9 +147,11 @@ def main() -> None:
         launches = record_launches(args.quick)
     finally:
         LazyKernel.recorded = None
-    for label, (lazy, _grid, launch_args, kwargs) in launches:
+    for index, (label, (lazy, _grid, launch_args, kwargs)) in enumerate(launches):
         kernel = compile_sm90(lazy, launch_args, dict(kwargs))
         print(f"{label:58s} {lazy.__name__:26s} {resources(kernel)}", flush=True)
+        if args.dump:
+            dump(kernel, args.dump, index, lazy.__name__)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,17 @@ phases so that only the tiles at the sliding-window edge and at the causal diago
 When there are too few programs for the GPU (small decode batches, long contexts) the key axis is
 split (split-KV): each split writes a partial output and its log-sum-exp to scratch, and the last
 split of each (query block, KV head) to finish, found with an atomic ticket, merges them in the same
-launch. See kernels/NOTES.md for the measurements behind the tile and split choices.
+launch. Launch configs (tiles, stages, splits) come from kernels/attention_config.py.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from kernels._triton import cdiv, jit, next_power_of_2, sm_count, use_triton
+from kernels._triton import jit, jit_helper, next_power_of_2, sm_count, use_triton
+from kernels.attention_config import AttentionConfig, choose_config, count_query_blocks
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -71,83 +70,9 @@ def paged_attention_ref(
     return out
 
 
-
-@dataclass(frozen=True, slots=True)
-class AttentionConfig:
-    """Launch shape of one paged-attention call; ``choose_config`` picks it from shapes and hints."""
-
-    block_q: int  # queries of one sequence per program
-    block_m: int  # rows per program: block_q * group, padded to a power of 2 >= 16 (tl.dot minimum)
-    tile_n: int  # keys per inner-loop step
-    num_splits: int  # programs along the key axis; > 1: partials merged by the last split
-    split_len: int  # keys per split, a multiple of tile_n; the last split also takes the rest
-    num_warps: int
-    num_stages: int
-
-
-# Split-KV (tuned on H100, kernels/NOTES.md): programs of a long context split in pieces of at least
-# LONG_SPLIT_LEN keys; fewer programs than SMs are latency-bound and split into single-wave pieces.
-LONG_SPLIT_LEN = 2048
-MAX_SPLITS = 128
-
-
-@functools.lru_cache(maxsize=1024)
-def choose_config(
-    num_tokens: int,
-    num_seqs: int,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    max_query_len: int,
-    max_seq_len: int,
-    num_sms: int,
-) -> AttentionConfig:
-    group = num_heads // num_kv_heads
-    head_dim_pad = next_power_of_2(head_dim)
-    wide = head_dim_pad > 128 or dtype == torch.float32  # halve the tiles to stay within shared memory
-    max_rows = 64 if wide else 128
-    block_q = max(1, min(next_power_of_2(max(max_query_len, 1)), max_rows // group))
-    block_m = max(16, next_power_of_2(block_q * group))
-    num_programs = num_kv_heads * _num_query_blocks(num_tokens, num_seqs, block_q)
-    seq_len = max(max_seq_len, 1)
-    # Few programs: split to about one program per SM (one wave of the 140 KB-shared-memory tile-128
-    # programs). Long contexts: split further, up to 4 per SM, for balance.
-    few = max(1, min(num_sms // num_programs, seq_len // 128))
-    long = min(cdiv(4 * num_sms, num_programs), seq_len // LONG_SPLIT_LEN)
-    if block_m <= 16:  # decode: bandwidth- or latency-bound
-        # 5 stages keep two K/V tiles in flight behind the block-table loads (3 stages keep one, and
-        # every tile then waits a full memory latency); 7 stages keep three.
-        num_warps = 4
-        if wide:
-            tile_n, num_stages = 32, 5
-        elif num_programs < num_sms and few >= long:
-            tile_n, num_stages = 128, 5
-        elif seq_len <= 1024:  # short contexts, many programs: wide tiles (NOTES v9: 3-4% over tile 32)
-            tile_n, num_stages = 128, 2
-        else:
-            tile_n, num_stages = 64, 5
-    elif block_m <= 64:
-        tile_n, num_warps, num_stages = (32 if wide else 64), 4, 2
-    elif seq_len <= 2048:  # prefill of short sequences: narrow key tiles waste less at the diagonal (NOTES v9)
-        tile_n, num_warps, num_stages = 32, 4, 3
-    else:  # prefill of long sequences: matrix-bound
-        tile_n, num_warps, num_stages = 128, 8, 3
-    if wide and head_dim_pad > 128 and dtype == torch.float32:
-        num_stages = 1
-
-    num_splits = max(1, min(MAX_SPLITS, max(few, long) if num_programs < num_sms else long))
-    split_len = cdiv(cdiv(seq_len, num_splits), tile_n) * tile_n
-    num_splits = cdiv(seq_len, split_len)
-    return AttentionConfig(block_q, block_m, tile_n, num_splits, split_len, num_warps, num_stages)
-
-
-def _num_query_blocks(num_tokens: int, num_seqs: int, block_q: int) -> int:
-    # Query block b of sequence s has index first(s) + b, first(s) = query_start_loc[s] // block_q + s:
-    # an upper bound of the real count that needs no device data (programs past a sequence's end exit).
-    # With block_q == 1 the blocks are the tokens themselves.
-    return num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
-
+# The kernel and its helpers. Triton inlines every @jit_helper call before its first pass: the PTX
+# is the one-function kernel's, instruction for instruction (NOTES v11; compile_check --dump shows it).
+# Shapes: num_heads = NUM_KV_HEADS * GROUP; rows are the program's BLOCK_M packed (query, head) pairs.
 
 @jit(do_not_specialize=("num_seqs", "num_tokens", "num_query_blocks", "split_len", "sliding_window"))
 def _paged_attention_kernel(
@@ -162,10 +87,7 @@ def _paged_attention_kernel(
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
-    num_seqs,
-    num_tokens,
-    num_query_blocks,
-    split_len,
+    num_seqs, num_tokens, num_query_blocks, split_len,
     sliding_window,  # keys k with k > position - sliding_window are visible; unused unless SLIDING
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
@@ -174,9 +96,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,  # power of 2 >= HEAD_DIM; the extra channels are masked
     BLOCK_SIZE: tl.constexpr,  # tokens per KV-cache block
-    BLOCK_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    TILE_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,  # see AttentionConfig
     SEARCH: tl.constexpr,  # query_start_loc entries read per step of the sequence search
     SLIDING: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partials, the last split merges them
@@ -191,9 +111,55 @@ def _paged_attention_kernel(
     # neighbouring bytes of the same cache blocks.
     q_block = num_query_blocks - 1 - pid // NUM_KV_HEADS
     split = tl.program_id(1)
+    seq, q_start, num_q, seq_len, q_off = _locate_query_block(
+        q_block, num_seqs, query_start_loc_ptr, seq_lens_ptr, BLOCK_Q, SEARCH)
+    if q_off >= num_q:
+        return
 
-    # Find the owning sequence. Decode batches (one query per sequence) need no search: the guess
-    # seq = q_block is checked by loads that go out together with its seq_lens load.
+    row_ok, first_pos, last_pos, row_pos, token, head = _pack_rows(
+        kv_head, q_start, num_q, seq_len, q_off, GROUP, BLOCK_Q, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, HEAD_DIM_PAD]
+    m_i, l_i, acc = _attend(
+        q, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, row_pos, first_pos, last_pos, d, d_ok,
+        split, split_len, qk_scale, sliding_window, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+        stride_vh, stride_bt, BLOCK_SIZE, BLOCK_M, HEAD_DIM_PAD, TILE_N, SLIDING, SPLIT, DOT_PRECISION)
+
+    if SPLIT:
+        part_lse_ptr = part_ptr + tl.num_programs(1).to(tl.int64) * num_tokens * (NUM_KV_HEADS * GROUP * HEAD_DIM)
+        _store_partial(part_ptr, part_lse_ptr, m_i, l_i, acc, split, num_tokens, token, head, row_ok, d, d_ok,
+                       NUM_KV_HEADS * GROUP, HEAD_DIM)
+        # The last split of this (query block, KV head) to finish merges all of them, so the batch
+        # needs one launch. The barrier orders every thread's partial stores before the one thread's
+        # acq_rel ticket (release); the winner's acquire orders its reads (.cg: skip L1) after them.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(1) - 1:
+            _merge_splits(out_ptr, part_ptr, part_lse_ptr, kv_head, q_start, num_q, q_off, num_tokens, d, d_ok,
+                          stride_ot, stride_oh, NUM_KV_HEADS, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_Q,
+                          MERGE_ROWS, MERGE_CHUNK)
+            tl.store(counters_ptr + pid, 0)  # zero again for the next launch
+    else:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@jit_helper
+def _locate_query_block(
+    q_block,  # this program's query block, numbered as in count_query_blocks
+    num_seqs,
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    BLOCK_Q: tl.constexpr,
+    SEARCH: tl.constexpr,
+):
+    """(seq, q_start, num_q, seq_len, q_off): the owning sequence, its first query token, query count,
+    context length, and the block's first query within it; q_off >= num_q for blocks past its end."""
+    # Decode batches (one query per sequence) need no search: the guess seq = q_block is checked by
+    # loads that go out together with its seq_lens load.
     if BLOCK_Q == 1:
         seq = tl.minimum(q_block, num_seqs - 1)
         q_start = tl.load(query_start_loc_ptr + seq)
@@ -225,10 +191,15 @@ def _paged_attention_kernel(
         q_off = q_block - q_start
     else:
         q_off = (q_block - q_start // BLOCK_Q - seq) * BLOCK_Q  # first query of the block, in the seq
-    if q_off >= num_q:
-        return
+    return seq, q_start, num_q, seq_len, q_off
 
-    # Row r is query q_off + r // GROUP of the block, head kv_head * GROUP + r % GROUP.
+
+@jit_helper
+def _pack_rows(kv_head, q_start, num_q, seq_len, q_off,
+               GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
+    """GQA packing: row r is query q_off + r // GROUP of the block, head kv_head * GROUP + r % GROUP.
+    Returns row_ok [BLOCK_M] (a real query), the block's first and last query positions, and per row
+    row_pos (its query's position), token (its row of q/out) and head, all [BLOCK_M]."""
     rows = tl.arange(0, BLOCK_M)
     row_q = rows // GROUP
     row_ok = (row_q < BLOCK_Q) & (q_off + row_q < num_q)
@@ -237,30 +208,30 @@ def _paged_attention_kernel(
     row_pos = tl.minimum(first_pos + row_q, last_pos)  # padding rows borrow a real position
     token = (q_start + q_off + tl.minimum(row_q, num_q - q_off - 1)).to(tl.int64)
     head = kv_head * GROUP + rows % GROUP
-    d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return row_ok, first_pos, last_pos, row_pos, token, head
 
-    # Keys [lo, hi) are visible to some row, [mid_lo, mid_hi) to every row: those tiles need no mask.
-    hi = last_pos + 1
-    mid_hi = (first_pos + 1) // TILE_N * TILE_N
-    if SLIDING:
-        lo = tl.maximum(first_pos - sliding_window + 1, 0) // TILE_N * TILE_N
-        mid_lo = tl.minimum(tl.cdiv(tl.maximum(last_pos - sliding_window + 1, 0), TILE_N) * TILE_N, mid_hi)
-    else:
-        lo = 0
-        mid_lo = 0
-    if SPLIT:
-        split_lo = split * split_len
-        split_hi = tl.where(split == tl.num_programs(1) - 1, hi, split_lo + split_len)
-    else:
-        split_lo = 0
-        split_hi = hi
 
-    kv_base_k = k_cache_ptr + kv_head * stride_kh
-    kv_base_v = v_cache_ptr + kv_head * stride_vh
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+@jit_helper
+def _attend(
+    q,  # [BLOCK_M, HEAD_DIM_PAD]
+    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
+    seq, kv_head,
+    row_pos,  # [BLOCK_M] position of each row's query
+    first_pos, last_pos,  # positions of the block's first and last query
+    d, d_ok,  # [HEAD_DIM_PAD] channel index, channel < HEAD_DIM
+    split, split_len, qk_scale, sliding_window,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE_N: tl.constexpr,
+    SLIDING: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over this split's visible keys: (m_i, l_i) [BLOCK_M] running max and sum of
+    exp2(scores - m_i), acc [BLOCK_M, HEAD_DIM_PAD] the unnormalized output, all fp32."""
+    lo, mid_lo, mid_hi, hi, split_lo, split_hi = _key_bounds(
+        first_pos, last_pos, split, split_len, sliding_window, TILE_N, SLIDING, SPLIT)
+    k_base = k_cache_ptr + kv_head * stride_kh  # [num_blocks, block_size, head_dim]
+    v_base = v_cache_ptr + kv_head * stride_vh
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt  # [max_blocks_per_seq]: this sequence's row
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row whose keys are all masked stays NaN-free
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
@@ -277,6 +248,8 @@ def _paged_attention_kernel(
             start = tl.maximum(mid_hi, split_lo)
             end = tl.minimum(hi, split_hi)
         if SLIDING or phase != 0:
+            # One K/V tile of the online softmax per step, inline: as a helper, the labels its debug
+            # line ranges add to the PTX led ptxas to schedule this loop differently (NOTES v11).
             for k0 in range(start, end, TILE_N):
                 keys = k0 + tl.arange(0, TILE_N)
                 if phase == 1:
@@ -286,7 +259,7 @@ def _paged_attention_kernel(
                     blocks = tl.load(table + keys // BLOCK_SIZE, mask=keys < hi, other=0)
                     kv_mask = (keys < hi)[:, None] & d_ok[None, :]
                 slot = blocks.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_kt
-                k = tl.load(kv_base_k + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                k = tl.load(k_base + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
                 if phase != 1:
                     visible = keys[None, :] <= row_pos[:, None]
@@ -298,57 +271,93 @@ def _paged_attention_kernel(
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 slot_v = blocks.to(tl.int64) * stride_vb + (keys % BLOCK_SIZE) * stride_vt
-                v = tl.load(kv_base_v + slot_v[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_base + slot_v[:, None] + d[None, :], mask=kv_mask, other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
                 m_i = m_new
+    return m_i, l_i, acc
 
-    if SPLIT:
-        part_out_ptr = part_ptr
-        part_lse_ptr = part_ptr + tl.num_programs(1).to(tl.int64) * num_tokens * (NUM_KV_HEADS * GROUP * HEAD_DIM)
-        # A split that saw no key of a row leaves l_i == 0: lse = -inf, output 0, weight 0 in the merge.
-        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1.0e-30)), float("-inf"))
-        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        part_row = (split * num_tokens + token) * (NUM_KV_HEADS * GROUP) + head
-        tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
-        tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + d[None, :], o,
-                 mask=row_ok[:, None] & d_ok[None, :])
-        # The last split of this (query block, KV head) to finish merges all of them, so the batch
-        # needs one launch. The barrier orders every thread's partial stores before the one thread's
-        # acq_rel ticket (release); the winner's acquire orders its reads (.cg: skip L1) after them.
-        tl.debug_barrier()
-        ticket = tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if ticket == tl.num_programs(1) - 1:
-            # Merge over the real rows only (decode pads GROUP rows to 16 for tl.dot), MERGE_CHUNK
-            # splits per load so the reads overlap instead of costing a round trip per split.
-            mr = tl.arange(0, MERGE_ROWS)
-            mr_ok = (mr < BLOCK_Q * GROUP) & (q_off + mr // GROUP < num_q)
-            mr_token = (q_start + q_off + tl.minimum(mr // GROUP, num_q - q_off - 1)).to(tl.int64)
-            mr_head = kv_head * GROUP + mr % GROUP
-            c = tl.arange(0, MERGE_CHUNK)
-            m = tl.full([MERGE_ROWS], -1.0e30, tl.float32)
-            den = tl.zeros([MERGE_ROWS], tl.float32)
-            merged = tl.zeros([MERGE_ROWS, HEAD_DIM_PAD], tl.float32)
-            for s0 in range(0, tl.num_programs(1), MERGE_CHUNK):
-                sp = s0 + c
-                row_sp = (sp[None, :] * num_tokens + mr_token[:, None]) * (NUM_KV_HEADS * GROUP) + mr_head[:, None]
-                ok = mr_ok[:, None] & (sp < tl.num_programs(1))[None, :]  # [MERGE_ROWS, MERGE_CHUNK]
-                lse_c = tl.load(part_lse_ptr + row_sp, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                o_c = tl.load(part_out_ptr + row_sp[:, :, None] * HEAD_DIM + d[None, None, :],
-                              mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m, tl.max(lse_c, axis=1))
-                keep = tl.exp2(m - m_new)
-                w = tl.exp2(lse_c - m_new[:, None])  # [MERGE_ROWS, MERGE_CHUNK]; 0 for empty splits
-                den = den * keep + tl.sum(w, axis=1)
-                merged = merged * keep[:, None] + tl.sum(o_c * w[:, :, None], axis=1)
-                m = m_new
-            merged = merged / tl.where(den == 0.0, 1.0, den)[:, None]
-            tl.store(out_ptr + mr_token[:, None] * stride_ot + mr_head[:, None] * stride_oh + d[None, :],
-                     merged.to(out_ptr.dtype.element_ty), mask=mr_ok[:, None] & d_ok[None, :])
-            tl.store(counters_ptr + pid, 0)  # zero again for the next launch
+
+@jit_helper
+def _key_bounds(first_pos, last_pos, split, split_len, sliding_window,
+                TILE_N: tl.constexpr, SLIDING: tl.constexpr, SPLIT: tl.constexpr):
+    """(lo, mid_lo, mid_hi, hi, split_lo, split_hi) for a query block at positions first_pos..last_pos:
+    keys [lo, hi) are visible to some row, [mid_lo, mid_hi) to every row (those tiles need no mask);
+    this split walks keys [split_lo, split_hi). lo, mid_lo and mid_hi are multiples of TILE_N."""
+    hi = last_pos + 1
+    mid_hi = (first_pos + 1) // TILE_N * TILE_N
+    if SLIDING:
+        lo = tl.maximum(first_pos - sliding_window + 1, 0) // TILE_N * TILE_N
+        mid_lo = tl.minimum(tl.cdiv(tl.maximum(last_pos - sliding_window + 1, 0), TILE_N) * TILE_N, mid_hi)
     else:
-        o = acc / l_i[:, None]
-        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        lo = 0
+        mid_lo = 0
+    if SPLIT:
+        split_lo = split * split_len
+        split_hi = tl.where(split == tl.num_programs(1) - 1, hi, split_lo + split_len)
+    else:
+        split_lo = 0
+        split_hi = hi
+    return lo, mid_lo, mid_hi, hi, split_lo, split_hi
+
+
+@jit_helper
+def _store_partial(
+    part_out_ptr,  # fp32 [num_splits, num_tokens, num_heads, head_dim]
+    part_lse_ptr,  # fp32 [num_splits, num_tokens, num_heads]
+    m_i, l_i,  # [BLOCK_M] as _attend returns them
+    acc,  # [BLOCK_M, HEAD_DIM_PAD]
+    split, num_tokens,
+    token, head, row_ok,  # [BLOCK_M] from _pack_rows
+    d, d_ok,  # [HEAD_DIM_PAD]
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """This split's normalized output and log2-sum-exp2 per row, for _merge_splits."""
+    # A split that saw no key of a row leaves l_i == 0: lse = -inf, output 0, weight 0 in the merge.
+    lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1.0e-30)), float("-inf"))
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    part_row = (split * num_tokens + token) * NUM_HEADS + head
+    tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
+    tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@jit_helper
+def _merge_splits(
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    part_out_ptr,  # fp32 [num_splits, num_tokens, num_heads, head_dim]
+    part_lse_ptr,  # fp32 [num_splits, num_tokens, num_heads]
+    kv_head, q_start, num_q, q_off, num_tokens,
+    d, d_ok,  # [HEAD_DIM_PAD]
+    stride_ot, stride_oh,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+):
+    """Combine every split's partial output of this (query block, KV head) into out."""
+    # Merge over the real rows only (decode pads GROUP rows to 16 for tl.dot), MERGE_CHUNK
+    # splits per load so the reads overlap instead of costing a round trip per split.
+    mr = tl.arange(0, MERGE_ROWS)
+    mr_ok = (mr < BLOCK_Q * GROUP) & (q_off + mr // GROUP < num_q)
+    mr_token = (q_start + q_off + tl.minimum(mr // GROUP, num_q - q_off - 1)).to(tl.int64)
+    mr_head = kv_head * GROUP + mr % GROUP
+    c = tl.arange(0, MERGE_CHUNK)
+    m = tl.full([MERGE_ROWS], -1.0e30, tl.float32)
+    den = tl.zeros([MERGE_ROWS], tl.float32)
+    merged = tl.zeros([MERGE_ROWS, HEAD_DIM_PAD], tl.float32)
+    for s0 in range(0, tl.num_programs(1), MERGE_CHUNK):
+        sp = s0 + c
+        row_sp = (sp[None, :] * num_tokens + mr_token[:, None]) * (NUM_KV_HEADS * GROUP) + mr_head[:, None]
+        ok = mr_ok[:, None] & (sp < tl.num_programs(1))[None, :]  # [MERGE_ROWS, MERGE_CHUNK]
+        lse_c = tl.load(part_lse_ptr + row_sp, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        o_c = tl.load(part_out_ptr + row_sp[:, :, None] * HEAD_DIM + d[None, None, :],
+                      mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse_c, axis=1))
+        keep = tl.exp2(m - m_new)
+        w = tl.exp2(lse_c - m_new[:, None])  # [MERGE_ROWS, MERGE_CHUNK]; 0 for empty splits
+        den = den * keep + tl.sum(w, axis=1)
+        merged = merged * keep[:, None] + tl.sum(o_c * w[:, :, None], axis=1)
+        m = m_new
+    merged = merged / tl.where(den == 0.0, 1.0, den)[:, None]
+    tl.store(out_ptr + mr_token[:, None] * stride_ot + mr_head[:, None] * stride_oh + d[None, :],
+             merged.to(out_ptr.dtype.element_ty), mask=mr_ok[:, None] & d_ok[None, :])
 
 
 # Split-KV tickets, per device: one int32 per (query block, KV head) program column, zero between
@@ -438,7 +447,7 @@ def paged_attention_triton(
     if split:
         part = torch.empty(config.num_splits * num_tokens * num_heads * (head_dim + 1), dtype=torch.float32,
                            device=q.device)
-    num_query_blocks = _num_query_blocks(num_tokens, num_seqs, config.block_q)
+    num_query_blocks = count_query_blocks(num_tokens, num_seqs, config.block_q)
     grid = (num_query_blocks * num_kv_heads, config.num_splits)
     counters = _split_counters(q.device, grid[0]) if split else seq_lens  # unused without splits
     merge_rows = next_power_of_2(config.block_q * (num_heads // num_kv_heads))
