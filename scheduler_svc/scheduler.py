@@ -41,8 +41,6 @@ from scheduler_svc.request import (
 from scheduler_svc.sampling_params import InvalidField
 from scheduler_svc.step_plan import ForkedSeq, ScheduledSeq, SchedulerOutput
 
-__all__ = ["ForkedSeq", "ScheduledSeq", "Scheduler", "SchedulerOutput", "SchedulerStats", "sample_seed"]
-
 _KEY = lambda seq: (seq.request.arrival, seq.seq_id)  # noqa: E731  running/swapped order: groups contiguous
 _RUNNING = SeqStatus.RUNNING
 # Plain ints: protobuf enum attribute lookups are slow on the per-token path.
@@ -221,16 +219,12 @@ class Scheduler:
             slots.append((seq.seq_id, num_tokens, num_tokens + 1))
         if not picks or len(picks) > self.config.max_num_batched_tokens:
             return None
-        if self.kv.num_blocks_needed(slots) > self.pool.num_free_blocks:
+        if self.kv.num_blocks_needed(slots) > self.kv.num_free_blocks:
             return None
         out = SchedulerOutput(self._next_step_id)
         self._next_step_id += 1
         for seq, (seq_id, start, end) in zip(picks, slots, strict=True):
-            new_ids, copies, replaced = self.kv.allocate_slots(seq_id, start, end)
-            out.running.append(ScheduledSeq(seq, 1, new_ids))
-            if copies:
-                out.copies += copies
-                out.table_updates.append((seq_id, [p for p, _ in replaced], [b for _, b in replaced]))
+            out.add_running(seq, 1, self.kv.allocate_slots(seq_id, start, end))
         out.finished_seq_ids = self._dropped_seq_ids
         self._dropped_seq_ids = []
         self.stats.num_steps += 1
@@ -249,7 +243,7 @@ class Scheduler:
                 chunks.append(s)
         grouped: set[int] = set()  # beam groups already picked as a whole
         cap = self.config.max_num_seqs
-        free_queue = self.pool.free_queue
+        kv = self.kv
         for seq in chain(decodes, chunks):
             if step.budget == 0:
                 break
@@ -263,8 +257,9 @@ class Scheduler:
                 continue
             if num_seqs > 1:
                 grouped.add(id(pick.request))
-            if free_queue.num_free - step.num_reserved_blocks < pick.num_blocks and not self._make_room(
-                pick, step, out
+            # Picks so far fit the free blocks, so a pick that takes none fits too.
+            if pick.num_blocks and kv.num_free_blocks - step.num_reserved_blocks < pick.num_blocks and not (
+                self._make_room(pick, step, out)
             ):
                 continue
             step.picks.append(pick)
@@ -277,16 +272,8 @@ class Scheduler:
         start = seq.num_computed_tokens
         remaining = len(seq.token_ids) - start
         if request.beam is None and not request.num_pending_forks:
-            # The common case, kept cheap: one sequence whose table ends at or just past ``start``.
-            n = min(remaining, budget)
-            table = self.kv.block_tables[seq.seq_id]
-            i = start // self.block_size
-            if len(table) <= i + 1:
-                needed = (start + n + self.block_size - 1) // self.block_size - len(table)
-                if i < len(table) and table[i].ref_cnt > 1:
-                    needed += 1  # copy-on-write of a block shared with a sibling sample
-                return _Pick(request, [(seq, n)], 0, needed)
-            return _Pick(request, [(seq, n)], 0, self.kv.num_blocks_needed([(seq.seq_id, start, start + n)]))
+            n = min(remaining, budget)  # the common case, kept cheap: one sequence
+            return _Pick(request, [(seq, n)], 0, self.kv.num_blocks_to_write(seq.seq_id, start, start + n))
         if request.beam is not None and len(request.seqs) > 1:
             beams = request.seqs
             if all(b.status is _RUNNING and b.num_tokens - b.num_computed_tokens == 1 for b in beams):
@@ -302,7 +289,7 @@ class Scheduler:
                 n = 1 + request.num_pending_forks
                 if budget < n:
                     return None
-                return _Pick(request, [(seq, 1)], n - 1, self._fork_blocks(seq, n))
+                return _Pick(request, [(seq, 1)], n - 1, self.kv.num_blocks_to_fork(seq.seq_id, start, n))
             slots = [(seq, min(remaining - 1, budget))]
         else:
             slots = [(seq, min(remaining, budget))]
@@ -311,17 +298,9 @@ class Scheduler:
         )
         return _Pick(request, slots, 0, blocks)
 
-    def _fork_blocks(self, parent: Sequence, n: int) -> int:
-        """Blocks that n sequences sharing ``parent``'s table take to write its next slot."""
-        table = self.kv.block_tables[parent.seq_id]
-        i = parent.num_computed_tokens // self.block_size
-        if i >= len(table):
-            return n  # the slot starts a block: one new block each
-        return n - 1 + (table[i].ref_cnt > 1)  # copies; the last writer keeps the block unless shared
-
     def _make_room(self, pick: _Pick, step: _Step, out: SchedulerOutput) -> bool:
         """Preempts latest arrivals until the pick fits; False if the pick's own group went."""
-        while self.pool.num_free_blocks - step.num_reserved_blocks < pick.num_blocks:
+        while self.kv.num_free_blocks - step.num_reserved_blocks < pick.num_blocks:
             victim = self.running[-1].request
             self._preempt(victim, step, out)
             if victim is pick.request:
@@ -344,11 +323,7 @@ class Scheduler:
             slots = slots + [(c, 1) for c in children]
         for seq, n in slots:
             start = seq.num_computed_tokens
-            new_ids, copies, replaced = self.kv.allocate_slots(seq.seq_id, start, start + n)
-            out.running.append(ScheduledSeq(seq, n, new_ids))
-            if copies:
-                out.copies += copies
-                out.table_updates.append((seq.seq_id, [p for p, _ in replaced], [b for _, b in replaced]))
+            out.add_running(seq, n, self.kv.allocate_slots(seq.seq_id, start, start + n))
 
     # ---- preemption and swapping
 
@@ -375,7 +350,7 @@ class Scheduler:
                 self._take_off(seq, SeqStatus.SWAPPED)
                 bisect.insort(self.swapped, seq, key=_KEY)
             self.stats.num_swap_preemptions += len(live)
-        elif request.beam is not None and len(request.seqs) > 1 and not self.pool.enable_caching:
+        elif request.beam is not None and len(request.seqs) > 1 and not self.kv.enable_caching:
             self._fail(request, "preempting a beam search needs CPU swap space (--swap-space) or prefix caching")
             return
         else:
@@ -404,7 +379,7 @@ class Scheduler:
                 return
             writes = [(s.seq_id, s.num_computed_tokens, s.num_computed_tokens + 1) for s in group]
             needed = self.kv.num_swap_in_blocks(ids) + self.kv.num_blocks_needed(writes, cpu=True)
-            free = self.pool.num_free_blocks - (self._watermark_blocks if self.running else 0)
+            free = self.kv.num_free_blocks - (self._watermark_blocks if self.running else 0)
             if needed > free:
                 return
             out.swap_in += self.kv.swap_in(ids)
@@ -419,9 +394,8 @@ class Scheduler:
     def _start(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
         """Schedules a sequence that the workers do not hold: it travels in full."""
         start = seq.num_computed_tokens
-        _, copies, _ = self.kv.allocate_slots(seq.seq_id, start, start + num_new)
-        out.copies += copies
-        out.new_seqs.append(ScheduledSeq(seq, num_new, self.kv.block_ids(seq.seq_id)))
+        alloc = self.kv.allocate_slots(seq.seq_id, start, start + num_new)
+        out.add_new(seq, num_new, alloc, self.kv.block_table(seq.seq_id))
 
     # ---- admission
 
@@ -436,8 +410,8 @@ class Scheduler:
         seats = request.max_num_seqs - sum(s.status is _RUNNING for s in request.seqs)
         if len(self.running) + seats > self.config.max_num_seqs:
             return False
-        hits = self.kv.cached_prefix(seq)
-        num_cached = len(hits) * self.block_size
+        hit = self.kv.cached_prefix(seq)
+        num_cached = hit.num_tokens
         fork_now = request.num_pending_forks > 0 and num_cached == seq.num_tokens - 1
         if fork_now:
             num_new = 1
@@ -450,16 +424,16 @@ class Scheduler:
             if request.num_pending_forks or (request.beam is not None and len(request.seqs) > 1):
                 target -= 1  # stop before the last token: the group samples it together
                 if num_cached == target:
-                    hits.pop()
-                    num_cached -= self.block_size
+                    hit.drop_last()
+                    num_cached = hit.num_tokens
             num_new = min(target - num_cached, step.budget)
             num_seqs = 1
-            needed = self.kv.num_blocks_for(num_cached + num_new) - len(hits)
-        free = self.pool.num_free_blocks - sum(b.ref_cnt == 0 for b in hits)
+            needed = self.kv.num_blocks_for(num_cached + num_new) - hit.num_blocks
+        free = self.kv.num_free_blocks_after(hit)
         if needed > free - (self._watermark_blocks if self.running else 0):
             return False  # FCFS: the head waits for blocks; nobody overtakes it
         self.waiting.popleft()
-        self.kv.adopt_prefix(seq, hits)
+        self.kv.adopt_prefix(seq, hit)
         self._note_cached(seq, num_cached)
         seq.status = _RUNNING
         bisect.insort(self.running, seq, key=_KEY)
@@ -530,7 +504,7 @@ class Scheduler:
         ``top`` their top candidates (needed by beam search)."""
         results, self._pending_outputs = self._pending_outputs, []
         beam_rows: dict[int, tuple[Request, dict[int, tuple[list[int], list[float]]]]] = {}
-        caching = self.pool.enable_caching
+        caching = self.kv.enable_caching
         for sched in chain(out.new_seqs, out.running):
             seq = sched.seq
             if seq.status is not _RUNNING:
