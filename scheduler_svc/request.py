@@ -121,6 +121,11 @@ class SeqOutput:
     final_token_ids: list[int] = field(default_factory=list)
 
 
+def arrival_order(seq: Sequence) -> tuple[int, int]:
+    """Sort key of the scheduler's queues: arrival, then seq_id, so a group's sequences are contiguous."""
+    return (seq.request.arrival, seq.seq_id)
+
+
 def sample_seed(seed: int, index: int) -> int:
     """Seed of sample ``index`` of a seeded request; sample 0 keeps the request's seed."""
     if index == 0:
