@@ -41,7 +41,7 @@ from scheduler_svc.request import (
     arrival_order,
     validate_request,
 )
-from scheduler_svc.sampling_params import InvalidField
+from scheduler_svc.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.sequence_groups import SequenceGroups
 from scheduler_svc.step_plan import ForkedSeq, ScheduledSeq, SchedulerOutput
 
@@ -125,7 +125,9 @@ class Scheduler(PreemptionMixin):
 
     # ---- requests in and out
 
-    def add_request(self, stream_id: int, request_id: str, prompt_token_ids: list[int], params) -> Request:
+    def add_request(
+        self, stream_id: int, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Request:
         """Admits a request to the waiting queue; raises InvalidField when it can never run."""
         key = (stream_id, request_id)
         if key in self.requests:

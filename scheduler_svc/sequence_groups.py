@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
+from dataclasses import replace
 
 from scheduler_svc.beam_search import BeamSearch
 from scheduler_svc.kv_cache_manager import KVCacheManager
@@ -67,7 +68,8 @@ class SequenceGroups:
                 params.beam_width, len(request.prompt_token_ids), max_num_tokens, request.stop_token_ids,
                 params.length_penalty, params.early_stopping,
             )
-            request.seqs[0].params = beam_params(params, request.beam.num_candidates)
+            request.seqs[0].params = beam_params(params)
+            request.num_top_logprobs = request.beam.num_candidates
         elif params.n > 1:
             request.num_pending_forks = params.n - 1
 
@@ -91,10 +93,8 @@ class SequenceGroups:
         children = []
         for _ in range(count):
             child = self._child(parent, list(parent.token_ids), len(request.seqs))
-            if params.has_seed:
-                child.params = type(params)()
-                child.params.CopyFrom(params)
-                child.params.seed = sample_seed(params.seed, child.index)
+            if params.seed is not None:
+                child.params = replace(params, seed=sample_seed(params.seed, child.index))
             request.seqs.append(child)
             children.append(child)
         request.num_pending_forks = 0

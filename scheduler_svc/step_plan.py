@@ -3,12 +3,22 @@ execute, and their StepResult read back."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
 
 import clients  # noqa: F401
 from pagedserve.internal.v1 import worker_pb2
 from scheduler_svc.kv_cache_manager import SlotAllocation
 from scheduler_svc.request import Sequence
+from scheduler_svc.sampling_params import SamplingParams
+
+# A request's parameters are encoded once, not per sequence that sends them (new sequences, forks).
+# Callers copy the result into the plan and never change it.
+_params_proto = functools.lru_cache(maxsize=4096)(SamplingParams.to_proto)
+_seq_id = operator.attrgetter("seq.seq_id")
+_num_scheduled = operator.attrgetter("num_scheduled_tokens")
+_num_top = operator.attrgetter("seq.request.num_top_logprobs")
 
 
 @dataclass(slots=True)
@@ -85,7 +95,6 @@ def encode_step(out: SchedulerOutput) -> bytes:
     num_top = 0
     for sched in out.new_seqs:
         seq = sched.seq
-        params = seq.sampling_params
         plan.new_seqs.add(
             seq_id=seq.seq_id,
             token_ids=seq.token_ids,
@@ -93,16 +102,16 @@ def encode_step(out: SchedulerOutput) -> bytes:
             num_computed_tokens=seq.num_computed_tokens,
             num_scheduled_tokens=sched.num_scheduled_tokens,
             block_ids=sched.block_table,
-            sampling_params=params,
+            sampling_params=_params_proto(seq.sampling_params),
         )
-        num_top = max(num_top, params.top_logprobs)
+        num_top = max(num_top, seq.request.num_top_logprobs)
     running = out.running
     if running:
-        plan.running_seq_ids.extend([s.seq.seq_id for s in running])
-        plan.running_num_scheduled_tokens.extend([s.num_scheduled_tokens for s in running])
+        plan.running_seq_ids.extend(map(_seq_id, running))
+        plan.running_num_scheduled_tokens.extend(map(_num_scheduled, running))
         plan.running_num_new_blocks.extend([len(s.new_block_ids) for s in running])
         plan.running_new_block_ids.extend([b for s in running for b in s.new_block_ids])
-        num_top = max(num_top, max(s.seq.sampling_params.top_logprobs for s in running))
+        num_top = max(num_top, max(map(_num_top, running)))
     plan.num_top_logprobs = num_top
     if out.forks or out.last_tokens or out.copies or out.swap_out or out.swap_in:
         _encode_sharing(out, plan)
@@ -115,7 +124,7 @@ def _encode_sharing(out: SchedulerOutput, plan: worker_pb2.StepPlan) -> None:
         if f.token_id is not None:
             fork.token_id = f.token_id
         elif f.child.params is not None:  # parallel sampling: the sample's own seed
-            fork.sampling_params.CopyFrom(f.child.params)
+            fork.sampling_params.CopyFrom(_params_proto(f.child.params))
     for seq_id, token in out.last_tokens:
         plan.last_token_seq_ids.append(seq_id)
         plan.last_token_ids.append(token)

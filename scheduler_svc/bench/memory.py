@@ -99,9 +99,8 @@ class StepStats:
 
 def simulate(trace: Trace, block_size: int, n: int = 1, beam_width: int = 1, utilization: bool = False) -> StepStats:
     """Runs the trace through the scheduler with a simulated worker; all requests arrive at once."""
-    import clients  # noqa: F401
-    from pagedserve.internal.v1 import scheduler_pb2
     from scheduler_svc.config import SchedulerConfig
+    from scheduler_svc.sampling_params import SamplingParams
     from scheduler_svc.scheduler import Scheduler
 
     # Room for every sequence unshared: sharing is measured, never forced by a full pool.
@@ -112,8 +111,7 @@ def simulate(trace: Trace, block_size: int, n: int = 1, beam_width: int = 1, uti
                       num_blocks, MAX_LEN, eos_token_ids=[], vocab_size=VOCAB)
     final_len: dict[str, int] = {}
     for i, (prompt, out_len) in enumerate(zip(trace.prompts, trace.output_lens, strict=True)):
-        params = scheduler_pb2.SamplingParams(max_tokens=out_len, temperature=1.0, top_p=1.0, ignore_eos=True,
-                                              n=n, beam_width=beam_width)
+        params = SamplingParams(max_tokens=out_len, temperature=1.0, ignore_eos=True, n=n, beam_width=beam_width)
         sched.add_request(0, str(i), prompt, params)
         final_len[str(i)] = len(prompt) + out_len
     stats = StepStats([], [], [], {"max": [], "pow2": [], "oracle": []})

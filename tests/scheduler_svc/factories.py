@@ -9,17 +9,18 @@ import torch
 
 import clients  # noqa: F401
 from gpu_worker.model_runner import ModelRunner
-from pagedserve.internal.v1 import scheduler_pb2, worker_pb2
+from pagedserve.internal.v1 import worker_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.request import SeqStatus
+from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.step_plan import SchedulerOutput, decode_result, encode_step
 
 TOY_VOCAB = 100
 
 
-def params(max_tokens=4, **kw) -> scheduler_pb2.SamplingParams:
-    return scheduler_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, **kw)
+def params(max_tokens=4, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 
 
 def scheduler(num_blocks=16, block_size=4, max_num_seqs=8, budget=64, max_model_len=128, eos=(99,),

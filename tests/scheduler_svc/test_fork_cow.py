@@ -58,7 +58,7 @@ def test_a_one_token_prompt_starts_n_sequences_at_once():
 
 def test_samples_get_seeds_derived_from_the_request_seed_and_carry_them_in_the_fork():
     s = scheduler(num_blocks=16, block_size=4)
-    s.add_request(0, "a", [1, 2, 3], params(max_tokens=2, n=3, seed=42, has_seed=True))
+    s.add_request(0, "a", [1, 2, 3], params(max_tokens=2, n=3, seed=42))
     step(s)
     plan = worker_pb2.WorkerCommand.FromString(encode_step(s.schedule())).step
     seeds = [f.sampling_params.seed for f in plan.forks]
@@ -79,7 +79,8 @@ def test_beam_search_forks_survivors_overrides_last_tokens_and_drops_the_rest():
     s = scheduler(num_blocks=16, block_size=4, eos=(99,))
     s.add_request(0, "b", [1, 2, 3], params(max_tokens=5, beam_width=2))
     out = s.schedule()
-    assert out.new_seqs[0].seq.sampling_params.top_logprobs == 4  # 2 * beam_width candidates
+    # 2 * beam_width candidates, asked of the workers by the plan
+    assert worker_pb2.WorkerCommand.FromString(encode_step(out)).step.num_top_logprobs == 4
     # The prompt's single beam: candidates 7 (-0.1) and 8 (-0.2) both survive.
     assert s.update(out, {0: 7}, top={0: ([7, 8, 9, 10], [-0.1, -0.2, -3.0, -4.0])}) == []
     out = s.schedule()
