@@ -100,7 +100,10 @@ class KVCacheManager:
     def num_blocks_to_write(self, seq_id: int, start: int, end: int) -> int:
         """Blocks that ``allocate_slots(seq_id, start, end)`` takes: new ones and copies. The one-writer
         case of ``num_blocks_needed``, on the scheduler's per-sequence path."""
-        table = self._tables.get(seq_id, ())
+        try:
+            table = self._tables[seq_id]
+        except KeyError:  # not admitted yet
+            table = []
         bs = self.block_size
         held = len(table)
         first = start // bs

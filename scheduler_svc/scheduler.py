@@ -173,8 +173,7 @@ class Scheduler(PreemptionMixin):
         self._next_step_id += 1
         step = _Step(self.config.max_num_batched_tokens)
         self._pick_running(step, out)
-        for pick in step.picks:
-            self._place(pick, out)
+        self._place(step.picks, out)
         if not out.preempted:
             self._swap_in(step, out)
             if not self.swapped:
@@ -302,23 +301,25 @@ class Scheduler(PreemptionMixin):
         )
         return _Pick(request, slots, 0, blocks)
 
-    def _place(self, pick: _Pick, out: SchedulerOutput) -> None:
-        """Phase two: the pick takes its blocks; forks first, copy-on-write as it writes."""
-        slots = pick.slots
-        if not pick.num_blocks and not pick.num_forks:  # neither new blocks nor copies
-            if len(slots) == 1:
-                out.running.append(ScheduledSeq(slots[0][0], slots[0][1], []))
-            else:
-                out.running += [ScheduledSeq(seq, n, []) for seq, n in slots]
-            return
-        if pick.num_forks:
-            parent = slots[0][0]
-            children = self.groups.fork_samples(parent, pick.num_forks)
-            out.forks += [ForkedSeq(parent.seq_id, c) for c in children]
-            slots = slots + [(c, 1) for c in children]
-        for seq, n in slots:
-            start = seq.num_computed_tokens
-            out.add_running(seq, n, self.kv.allocate_slots(seq.seq_id, start, start + n))
+    def _place(self, picks: list[_Pick], out: SchedulerOutput) -> None:
+        """Phase two: the picks take their blocks; forks first, copy-on-write as they write."""
+        running = out.running
+        for pick in picks:
+            slots = pick.slots
+            if not pick.num_blocks and not pick.num_forks:  # neither new blocks nor copies: most decodes
+                if len(slots) == 1:
+                    running.append(ScheduledSeq(slots[0][0], slots[0][1], []))
+                else:
+                    running += [ScheduledSeq(seq, n, []) for seq, n in slots]
+                continue
+            if pick.num_forks:
+                parent = slots[0][0]
+                children = self.groups.fork_samples(parent, pick.num_forks)
+                out.forks += [ForkedSeq(parent.seq_id, c) for c in children]
+                slots = slots + [(c, 1) for c in children]
+            for seq, n in slots:
+                start = seq.num_computed_tokens
+                out.add_running(seq, n, self.kv.allocate_slots(seq.seq_id, start, start + n))
 
     def _start(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
         """Schedules a sequence that the workers do not hold: it travels in full."""

@@ -4,7 +4,6 @@ execute, and their StepResult read back."""
 from __future__ import annotations
 
 import functools
-import operator
 from dataclasses import dataclass, field
 
 import clients  # noqa: F401
@@ -16,9 +15,6 @@ from scheduler_svc.sampling_params import SamplingParams
 # A request's parameters are encoded once, not per sequence that sends them (new sequences, forks).
 # Callers copy the result into the plan and never change it.
 _params_proto = functools.lru_cache(maxsize=4096)(SamplingParams.to_proto)
-_seq_id = operator.attrgetter("seq.seq_id")
-_num_scheduled = operator.attrgetter("num_scheduled_tokens")
-_num_top = operator.attrgetter("seq.request.num_top_logprobs")
 
 
 @dataclass(slots=True)
@@ -107,11 +103,11 @@ def encode_step(out: SchedulerOutput) -> bytes:
         num_top = max(num_top, seq.request.num_top_logprobs)
     running = out.running
     if running:
-        plan.running_seq_ids.extend(map(_seq_id, running))
-        plan.running_num_scheduled_tokens.extend(map(_num_scheduled, running))
+        plan.running_seq_ids.extend([s.seq.seq_id for s in running])
+        plan.running_num_scheduled_tokens.extend([s.num_scheduled_tokens for s in running])
         plan.running_num_new_blocks.extend([len(s.new_block_ids) for s in running])
         plan.running_new_block_ids.extend([b for s in running for b in s.new_block_ids])
-        num_top = max(num_top, max(map(_num_top, running)))
+        num_top = max(num_top, max([s.seq.request.num_top_logprobs for s in running]))
     plan.num_top_logprobs = num_top
     if out.forks or out.last_tokens or out.copies or out.swap_out or out.swap_in:
         _encode_sharing(out, plan)
