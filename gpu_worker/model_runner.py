@@ -28,7 +28,8 @@ from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.input_batch import BlockTableRows, StepInputs, build_inputs
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.sampler import SampleRequest, sample
-from pagedserve.internal.v1 import scheduler_pb2, worker_pb2
+from pagedserve.internal.v1 import worker_pb2
+from scheduler_svc.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # token id of a sampled token not read back yet
 
@@ -56,7 +57,7 @@ class SeqState:
     num_prompt_tokens: int
     num_computed_tokens: int
     block_table: list[int]
-    params: scheduler_pb2.SamplingParams
+    params: SamplingParams
     row: int = -1  # row in the runner's BlockTableRows
     # Entries of block_table already copied to the row; set to 0 after replacing entries in place.
     num_synced_blocks: int = 0
@@ -264,7 +265,7 @@ class ModelRunner:
                 new.num_prompt_tokens,
                 new.num_computed_tokens,
                 list(new.block_ids),
-                new.sampling_params,
+                SamplingParams.from_proto(new.sampling_params),
                 row=self.rows.acquire(),
             )
             self.seqs[new.seq_id] = state
@@ -297,7 +298,7 @@ class ModelRunner:
         if fork.HasField("token_id"):
             child.token_ids[-1] = fork.token_id
         if fork.HasField("sampling_params"):
-            child.params = fork.sampling_params
+            child.params = SamplingParams.from_proto(fork.sampling_params)
         self._drop(child.seq_id)
         self.seqs[child.seq_id] = child
 
@@ -316,18 +317,8 @@ class ModelRunner:
             self.rows.release(state.row)
 
     def _sample_request(self, state: SeqState) -> SampleRequest:
-        p = state.params
-        return SampleRequest(
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p if p.top_p > 0 else 1.0,
-            min_p=p.min_p,
-            repetition_penalty=p.repetition_penalty if p.repetition_penalty > 0 else 1.0,
-            seed=p.seed if p.has_seed else None,
-            output_index=len(state.token_ids) - state.num_prompt_tokens,
-            token_ids=state.token_ids,
-        )
+        return SampleRequest(state.params, len(state.token_ids) - state.num_prompt_tokens, state.token_ids)
 
 
-def _plain_greedy(p: scheduler_pb2.SamplingParams) -> bool:
-    return p.temperature == 0 and p.repetition_penalty in (0.0, 1.0)
+def _plain_greedy(p: SamplingParams) -> bool:
+    return p.temperature == 0 and p.repetition_penalty == 1.0

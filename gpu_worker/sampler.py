@@ -11,19 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
+from scheduler_svc.sampling_params import SamplingParams
+
 _SEED_STRIDE = 1_000_003
 
 
 @dataclass(slots=True)
 class SampleRequest:
-    """One row of the logits to sample from."""
+    """One row of the logits to sample from: its sequence's parameters (defaults already resolved by
+    SamplingParams.from_proto) and where the sequence stands."""
 
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    repetition_penalty: float
-    seed: int | None
+    params: SamplingParams
     output_index: int  # index of the token being sampled among the sequence's outputs
     token_ids: list[int]  # tokens so far, for the repetition penalty
 
@@ -48,17 +46,18 @@ def sample(
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs or num_top_logprobs else None
     logits = _apply_repetition_penalty(logits, rows)
     chosen = torch.argmax(logits, dim=-1)
-    random_rows = [i for i, r in enumerate(rows) if r.temperature > 0]
+    random_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0]
     if random_rows:
         idx = torch.tensor(random_rows, device=logits.device)
-        probs = _filtered_probs(logits[idx], [rows[i] for i in random_rows])
+        probs = _filtered_probs(logits[idx], [rows[i].params for i in random_rows])
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; seeded rows get their own noise.
         noise = torch.empty_like(probs).exponential_(generator=generator)
         for j, i in enumerate(random_rows):
             row = rows[i]
-            if row.seed is not None:
+            seed = row.params.seed
+            if seed is not None:
                 gen = torch.Generator(device=logits.device)
-                gen.manual_seed((row.seed * _SEED_STRIDE + row.output_index) % (2**63))
+                gen.manual_seed((seed * _SEED_STRIDE + row.output_index) % (2**63))
                 noise[j].exponential_(generator=gen)
         chosen[idx] = torch.argmax(probs / noise, dim=-1)
     token_ids = chosen.tolist()
@@ -75,19 +74,19 @@ def sample(
 
 def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
     """As in transformers: seen tokens' positive logits are divided by the penalty, negative multiplied."""
-    penalized = [i for i, r in enumerate(rows) if r.repetition_penalty != 1.0]
+    penalized = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
     if not penalized:
         return logits
     logits = logits.clone()
     for i in penalized:
         seen = torch.tensor(sorted(set(rows[i].token_ids)), device=logits.device, dtype=torch.long)
         vals = logits[i, seen]
-        p = rows[i].repetition_penalty
+        p = rows[i].params.repetition_penalty
         logits[i, seen] = torch.where(vals > 0, vals / p, vals * p)
     return logits
 
 
-def _filtered_probs(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+def _filtered_probs(logits: torch.Tensor, rows: list[SamplingParams]) -> torch.Tensor:
     """Softmax after temperature, then top-k, top-p and min-p filtering (renormalized)."""
     device = logits.device
     temps = torch.tensor([r.temperature for r in rows], device=device)[:, None]

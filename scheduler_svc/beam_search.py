@@ -13,20 +13,17 @@ probability), as the workers return them, and decides:
   when ``beam_width`` hypotheses are finished and early stopping is ON_FULL, or when every candidate
   stopped.
 
-The early-stopping rule: once ``beam_width`` hypotheses are finished, the best running beam is scored
-at its current output length (or at the longest possible one, for NEVER with a positive length
-penalty); if that does not beat the worst finished hypothesis, the search is over. The rule is
-sticky: once no improvement is possible, no hypothesis is added any more.
+The early-stopping rule (``early_stopping`` False, transformers' heuristic): once ``beam_width``
+hypotheses are finished, the best running beam is scored at its current output length (or at the
+longest possible one, for "never" with a positive length penalty); if that does not beat the worst
+finished hypothesis, the search is over. The rule is sticky: once no improvement is possible, no
+hypothesis is added any more. With ``early_stopping`` True the search ends as soon as ``beam_width``
+hypotheses are finished.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import clients  # noqa: F401
-from pagedserve.internal.v1 import scheduler_pb2
-
-EarlyStopping = scheduler_pb2.EarlyStopping
 
 
 @dataclass(slots=True)
@@ -54,7 +51,7 @@ class BeamSearch:
         max_num_tokens: int,
         stop_token_ids: frozenset[int],
         length_penalty: float = 1.0,
-        early_stopping: int = EarlyStopping.EARLY_STOPPING_HEURISTIC,
+        early_stopping: bool | str = False,  # as transformers: False, True or "never"
     ) -> None:
         if beam_width < 1:
             raise ValueError(f"beam_width must be at least 1, got {beam_width}")
@@ -65,7 +62,9 @@ class BeamSearch:
         self.max_num_tokens = max_num_tokens  # prompt plus output, the length limit
         self.stop_token_ids = stop_token_ids
         self.length_penalty = length_penalty
-        self.early_stopping = early_stopping or EarlyStopping.EARLY_STOPPING_HEURISTIC
+        if early_stopping not in (False, True, "never"):
+            raise ValueError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
+        self.early_stopping = early_stopping if early_stopping == "never" else bool(early_stopping)
         self.num_candidates = max(2, 1 + len(stop_token_ids)) * beam_width
         self.finished: list[Hypothesis] = []  # best first, at most beam_width
         self.improvable = True  # transformers' is_early_stop_heuristic_unsatisfied
@@ -94,7 +93,7 @@ class BeamSearch:
         full = len(self.finished) == self.beam_width
         self.done = (
             not self.improvable
-            or (full and self.early_stopping == EarlyStopping.EARLY_STOPPING_ON_FULL)
+            or (full and self.early_stopping is True)
             or all(stops)
         )
         return [] if self.done else running
@@ -113,7 +112,7 @@ class BeamSearch:
         """Only the first beam_width candidates may finish; the rest are there to keep beams running."""
         if not self.improvable:
             return
-        if len(self.finished) == self.beam_width and self.early_stopping == EarlyStopping.EARLY_STOPPING_ON_FULL:
+        if len(self.finished) == self.beam_width and self.early_stopping is True:
             return
         norm = num_out**self.length_penalty
         new = [
@@ -128,7 +127,7 @@ class BeamSearch:
 
     def _can_improve(self, best_running_score: float, num_out: int) -> bool:
         length = num_out
-        if self.early_stopping == EarlyStopping.EARLY_STOPPING_NEVER and self.length_penalty > 0:
+        if self.early_stopping == "never" and self.length_penalty > 0:
             length = self.max_num_tokens - self.num_prompt_tokens
         best_possible = best_running_score / length**self.length_penalty
         return best_possible > min(h.score for h in self.finished)

@@ -68,9 +68,6 @@ class FreeBlockQueue:
         block.prev_free = block.next_free = None
         self.num_free -= 1
 
-    def contains(self, block: KVBlock) -> bool:
-        return block.prev_free is not None
-
     def block_ids(self) -> list[int]:
         """Free block ids in eviction order (for tests and debugging)."""
         ids = []
@@ -145,3 +142,22 @@ class BlockPool:
             return
         block.block_hash = block_hash
         self.cached_blocks[block_hash] = block
+
+    def check_invariants(self, held: dict[int, int]) -> None:
+        """Raises AssertionError unless ``held`` (block_id -> references the block tables hold) equals
+        every block's ref_cnt, the free list holds exactly the blocks with ref_cnt 0, and the hash map
+        indexes exactly the blocks that carry a hash. For tests and debugging."""
+        free = self.free_queue.block_ids()
+        if len(free) != self.free_queue.num_free or len(set(free)) != len(free):
+            raise AssertionError(f"free list {free} does not match its count {self.free_queue.num_free}")
+        free_ids = set(free)
+        for block in self.blocks:
+            if block.ref_cnt != held.get(block.block_id, 0):
+                raise AssertionError(f"{block}: block tables hold {held.get(block.block_id, 0)} references")
+            if (block.block_id in free_ids) == (block.ref_cnt > 0):
+                raise AssertionError(f"{block} is both free and referenced, or neither")
+        for block_hash, block in self.cached_blocks.items():
+            if block.block_hash != block_hash:
+                raise AssertionError(f"{block} indexed under hash {block_hash}")
+        if sum(b.block_hash is not None for b in self.blocks) != len(self.cached_blocks):
+            raise AssertionError("a block carries a hash that the hash map does not index")

@@ -22,7 +22,7 @@ import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.request import FinishReason, SeqOutput, SeqStatus
-from scheduler_svc.sampling_params import InvalidField
+from scheduler_svc.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.step_plan import decode_result, encode_step
 from scheduler_svc.worker_group import WorkerGroup
@@ -231,8 +231,8 @@ class EngineCore:
     def _add(self, item: _Submit) -> scheduler_pb2.RequestOutput | None:
         sub = item.submit
         try:
-            self.scheduler.add_request(item.stream_id, sub.request_id, list(sub.prompt_token_ids),
-                                       sub.sampling_params)
+            params = SamplingParams.from_proto(sub.sampling_params)  # the process edge: decoded once
+            self.scheduler.add_request(item.stream_id, sub.request_id, list(sub.prompt_token_ids), params)
         except InvalidField as exc:
             return scheduler_pb2.RequestOutput(
                 request_id=sub.request_id,

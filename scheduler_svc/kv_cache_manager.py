@@ -2,7 +2,8 @@
 
 A sequence's block table maps its logical block i (tokens ``i*block_size .. (i+1)*block_size-1``) to a
 physical block. Sharing decisions are made here and in the scheduler; reference counts are changed
-only by the pools.
+only by the pools. The tables are this module's own: the scheduler asks how many blocks a write, a
+fork or an admission takes, and gets back block ids and copies (``SlotAllocation``), never blocks.
 
 Invariants:
 - A block with ref_cnt > 1 is never written: the sequence about to write into it gets a fresh block
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from scheduler_svc.block_pool import BlockPool, KVBlock
 from scheduler_svc.request import Sequence
@@ -36,6 +38,37 @@ def hash_block(parent: int | None, token_ids: list[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+@dataclass(slots=True)
+class SlotAllocation:
+    """What making slots writable changed in one sequence's block table, in the step plan's form."""
+
+    new_block_ids: list[int]  # appended to the table
+    copies: list[tuple[int, int]]  # (src, dst) copy-on-write: shared blocks the sequence writes into
+    # (seq_id, positions, block ids): the table entries that the copies' destinations replaced; None
+    # without copies.
+    table_update: tuple[int, list[int], list[int]] | None
+
+
+@dataclass(slots=True)
+class PrefixHit:
+    """Cached blocks holding a prefix of a sequence's tokens, found on admission, not yet adopted."""
+
+    blocks: list[KVBlock]  # in table order
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.blocks) * self.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def drop_last(self) -> None:
+        """Computes the last hit block's tokens again instead (the sequence has to compute them)."""
+        self.blocks.pop()
+
+
 class KVCacheManager:
     def __init__(self, pool: BlockPool, block_size: int, cpu_pool: BlockPool | None = None) -> None:
         if block_size < 1:
@@ -43,8 +76,9 @@ class KVCacheManager:
         self.pool = pool
         self.cpu_pool = cpu_pool
         self.block_size = block_size
-        self.block_tables: dict[int, list[KVBlock]] = {}
-        self.cpu_tables: dict[int, list[KVBlock]] = {}
+        # seq_id -> block table, for running sequences (device blocks) and swapped ones (CPU blocks).
+        self._tables: dict[int, list[KVBlock]] = {}
+        self._cpu_tables: dict[int, list[KVBlock]] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -57,27 +91,29 @@ class KVCacheManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 
-    def num_new_blocks(self, seq_id: int, num_tokens: int) -> int:
-        """Blocks to add so that ``seq_id``'s table covers ``num_tokens`` token slots."""
-        held = len(self.block_tables.get(seq_id, ()))
-        return max(0, self.num_blocks_for(num_tokens) - held)
-
-    def can_allocate(self, seq_id: int, num_tokens: int) -> bool:
-        return self.num_new_blocks(seq_id, num_tokens) <= self.pool.num_free_blocks
-
-    def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Grows ``seq_id``'s table to cover ``num_tokens`` slots; returns the new block ids."""
-        needed = self.num_new_blocks(seq_id, num_tokens)
-        if needed > self.pool.num_free_blocks:
-            raise ValueError(
-                f"sequence {seq_id} needs {needed} blocks, {self.pool.num_free_blocks} free; "
-                "check can_allocate first"
-            )
-        new_blocks = self.pool.allocate(needed)
-        self.block_tables.setdefault(seq_id, []).extend(new_blocks)
-        return [b.block_id for b in new_blocks]
+    def block_table(self, seq_id: int) -> list[int]:
+        """The sequence's block table as block ids (empty for a sequence without device blocks)."""
+        return [b.block_id for b in self._tables.get(seq_id, ())]
 
     # ---- writing: copy-on-write
+
+    def num_blocks_to_write(self, seq_id: int, start: int, end: int) -> int:
+        """Blocks that ``allocate_slots(seq_id, start, end)`` takes: new ones and copies. The one-writer
+        case of ``num_blocks_needed``, on the scheduler's per-sequence path."""
+        try:
+            table = self._tables[seq_id]
+        except KeyError:  # not admitted yet
+            table = []
+        bs = self.block_size
+        held = len(table)
+        first = start // bs
+        if held <= first + 1:  # the common case: the table ends in or just before the first block written
+            needed = (end + bs - 1) // bs - held
+            if first < held and table[first].ref_cnt > 1:
+                needed += 1
+            return needed
+        last = (end + bs - 1) // bs
+        return max(0, last - held) + sum(table[i].ref_cnt > 1 for i in range(first, min(held, last)))
 
     def num_blocks_needed(self, slots: Iterable[tuple[int, int, int]], cpu: bool = False) -> int:
         """Blocks that ``allocate_slots`` would take for these (seq_id, start, end) writes, in order.
@@ -85,7 +121,7 @@ class KVCacheManager:
         Counts new blocks and copies: a write into a block that others still hold after the earlier
         writers of the same call have moved off it needs a copy. With ``cpu``, counts against the CPU
         tables, as if they had been swapped in with their sharing."""
-        tables = self.cpu_tables if cpu else self.block_tables
+        tables = self._cpu_tables if cpu else self._tables
         moved: dict[KVBlock, int] = {}
         total = 0
         bs = self.block_size
@@ -100,16 +136,26 @@ class KVCacheManager:
                     total += 1
         return total
 
-    def allocate_slots(
-        self, seq_id: int, start: int, end: int
-    ) -> tuple[list[int], list[tuple[int, int]], list[tuple[int, int]]]:
+    def num_blocks_to_fork(self, seq_id: int, position: int, num_seqs: int) -> int:
+        """Blocks that ``num_seqs`` sequences sharing ``seq_id``'s table (it and its forks) take to
+        write their slot ``position``."""
+        table = self._tables[seq_id]
+        i = position // self.block_size
+        if i >= len(table):
+            return num_seqs  # the slot starts a block: one new block each
+        # Each writer but the last copies the block; the last keeps it unless others hold it too.
+        return num_seqs - 1 + (table[i].ref_cnt > 1)
+
+    def allocate_slots(self, seq_id: int, start: int, end: int) -> SlotAllocation:
         """Makes slots ``start .. end-1`` writable by ``seq_id``: copies shared blocks it writes into and
-        grows the table. Returns (new block ids appended, (src, dst) copies, (position, block id)
-        table replacements)."""
-        table = self.block_tables.setdefault(seq_id, [])
+        grows the table."""
+        table = self._tables.get(seq_id)
+        if table is None:
+            table = []  # registered only once its blocks are taken
         bs = self.block_size
         copies: list[tuple[int, int]] = []
-        replaced: list[tuple[int, int]] = []
+        positions: list[int] = []
+        replaced: list[int] = []
         for i in range(start // bs, min(len(table), cdiv(end, bs))):
             block = table[i]
             if block.block_hash is not None:
@@ -119,20 +165,22 @@ class KVCacheManager:
                 self.pool.release([block])  # others still hold it
                 table[i] = fresh
                 copies.append((block.block_id, fresh.block_id))
-                replaced.append((i, fresh.block_id))
+                positions.append(i)
+                replaced.append(fresh.block_id)
         needed = cdiv(end, bs) - len(table)
         new_ids: list[int] = []
         if needed > 0:
             new_blocks = self.pool.allocate(needed)
             table.extend(new_blocks)
             new_ids = [b.block_id for b in new_blocks]
-        return new_ids, copies, replaced
+        self._tables[seq_id] = table
+        return SlotAllocation(new_ids, copies, (seq_id, positions, replaced) if copies else None)
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (one more reference each)."""
-        table = self.block_tables[parent_id]
+        table = self._tables[parent_id]
         self.pool.acquire(table)
-        self.block_tables[child_id] = list(table)
+        self._tables[child_id] = list(table)
 
     # ---- automatic prefix caching
 
@@ -145,23 +193,27 @@ class KVCacheManager:
             hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
         return hashes
 
-    def cached_prefix(self, seq: Sequence) -> list[KVBlock]:
+    def cached_prefix(self, seq: Sequence) -> PrefixHit:
         """The cached blocks holding the longest prefix of ``seq``'s tokens, last token excluded."""
+        hit = PrefixHit([], self.block_size)
         if not self.enable_caching:
-            return []
-        hits = []
+            return hit
         for block_hash in self.block_hashes(seq, seq.num_tokens - 1):
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
-            hits.append(block)
-        return hits
+            hit.blocks.append(block)
+        return hit
 
-    def adopt_prefix(self, seq: Sequence, hits: list[KVBlock]) -> None:
+    def num_free_blocks_after(self, hit: PrefixHit) -> int:
+        """Free blocks once ``hit`` is adopted: its blocks that nobody holds leave the free list."""
+        return self.pool.num_free_blocks - sum(b.ref_cnt == 0 for b in hit.blocks)
+
+    def adopt_prefix(self, seq: Sequence, hit: PrefixHit) -> None:
         """Starts ``seq``'s table with the prefix-hit blocks (one more reference each)."""
-        self.pool.acquire(hits)
-        self.block_tables[seq.seq_id] = list(hits)
-        seq.num_hashed_blocks = len(hits)
+        self.pool.acquire(hit.blocks)
+        self._tables[seq.seq_id] = list(hit.blocks)
+        seq.num_hashed_blocks = hit.num_blocks
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Indexes the blocks that ``seq``'s computed tokens have filled since the last call."""
@@ -169,7 +221,7 @@ class KVCacheManager:
         if full <= seq.num_hashed_blocks or not self.enable_caching:
             return
         hashes = self.block_hashes(seq, seq.num_computed_tokens)
-        table = self.block_tables[seq.seq_id]
+        table = self._tables[seq.seq_id]
         for i in range(seq.num_hashed_blocks, full):
             self.pool.set_hash(table[i], hashes[i])
         seq.num_hashed_blocks = full
@@ -180,10 +232,10 @@ class KVCacheManager:
         return len({id(b) for s in seq_ids for b in tables[s]})
 
     def num_swap_out_blocks(self, seq_ids: list[int]) -> int:
-        return self._distinct(self.block_tables, seq_ids)
+        return self._distinct(self._tables, seq_ids)
 
     def num_swap_in_blocks(self, seq_ids: list[int]) -> int:
-        return self._distinct(self.cpu_tables, seq_ids)
+        return self._distinct(self._cpu_tables, seq_ids)
 
     def can_swap_out(self, seq_ids: list[int]) -> bool:
         return self.cpu_pool is not None and self.num_swap_out_blocks(seq_ids) <= self.cpu_pool.num_free_blocks
@@ -191,12 +243,12 @@ class KVCacheManager:
     def swap_out(self, seq_ids: list[int]) -> list[tuple[int, int]]:
         """Moves the sequences' tables to CPU blocks, keeping their sharing; returns (device, cpu) ids."""
         assert self.cpu_pool is not None
-        return self._move(self.block_tables, self.pool, self.cpu_tables, self.cpu_pool, seq_ids)
+        return self._move(self._tables, self.pool, self._cpu_tables, self.cpu_pool, seq_ids)
 
     def swap_in(self, seq_ids: list[int]) -> list[tuple[int, int]]:
         """Moves the sequences' tables back to device blocks; returns (cpu, device) ids."""
         assert self.cpu_pool is not None
-        return self._move(self.cpu_tables, self.cpu_pool, self.block_tables, self.pool, seq_ids)
+        return self._move(self._cpu_tables, self.cpu_pool, self._tables, self.pool, seq_ids)
 
     @staticmethod
     def _move(src_tables, src_pool: BlockPool, dst_tables, dst_pool: BlockPool, seq_ids) -> list[tuple[int, int]]:
@@ -222,16 +274,45 @@ class KVCacheManager:
 
     def free(self, seq_id: int) -> None:
         """Releases the sequence's blocks, tail first, so tails are evicted before shared prefixes."""
-        table = self.block_tables.pop(seq_id, None)
+        table = self._tables.pop(seq_id, None)
         if table:
             self.pool.release(reversed(table))
-        cpu_table = self.cpu_tables.pop(seq_id, None)
+        cpu_table = self._cpu_tables.pop(seq_id, None)
         if cpu_table:
             assert self.cpu_pool is not None
             self.cpu_pool.release(reversed(cpu_table))
 
-    def block_ids(self, seq_id: int) -> list[int]:
-        return [b.block_id for b in self.block_tables.get(seq_id, ())]
+    # ---- introspection (tests, debugging)
 
-    def has(self, seq_id: int) -> bool:
-        return seq_id in self.block_tables
+    def tables(self, cpu: bool = False) -> dict[int, list[int]]:
+        """Every block table as block ids: the device tables, or with ``cpu`` the swapped-out ones."""
+        return {seq_id: [b.block_id for b in t] for seq_id, t in (self._cpu_tables if cpu else self._tables).items()}
+
+    def check_invariants(self, running: Iterable[Sequence], swapped: Iterable[Sequence]) -> None:
+        """Raises AssertionError unless the tables belong to exactly ``running`` (device) and
+        ``swapped`` (CPU), each pool's reference counts equal the references its tables hold (and only
+        unreferenced blocks are free), every running table covers the computed tokens, and every
+        cached block in a table is full of computed tokens (so it is never written again)."""
+        running, swapped = list(running), list(swapped)
+        if set(self._tables) != {s.seq_id for s in running}:
+            raise AssertionError(f"device tables of {sorted(self._tables)}, running {[s.seq_id for s in running]}")
+        if set(self._cpu_tables) != {s.seq_id for s in swapped}:
+            raise AssertionError(f"CPU tables of {sorted(self._cpu_tables)}, swapped {[s.seq_id for s in swapped]}")
+        for pool, tables in ((self.pool, self._tables), (self.cpu_pool, self._cpu_tables)):
+            if pool is None:
+                if tables:
+                    raise AssertionError("CPU tables without a CPU pool")
+                continue
+            held: dict[int, int] = {}
+            for table in tables.values():
+                for block in table:
+                    held[block.block_id] = held.get(block.block_id, 0) + 1
+            pool.check_invariants(held)
+        bs = self.block_size
+        for seq in running:
+            table = self._tables[seq.seq_id]
+            if len(table) * bs < seq.num_computed_tokens:
+                raise AssertionError(f"sequence {seq.seq_id}: {len(table)} blocks for {seq.num_computed_tokens} tokens")
+            for i, block in enumerate(table):
+                if block.block_hash is not None and (i + 1) * bs > seq.num_computed_tokens:
+                    raise AssertionError(f"sequence {seq.seq_id}: cached {block} at position {i} is not full")

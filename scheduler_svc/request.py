@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2
-from scheduler_svc.sampling_params import InvalidField
+from scheduler_svc.sampling_params import InvalidField, SamplingParams
 
 if TYPE_CHECKING:
     from scheduler_svc.beam_search import BeamSearch
@@ -36,7 +36,7 @@ class Request:
     request_id: str
     stream_id: int
     prompt_token_ids: list[int]
-    params: scheduler_pb2.SamplingParams
+    params: SamplingParams
     arrival: int  # admission order; lower arrived earlier
     stop_token_ids: frozenset[int]  # stop ids plus EOS unless ignore_eos
     seqs: list[Sequence] = field(default_factory=list)  # live and finished samples; live beams
@@ -46,10 +46,14 @@ class Request:
     # prompt[:-1]; they then compute the last prompt token together and sample independently.
     num_pending_forks: int = 0
     beam: BeamSearch | None = None  # set for beam search (beam_width > 1)
-    max_tokens: int = field(init=False)  # params.max_tokens as a plain int (read per token)
+    max_tokens: int = field(init=False)  # params.max_tokens, read per token
+    # Top candidates the workers return for each of the group's sampled tokens: the requested
+    # top_logprobs, or for beam search the candidates the re-selection needs.
+    num_top_logprobs: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.max_tokens = self.params.max_tokens
+        self.num_top_logprobs = self.params.top_logprobs
 
     @property
     def max_num_seqs(self) -> int:
@@ -77,7 +81,7 @@ class Sequence:
     finish_reason: int = FinishReason.FINISH_REASON_UNSPECIFIED
     # Sampling parameters sent to the workers when they differ from the request's (per-sample seed,
     # beam search); None: the request's.
-    params: scheduler_pb2.SamplingParams | None = None
+    params: SamplingParams | None = None
     # Prefix-cache hashes of the full blocks of token_ids[:-1], computed lazily (chained: each covers
     # all tokens up to the end of its block), and how many of the table's blocks carry theirs.
     block_hashes: list[int] = field(default_factory=list)
@@ -101,7 +105,7 @@ class Sequence:
         return len(self.token_ids) - len(self.request.prompt_token_ids)
 
     @property
-    def sampling_params(self) -> scheduler_pb2.SamplingParams:
+    def sampling_params(self) -> SamplingParams:
         return self.params if self.params is not None else self.request.params
 
 
@@ -121,6 +125,11 @@ class SeqOutput:
     final_token_ids: list[int] = field(default_factory=list)
 
 
+def arrival_order(seq: Sequence) -> tuple[int, int]:
+    """Sort key of the scheduler's queues: arrival, then seq_id, so a group's sequences are contiguous."""
+    return (seq.request.arrival, seq.seq_id)
+
+
 def sample_seed(seed: int, index: int) -> int:
     """Seed of sample ``index`` of a seeded request; sample 0 keeps the request's seed."""
     if index == 0:
@@ -129,15 +138,12 @@ def sample_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") % 2**63
 
 
-def beam_params(params: scheduler_pb2.SamplingParams, num_candidates: int) -> scheduler_pb2.SamplingParams:
-    """What beams send to the workers: greedy scoring with ``num_candidates`` top alternatives; the
-    beams themselves are chosen by the scheduler."""
-    beam = scheduler_pb2.SamplingParams()
-    beam.CopyFrom(params)
-    beam.temperature, beam.top_k, beam.top_p, beam.min_p = 0.0, 0, 1.0, 0.0
-    beam.repetition_penalty, beam.has_seed, beam.logprobs = 1.0, False, False
-    beam.top_logprobs = num_candidates
-    return beam
+def beam_params(params: SamplingParams) -> SamplingParams:
+    """What beams send to the workers: greedy scoring, no logprob of their own; the top alternatives
+    travel as the plan's num_top_logprobs (Request.num_top_logprobs), and the scheduler chooses the
+    beams."""
+    return replace(params, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None,
+                   logprobs=False, top_logprobs=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,15 +156,16 @@ class RequestLimits:
     max_group_size: int  # sequences one step can hold
     vocab_size: int | None = None
 
-    def longest(self, prompt_token_ids: list[int], params) -> int:
+    def longest(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Prompt plus output tokens at most."""
         return min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
 
 
 def validate_request(
-    prompt_token_ids: list[int], params, stop_token_ids: frozenset[int], limits: RequestLimits
+    prompt_token_ids: list[int], params: SamplingParams, stop_token_ids: frozenset[int], limits: RequestLimits
 ) -> None:
-    """Raises InvalidField (naming the field) for a request that can never run."""
+    """Raises InvalidField (naming the field) for a request that can never run on this scheduler.
+    ``params`` validated themselves; this checks what needs the scheduler's limits."""
     vocab = limits.vocab_size
     if not prompt_token_ids:
         raise InvalidField("prompt", "must not be empty")
@@ -171,12 +178,8 @@ def validate_request(
             f"{len(prompt_token_ids)} tokens leave no room to generate within the context "
             f"length {limits.max_model_len}",
         )
-    if params.max_tokens < 1:
-        raise InvalidField("max_tokens", f"must be at least 1, got {params.max_tokens}")
-    width, n = max(1, params.beam_width), max(1, params.n)
-    if width > 1 and n > 1:
-        raise InvalidField("n", "must be 1 with beam search (beam_width > 1 returns beam_width beams)")
-    group = max(width, n)
+    width = params.beam_width
+    group = max(width, params.n)
     field_name = "beam_width" if width > 1 else "n"
     if group > limits.max_group_size:
         raise InvalidField(field_name, f"{group} sequences exceed the scheduler's step limit {limits.max_group_size}")

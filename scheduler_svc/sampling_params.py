@@ -1,4 +1,11 @@
-"""User-facing sampling parameters, validated at construction."""
+"""Sampling parameters: the one form they take inside every process, validated once, at construction.
+
+Protos appear only at process edges: the gateway and ``LLM`` send ``to_proto()`` in a Submit, the
+scheduler decodes each Submit with ``from_proto`` (and encodes a sequence's parameters into the
+StepPlan), and the worker decodes the plan's with ``from_proto`` again. Defaults are resolved in
+``from_proto``, so no reader of a SamplingParams resolves them again. This module needs only the
+standard library and the generated message stubs (no grpc), so the worker imports it too.
+"""
 
 from __future__ import annotations
 
@@ -33,34 +40,62 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        # Sequences given as lists become tuples: the parameters stay immutable and hashable.
+        for name in ("stop", "stop_token_ids"):
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        # Messages are formatted only on failure: the worker and the scheduler construct these per
+        # sequence.
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
-               f"must be an integer >= 1, got {self.max_tokens!r}")
-        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+               "must be an integer >= 1, got {!r}", self.max_tokens)
+        _check(self.temperature >= 0, "temperature", "must be >= 0, got {}", self.temperature)
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
-               f"must be an integer >= 0 (0 disables), got {self.top_k!r}")
-        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
+               "must be an integer >= 0 (0 disables), got {!r}", self.top_k)
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1], got {}", self.top_p)
+        _check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1], got {}", self.min_p)
         _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "seed",
-               f"must be an integer in [0, 2**63), got {self.seed!r}")
+               "must be an integer in [0, 2**63), got {!r}", self.seed)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "must be non-negative integers")
         _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n",
-               f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+               f"must be an integer in [1, {MAX_N}], got {{!r}}", self.n)
         _check(isinstance(self.beam_width, int) and 1 <= self.beam_width <= MAX_N, "beam_width",
-               f"must be an integer in [1, {MAX_N}], got {self.beam_width!r}")
+               f"must be an integer in [1, {MAX_N}], got {{!r}}", self.beam_width)
         _check(self.n == 1 or self.beam_width == 1, "n",
                "must be 1 with beam search (beam_width > 1 returns beam_width beams)")
         _check(self.early_stopping in (False, True, "never"), "early_stopping",
-               f"must be False, True or 'never', got {self.early_stopping!r}")
+               "must be False, True or 'never', got {!r}", self.early_stopping)
         _check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
-               f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
-        _check(self.repetition_penalty > 0, "repetition_penalty",
-               f"must be > 0, got {self.repetition_penalty}")
+               f"must be in [0, {MAX_TOP_LOGPROBS}], got {{}}", self.top_logprobs)
+        _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0, got {}", self.repetition_penalty)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @classmethod
+    def from_proto(cls, p: scheduler_pb2.SamplingParams) -> SamplingParams:
+        """The parameters a Submit or a StepPlan carries; raises InvalidField. Fields whose zero value
+        is not a valid setting (top_p, repetition_penalty, n, beam_width, early_stopping) read zero
+        as unset and take their defaults; stop strings never leave the gateway."""
+        return cls(
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p or 1.0,
+            min_p=p.min_p,
+            seed=p.seed if p.has_seed else None,
+            stop_token_ids=tuple(p.stop_token_ids),
+            ignore_eos=p.ignore_eos,
+            n=p.n or 1,
+            beam_width=p.beam_width or 1,
+            length_penalty=p.length_penalty,
+            early_stopping=_EARLY_STOPPING_FROM_PROTO.get(p.early_stopping, p.early_stopping),  # unknown: rejected
+            logprobs=p.logprobs,
+            top_logprobs=p.top_logprobs,
+            repetition_penalty=p.repetition_penalty or 1.0,
+        )
 
     def to_proto(self) -> scheduler_pb2.SamplingParams:
         return scheduler_pb2.SamplingParams(
@@ -88,11 +123,14 @@ _EARLY_STOPPING = {
     True: scheduler_pb2.EARLY_STOPPING_ON_FULL,
     "never": scheduler_pb2.EARLY_STOPPING_NEVER,
 }
+_EARLY_STOPPING_FROM_PROTO = {v: k for k, v in _EARLY_STOPPING.items()} | {
+    scheduler_pb2.EARLY_STOPPING_UNSPECIFIED: False,
+}
 
 
-def _check(ok: bool, field_name: str, message: str) -> None:
+def _check(ok: bool, field_name: str, message: str, *values: object) -> None:
     if not ok:
-        raise InvalidField(field_name, message)
+        raise InvalidField(field_name, message.format(*values))
 
 
 class InvalidField(ValueError):

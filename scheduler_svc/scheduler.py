@@ -2,18 +2,22 @@
 
 Each step has two phases. First the running sequences are picked, decodes first, then prefill
 chunks in progress, oldest first, under the token budget and the sequence cap; when the free blocks
-cannot cover a pick, the latest-arriving group is preempted: a multi-sequence group (n > 1, beams) is
-swapped out to the CPU pool when it fits there, anything else is recomputed later (its blocks freed).
-Then the picks take their blocks (copy-on-write where they write into shared ones). If nothing was
-preempted, swapped groups come back first, then waiting sequences are admitted first-come-first-served
-(reusing cached prefix blocks) while the budget, the cap and the free blocks last.
+cannot cover a pick, the latest-arriving group is preempted (scheduler_svc.preemption: swapped out or
+recomputed later). Then the picks take their blocks from the KV cache manager (copy-on-write where
+they write into shared ones). If nothing was preempted, swapped groups come back first, then waiting
+sequences are admitted first-come-first-served (reusing cached prefix blocks) while the budget, the
+cap and the free blocks last: the head of the queue waits for blocks, nobody overtakes it.
 
-Sequence groups:
-- parallel sampling: the first sequence computes prompt[:-1]; the other n-1 then fork from it, sharing
-  every block, and all n compute the last prompt token in one step and sample independently;
-- beam search: one sequence computes the prompt; after every step the beams are re-selected from the
-  workers' top candidates (scheduler_svc.beam_search), survivors fork (the child's last token set by
-  the plan), dropped beams free their blocks. Live beams always step together.
+A request is a sequence group (scheduler_svc.sequence_groups): n parallel samples fork from the first
+once it has computed prompt[:-1]; beams are re-selected after every step and always step together.
+
+Invariants:
+- ``running``, ``waiting`` and ``swapped`` are sorted by arrival (then seq_id), so a group's sequences
+  are contiguous and the latest arrival is last.
+- The KV cache manager holds a device table exactly for each running sequence, a CPU table for each
+  swapped one, and nothing for waiting ones.
+- Every sequence the workers hold is running; every sequence that stops running (finished, dropped,
+  preempted, swapped) is in the next plan's ``finished_seq_ids``.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from itertools import chain
 
-from scheduler_svc.beam_search import BeamSearch
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.kv_cache_manager import KVCacheManager
+from scheduler_svc.preemption import PreemptionMixin
 from scheduler_svc.request import (
     FinishReason,
     Request,
@@ -34,16 +38,13 @@ from scheduler_svc.request import (
     SeqOutput,
     SeqStatus,
     Sequence,
-    beam_params,
-    sample_seed,
+    arrival_order,
     validate_request,
 )
-from scheduler_svc.sampling_params import InvalidField
+from scheduler_svc.sampling_params import InvalidField, SamplingParams
+from scheduler_svc.sequence_groups import SequenceGroups
 from scheduler_svc.step_plan import ForkedSeq, ScheduledSeq, SchedulerOutput
 
-__all__ = ["ForkedSeq", "ScheduledSeq", "Scheduler", "SchedulerOutput", "SchedulerStats", "sample_seed"]
-
-_KEY = lambda seq: (seq.request.arrival, seq.seq_id)  # noqa: E731  running/swapped order: groups contiguous
 _RUNNING = SeqStatus.RUNNING
 # Plain ints: protobuf enum attribute lookups are slow on the per-token path.
 _STOP = int(FinishReason.FINISH_REASON_STOP)
@@ -73,13 +74,23 @@ class _Pick:
 
 @dataclass(slots=True)
 class _Step:
+    """The step being planned: what is left of the token budget, seats and blocks taken by picks."""
+
     budget: int
     num_seqs: int = 0
     num_reserved_blocks: int = 0
     picks: list[_Pick] = field(default_factory=list)
 
+    def unpick(self, request: Request) -> None:
+        """Gives back what the request's picks took (its group is being preempted)."""
+        for pick in [p for p in self.picks if p.request is request]:
+            self.picks.remove(pick)
+            self.num_reserved_blocks -= pick.num_blocks
+            self.num_seqs -= len(pick.slots) + pick.num_forks
+            self.budget += sum(n for _, n in pick.slots) + pick.num_forks
 
-class Scheduler:
+
+class Scheduler(PreemptionMixin):
     def __init__(
         self,
         config: SchedulerConfig,
@@ -97,9 +108,9 @@ class Scheduler:
         self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
         self.cpu_pool = BlockPool(num_cpu_blocks) if num_cpu_blocks > 0 else None
         self.kv = KVCacheManager(self.pool, config.block_size, self.cpu_pool)
-        self.waiting: deque[Sequence] = deque()  # sorted by _KEY: new requests append, preempted ones insert
-        self.running: list[Sequence] = []  # sorted by _KEY
-        self.swapped: list[Sequence] = []  # sorted by _KEY
+        self.waiting: deque[Sequence] = deque()  # sorted by arrival_order: new requests append, preempted ones insert
+        self.running: list[Sequence] = []  # sorted by arrival_order
+        self.swapped: list[Sequence] = []  # sorted by arrival_order
         self.requests: dict[tuple[int, str], Request] = {}
         self.stats = SchedulerStats()
         self.limits = RequestLimits(self.max_model_len, config.block_size, num_blocks,
@@ -109,13 +120,14 @@ class Scheduler:
         self._next_seq_id = 0
         self._next_step_id = 0
         self._dropped_seq_ids: list[int] = []  # workers drop these before the next step
-        self._pending_forks: list[ForkedSeq] = []  # beam forks for the next plan
-        self._pending_last_tokens: list[Sequence] = []  # beams whose last token the next plan sets
         self._pending_outputs: list[SeqOutput] = []  # failures found while scheduling
+        self.groups = SequenceGroups(self.kv, self.running, self._retire, self._new_seq_id)
 
     # ---- requests in and out
 
-    def add_request(self, stream_id: int, request_id: str, prompt_token_ids: list[int], params) -> Request:
+    def add_request(
+        self, stream_id: int, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Request:
         """Admits a request to the waiting queue; raises InvalidField when it can never run."""
         key = (stream_id, request_id)
         if key in self.requests:
@@ -128,14 +140,7 @@ class Scheduler:
         self._next_arrival += 1
         seq = Sequence(self._new_seq_id(), request, list(prompt_token_ids))
         request.seqs.append(seq)
-        if params.beam_width > 1:
-            request.beam = BeamSearch(
-                params.beam_width, len(prompt_token_ids), self.limits.longest(prompt_token_ids, params), stop_ids,
-                params.length_penalty, params.early_stopping,
-            )
-            seq.params = beam_params(params, request.beam.num_candidates)
-        elif params.n > 1:
-            request.num_pending_forks = params.n - 1
+        SequenceGroups.start(request, self.limits.longest(prompt_token_ids, params))
         self.requests[key] = request
         self.waiting.append(seq)
         return request
@@ -168,18 +173,14 @@ class Scheduler:
         self._next_step_id += 1
         step = _Step(self.config.max_num_batched_tokens)
         self._pick_running(step, out)
-        for pick in step.picks:
-            self._place(pick, out)
+        self._place(step.picks, out)
         if not out.preempted:
             self._swap_in(step, out)
             if not self.swapped:
                 self._admit(step, out)
         if out.is_empty and not out.preempted and self.has_work():
             self._fail_stuck()
-        # Forks and last tokens decided by the last update, for sequences still on the workers.
-        out.forks[:0] = [f for f in self._pending_forks if f.child.status is _RUNNING]
-        out.last_tokens = [(s.seq_id, s.token_ids[-1]) for s in self._pending_last_tokens if s.status is _RUNNING]
-        self._pending_forks, self._pending_last_tokens = [], []
+        self.groups.take_pending(out)
         out.finished_seq_ids = self._dropped_seq_ids
         self._dropped_seq_ids = []
         self.stats.num_steps += 1
@@ -197,7 +198,7 @@ class Scheduler:
         token, or that is aborted meanwhile, computes one extra token, which ``update`` ignores (it is
         no longer running) and whose KV slot lies past its end, in blocks freed by then, and any
         later step that reuses them runs after this one on the workers."""
-        if self.waiting or self.swapped or self._pending_forks or self._pending_last_tokens:
+        if self.waiting or self.swapped or self.groups.has_pending:
             return None
         if prev.preempted or prev.forks or prev.swap_out or prev.swap_in:
             return None
@@ -221,16 +222,12 @@ class Scheduler:
             slots.append((seq.seq_id, num_tokens, num_tokens + 1))
         if not picks or len(picks) > self.config.max_num_batched_tokens:
             return None
-        if self.kv.num_blocks_needed(slots) > self.pool.num_free_blocks:
+        if self.kv.num_blocks_needed(slots) > self.kv.num_free_blocks:
             return None
         out = SchedulerOutput(self._next_step_id)
         self._next_step_id += 1
         for seq, (seq_id, start, end) in zip(picks, slots, strict=True):
-            new_ids, copies, replaced = self.kv.allocate_slots(seq_id, start, end)
-            out.running.append(ScheduledSeq(seq, 1, new_ids))
-            if copies:
-                out.copies += copies
-                out.table_updates.append((seq_id, [p for p, _ in replaced], [b for _, b in replaced]))
+            out.add_running(seq, 1, self.kv.allocate_slots(seq_id, start, end))
         out.finished_seq_ids = self._dropped_seq_ids
         self._dropped_seq_ids = []
         self.stats.num_steps += 1
@@ -249,7 +246,7 @@ class Scheduler:
                 chunks.append(s)
         grouped: set[int] = set()  # beam groups already picked as a whole
         cap = self.config.max_num_seqs
-        free_queue = self.pool.free_queue
+        kv = self.kv
         for seq in chain(decodes, chunks):
             if step.budget == 0:
                 break
@@ -263,8 +260,9 @@ class Scheduler:
                 continue
             if num_seqs > 1:
                 grouped.add(id(pick.request))
-            if free_queue.num_free - step.num_reserved_blocks < pick.num_blocks and not self._make_room(
-                pick, step, out
+            # Picks so far fit the free blocks, so a pick that takes none fits too.
+            if pick.num_blocks and kv.num_free_blocks - step.num_reserved_blocks < pick.num_blocks and not (
+                self._make_room(pick, step, out)
             ):
                 continue
             step.picks.append(pick)
@@ -277,16 +275,8 @@ class Scheduler:
         start = seq.num_computed_tokens
         remaining = len(seq.token_ids) - start
         if request.beam is None and not request.num_pending_forks:
-            # The common case, kept cheap: one sequence whose table ends at or just past ``start``.
-            n = min(remaining, budget)
-            table = self.kv.block_tables[seq.seq_id]
-            i = start // self.block_size
-            if len(table) <= i + 1:
-                needed = (start + n + self.block_size - 1) // self.block_size - len(table)
-                if i < len(table) and table[i].ref_cnt > 1:
-                    needed += 1  # copy-on-write of a block shared with a sibling sample
-                return _Pick(request, [(seq, n)], 0, needed)
-            return _Pick(request, [(seq, n)], 0, self.kv.num_blocks_needed([(seq.seq_id, start, start + n)]))
+            n = min(remaining, budget)  # the common case, kept cheap: one sequence
+            return _Pick(request, [(seq, n)], 0, self.kv.num_blocks_to_write(seq.seq_id, start, start + n))
         if request.beam is not None and len(request.seqs) > 1:
             beams = request.seqs
             if all(b.status is _RUNNING and b.num_tokens - b.num_computed_tokens == 1 for b in beams):
@@ -302,7 +292,7 @@ class Scheduler:
                 n = 1 + request.num_pending_forks
                 if budget < n:
                     return None
-                return _Pick(request, [(seq, 1)], n - 1, self._fork_blocks(seq, n))
+                return _Pick(request, [(seq, 1)], n - 1, self.kv.num_blocks_to_fork(seq.seq_id, start, n))
             slots = [(seq, min(remaining - 1, budget))]
         else:
             slots = [(seq, min(remaining, budget))]
@@ -311,117 +301,31 @@ class Scheduler:
         )
         return _Pick(request, slots, 0, blocks)
 
-    def _fork_blocks(self, parent: Sequence, n: int) -> int:
-        """Blocks that n sequences sharing ``parent``'s table take to write its next slot."""
-        table = self.kv.block_tables[parent.seq_id]
-        i = parent.num_computed_tokens // self.block_size
-        if i >= len(table):
-            return n  # the slot starts a block: one new block each
-        return n - 1 + (table[i].ref_cnt > 1)  # copies; the last writer keeps the block unless shared
-
-    def _make_room(self, pick: _Pick, step: _Step, out: SchedulerOutput) -> bool:
-        """Preempts latest arrivals until the pick fits; False if the pick's own group went."""
-        while self.pool.num_free_blocks - step.num_reserved_blocks < pick.num_blocks:
-            victim = self.running[-1].request
-            self._preempt(victim, step, out)
-            if victim is pick.request:
-                return False
-        return True
-
-    def _place(self, pick: _Pick, out: SchedulerOutput) -> None:
-        """Phase two: the pick takes its blocks; forks first, copy-on-write as it writes."""
-        slots = pick.slots
-        if not pick.num_blocks and not pick.num_forks:  # neither new blocks nor copies
-            if len(slots) == 1:
-                out.running.append(ScheduledSeq(slots[0][0], slots[0][1], []))
-            else:
-                out.running += [ScheduledSeq(seq, n, []) for seq, n in slots]
-            return
-        if pick.num_forks:
-            parent = slots[0][0]
-            children = self._fork_samples(parent, pick.num_forks)
-            out.forks += [ForkedSeq(parent.seq_id, c) for c in children]
-            slots = slots + [(c, 1) for c in children]
-        for seq, n in slots:
-            start = seq.num_computed_tokens
-            new_ids, copies, replaced = self.kv.allocate_slots(seq.seq_id, start, start + n)
-            out.running.append(ScheduledSeq(seq, n, new_ids))
-            if copies:
-                out.copies += copies
-                out.table_updates.append((seq.seq_id, [p for p, _ in replaced], [b for _, b in replaced]))
-
-    # ---- preemption and swapping
-
-    def _preempt(self, request: Request, step: _Step, out: SchedulerOutput) -> None:
-        """Takes the whole group off the device: swapped when it is a multi-sequence group in step and
-        the CPU pool holds it, recomputed otherwise. Beams recomputed without the prefix cache would
-        each need their own copy of the blocks they shared, and might never fit again: that fails."""
-        mine = [p for p in step.picks if p.request is request]
-        for pick in mine:
-            step.picks.remove(pick)
-            step.num_reserved_blocks -= pick.num_blocks
-            step.num_seqs -= len(pick.slots) + pick.num_forks
-            step.budget += sum(n for _, n in pick.slots) + pick.num_forks
-        live = [s for s in request.seqs if s.status is _RUNNING]
-        ids = [s.seq_id for s in live]
-        in_step = all(
-            s.status is _RUNNING and s.num_tokens - s.num_computed_tokens == 1
-            for s in request.seqs
-            if s.status is not SeqStatus.FINISHED
-        )
-        if len(live) > 1 and in_step and self.kv.can_swap_out(ids):
-            out.swap_out += self.kv.swap_out(ids)
-            for seq in live:
-                self._take_off(seq, SeqStatus.SWAPPED)
-                bisect.insort(self.swapped, seq, key=_KEY)
-            self.stats.num_swap_preemptions += len(live)
-        elif request.beam is not None and len(request.seqs) > 1 and not self.pool.enable_caching:
-            self._fail(request, "preempting a beam search needs CPU swap space (--swap-space) or prefix caching")
-            return
-        else:
-            for seq in live:
-                self.kv.free(seq.seq_id)
-                self._take_off(seq, SeqStatus.WAITING)
-                seq.num_computed_tokens = 0
-                bisect.insort(self.waiting, seq, key=_KEY)  # back in arrival order, ahead of later ones
-        request.num_preemptions += 1
-        out.preempted += live
-        self.stats.num_preemptions += len(live)
-
-    def _take_off(self, seq: Sequence, status: SeqStatus) -> None:
-        self.running.remove(seq)
-        seq.status = status
-        seq.num_hashed_blocks = 0
-        self._dropped_seq_ids.append(seq.seq_id)
-
-    def _swap_in(self, step: _Step, out: SchedulerOutput) -> None:
-        """Brings swapped groups back, oldest first; each computes its next token this step."""
-        while self.swapped:
-            request = self.swapped[0].request
-            group = [s for s in self.swapped[: request.max_num_seqs] if s.request is request]
-            ids = [s.seq_id for s in group]
-            if step.budget < len(group) or step.num_seqs + len(group) > self.config.max_num_seqs:
-                return
-            writes = [(s.seq_id, s.num_computed_tokens, s.num_computed_tokens + 1) for s in group]
-            needed = self.kv.num_swap_in_blocks(ids) + self.kv.num_blocks_needed(writes, cpu=True)
-            free = self.pool.num_free_blocks - (self._watermark_blocks if self.running else 0)
-            if needed > free:
-                return
-            out.swap_in += self.kv.swap_in(ids)
-            del self.swapped[: len(group)]
-            for seq in group:
-                seq.status = _RUNNING
-                bisect.insort(self.running, seq, key=_KEY)
-                self._start(seq, 1, out)
-            step.budget -= len(group)
-            step.num_seqs += len(group)
+    def _place(self, picks: list[_Pick], out: SchedulerOutput) -> None:
+        """Phase two: the picks take their blocks; forks first, copy-on-write as they write."""
+        running = out.running
+        for pick in picks:
+            slots = pick.slots
+            if not pick.num_blocks and not pick.num_forks:  # neither new blocks nor copies: most decodes
+                if len(slots) == 1:
+                    running.append(ScheduledSeq(slots[0][0], slots[0][1], []))
+                else:
+                    running += [ScheduledSeq(seq, n, []) for seq, n in slots]
+                continue
+            if pick.num_forks:
+                parent = slots[0][0]
+                children = self.groups.fork_samples(parent, pick.num_forks)
+                out.forks += [ForkedSeq(parent.seq_id, c) for c in children]
+                slots = slots + [(c, 1) for c in children]
+            for seq, n in slots:
+                start = seq.num_computed_tokens
+                out.add_running(seq, n, self.kv.allocate_slots(seq.seq_id, start, start + n))
 
     def _start(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
         """Schedules a sequence that the workers do not hold: it travels in full."""
         start = seq.num_computed_tokens
-        _, copies, _ = self.kv.allocate_slots(seq.seq_id, start, start + num_new)
-        out.copies += copies
-        out.new_seqs.append(ScheduledSeq(seq, num_new, self.kv.block_ids(seq.seq_id)))
+        alloc = self.kv.allocate_slots(seq.seq_id, start, start + num_new)
+        out.add_new(seq, num_new, alloc, self.kv.block_table(seq.seq_id))
 
     # ---- admission
 
@@ -436,8 +340,8 @@ class Scheduler:
         seats = request.max_num_seqs - sum(s.status is _RUNNING for s in request.seqs)
         if len(self.running) + seats > self.config.max_num_seqs:
             return False
-        hits = self.kv.cached_prefix(seq)
-        num_cached = len(hits) * self.block_size
+        hit = self.kv.cached_prefix(seq)
+        num_cached = hit.num_tokens
         fork_now = request.num_pending_forks > 0 and num_cached == seq.num_tokens - 1
         if fork_now:
             num_new = 1
@@ -450,21 +354,21 @@ class Scheduler:
             if request.num_pending_forks or (request.beam is not None and len(request.seqs) > 1):
                 target -= 1  # stop before the last token: the group samples it together
                 if num_cached == target:
-                    hits.pop()
-                    num_cached -= self.block_size
+                    hit.drop_last()
+                    num_cached = hit.num_tokens
             num_new = min(target - num_cached, step.budget)
             num_seqs = 1
-            needed = self.kv.num_blocks_for(num_cached + num_new) - len(hits)
-        free = self.pool.num_free_blocks - sum(b.ref_cnt == 0 for b in hits)
+            needed = self.kv.num_blocks_for(num_cached + num_new) - hit.num_blocks
+        free = self.kv.num_free_blocks_after(hit)
         if needed > free - (self._watermark_blocks if self.running else 0):
             return False  # FCFS: the head waits for blocks; nobody overtakes it
         self.waiting.popleft()
-        self.kv.adopt_prefix(seq, hits)
+        self.kv.adopt_prefix(seq, hit)
         self._note_cached(seq, num_cached)
         seq.status = _RUNNING
-        bisect.insort(self.running, seq, key=_KEY)
+        bisect.insort(self.running, seq, key=arrival_order)
         # Samples fork before anyone writes: they share the cached prefix, each gets its own block.
-        children = self._fork_samples(seq, request.num_pending_forks) if fork_now else []
+        children = self.groups.fork_samples(seq, request.num_pending_forks) if fork_now else []
         for s in [seq, *children]:
             self._start(s, num_new, out)
         step.budget -= num_new + num_seqs - 1
@@ -478,32 +382,6 @@ class Scheduler:
         request = seq.request
         if seq.num_output_tokens == 0 and request.num_preemptions == 0:
             request.num_cached_tokens = cached_prompt  # first admission
-
-    def _fork_samples(self, parent: Sequence, count: int) -> list[Sequence]:
-        """Parallel sampling: ``count`` samples that share every block of ``parent``."""
-        request = parent.request
-        params = request.params
-        children = []
-        for _ in range(count):
-            child = self._child(parent, list(parent.token_ids), len(request.seqs))
-            if params.has_seed:
-                child.params = type(params)()
-                child.params.CopyFrom(params)
-                child.params.seed = sample_seed(params.seed, child.index)
-            request.seqs.append(child)
-            children.append(child)
-        request.num_pending_forks = 0
-        return children
-
-    def _child(self, parent: Sequence, token_ids: list[int], index: int) -> Sequence:
-        child = Sequence(
-            self._new_seq_id(), parent.request, token_ids, index=index,
-            num_computed_tokens=parent.num_computed_tokens, status=_RUNNING, params=parent.params,
-            block_hashes=list(parent.block_hashes), num_hashed_blocks=parent.num_hashed_blocks,
-        )
-        self.kv.fork(parent.seq_id, child.seq_id)
-        bisect.insort(self.running, child, key=_KEY)
-        return child
 
     def _fail_stuck(self) -> None:
         """Nothing can run, and nothing will free blocks: the head group can never fit. Fail it."""
@@ -530,7 +408,7 @@ class Scheduler:
         ``top`` their top candidates (needed by beam search)."""
         results, self._pending_outputs = self._pending_outputs, []
         beam_rows: dict[int, tuple[Request, dict[int, tuple[list[int], list[float]]]]] = {}
-        caching = self.pool.enable_caching
+        caching = self.kv.enable_caching
         for sched in chain(out.new_seqs, out.running):
             seq = sched.seq
             if seq.status is not _RUNNING:
@@ -564,7 +442,9 @@ class Scheduler:
             else:
                 results.append(SeqOutput(seq, [token], lp))
         for request, rows in beam_rows.values():
-            results += self._beam_step(request, rows)
+            results += self.groups.beam_step(request, rows)
+            if request.beam.done:
+                del self.requests[(request.stream_id, request.request_id)]
         return results
 
     def _stop_reason(self, seq: Sequence, token: int) -> int:
@@ -576,72 +456,10 @@ class Scheduler:
             return _LENGTH
         return _NOT_FINISHED
 
-    def _beam_step(self, request: Request, rows: dict) -> list[SeqOutput]:
-        """Re-selects the beams: survivors continue (forking for extra tokens), the rest are dropped."""
-        beams = request.seqs  # best first
-        if len(rows) != len(beams):
-            raise RuntimeError(f"beams of {request.request_id!r} did not step together")
-        num_prompt = len(request.prompt_token_ids)
-        tops = [rows[b.seq_id] for b in beams]
-        assert request.beam is not None
-        chosen = request.beam.step(
-            [b.beam_score for b in beams], [b.token_ids[num_prompt:-1] for b in beams],
-            [t[0] for t in tops], [t[1] for t in tops],
-        )
-        if request.beam.done:
-            return self._finish_beams(request)
-        kept: list[Sequence] = []
-        continued: set[int] = set()
-        for c in chosen:
-            parent = beams[c.beam]
-            if c.beam in continued:
-                child = self._child(parent, parent.token_ids[:-1] + [c.token_id], len(kept))
-                child.beam_score = c.score
-                self._pending_forks.append(ForkedSeq(parent.seq_id, child, c.token_id))
-                kept.append(child)
-                continue
-            continued.add(c.beam)
-            if parent.token_ids[-1] != c.token_id:
-                parent.token_ids[-1] = c.token_id
-                self._pending_last_tokens.append(parent)
-            parent.beam_score = c.score
-            parent.index = len(kept)
-            kept.append(parent)
-        for i, beam in enumerate(beams):
-            if i not in continued:
-                self._drop(beam)
-        request.seqs = kept
-        return []
-
-    def _finish_beams(self, request: Request) -> list[SeqOutput]:
-        """Reports the best hypotheses, best first (index 0), as transformers orders them."""
-        for beam in request.seqs:
-            self._drop(beam)
-        request.seqs = []
-        del self.requests[(request.stream_id, request.request_id)]
-        assert request.beam is not None
-        outputs = []
-        for i, hyp in enumerate(request.beam.finished):
-            stopped = bool(hyp.token_ids) and hyp.token_ids[-1] in request.stop_token_ids
-            reason = FinishReason.FINISH_REASON_STOP if stopped else FinishReason.FINISH_REASON_LENGTH
-            seq = Sequence(self._new_seq_id(), request, request.prompt_token_ids + hyp.token_ids, index=i,
-                           status=SeqStatus.FINISHED, finish_reason=reason)
-            outputs.append(SeqOutput(seq, [], [], reason, final_token_ids=list(hyp.token_ids)))
-        return outputs
-
-    def _drop(self, seq: Sequence) -> None:
-        """Ends a running beam silently (not selected, or the search is over)."""
-        self.running.remove(seq)
-        self.kv.free(seq.seq_id)
-        self._dropped_seq_ids.append(seq.seq_id)
-        seq.status = SeqStatus.FINISHED
-
     def finish(self, seq: Sequence, reason: int, tokens=(), logprobs=()) -> SeqOutput:
         """Ends a sequence (an error ends its whole group) and frees its blocks."""
         if seq.status is _RUNNING:
-            self.running.remove(seq)
-            self.kv.free(seq.seq_id)
-            self._dropped_seq_ids.append(seq.seq_id)
+            self._retire(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)  # waiting sequences hold no blocks
         elif seq.status is SeqStatus.SWAPPED:
@@ -659,6 +477,13 @@ class Scheduler:
         if key in self.requests and all(s.status is SeqStatus.FINISHED for s in request.seqs):
             del self.requests[key]
         return SeqOutput(seq, list(tokens), list(logprobs), reason)
+
+    def _retire(self, seq: Sequence) -> None:
+        """Ends a running sequence: the workers drop it, its blocks are freed."""
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        self._dropped_seq_ids.append(seq.seq_id)
+        seq.status = SeqStatus.FINISHED
 
     def _new_seq_id(self) -> int:
         self._next_seq_id += 1

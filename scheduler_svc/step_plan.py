@@ -3,18 +3,37 @@ execute, and their StepResult read back."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import clients  # noqa: F401
 from pagedserve.internal.v1 import worker_pb2
+from scheduler_svc.kv_cache_manager import SlotAllocation
 from scheduler_svc.request import Sequence
+from scheduler_svc.sampling_params import SamplingParams
+
+# A request's parameters are encoded once, not per sequence that sends them (new sequences, forks).
+# Callers copy the result into the plan and never change it.
+_params_proto = functools.lru_cache(maxsize=4096)(SamplingParams.to_proto)
 
 
 @dataclass(slots=True)
 class ScheduledSeq:
+    """A running sequence's share of a step: the workers hold its state, so only the delta travels."""
+
     seq: Sequence
     num_scheduled_tokens: int
-    block_ids: list[int]  # new sequences: the whole table; running ones: blocks added this step
+    new_block_ids: list[int]  # appended to its block table this step
+
+
+@dataclass(slots=True)
+class ScheduledNewSeq:
+    """A sequence the workers do not hold (admitted, resumed after preemption or swap-in, or forked at
+    admission): it travels in full."""
+
+    seq: Sequence
+    num_scheduled_tokens: int
+    block_table: list[int]  # the whole table
 
 
 @dataclass(slots=True)
@@ -29,7 +48,7 @@ class ForkedSeq:
 @dataclass(slots=True)
 class SchedulerOutput:
     step_id: int
-    new_seqs: list[ScheduledSeq] = field(default_factory=list)
+    new_seqs: list[ScheduledNewSeq] = field(default_factory=list)
     running: list[ScheduledSeq] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)  # finished, aborted, preempted or swapped
     preempted: list[Sequence] = field(default_factory=list)
@@ -39,6 +58,17 @@ class SchedulerOutput:
     table_updates: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # seq, positions, ids
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, cpu block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu block, device block)
+
+    def add_running(self, seq: Sequence, num_scheduled_tokens: int, alloc: SlotAllocation) -> None:
+        self.running.append(ScheduledSeq(seq, num_scheduled_tokens, alloc.new_block_ids))
+        if alloc.table_update is not None:
+            self.copies += alloc.copies
+            self.table_updates.append(alloc.table_update)
+
+    def add_new(self, seq: Sequence, num_scheduled_tokens: int, alloc: SlotAllocation, block_table: list[int]) -> None:
+        """The whole table travels, so the copies' table update does not."""
+        self.new_seqs.append(ScheduledNewSeq(seq, num_scheduled_tokens, block_table))
+        self.copies += alloc.copies
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -61,24 +91,23 @@ def encode_step(out: SchedulerOutput) -> bytes:
     num_top = 0
     for sched in out.new_seqs:
         seq = sched.seq
-        params = seq.sampling_params
         plan.new_seqs.add(
             seq_id=seq.seq_id,
             token_ids=seq.token_ids,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_computed_tokens=seq.num_computed_tokens,
             num_scheduled_tokens=sched.num_scheduled_tokens,
-            block_ids=sched.block_ids,
-            sampling_params=params,
+            block_ids=sched.block_table,
+            sampling_params=_params_proto(seq.sampling_params),
         )
-        num_top = max(num_top, params.top_logprobs)
+        num_top = max(num_top, seq.request.num_top_logprobs)
     running = out.running
     if running:
         plan.running_seq_ids.extend([s.seq.seq_id for s in running])
         plan.running_num_scheduled_tokens.extend([s.num_scheduled_tokens for s in running])
-        plan.running_num_new_blocks.extend([len(s.block_ids) for s in running])
-        plan.running_new_block_ids.extend([b for s in running for b in s.block_ids])
-        num_top = max(num_top, max(s.seq.sampling_params.top_logprobs for s in running))
+        plan.running_num_new_blocks.extend([len(s.new_block_ids) for s in running])
+        plan.running_new_block_ids.extend([b for s in running for b in s.new_block_ids])
+        num_top = max(num_top, max([s.seq.request.num_top_logprobs for s in running]))
     plan.num_top_logprobs = num_top
     if out.forks or out.last_tokens or out.copies or out.swap_out or out.swap_in:
         _encode_sharing(out, plan)
@@ -91,7 +120,7 @@ def _encode_sharing(out: SchedulerOutput, plan: worker_pb2.StepPlan) -> None:
         if f.token_id is not None:
             fork.token_id = f.token_id
         elif f.child.params is not None:  # parallel sampling: the sample's own seed
-            fork.sampling_params.CopyFrom(f.child.params)
+            fork.sampling_params.CopyFrom(_params_proto(f.child.params))
     for seq_id, token in out.last_tokens:
         plan.last_token_seq_ids.append(seq_id)
         plan.last_token_ids.append(token)

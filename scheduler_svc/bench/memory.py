@@ -99,9 +99,8 @@ class StepStats:
 
 def simulate(trace: Trace, block_size: int, n: int = 1, beam_width: int = 1, utilization: bool = False) -> StepStats:
     """Runs the trace through the scheduler with a simulated worker; all requests arrive at once."""
-    import clients  # noqa: F401
-    from pagedserve.internal.v1 import scheduler_pb2
     from scheduler_svc.config import SchedulerConfig
+    from scheduler_svc.sampling_params import SamplingParams
     from scheduler_svc.scheduler import Scheduler
 
     # Room for every sequence unshared: sharing is measured, never forced by a full pool.
@@ -112,8 +111,7 @@ def simulate(trace: Trace, block_size: int, n: int = 1, beam_width: int = 1, uti
                       num_blocks, MAX_LEN, eos_token_ids=[], vocab_size=VOCAB)
     final_len: dict[str, int] = {}
     for i, (prompt, out_len) in enumerate(zip(trace.prompts, trace.output_lens, strict=True)):
-        params = scheduler_pb2.SamplingParams(max_tokens=out_len, temperature=1.0, top_p=1.0, ignore_eos=True,
-                                              n=n, beam_width=beam_width)
+        params = SamplingParams(max_tokens=out_len, temperature=1.0, ignore_eos=True, n=n, beam_width=beam_width)
         sched.add_request(0, str(i), prompt, params)
         final_len[str(i)] = len(prompt) + out_len
     stats = StepStats([], [], [], {"max": [], "pow2": [], "oracle": []})
@@ -122,7 +120,7 @@ def simulate(trace: Trace, block_size: int, n: int = 1, beam_width: int = 1, uti
         out = sched.schedule()
         scheduled = {s.seq.seq_id: s.num_scheduled_tokens for s in out.new_seqs + out.running}
         stats.used_blocks.append(sched.pool.num_blocks - sched.pool.num_free_blocks)
-        stats.unshared_blocks.append(sum(len(t) for t in sched.kv.block_tables.values()))
+        stats.unshared_blocks.append(sum(len(t) for t in sched.kv.tables().values()))
         if utilization:
             _record_utilization(sched, scheduled, final_len, stats)
         sampled, top = {}, {}
@@ -143,8 +141,8 @@ def _record_utilization(sched, scheduled: dict[int, int], final_len: dict[str, i
     fill: dict[int, int] = {}
     for seq in sched.running:
         end = seq.num_computed_tokens + scheduled.get(seq.seq_id, 0)
-        for i, block in enumerate(sched.kv.block_tables[seq.seq_id]):
-            fill[block.block_id] = max(fill.get(block.block_id, 0), min(bs, max(0, end - i * bs)))
+        for i, block_id in enumerate(sched.kv.block_table(seq.seq_id)):
+            fill[block_id] = max(fill.get(block_id, 0), min(bs, max(0, end - i * bs)))
     stats.filled_slots.append(sum(fill.values()))
     lengths = [final_len[seq.request.request_id] for seq in sched.running]
     stats.reserved["max"].append(MAX_LEN * len(lengths))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import statistics
 import time
 
-import clients  # noqa: F401
-from pagedserve.internal.v1 import scheduler_pb2
 from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.step_plan import encode_step
 
@@ -21,7 +20,7 @@ def run(args) -> int:
     config = SchedulerConfig(block_size=bs, max_num_seqs=n, max_num_batched_tokens=budget)
     sched = Scheduler(config, num_blocks=n * blocks_per_seq + 1, max_model_len=ctx + max_tokens + 1,
                       eos_token_ids=[], vocab_size=32000)
-    params = scheduler_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     for i in range(n):
         sched.add_request(0, f"r{i}", [(i + j) % 32000 for j in range(ctx)], params)
     # Prefill everything (untimed) so every sequence is a running decode.

@@ -1,10 +1,13 @@
 import torch
 
 from gpu_worker.sampler import SampleRequest, sample
+from scheduler_svc.sampling_params import SamplingParams
 
 
 def row(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, output_index=0, penalty=1.0, tokens=()):
-    return SampleRequest(temperature, top_k, top_p, min_p, penalty, seed, output_index, list(tokens))
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                            repetition_penalty=penalty)
+    return SampleRequest(params, output_index, list(tokens))
 
 
 def test_greedy_rows_take_argmax_and_report_raw_logprobs():

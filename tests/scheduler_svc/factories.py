@@ -9,17 +9,18 @@ import torch
 
 import clients  # noqa: F401
 from gpu_worker.model_runner import ModelRunner
-from pagedserve.internal.v1 import scheduler_pb2, worker_pb2
+from pagedserve.internal.v1 import worker_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.request import SeqStatus
-from scheduler_svc.scheduler import Scheduler, SchedulerOutput
-from scheduler_svc.step_plan import decode_result, encode_step
+from scheduler_svc.sampling_params import SamplingParams
+from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.step_plan import SchedulerOutput, decode_result, encode_step
 
 TOY_VOCAB = 100
 
 
-def params(max_tokens=4, **kw) -> scheduler_pb2.SamplingParams:
-    return scheduler_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, **kw)
+def params(max_tokens=4, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 
 
 def scheduler(num_blocks=16, block_size=4, max_num_seqs=8, budget=64, max_model_len=128, eos=(99,),
@@ -45,33 +46,11 @@ def step(sched: Scheduler, token=5):
 
 def check_invariants(sched: Scheduler) -> None:
     """Every block is free xor referenced, and ref counts equal the references block tables hold (device
-    and CPU pools separately); cached hashes are consistent and only on fully computed blocks."""
-    kv = sched.kv
-    for pool, tables in ((sched.pool, kv.block_tables), (sched.cpu_pool, kv.cpu_tables)):
-        if pool is None:
-            assert not tables
-            continue
-        held: dict[int, int] = {}
-        for table in tables.values():
-            for block in table:
-                held[block.block_id] = held.get(block.block_id, 0) + 1
-        free = set(pool.free_queue.block_ids())
-        assert len(free) == pool.num_free_blocks
-        for block in pool.blocks:
-            assert block.ref_cnt == held.get(block.block_id, 0), block
-            assert (block.block_id in free) != (block.ref_cnt > 0), block
-    for block_hash, block in sched.pool.cached_blocks.items():
-        assert block.block_hash == block_hash
-    assert sum(b.block_hash is not None for b in sched.pool.blocks) == len(sched.pool.cached_blocks)
-    assert set(kv.block_tables) == {s.seq_id for s in sched.running}
-    assert set(kv.cpu_tables) == {s.seq_id for s in sched.swapped}
-    bs = sched.block_size
+    and CPU pools separately); cached hashes are consistent and only on fully computed blocks; the
+    queues agree with the sequences' states and the requests they belong to."""
+    sched.kv.check_invariants(sched.running, sched.swapped)
     for seq in sched.running:
-        table = kv.block_tables[seq.seq_id]
         assert seq.status is SeqStatus.RUNNING
-        assert len(table) * bs >= seq.num_computed_tokens
-        for i, block in enumerate(table):  # a cached block is full and never written again
-            assert block.block_hash is None or (i + 1) * bs <= seq.num_computed_tokens, (seq, i, block)
     for seq in sched.waiting:
         assert seq.status is SeqStatus.WAITING and seq.num_computed_tokens == 0
     for seq in sched.swapped:
@@ -149,7 +128,7 @@ class ToyWorker:
             state = seqs[seq.seq_id]
             assert state.token_ids == seq.token_ids
             assert state.num_computed_tokens == seq.num_computed_tokens
-            assert state.block_table == sched.kv.block_ids(seq.seq_id)
+            assert state.block_table == sched.kv.block_table(seq.seq_id)
             stored = [slots[state.block_table[p // bs], p % bs, 0, 0] for p in range(seq.num_computed_tokens)]
             assert stored == seq.token_ids[: seq.num_computed_tokens], seq.seq_id
 

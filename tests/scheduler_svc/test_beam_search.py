@@ -5,11 +5,9 @@ import random
 
 import pytest
 
-from scheduler_svc.beam_search import BeamSearch, EarlyStopping
+from scheduler_svc.beam_search import BeamSearch
 
 EOS = 99
-ES = {False: EarlyStopping.EARLY_STOPPING_HEURISTIC, True: EarlyStopping.EARLY_STOPPING_ON_FULL,
-      "never": EarlyStopping.EARLY_STOPPING_NEVER}
 
 
 def test_candidates_keep_beams_running_and_only_the_top_width_may_finish():
@@ -33,7 +31,7 @@ def test_hypotheses_are_length_penalized_and_sorted_best_first():
 
 @pytest.mark.parametrize(("early_stopping", "done"), [(True, True), (False, True), ("never", False)])
 def test_early_stopping_rules(early_stopping, done):
-    bs = BeamSearch(2, 1, 20, frozenset({EOS}), length_penalty=1.0, early_stopping=ES[early_stopping])
+    bs = BeamSearch(2, 1, 20, frozenset({EOS}), length_penalty=1.0, early_stopping=early_stopping)
     bs.step([0.0], [[]], [[4, 5, 6, 7]], [[-1.0, -1.1, -5.0, -6.0]])
     # Both finish at -2.0/2 and -2.1/2; the best running beam (-4.0) scores -2.0 at length 2:
     # no better than the worst finished (-1.05), so the heuristic stops too. "never" with a positive
@@ -73,7 +71,7 @@ def hf_beams(model, prompt, k, max_new, length_penalty, early_stopping, eos):
 def our_beams(model, prompt, k, max_new, length_penalty, early_stopping, eos):
     import torch
 
-    bs = BeamSearch(k, len(prompt), len(prompt) + max_new, frozenset(eos), length_penalty, ES[early_stopping])
+    bs = BeamSearch(k, len(prompt), len(prompt) + max_new, frozenset(eos), length_penalty, early_stopping)
     beams = [(0.0, [])]
     while True:
         with torch.inference_mode():

@@ -3,7 +3,7 @@ and drops the rest; a write into a shared block takes a fresh one and a copy. Ex
 
 import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2, worker_pb2
-from scheduler_svc.scheduler import sample_seed
+from scheduler_svc.request import sample_seed
 from scheduler_svc.step_plan import encode_step
 from tests.scheduler_svc.factories import ToyWorker, check_invariants, params, run_step, scheduler, step
 
@@ -16,18 +16,18 @@ def test_parallel_sampling_computes_prompt_minus_one_then_forks_and_copies_the_s
     s = scheduler(num_blocks=16, block_size=4)
     s.add_request(0, "a", [1, 2, 3, 4, 5, 6], params(max_tokens=3, n=3))
     out, outputs = step(s)
-    assert [(n.seq.seq_id, n.num_scheduled_tokens, n.block_ids) for n in out.new_seqs] == [(0, 5, [0, 1])]
+    assert [(n.seq.seq_id, n.num_scheduled_tokens, n.block_table) for n in out.new_seqs] == [(0, 5, [0, 1])]
     assert outputs == []  # prompt[:-1]: nothing sampled yet
     out = s.schedule()
     assert [(f.parent_seq_id, f.child.seq_id, f.token_id) for f in out.forks] == [(0, 1, None), (0, 2, None)]
     # All three write position 5, in block 1 which they share: the first two copy, the last keeps it.
-    assert [(r.seq.seq_id, r.num_scheduled_tokens, r.block_ids) for r in out.running] == [
+    assert [(r.seq.seq_id, r.num_scheduled_tokens, r.new_block_ids) for r in out.running] == [
         (0, 1, []), (1, 1, []), (2, 1, [])
     ]
     assert out.copies == [(1, 2), (1, 3)]
     assert out.table_updates == [(0, [1], [2]), (1, [1], [3])]
     assert refs(s, 5) == [3, 1, 1, 1, 0]  # the full first block stays shared by all three
-    assert [s.kv.block_ids(i) for i in range(3)] == [[0, 2], [0, 3], [0, 1]]
+    assert [s.kv.block_table(i) for i in range(3)] == [[0, 2], [0, 3], [0, 1]]
     outputs = s.update(out, {0: 7, 1: 8, 2: 9})
     assert [(o.seq.index, o.token_ids) for o in outputs] == [(0, [7]), (1, [8]), (2, [9])]
     check_invariants(s)
@@ -41,7 +41,7 @@ def test_fork_at_a_block_boundary_takes_new_blocks_without_copies():
     s.add_request(0, "a", [1, 2, 3, 4, 5], params(max_tokens=3, n=2))
     step(s)
     out = s.schedule()
-    assert [(r.seq.seq_id, r.block_ids) for r in out.running] == [(0, [1]), (1, [2])]
+    assert [(r.seq.seq_id, r.new_block_ids) for r in out.running] == [(0, [1]), (1, [2])]
     assert out.copies == [] and refs(s, 3) == [2, 1, 1]
 
 
@@ -49,7 +49,7 @@ def test_a_one_token_prompt_starts_n_sequences_at_once():
     s = scheduler(num_blocks=16, block_size=4)
     s.add_request(0, "a", [7], params(max_tokens=2, n=3))
     out = s.schedule()
-    assert [(n.seq.seq_id, n.seq.index, n.num_scheduled_tokens, n.block_ids) for n in out.new_seqs] == [
+    assert [(n.seq.seq_id, n.seq.index, n.num_scheduled_tokens, n.block_table) for n in out.new_seqs] == [
         (0, 0, 1, [0]), (1, 1, 1, [1]), (2, 2, 1, [2])
     ]
     assert out.forks == []  # the workers learn every sample as a new sequence
@@ -58,7 +58,7 @@ def test_a_one_token_prompt_starts_n_sequences_at_once():
 
 def test_samples_get_seeds_derived_from_the_request_seed_and_carry_them_in_the_fork():
     s = scheduler(num_blocks=16, block_size=4)
-    s.add_request(0, "a", [1, 2, 3], params(max_tokens=2, n=3, seed=42, has_seed=True))
+    s.add_request(0, "a", [1, 2, 3], params(max_tokens=2, n=3, seed=42))
     step(s)
     plan = worker_pb2.WorkerCommand.FromString(encode_step(s.schedule())).step
     seeds = [f.sampling_params.seed for f in plan.forks]
@@ -79,7 +79,8 @@ def test_beam_search_forks_survivors_overrides_last_tokens_and_drops_the_rest():
     s = scheduler(num_blocks=16, block_size=4, eos=(99,))
     s.add_request(0, "b", [1, 2, 3], params(max_tokens=5, beam_width=2))
     out = s.schedule()
-    assert out.new_seqs[0].seq.sampling_params.top_logprobs == 4  # 2 * beam_width candidates
+    # 2 * beam_width candidates, asked of the workers by the plan
+    assert worker_pb2.WorkerCommand.FromString(encode_step(out)).step.num_top_logprobs == 4
     # The prompt's single beam: candidates 7 (-0.1) and 8 (-0.2) both survive.
     assert s.update(out, {0: 7}, top={0: ([7, 8, 9, 10], [-0.1, -0.2, -3.0, -4.0])}) == []
     out = s.schedule()

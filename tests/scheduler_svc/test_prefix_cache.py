@@ -25,7 +25,7 @@ def test_second_identical_request_computes_only_what_was_not_cached():
     s = scheduler(num_blocks=16, block_size=4)
     s.add_request(0, "a", PROMPT, params(max_tokens=2))
     out, _ = step(s)
-    assert out.new_seqs[0].block_ids == [0, 1, 2] and s.stats.num_computed_prompt_tokens == 10
+    assert out.new_seqs[0].block_table == [0, 1, 2] and s.stats.num_computed_prompt_tokens == 10
     assert s.pool.blocks[0].block_hash == hash_block(None, [1, 2, 3, 4])
     assert s.pool.blocks[1].block_hash == hash_block(hash_block(None, [1, 2, 3, 4]), [5, 6, 7, 8])
     assert s.pool.blocks[2].block_hash is None  # partial blocks are never cached
@@ -33,7 +33,7 @@ def test_second_identical_request_computes_only_what_was_not_cached():
     out = s.schedule()
     (new,) = out.new_seqs
     assert new.seq.num_computed_tokens == 8 and new.num_scheduled_tokens == 2
-    assert new.block_ids == [0, 1, 3]  # shares the two cached blocks while both run
+    assert new.block_table == [0, 1, 3]  # shares the two cached blocks while both run
     assert [b.ref_cnt for b in s.pool.blocks[:4]] == [2, 2, 1, 1]
     assert request.num_cached_tokens == 8
     s.update(out, sampled_for(out))
@@ -51,7 +51,7 @@ def test_a_fully_cached_prompt_still_computes_its_last_block():
     # The last prompt token must be computed (it samples), and a cached block is never written:
     # the hit stops at the first block and the second is computed into a fresh block.
     assert (out.new_seqs[0].num_scheduled_tokens, request.num_cached_tokens) == (4, 4)
-    assert out.new_seqs[0].block_ids == [0, 2]
+    assert out.new_seqs[0].block_table == [0, 2]
 
 
 def test_freed_blocks_stay_cached_until_reused_lru_tails_first():
@@ -62,18 +62,18 @@ def test_freed_blocks_stay_cached_until_reused_lru_tails_first():
     assert len(s.pool.cached_blocks) == 2  # 11 tokens computed (not the last sampled): two full blocks
     s.add_request(0, "c", [50, 51, 52, 53, 54], params(max_tokens=1))
     out, _ = step(s)
-    assert out.new_seqs[0].block_ids == [3, 4]  # never-used blocks first
+    assert out.new_seqs[0].block_table == [3, 4]  # never-used blocks first
     assert s.pool.free_queue.block_ids() == [5, 2, 1, 0, 4, 3]
     s.add_request(0, "d", [60, 61, 62, 63, 64], params(max_tokens=1))
     out, _ = step(s)
-    assert out.new_seqs[0].block_ids == [5, 2] and s.pool.num_evictions == 0  # a's uncached tail went first
+    assert out.new_seqs[0].block_table == [5, 2] and s.pool.num_evictions == 0  # a's uncached tail went first
     request = s.add_request(0, "e", PROMPT, params(max_tokens=1))  # a's prefix blocks 0 and 1 survived
     out, _ = step(s)
-    assert request.num_cached_tokens == 8 and out.new_seqs[0].block_ids == [0, 1, 4]
+    assert request.num_cached_tokens == 8 and out.new_seqs[0].block_table == [0, 1, 4]
     s.add_request(0, "f", [70, 71, 72, 73, 74], params(max_tokens=1))
     out, _ = step(s)
     # Least recently freed first: c's cached prefix block 3 goes before d's (block 5).
-    assert out.new_seqs[0].block_ids == [3, 2] and s.pool.num_evictions == 1
+    assert out.new_seqs[0].block_table == [3, 2] and s.pool.num_evictions == 1
     assert s.pool.blocks[5].block_hash is not None
 
 

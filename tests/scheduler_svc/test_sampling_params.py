@@ -33,3 +33,32 @@ def test_to_proto_resolves_seed_and_keeps_values():
     assert (m.max_tokens, m.top_k, m.has_seed, m.seed, list(m.stop_token_ids)) == (7, 3, True, 11, [4])
     assert m.temperature == pytest.approx(0.5) and m.top_p == pytest.approx(0.9)
     assert not SamplingParams().to_proto().has_seed
+
+
+def test_from_proto_inverts_to_proto():
+    p = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, top_p=0.75, min_p=0.125, seed=11, stop_token_ids=(4, 9),
+                       ignore_eos=True, n=3, length_penalty=0.5, logprobs=True, top_logprobs=2, repetition_penalty=1.5)
+    assert SamplingParams.from_proto(p.to_proto()) == p
+    beams = SamplingParams(beam_width=4, early_stopping="never")
+    assert SamplingParams.from_proto(beams.to_proto()) == beams
+    assert SamplingParams.from_proto(SamplingParams(seed=0).to_proto()).seed == 0  # has_seed, not seed != 0
+
+
+def test_from_proto_reads_unset_fields_as_their_defaults_and_validates():
+    from pagedserve.internal.v1 import scheduler_pb2
+
+    p = SamplingParams.from_proto(scheduler_pb2.SamplingParams(max_tokens=1))  # what a bare plan carries
+    assert p == SamplingParams(max_tokens=1, temperature=0.0, length_penalty=0.0)
+    assert (p.top_p, p.repetition_penalty, p.n, p.beam_width, p.early_stopping, p.seed) == (1.0, 1.0, 1, 1, False, None)
+    with pytest.raises(InvalidField) as err:
+        SamplingParams.from_proto(scheduler_pb2.SamplingParams(max_tokens=0))
+    assert err.value.field == "max_tokens"
+    with pytest.raises(InvalidField) as err:
+        SamplingParams.from_proto(scheduler_pb2.SamplingParams(max_tokens=1, early_stopping=7))
+    assert err.value.field == "early_stopping"
+
+
+def test_sequences_become_tuples_so_params_stay_hashable():
+    p = SamplingParams(stop=["a"], stop_token_ids=[3])
+    assert (p.stop, p.stop_token_ids) == (("a",), (3,))
+    assert hash(p) == hash(SamplingParams(stop=("a",), stop_token_ids=(3,)))

@@ -14,17 +14,17 @@ def test_fcfs_admission_then_decode_deltas():
     s.add_request(0, "a", [1, 2, 3, 4, 5], params())  # 2 blocks
     s.add_request(0, "b", [6, 7, 8], params())  # 1 block
     out = s.schedule()
-    assert [(n.seq.seq_id, n.num_scheduled_tokens, n.block_ids) for n in out.new_seqs] == [
+    assert [(n.seq.seq_id, n.num_scheduled_tokens, n.block_table) for n in out.new_seqs] == [
         (0, 5, [0, 1]),
         (1, 3, [2]),
     ]
     outputs = s.update(out, {0: 10, 1: 11})
     assert [(o.seq.seq_id, o.token_ids) for o in outputs] == [(0, [10]), (1, [11])]
     out = s.schedule()  # decode: seq 0 has 6 tokens (fits 2 blocks), seq 1 has 4 (fits 1)
-    assert [(r.seq.seq_id, r.num_scheduled_tokens, r.block_ids) for r in out.running] == [(0, 1, []), (1, 1, [])]
+    assert [(r.seq.seq_id, r.num_scheduled_tokens, r.new_block_ids) for r in out.running] == [(0, 1, []), (1, 1, [])]
     s.update(out, {0: 12, 1: 13})
     out = s.schedule()  # seq 1 now writes its 5th token: a new block
-    assert [(r.seq.seq_id, r.block_ids) for r in out.running] == [(0, []), (1, [3])]
+    assert [(r.seq.seq_id, r.new_block_ids) for r in out.running] == [(0, []), (1, [3])]
     check_invariants(s)
 
 
@@ -56,7 +56,7 @@ def test_recompute_preemption_takes_latest_arrival_and_resumes_it():
     assert [p.seq_id for p in out.preempted] == [1]
     assert out.finished_seq_ids == [1]  # the workers drop the preempted state before this step
     # b freed [2, 3] tail first, so its tail block 3 is reused first
-    assert [(r.seq.seq_id, r.block_ids) for r in out.running] == [(0, [3])]
+    assert [(r.seq.seq_id, r.new_block_ids) for r in out.running] == [(0, [3])]
     assert s.stats.num_preemptions == 1 and [q.seq_id for q in s.waiting] == [1]
     b = s.waiting[0]
     assert b.num_computed_tokens == 0 and b.token_ids == [4, 5, 6, 5, 5]  # keeps its outputs
@@ -163,7 +163,7 @@ def test_a_multi_sequence_group_is_swapped_out_and_back_keeping_its_sharing():
     out, _ = step(s)
     assert out.swap_in == [(0, 6), (1, 3), (2, 7), (3, 4), (4, 2)]
     # Back as new sequences that carry their computed tokens, and compute one token each.
-    assert [(n.seq.seq_id, n.num_scheduled_tokens, n.seq.num_computed_tokens, n.block_ids) for n in out.new_seqs] == [
+    assert [(n.seq.seq_id, n.num_scheduled_tokens, n.seq.num_computed_tokens, n.block_table) for n in out.new_seqs] == [
         (1, 1, 7, [6, 3, 7, 9]), (2, 1, 7, [6, 4, 2, 8])
     ]
     check_invariants(s)
