@@ -2,7 +2,8 @@
 
 The model is built on the meta device (no memory, no random init), given empty parameters on the
 target device and dtype, then filled tensor by tensor as the checkpoint files are read: peak memory is
-the model plus one checkpoint tensor.
+the model plus one checkpoint tensor. A tensor-parallel rank builds only its shard of the model and reads
+only its shard of each safetensors tensor (a lazy slice), never the whole tensor.
 """
 
 import json
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from gpu_worker.model_config import ModelConfig
 from gpu_worker.models import get_model_class
+from gpu_worker.models.parallel import SINGLE, TPGroup
 
 # Checkpoint layouts in order of preference: (sharded index, single file).
 _LAYOUTS = (
@@ -37,8 +39,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def iter_weights(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the files, one at a time; safetensors are read straight onto
-    ``device``, pickled .bin files (weights_only) through memory-mapped CPU tensors."""
+    """(name, tensor) for every tensor of the files, one at a time. Safetensors come as lazy slices read
+    onto ``device`` (the model's slots read all of a tensor or one rank's shard of it: layers.load_slots),
+    pickled .bin files (weights_only) as memory-mapped CPU tensors."""
     num_tensors = None
     if all(f.suffix == ".safetensors" for f in files):
         num_tensors = 0
@@ -50,7 +53,7 @@ def iter_weights(files: list[Path], device: torch.device) -> Iterator[tuple[str,
             if f.suffix == ".safetensors":
                 with safe_open(f, framework="pt", device=str(device)) as reader:
                     for name in reader.keys():
-                        yield name, reader.get_tensor(name)
+                        yield name, reader.get_slice(name)
                         bar.update()
             else:
                 state_dict = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -88,9 +91,10 @@ def fill_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
 
 
 def load_model(
-    model_dir: str | Path, device: torch.device, dtype: torch.dtype, load_format: str = "auto"
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype, load_format: str = "auto", tp: TPGroup = SINGLE
 ) -> tuple[nn.Module, ModelConfig]:
-    """Build the model that config.json names and fill it from the checkpoint's weights.
+    """Build the model that config.json names (``tp``: this rank's shard of it) and fill it from the
+    checkpoint's weights. The ModelConfig returned describes the whole model (``for_rank``: one rank's).
 
     Raises ValueError for an unsupported architecture (listing the supported ones) or a checkpoint that
     lacks a weight (naming it), FileNotFoundError when the directory holds no weights.
@@ -99,7 +103,7 @@ def load_model(
     config = ModelConfig.from_dir(model_dir)
     model_class = get_model_class(config.hf_config)
     with torch.device("meta"):
-        model = model_class.from_hf_config(config.hf_config)
+        model = model_class.from_hf_config(config.hf_config, tp)
     materialize(model, device, dtype)
     if load_format == "dummy":  # config.json alone: random weights of the real shape
         fill_random(model)

@@ -1,13 +1,14 @@
 """What the runner needs to know about a checkpoint, read once from its config.json."""
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from gpu_worker.models import resolve_architecture
 from gpu_worker.models.layers import layer_windows
+from gpu_worker.models.parallel import TPGroup
 
 # Each field's names across the families' config.json files, first match wins (GPT-2 has its own).
 _ALIASES: dict[str, tuple[str, ...]] = {
@@ -50,6 +51,9 @@ class ModelConfig:
     eos_token_ids: list[int]  # from config.json and generation_config.json, in that order, no repeats
     sliding_window: int | None  # set only when every layer uses this window
     hf_config: dict = field(repr=False, compare=False)  # the raw config.json
+    # > 1: a view for one of that many tensor-parallel ranks (for_rank): num_heads and num_kv_heads are
+    # that rank's, and so are the KV cache sizes derived from them
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
@@ -57,6 +61,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
 
@@ -85,6 +91,20 @@ class ModelConfig:
             hf_config=hf,
         )
 
+    def for_rank(self, tensor_parallel_size: int) -> "ModelConfig":
+        """The shapes one of ``tensor_parallel_size`` ranks holds: its share of the query heads and of the
+        KV heads (one KV head per rank, replicated, when there are fewer KV heads than ranks). Raises
+        ValueError when the heads do not split that way."""
+        if self.tensor_parallel_size != 1:
+            raise ValueError("for_rank() of a config that is already one rank's")
+        if tensor_parallel_size == 1:
+            return self
+        tp = TPGroup(0, tensor_parallel_size)
+        h0, h1 = tp.split(self.num_heads, "num_attention_heads")
+        kv0, kv1 = tp.kv_heads(self.num_kv_heads)
+        return replace(self, num_heads=h1 - h0, num_kv_heads=kv1 - kv0, tensor_parallel_size=tensor_parallel_size)
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes of K and V one token takes in the cache, over all layers."""
+        """Bytes of K and V one token takes in the cache, over all layers (of one rank's KV heads in a
+        for_rank view)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize

@@ -3,6 +3,11 @@
 It talks to the scheduler over one ZeroMQ DEALER socket: WorkerHello first, then one reply per command
 (CacheReady for InitCache, StepResult for each StepPlan). Errors in a step travel in-band in the
 StepResult; errors before serving are sent as fatal_error and the process exits non-zero.
+
+With tensor parallelism each worker is one rank (gpu_worker.distributed): every rank loads its shard,
+reports the blocks that fit its share of the KV heads, and executes every StepPlan; rank 0's StepResult
+is the one the scheduler keeps. A step error on one rank is fatal there (its peers may be waiting for it
+in a collective), and the engine fails.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import torch
 import zmq
 
 import clients  # noqa: F401
+from gpu_worker.distributed import check_tensor_parallel, default_init_method, init_tensor_parallel
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
+from gpu_worker.model_config import ModelConfig
 from gpu_worker.model_runner import ModelRunner, PendingStep
+from gpu_worker.models.parallel import SINGLE
 from gpu_worker.step_profile import StepProfiler
 from pagedserve.internal.v1 import worker_pb2
 
@@ -48,8 +56,11 @@ class WorkerConfig:
     max_num_blocks: int | None = None  # cap on the pool, e.g. to make memory the limit in a benchmark
     seed: int = 0
     swap_space: int = 4 * 2**30  # bytes of CPU swap pool (preempted sequence groups)
+    dist_init_method: str | None = None  # rendezvous of the ranks; None: derived from scheduler_address
 
     def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -89,9 +100,16 @@ class Worker:
                 self.device = torch.device("cuda", 0)
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
-        self.model, self.model_config = load_model(
-            config.model, self.device, config.torch_dtype, load_format=config.load_format
+        n = config.world_size
+        self.tp = SINGLE
+        if n > 1:
+            check_tensor_parallel(ModelConfig.from_dir(config.model), n)  # before the rendezvous and any read
+            init_method = config.dist_init_method or default_init_method(config.scheduler_address)
+            self.tp = init_tensor_parallel(config.rank, n, init_method, self.device)
+        self.model, model_config = load_model(
+            config.model, self.device, config.torch_dtype, load_format=config.load_format, tp=self.tp
         )
+        self.model_config = model_config.for_rank(n)  # this rank's heads: its KV pool holds its KV heads
         self.runner = self._new_runner()
 
     def _new_runner(self) -> ModelRunner:
@@ -199,6 +217,8 @@ class Worker:
 
     def _step_error(self, step_id: int, exc: Exception) -> worker_pb2.WorkerReply:
         traceback.print_exc()
+        if self.config.world_size > 1:
+            raise RankFailed(f"rank {self.config.rank}, step {step_id}: {type(exc).__name__}: {exc}") from exc
         return self._reply(worker_pb2.StepResult(step_id=step_id, error=f"{type(exc).__name__}: {exc}"))
 
     def _reply(self, result: worker_pb2.StepResult) -> worker_pb2.WorkerReply:
@@ -226,21 +246,36 @@ class Worker:
         return reply
 
 
+class RankFailed(RuntimeError):
+    """A step failed on this rank of several: its peers may wait for it in a collective it will never
+    join, so the rank cannot go on; it reports a fatal error and exits, and the engine fails."""
+
+
 def serve(config: WorkerConfig) -> int:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.IDENTITY, f"rank{config.rank}".encode())
     sock.connect(config.scheduler_address)
+    if config.world_size > 1:
+        # A rank blocked in a collective whose peer died never returns to the interpreter, so a Python
+        # handler would never run: SIGTERM (from the launcher, or at the parent's death) kills at once.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        profiler = StepProfiler.from_env() if config.device != "cpu" else None
+        # one profile per engine: rank 0's (the ranks run the same kernels on the same shapes)
+        profiler = StepProfiler.from_env() if config.device != "cpu" and config.rank == 0 else None
         worker = Worker(config)
         sock.send(worker.hello().SerializeToString())
-    except Exception as exc:
+        return _serve_steps(worker, sock, profiler)
+    except Exception as exc:  # start-up errors, and RankFailed
         traceback.print_exc()
         sock.send(worker_pb2.WorkerReply(fatal_error=f"{type(exc).__name__}: {exc}").SerializeToString())
         time.sleep(0.2)
         return 1
+
+
+def _serve_steps(worker: Worker, sock: zmq.Socket, profiler: StepProfiler | None) -> int:
+    """Answers commands until Shutdown (returns 0)."""
 
     def send(reply: worker_pb2.WorkerReply) -> None:
         sock.send(reply.SerializeToString())
@@ -311,6 +346,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="GiB of CPU memory for swapped-out KV blocks of preempted sequence groups (n > 1, "
                    "beam search); 0 disables swapping (default 4)")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the launching process dies")
+    p.add_argument("--dist-init-method", default=None,
+                   help="rendezvous of the tensor-parallel ranks, e.g. tcp://HOST:PORT or file:///PATH (default: "
+                   "from --scheduler: ipc://DIR/X -> file://DIR/torch-dist-init, tcp://HOST:PORT -> tcp://HOST:PORT+1)")
     return p
 
 
@@ -332,6 +370,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_num_blocks=args.max_num_blocks,
         seed=args.seed,
         swap_space=int(args.swap_space * 2**30),
+        dist_init_method=args.dist_init_method,
     )
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from gpu_worker.attention_metadata import AttentionMetadata
-from gpu_worker.models.layers import MLP, Attention, CausalLM, KVCache, Slot, load_slots
+from gpu_worker.models.layers import MLP, Attention, CausalLM, KVCache, Slot, load_slots, qkv_ranges, table_slot
+from gpu_worker.models.parallel import SINGLE, ParallelEmbedding, Shard, TPGroup, cols_shard, rows_shard
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class GPT2Args:
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, args: GPT2Args, layer_id: int):
+    def __init__(self, args: GPT2Args, layer_id: int, tp: TPGroup):
         super().__init__()
         head_dim = args.hidden_size // args.num_heads
         scale = head_dim**-0.5 if args.scale_attn_weights else 1.0
@@ -55,10 +56,11 @@ class GPT2Block(nn.Module):
             scale /= layer_id + 1
         self.ln_1 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.attn = Attention(
-            args.hidden_size, args.num_heads, args.num_heads, head_dim, None, qkv_bias=True, o_bias=True, scale=scale
+            args.hidden_size, args.num_heads, args.num_heads, head_dim, None, qkv_bias=True, o_bias=True, scale=scale,
+            tp=tp,
         )
         self.ln_2 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
-        self.mlp = MLP(args.hidden_size, args.intermediate_size, args.activation)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size, args.activation, tp=tp)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -71,12 +73,12 @@ class GPT2Block(nn.Module):
 class GPT2LMHeadModel(CausalLM):
     args_class = GPT2Args
 
-    def __init__(self, args: GPT2Args):
+    def __init__(self, args: GPT2Args, tp: TPGroup = SINGLE):
         super().__init__()
-        self.args = args
-        self.wte = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.wpe = nn.Embedding(args.max_position_embeddings, args.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(args, i) for i in range(args.num_layers))
+        self.args, self.tp = args, tp
+        self.wte = ParallelEmbedding(args.vocab_size, args.hidden_size, tp)
+        self.wpe = ParallelEmbedding(args.max_position_embeddings, args.hidden_size, tp)
+        self.h = nn.ModuleList(GPT2Block(args, i, tp) for i in range(args.num_layers))
         self.ln_f = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.make_lm_head(self.wte, args.tie_word_embeddings)
 
@@ -94,26 +96,35 @@ class GPT2LMHeadModel(CausalLM):
         return self.ln_f(h)
 
     def checkpoint_slots(self) -> dict[str, Slot]:
-        """HF checkpoint tensor name -> where it goes here (Conv1D weights transposed)."""
+        """HF checkpoint tensor name -> where this rank's part of it goes. Conv1D weights are [in, out]:
+        they are transposed after reading, so a rank's output rows are read as the checkpoint's columns."""
+        a, tp = self.args, self.tp
         t = lambda w: w.t()
+        d, inter = a.hidden_size, a.intermediate_size
+        q, k, v = qkv_ranges(tp, a.num_heads, a.num_heads, d // a.num_heads)
+        qkv_cols = (q, (d + k[0], d + k[1]), (2 * d + v[0], 2 * d + v[1]))  # c_attn's columns are [q | k | v]
+        i0, i1 = tp.split(inter, "n_inner")
         slots = {
-            "transformer.wte.weight": Slot("wte.weight"),
-            "transformer.wpe.weight": Slot("wpe.weight"),
+            "transformer.wte.weight": table_slot("wte.weight", self.wte),
+            "transformer.wpe.weight": table_slot("wpe.weight", self.wpe),
             "transformer.ln_f.weight": Slot("ln_f.weight"),
             "transformer.ln_f.bias": Slot("ln_f.bias"),
         }
-        if not self.args.tie_word_embeddings:
-            slots["lm_head.weight"] = Slot("lm_head.weight")
-        for i in range(self.args.num_layers):
+        if not a.tie_word_embeddings:
+            slots["lm_head.weight"] = table_slot("lm_head.weight", self.wte)
+        for i in range(a.num_layers):
             src, dst = f"transformer.h.{i}.", f"h.{i}."
-            for ours, theirs in (
-                ("attn.qkv_proj", "attn.c_attn"),
-                ("attn.o_proj", "attn.c_proj"),
-                ("mlp.fc1", "mlp.c_fc"),
-                ("mlp.fc2", "mlp.c_proj"),
-            ):
-                slots[f"{src}{theirs}.weight"] = Slot(f"{dst}{ours}.weight", transform=t)
-                slots[f"{src}{theirs}.bias"] = Slot(f"{dst}{ours}.bias")
+            slots |= {
+                f"{src}attn.c_attn.weight": Slot(f"{dst}attn.qkv_proj.weight", transform=t,
+                                                 shard=Shard(1, qkv_cols, 3 * d)),
+                f"{src}attn.c_attn.bias": Slot(f"{dst}attn.qkv_proj.bias", shard=Shard(0, qkv_cols, 3 * d)),
+                f"{src}attn.c_proj.weight": Slot(f"{dst}attn.o_proj.weight", transform=t, shard=rows_shard(*q, d)),
+                f"{src}attn.c_proj.bias": Slot(f"{dst}attn.o_proj.bias"),
+                f"{src}mlp.c_fc.weight": Slot(f"{dst}mlp.fc1.weight", transform=t, shard=cols_shard(i0, i1, inter)),
+                f"{src}mlp.c_fc.bias": Slot(f"{dst}mlp.fc1.bias", shard=rows_shard(i0, i1, inter)),
+                f"{src}mlp.c_proj.weight": Slot(f"{dst}mlp.fc2.weight", transform=t, shard=rows_shard(i0, i1, inter)),
+                f"{src}mlp.c_proj.bias": Slot(f"{dst}mlp.fc2.bias"),
+            }
             for norm in ("ln_1", "ln_2"):
                 slots[f"{src}{norm}.weight"] = Slot(f"{dst}{norm}.weight")
                 slots[f"{src}{norm}.bias"] = Slot(f"{dst}{norm}.bias")

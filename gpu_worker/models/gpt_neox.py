@@ -2,7 +2,8 @@
 a parallel residual (x + attn(ln1(x)) + mlp(ln2(x))) or the sequential one, per config.
 
 HF's fused query_key_value rows are laid out per head, [heads, 3 (q/k/v), head_dim]; they are
-regrouped into our [q heads | k heads | v heads] on load.
+regrouped into our [q heads | k heads | v heads] on load; a tensor-parallel rank reads the contiguous rows
+of its own heads and regroups those.
 """
 
 from collections.abc import Iterable
@@ -12,7 +13,21 @@ import torch
 from torch import nn
 
 from gpu_worker.attention_metadata import AttentionMetadata
-from gpu_worker.models.layers import MLP, Attention, CausalLM, KVCache, RopeParams, RotaryEmbedding, Slot, load_slots
+from gpu_worker.models.layers import (
+    MLP,
+    Attention,
+    CausalLM,
+    KVCache,
+    RopeParams,
+    RotaryEmbedding,
+    Slot,
+    column_slots,
+    load_slots,
+    row_slots,
+    table_slot,
+    weight_slots,
+)
+from gpu_worker.models.parallel import SINGLE, ParallelEmbedding, TPGroup, rows_shard
 
 
 @dataclass(frozen=True)
@@ -50,17 +65,17 @@ class GPTNeoXArgs:
 
 
 class GPTNeoXLayer(nn.Module):
-    def __init__(self, args: GPTNeoXArgs, rotary: RotaryEmbedding):
+    def __init__(self, args: GPTNeoXArgs, rotary: RotaryEmbedding, tp: TPGroup):
         super().__init__()
         self.use_parallel_residual = args.use_parallel_residual
         head_dim = args.hidden_size // args.num_heads
         bias = args.attention_bias
         self.input_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.attention = Attention(
-            args.hidden_size, args.num_heads, args.num_heads, head_dim, rotary, qkv_bias=bias, o_bias=bias
+            args.hidden_size, args.num_heads, args.num_heads, head_dim, rotary, qkv_bias=bias, o_bias=bias, tp=tp
         )
         self.post_attention_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
-        self.mlp = MLP(args.hidden_size, args.intermediate_size, args.activation)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size, args.activation, tp=tp)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -76,12 +91,12 @@ class GPTNeoXLayer(nn.Module):
 class GPTNeoXForCausalLM(CausalLM):
     args_class = GPTNeoXArgs
 
-    def __init__(self, args: GPTNeoXArgs):
+    def __init__(self, args: GPTNeoXArgs, tp: TPGroup = SINGLE):
         super().__init__()
-        self.args = args
+        self.args, self.tp = args, tp
         rotary = RotaryEmbedding(args.rope, args.max_position_embeddings)
-        self.embed_in = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(GPTNeoXLayer(args, rotary) for _ in range(args.num_layers))
+        self.embed_in = ParallelEmbedding(args.vocab_size, args.hidden_size, tp)
+        self.layers = nn.ModuleList(GPTNeoXLayer(args, rotary, tp) for _ in range(args.num_layers))
         self.final_layer_norm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.make_lm_head(self.embed_in, args.tie_word_embeddings)
 
@@ -100,34 +115,36 @@ class GPTNeoXForCausalLM(CausalLM):
 
     def _regroup_qkv(self, w: torch.Tensor) -> torch.Tensor:
         # w: [heads * 3 * head_dim, ...] per head (q, k, v) -> [3 * heads * head_dim, ...] q, k, v blocks
-        heads = self.args.num_heads
-        head_dim = self.args.hidden_size // heads
-        return w.reshape(heads, 3, head_dim, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+        head_dim = self.args.hidden_size // self.args.num_heads
+        return w.reshape(-1, 3, head_dim, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
 
     def checkpoint_slots(self) -> dict[str, Slot]:
-        """HF checkpoint tensor name -> where it goes here."""
-        bias = self.args.attention_bias
+        """HF checkpoint tensor name -> where this rank's part of it goes."""
+        a, tp = self.args, self.tp
+        bias = a.attention_bias
+        head_dim = a.hidden_size // a.num_heads
+        h0, h1 = tp.split(a.num_heads, "num_attention_heads")
+        heads_rows = rows_shard(h0 * 3 * head_dim, h1 * 3 * head_dim, 3 * a.hidden_size)  # this rank's heads
+        inter = tp.split(a.intermediate_size, "intermediate_size")
         slots = {
-            "gpt_neox.embed_in.weight": Slot("embed_in.weight"),
+            "gpt_neox.embed_in.weight": table_slot("embed_in.weight", self.embed_in),
             "gpt_neox.final_layer_norm.weight": Slot("final_layer_norm.weight"),
             "gpt_neox.final_layer_norm.bias": Slot("final_layer_norm.bias"),
         }
-        if not self.args.tie_word_embeddings:
-            slots["embed_out.weight"] = Slot("lm_head.weight")
-        for i in range(self.args.num_layers):
+        if not a.tie_word_embeddings:
+            slots["embed_out.weight"] = table_slot("lm_head.weight", self.embed_in)
+        for i in range(a.num_layers):
             src, dst = f"gpt_neox.layers.{i}.", f"layers.{i}."
-            layout = (  # (theirs, ours, transform, has bias)
-                ("attention.query_key_value", "attention.qkv_proj", self._regroup_qkv, bias),
-                ("attention.dense", "attention.o_proj", None, bias),
-                ("mlp.dense_h_to_4h", "mlp.fc1", None, True),
-                ("mlp.dense_4h_to_h", "mlp.fc2", None, True),
-                ("input_layernorm", "input_layernorm", None, True),
-                ("post_attention_layernorm", "post_attention_layernorm", None, True),
-            )
-            for theirs, ours, transform, has_bias in layout:
-                slots[f"{src}{theirs}.weight"] = Slot(f"{dst}{ours}.weight", transform=transform)
-                if has_bias:
-                    slots[f"{src}{theirs}.bias"] = Slot(f"{dst}{ours}.bias", transform=transform)
+            qkv = (f"{src}attention.query_key_value", f"{dst}attention.qkv_proj")
+            slots[f"{qkv[0]}.weight"] = Slot(f"{qkv[1]}.weight", transform=self._regroup_qkv, shard=heads_rows)
+            if bias:
+                slots[f"{qkv[0]}.bias"] = Slot(f"{qkv[1]}.bias", transform=self._regroup_qkv, shard=heads_rows)
+            q_cols = (h0 * head_dim, h1 * head_dim)
+            slots |= row_slots(f"{src}attention.dense", f"{dst}attention.o_proj", q_cols, a.hidden_size, bias)
+            slots |= column_slots([f"{src}mlp.dense_h_to_4h"], f"{dst}mlp.fc1", [inter], [a.intermediate_size], True)
+            slots |= row_slots(f"{src}mlp.dense_4h_to_h", f"{dst}mlp.fc2", inter, a.intermediate_size, True)
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                slots |= weight_slots(src + norm, dst + norm, True)
         return slots
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

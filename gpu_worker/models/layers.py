@@ -13,6 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_worker.attention_metadata import AttentionMetadata
+from gpu_worker.models.parallel import (
+    SINGLE,
+    ParallelEmbedding,
+    RowParallelLinear,
+    Shard,
+    TPGroup,
+    cols_shard,
+    rows_shard,
+)
 from kernels import apply_rotary, paged_attention, rms_norm, silu_and_mul, store_kv
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, H_kv, D]
@@ -159,7 +168,9 @@ class Attention(nn.Module):
     """Fused qkv projection -> (per-head q/k RMSNorm) -> rotary -> store K/V in the paged cache ->
     paged attention over the whole context -> output projection.
 
-    qkv_proj.weight rows are [q heads | k heads | v heads], each head ``head_dim`` rows.
+    qkv_proj.weight rows are [q heads | k heads | v heads], each head ``head_dim`` rows. Under tensor
+    parallelism a rank holds its own query heads and the KV heads they read (``qkv_ranges``), so qkv_proj
+    is column-parallel, the KV cache holds this rank's KV heads only, and o_proj is row-parallel.
     """
 
     def __init__(
@@ -174,16 +185,19 @@ class Attention(nn.Module):
         scale: float | None = None,
         sliding_window: int | None = None,
         qk_norm_eps: float | None = None,
+        tp: TPGroup = SINGLE,
     ):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        q_rows, kv_rows, _ = qkv_ranges(tp, num_heads, num_kv_heads, 1)
+        # this rank's heads
+        self.num_heads, self.num_kv_heads, self.head_dim = q_rows[1] - q_rows[0], kv_rows[1] - kv_rows[0], head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
         self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias)
+        self.o_proj = RowParallelLinear(self.q_size, hidden_size, o_bias, tp)
         self.rotary = rotary
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
@@ -219,30 +233,45 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
+def qkv_ranges(
+    tp: TPGroup, num_heads: int, num_kv_heads: int, head_dim: int
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """This rank's [start, stop) rows of the checkpoint's q, k and v projections (each its own tensor)."""
+    h0, h1 = tp.split(num_heads, "num_attention_heads")
+    kv0, kv1 = tp.kv_heads(num_kv_heads)
+    kv = (kv0 * head_dim, kv1 * head_dim)
+    return (h0 * head_dim, h1 * head_dim), kv, kv
+
+
 # ------------------------------------------------------------------------------------------------ MLPs
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); gate_up_proj.weight rows are [gate | up]."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate_up_proj.weight rows are [gate | up], under tensor
+    parallelism this rank's intermediate slice of each (column-parallel), and down_proj row-parallel."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, act: str = "silu"):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, act: str = "silu",
+                 tp: TPGroup = SINGLE):
         super().__init__()
         if act != "silu":
             raise ValueError(f"gated MLP supports hidden_act 'silu' only, got {act!r}")
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        start, stop = tp.split(intermediate_size, "intermediate_size")
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * (stop - start), bias=bias)
+        self.down_proj = RowParallelLinear(stop - start, hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class MLP(nn.Module):
-    """fc2(act(fc1(x))), the MLP of GPT-2, GPT-NeoX and OPT."""
+    """fc2(act(fc1(x))), the MLP of GPT-2, GPT-NeoX and OPT; fc1 column-parallel, fc2 row-parallel."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = True):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = True,
+                 tp: TPGroup = SINGLE):
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        start, stop = tp.split(intermediate_size, "intermediate_size")
+        self.fc1 = nn.Linear(hidden_size, stop - start, bias=bias)
+        self.fc2 = RowParallelLinear(stop - start, hidden_size, bias, tp)
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
@@ -255,28 +284,61 @@ class MLP(nn.Module):
 @dataclass(frozen=True)
 class Slot:
     """Where one checkpoint tensor lands: a parameter, optionally a row range of a fused one, after an
-    optional transform (e.g. a transpose of GPT-2's Conv1D weights)."""
+    optional transform (e.g. a transpose of GPT-2's Conv1D weights). Under tensor parallelism a rank reads
+    only its ``shard`` of the checkpoint tensor."""
 
     param: str
     rows: tuple[int, int] | None = None  # [start, stop) along dim 0
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    shard: Shard | None = None  # None: the whole tensor (replicated on every rank)
 
 
 def weight_slots(src: str, dst: str, bias: bool, rows: tuple[int, int] | None = None) -> dict[str, Slot]:
-    """Slots of a checkpoint module's ``src.weight`` (and ``src.bias``) into our module ``dst``."""
+    """Slots of a checkpoint module's ``src.weight`` (and ``src.bias``), whole, into our module ``dst``."""
     slots = {f"{src}.weight": Slot(f"{dst}.weight", rows)}
     if bias:
         slots[f"{src}.bias"] = Slot(f"{dst}.bias", rows)
     return slots
 
 
-def fused_slots(srcs: list[str], dst: str, sizes: list[int], bias: bool) -> dict[str, Slot]:
-    """Slots of several checkpoint linears stacked by rows into our fused linear ``dst``."""
+def column_slots(
+    srcs: list[str], dst: str, ranges: list[tuple[int, int]], sizes: list[int], bias: bool
+) -> dict[str, Slot]:
+    """Slots of checkpoint linears (``sizes`` output rows each) whose row ``ranges`` this rank stacks, in
+    order, into its column-parallel linear ``dst`` (e.g. q, k, v into qkv_proj)."""
     slots, start = {}, 0
-    for src, size in zip(srcs, sizes, strict=True):
-        slots |= weight_slots(src, dst, bias, (start, start + size))
-        start += size
+    for src, (first, stop), size in zip(srcs, ranges, sizes, strict=True):
+        rows, shard = (start, start + stop - first), rows_shard(first, stop, size)
+        slots[f"{src}.weight"] = Slot(f"{dst}.weight", rows, shard=shard)
+        if bias:
+            slots[f"{src}.bias"] = Slot(f"{dst}.bias", rows, shard=shard)
+        start += stop - first
     return slots
+
+
+def row_slots(src: str, dst: str, cols: tuple[int, int], size: int, bias: bool) -> dict[str, Slot]:
+    """Slots of a checkpoint linear (``size`` input features) whose input columns ``cols`` this rank reads
+    into its row-parallel linear ``dst``; the bias is whole on every rank."""
+    slots = {f"{src}.weight": Slot(f"{dst}.weight", shard=cols_shard(*cols, size))}
+    if bias:
+        slots[f"{src}.bias"] = Slot(f"{dst}.bias")
+    return slots
+
+
+def table_slot(param: str, table: ParallelEmbedding) -> Slot:
+    """This rank's rows of an embedding table, or of an LM head split by vocabulary like it."""
+    start, stop = table.start, table.stop
+    return Slot(param, (0, stop - start), shard=rows_shard(start, stop, table.num_rows))
+
+
+def _read(name: str, ref, shard: Shard | None) -> torch.Tensor:
+    """The checkpoint tensor ``ref`` (a tensor or a lazy safetensors slice), whole or this rank's shard."""
+    if shard is None:
+        return ref if isinstance(ref, torch.Tensor) else ref[...]
+    shape = tuple(ref.shape) if isinstance(ref, torch.Tensor) else tuple(ref.get_shape())
+    if len(shape) <= shard.dim or shape[shard.dim] != shard.size:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {shape}, expected {shard.size} along dim {shard.dim}")
+    return shard.read(ref)
 
 
 def load_slots(
@@ -285,14 +347,16 @@ def load_slots(
     slots: dict[str, Slot],
     ignore: Callable[[str], bool] = lambda name: False,
 ) -> None:
-    """Copy every checkpoint tensor into its slot (casting to the parameter's device and dtype).
+    """Copy every checkpoint tensor, or this rank's shard of it, into its slot (casting to the parameter's
+    device and dtype). ``weights`` yields tensors or lazy safetensors slices (loader.iter_weights), of
+    which only the shard is read.
 
     Raises ValueError naming the tensors the checkpoint lacks, a tensor with the wrong shape, or a
     tensor that has no slot and is not ignored (a weight we would otherwise drop silently).
     """
     params = dict(model.named_parameters())
     pending = dict(slots)
-    for name, tensor in weights:
+    for name, ref in weights:
         if ignore(name):
             continue
         slot = pending.pop(name, None)
@@ -300,6 +364,7 @@ def load_slots(
             if name in slots:
                 continue  # the same tensor in two shards
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+        tensor = _read(name, ref, slot.shard)
         if slot.transform is not None:
             tensor = slot.transform(tensor)
         target = params[slot.param].data
@@ -315,19 +380,26 @@ def load_slots(
 
 
 class CausalLM(nn.Module):
-    """What every family's top module shares: built from its frozen Args (``args_class.from_hf``), an LM
-    head over the token embedding (the same tensor when the config ties them), float32 logits."""
+    """What every family's top module shares: built from its frozen Args (``args_class.from_hf``) for one
+    tensor-parallel rank, an LM head over the token embedding (the same tensor when the config ties them;
+    both split by vocabulary rows), float32 logits over the whole vocabulary."""
 
     args_class: type
+    tp: TPGroup
 
     @classmethod
-    def from_hf_config(cls, hf: dict) -> "CausalLM":
-        return cls(cls.args_class.from_hf(hf))
+    def from_hf_config(cls, hf: dict, tp: TPGroup = SINGLE) -> "CausalLM":
+        return cls(cls.args_class.from_hf(hf), tp)
 
-    def make_lm_head(self, embedding: nn.Embedding, tie: bool) -> None:
+    def make_lm_head(self, embedding: ParallelEmbedding, tie: bool) -> None:
         self.lm_head = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False)
         if tie:
             self.lm_head.weight = embedding.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, vocab] fp32
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)  # [n, this rank's vocabulary rows]
+        if self.tp.world_size > 1:
+            # Every rank gets every logit, so every rank samples the same tokens: each appends them to
+            # its own copy of the sequences, whose next inputs must agree across ranks.
+            logits = self.tp.all_gather(logits)[:, : self.args.vocab_size]
+        return logits.float()

@@ -21,11 +21,14 @@ from gpu_worker.models.layers import (
     RopeParams,
     RotaryEmbedding,
     Slot,
-    fused_slots,
+    column_slots,
     layer_windows,
     load_slots,
-    weight_slots,
+    qkv_ranges,
+    row_slots,
+    table_slot,
 )
+from gpu_worker.models.parallel import SINGLE, ParallelEmbedding, TPGroup
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class LlamaArgs:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding, layer_id: int):
+    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding, layer_id: int, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = Attention(
@@ -89,9 +92,10 @@ class LlamaDecoderLayer(nn.Module):
             o_bias=args.o_bias,
             sliding_window=args.layer_windows[layer_id] if args.layer_windows else None,
             qk_norm_eps=args.rms_norm_eps if args.qk_norm else None,
+            tp=tp,
         )
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act, tp)
 
     def forward(
         self,
@@ -111,12 +115,12 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(CausalLM):
     args_class = LlamaArgs
 
-    def __init__(self, args: LlamaArgs):
+    def __init__(self, args: LlamaArgs, tp: TPGroup = SINGLE):
         super().__init__()
-        self.args = args
+        self.args, self.tp = args, tp
         rotary = RotaryEmbedding(args.rope, args.max_position_embeddings)
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(args, rotary, i) for i in range(args.num_layers))
+        self.embed_tokens = ParallelEmbedding(args.vocab_size, args.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(args, rotary, i, tp) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.make_lm_head(self.embed_tokens, args.tie_word_embeddings)
 
@@ -134,35 +138,39 @@ class LlamaForCausalLM(CausalLM):
         return self.norm(h, residual)[0]
 
     def checkpoint_slots(self) -> dict[str, Slot]:
-        """HF checkpoint tensor name -> where it goes here (q/k/v and gate/up are fused)."""
-        a = self.args
+        """HF checkpoint tensor name -> where this rank's part of it goes (q/k/v and gate/up are fused)."""
+        a, tp = self.args, self.tp
         q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        qkv = qkv_ranges(tp, a.num_heads, a.num_kv_heads, a.head_dim)
+        inter = tp.split(a.intermediate_size, "intermediate_size")
         slots = {
-            "model.embed_tokens.weight": Slot("embed_tokens.weight"),
+            "model.embed_tokens.weight": table_slot("embed_tokens.weight", self.embed_tokens),
             "model.norm.weight": Slot("norm.weight"),
         }
         if not a.tie_word_embeddings:
-            slots["lm_head.weight"] = Slot("lm_head.weight")
+            slots["lm_head.weight"] = table_slot("lm_head.weight", self.embed_tokens)
         for i in range(a.num_layers):
             src, dst = f"model.layers.{i}.", f"layers.{i}."
             attn, mlp = src + "self_attn.", src + "mlp."
-            slots |= fused_slots(
+            slots |= column_slots(
                 [attn + "q_proj", attn + "k_proj", attn + "v_proj"],
                 dst + "self_attn.qkv_proj",
+                list(qkv),
                 [q, kv, kv],
                 a.qkv_bias,
             )
-            slots |= weight_slots(attn + "o_proj", dst + "self_attn.o_proj", a.o_bias)
+            slots |= row_slots(attn + "o_proj", dst + "self_attn.o_proj", qkv[0], q, a.o_bias)
             if a.qk_norm:
                 slots[attn + "q_norm.weight"] = Slot(dst + "self_attn.q_norm.weight")
                 slots[attn + "k_norm.weight"] = Slot(dst + "self_attn.k_norm.weight")
-            slots |= fused_slots(
+            slots |= column_slots(
                 [mlp + "gate_proj", mlp + "up_proj"],
                 dst + "mlp.gate_up_proj",
+                [inter, inter],
                 [a.intermediate_size, a.intermediate_size],
                 a.mlp_bias,
             )
-            slots |= weight_slots(mlp + "down_proj", dst + "mlp.down_proj", a.mlp_bias)
+            slots |= row_slots(mlp + "down_proj", dst + "mlp.down_proj", inter, a.intermediate_size, a.mlp_bias)
             slots[src + "input_layernorm.weight"] = Slot(dst + "input_layernorm.weight")
             slots[src + "post_attention_layernorm.weight"] = Slot(dst + "post_attention_layernorm.weight")
         return slots

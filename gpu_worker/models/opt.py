@@ -10,7 +10,20 @@ import torch
 from torch import nn
 
 from gpu_worker.attention_metadata import AttentionMetadata
-from gpu_worker.models.layers import MLP, Attention, CausalLM, KVCache, Slot, fused_slots, load_slots, weight_slots
+from gpu_worker.models.layers import (
+    MLP,
+    Attention,
+    CausalLM,
+    KVCache,
+    Slot,
+    column_slots,
+    load_slots,
+    qkv_ranges,
+    row_slots,
+    table_slot,
+    weight_slots,
+)
+from gpu_worker.models.parallel import SINGLE, ParallelEmbedding, TPGroup
 
 POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
 
@@ -52,17 +65,17 @@ class OPTArgs:
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, args: OPTArgs):
+    def __init__(self, args: OPTArgs, tp: TPGroup):
         super().__init__()
         self.do_layer_norm_before = args.do_layer_norm_before
         head_dim = args.hidden_size // args.num_heads
         bias = args.enable_bias
         self.self_attn_layer_norm = nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine)
         self.self_attn = Attention(
-            args.hidden_size, args.num_heads, args.num_heads, head_dim, None, qkv_bias=bias, o_bias=bias
+            args.hidden_size, args.num_heads, args.num_heads, head_dim, None, qkv_bias=bias, o_bias=bias, tp=tp
         )
         self.final_layer_norm = nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine)
-        self.mlp = MLP(args.hidden_size, args.ffn_dim, args.activation, bias)
+        self.mlp = MLP(args.hidden_size, args.ffn_dim, args.activation, bias, tp)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -78,14 +91,14 @@ class OPTDecoderLayer(nn.Module):
 class OPTForCausalLM(CausalLM):
     args_class = OPTArgs
 
-    def __init__(self, args: OPTArgs):
+    def __init__(self, args: OPTArgs, tp: TPGroup = SINGLE):
         super().__init__()
-        self.args = args
+        self.args, self.tp = args, tp
         projected = args.word_embed_proj_dim != args.hidden_size
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.word_embed_proj_dim)
-        self.embed_positions = nn.Embedding(args.max_position_embeddings + POSITION_OFFSET, args.hidden_size)
+        self.embed_tokens = ParallelEmbedding(args.vocab_size, args.word_embed_proj_dim, tp)
+        self.embed_positions = ParallelEmbedding(args.max_position_embeddings + POSITION_OFFSET, args.hidden_size, tp)
         self.project_in = nn.Linear(args.word_embed_proj_dim, args.hidden_size, bias=False) if projected else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(args) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(OPTDecoderLayer(args, tp) for _ in range(args.num_layers))
         self.final_layer_norm = (
             nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine) if args.final_layer_norm else None
         )
@@ -113,12 +126,15 @@ class OPTForCausalLM(CausalLM):
         return h
 
     def checkpoint_slots(self) -> dict[str, Slot]:
-        """HF checkpoint tensor name -> where it goes here (q/k/v fused)."""
-        a = self.args
+        """HF checkpoint tensor name -> where this rank's part of it goes (q/k/v fused)."""
+        a, tp = self.args, self.tp
         bias, affine = a.enable_bias, a.layer_norm_affine
+        head_dim = a.hidden_size // a.num_heads
+        qkv = qkv_ranges(tp, a.num_heads, a.num_heads, head_dim)
+        ffn = tp.split(a.ffn_dim, "ffn_dim")
         slots = {
-            "model.decoder.embed_tokens.weight": Slot("embed_tokens.weight"),
-            "model.decoder.embed_positions.weight": Slot("embed_positions.weight"),
+            "model.decoder.embed_tokens.weight": table_slot("embed_tokens.weight", self.embed_tokens),
+            "model.decoder.embed_positions.weight": table_slot("embed_positions.weight", self.embed_positions),
         }
         if self.project_in is not None:
             slots["model.decoder.project_in.weight"] = Slot("project_in.weight")
@@ -126,19 +142,20 @@ class OPTForCausalLM(CausalLM):
         if self.final_layer_norm is not None and affine:
             slots |= weight_slots("model.decoder.final_layer_norm", "final_layer_norm", True)
         if not a.tie_word_embeddings:
-            slots["lm_head.weight"] = Slot("lm_head.weight")
+            slots["lm_head.weight"] = table_slot("lm_head.weight", self.embed_tokens)
         for i in range(a.num_layers):
             src, dst = f"model.decoder.layers.{i}.", f"layers.{i}."
             attn = src + "self_attn."
-            slots |= fused_slots(
+            slots |= column_slots(
                 [attn + "q_proj", attn + "k_proj", attn + "v_proj"],
                 dst + "self_attn.qkv_proj",
+                list(qkv),
                 [a.hidden_size] * 3,
                 bias,
             )
-            slots |= weight_slots(attn + "out_proj", dst + "self_attn.o_proj", bias)
-            slots |= weight_slots(src + "fc1", dst + "mlp.fc1", bias)
-            slots |= weight_slots(src + "fc2", dst + "mlp.fc2", bias)
+            slots |= row_slots(attn + "out_proj", dst + "self_attn.o_proj", qkv[0], a.hidden_size, bias)
+            slots |= column_slots([src + "fc1"], dst + "mlp.fc1", [ffn], [a.ffn_dim], bias)
+            slots |= row_slots(src + "fc2", dst + "mlp.fc2", ffn, a.ffn_dim, bias)
             if affine:
                 for norm in ("self_attn_layer_norm", "final_layer_norm"):
                     slots |= weight_slots(src + norm, dst + norm, True)
