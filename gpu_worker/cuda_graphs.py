@@ -3,7 +3,8 @@
 A decode step of n sequences replays the smallest captured graph of at least n rows. The graphs read
 static input buffers; padding rows write nothing (slot -1) and attend to one token of block 0, and
 their logits are ignored. Attention is captured with ``max_seq_len = max_model_len`` so one graph
-serves every context length.
+serves every context length. Under tensor parallelism the graphs hold the NCCL collectives too; every
+rank captures the same sizes in the same order, so replays meet in the same collectives.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import bisect
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from gpu_worker.attention_metadata import AttentionMetadata
 from gpu_worker.input_batch import StepInputs
@@ -62,11 +64,14 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         pool = None
+        # With a process group, NCCL's watchdog thread queries CUDA events while we capture: allowed in
+        # "thread_local" mode, which forbids unsafe calls on this thread only; "global" would fail them.
+        mode = "thread_local" if dist.is_available() and dist.is_initialized() else "global"
         for n in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             self._forward(n)  # warm-up: compiles kernels, settles allocations
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                 self.logits[n] = self._forward(n)
             pool = graph.pool()
             self.graphs[n] = graph

@@ -38,6 +38,8 @@ def _add_offline(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--kv-cache-memory", default="256MiB", help="KV pool size on CPU (default 256MiB)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="worker processes sharing the model, one per GPU (gloo on CPU) (default 1)")
     p.set_defaults(func=_run_offline)
 
 
@@ -60,7 +62,8 @@ def _run_offline(args) -> int:
     )
     print(f"starting engine on {args.model} ({args.device})...", file=sys.stderr, flush=True)
     with LLM(args.model, device=args.device, block_size=args.block_size,
-             kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching) as llm:
+             kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
+             tensor_parallel_size=args.tensor_parallel_size) as llm:
         results = llm.generate(prompts, params)
     for r in results:
         if args.json:

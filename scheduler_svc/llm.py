@@ -69,11 +69,14 @@ class LLM:
         enable_prefix_caching: bool = True,
         async_scheduling: bool = True,
         swap_space: float = 4.0,
+        tensor_parallel_size: int = 1,
         startup_timeout_s: float = 600.0,
     ) -> None:
         self.model = Path(model)
         if not (self.model / "config.json").exists():
             raise ValueError(f"model: {self.model} has no config.json")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         # Without tokenizer.json (benchmark shapes) prompts must be token ids and texts stay empty.
         self.tokenizer = Tokenizer(self.model) if (self.model / "tokenizer.json").exists() else None
         self._tmp = Path(tempfile.mkdtemp(prefix="pagedserve-"))
@@ -84,8 +87,10 @@ class LLM:
             "--block-size", str(block_size),
             "--max-num-batched-tokens", str(max_num_batched_tokens),
         ]
+        world = tensor_parallel_size
         sched_args = [
             "--listen", sched_addr, "--workers", worker_addr, "--max-num-seqs", str(max_num_seqs), *sizes,
+            "--world-size", str(world),
         ]
         if max_model_len is not None:
             sched_args += ["--max-model-len", str(max_model_len)]
@@ -94,15 +99,17 @@ class LLM:
         if not async_scheduling:
             sched_args.append("--no-async-scheduling")
         self._procs.start("scheduler", cli_command("scheduler", *sched_args))
-        self._procs.start("worker", cli_command(
-            "worker", "--model", str(self.model), "--scheduler", worker_addr, "--device", device,
-            "--dtype", dtype, "--kv-cache-memory", str(kv_cache_memory),
-            "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed),
-            "--max-num-seqs", str(max_num_seqs), "--load-format", load_format, "--exit-with-parent", *sizes,
-            "--swap-space", str(swap_space),
-            *(["--enforce-eager"] if enforce_eager else []),
-            *(["--max-num-blocks", str(max_num_blocks)] if max_num_blocks else []),
-        ))
+        for rank in range(world):  # one worker per tensor-parallel rank, rank r on cuda:r
+            rank_device = f"{device}:{rank}" if device == "cuda" and world > 1 else device
+            self._procs.start("worker" if world == 1 else f"worker{rank}", cli_command(
+                "worker", "--model", str(self.model), "--scheduler", worker_addr, "--device", rank_device,
+                "--dtype", dtype, "--kv-cache-memory", str(kv_cache_memory),
+                "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed),
+                "--max-num-seqs", str(max_num_seqs), "--load-format", load_format, "--exit-with-parent", *sizes,
+                "--swap-space", str(swap_space), "--rank", str(rank), "--world-size", str(world),
+                *(["--enforce-eager"] if enforce_eager else []),
+                *(["--max-num-blocks", str(max_num_blocks)] if max_num_blocks else []),
+            ))
         self._channel = grpc.insecure_channel(sched_addr)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
         try:

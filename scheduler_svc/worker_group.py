@@ -8,6 +8,7 @@ disconnects (its process died) fails the wait at once, through a socket monitor.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 
 import zmq
@@ -32,6 +33,9 @@ class WorkerGroup:
         self.sock.bind(address)
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.identities = [f"rank{r}".encode() for r in range(world_size)]
+        # Step answers that came before another rank's answer to an earlier step (with two steps in
+        # flight a fast rank may answer both), kept per rank in order.
+        self._ahead: dict[bytes, deque[worker_pb2.WorkerReply]] = {i: deque() for i in self.identities}
         self._connected = 0
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
@@ -97,18 +101,25 @@ class WorkerGroup:
         self._broadcast(plan)
 
     def recv_step(self, timeout_s: float | None = None, alive=None) -> worker_pb2.StepResult:
-        """Every rank's answer to the step last sent; returns rank 0's StepResult."""
-        result = None
-        errors = []
-        for _ in range(self.world_size):
+        """Every rank's answer to the oldest step in flight; returns rank 0's StepResult."""
+        replies = {i: q.popleft() for i, q in self._ahead.items() if q}
+        while len(replies) < self.world_size:
             identity, reply = self._recv(timeout_s, alive)
+            if identity in replies:
+                self._ahead[identity].append(reply)
+            else:
+                replies[identity] = reply
+        errors = []
+        for identity in self.identities:
+            reply = replies[identity]
             if reply.WhichOneof("kind") != "step_result":
                 raise WorkerFailure(f"expected a StepResult from {identity.decode()}")
             if reply.step_result.error:
                 errors.append(f"{identity.decode()}: {reply.step_result.error}")
-            if identity == self.identities[0]:
-                result = reply.step_result
-        assert result is not None
+        result = replies[self.identities[0]].step_result
+        step_ids = [replies[i].step_result.step_id for i in self.identities]
+        if any(step_id != result.step_id for step_id in step_ids):
+            raise WorkerFailure(f"the ranks answered different steps: {step_ids}")
         if errors and not result.error:
             result.error = "; ".join(errors)
         return result

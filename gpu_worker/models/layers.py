@@ -190,10 +190,9 @@ class Attention(nn.Module):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-        q_rows, kv_rows, _ = qkv_ranges(tp, num_heads, num_kv_heads, 1)
-        # this rank's heads
-        self.num_heads, self.num_kv_heads, self.head_dim = q_rows[1] - q_rows[0], kv_rows[1] - kv_rows[0], head_dim
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        (h0, h1), (kv0, kv1), _ = qkv_ranges(tp, num_heads, num_kv_heads, 1)
+        self.num_heads, self.num_kv_heads, self.head_dim = h1 - h0, kv1 - kv0, head_dim  # this rank's heads
+        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
         self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)

@@ -18,6 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+# torch 2.13 renames all_gather_into_tensor (the older name warns there); the GPU machines run 2.11.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -69,7 +72,7 @@ class TPGroup:
         if self.world_size == 1:
             return x
         out = x.new_empty((self.world_size * x.shape[0], x.shape[1]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        _all_gather_single(out, x.contiguous())
         return out.view(self.world_size, *x.shape).transpose(0, 1).reshape(x.shape[0], -1)
 
 
