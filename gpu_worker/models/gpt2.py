@@ -60,7 +60,7 @@ class GPT2Block(nn.Module):
             tp=tp,
         )
         self.ln_2 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
-        self.mlp = MLP(args.hidden_size, args.intermediate_size, args.activation, tp=tp)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size, args.activation, tp=tp, size_name="n_inner")
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata

@@ -266,9 +266,9 @@ class MLP(nn.Module):
     """fc2(act(fc1(x))), the MLP of GPT-2, GPT-NeoX and OPT; fc1 column-parallel, fc2 row-parallel."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = True,
-                 tp: TPGroup = SINGLE):
+                 tp: TPGroup = SINGLE, size_name: str = "intermediate_size"):  # size_name: the config's, for errors
         super().__init__()
-        start, stop = tp.split(intermediate_size, "intermediate_size")
+        start, stop = tp.split(intermediate_size, size_name)
         self.fc1 = nn.Linear(hidden_size, stop - start, bias=bias)
         self.fc2 = RowParallelLinear(stop - start, hidden_size, bias, tp)
         self.act = get_activation(act)

@@ -75,7 +75,7 @@ class OPTDecoderLayer(nn.Module):
             args.hidden_size, args.num_heads, args.num_heads, head_dim, None, qkv_bias=bias, o_bias=bias, tp=tp
         )
         self.final_layer_norm = nn.LayerNorm(args.hidden_size, elementwise_affine=args.layer_norm_affine)
-        self.mlp = MLP(args.hidden_size, args.ffn_dim, args.activation, bias, tp)
+        self.mlp = MLP(args.hidden_size, args.ffn_dim, args.activation, bias, tp, "ffn_dim")
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
