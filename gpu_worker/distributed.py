@@ -67,6 +67,10 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: t
         backend, device_id = "nccl", device
     else:
         backend, device_id = "gloo", None
+        # The ranks share the host's cores. Left at one OpenMP thread per core each, their threads spin
+        # against each other's while a peer waits in a collective: steps run several times slower.
+        if not os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
     # The timeout bounds the rendezvous and, on gloo, each collective; a rank whose peer dies is stopped
     # by the launcher (the scheduler fails the engine at the peer's disconnect), not by this timeout.
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,

@@ -73,7 +73,7 @@ class TPGroup:
             return x
         out = x.new_empty((self.world_size * x.shape[0], x.shape[1]))
         _all_gather_single(out, x.contiguous())
-        return out.view(self.world_size, *x.shape).transpose(0, 1).reshape(x.shape[0], -1)
+        return out.view(self.world_size, *x.shape).transpose(0, 1).reshape(x.shape[0], self.world_size * x.shape[1])
 
 
 SINGLE = TPGroup()
