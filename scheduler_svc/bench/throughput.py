@@ -180,7 +180,8 @@ def run_ours(model_dir: Path, work: Workload, args) -> Result:
     with LLM(model_dir, device=args.device, load_format=args.load_format, block_size=args.block_size,
              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
              gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
-             enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling) as llm:
+             enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+             tensor_parallel_size=args.tensor_parallel_size) as llm:
         # Warm-up on other prompts of the same lengths (no prefix-cache hits later): compiles the kernel
         # variants that this workload's prefill and mixed steps use before the clock starts.
         warm = make_workload(len(work.prompts), args.input_len, args.output_len, args.vocab_size, args.seed + 1)
@@ -349,6 +350,7 @@ def run(args) -> int:
         print(f"measured ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
               f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
         roof_s = roofline_seconds(cfg, work, ceilings, 2 if args.device.startswith("cuda") else 4)
+        roof_s /= args.tensor_parallel_size  # N devices: N times the bandwidth and FLOPs (all-reduces not counted)
         results = [run_ours(model_dir, work, args)]
         if args.profile_steps:
             profiles = [json.loads(line) for line in profile_out.read_text().splitlines()] \
@@ -373,6 +375,7 @@ def run(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({
             "workload": args.workload, "shape": args.shape, "model": args.model, "device": args.device,
+            "tensor_parallel_size": args.tensor_parallel_size,
             "num_prompts": len(work.prompts), "input_len": args.input_len, "output_len": args.output_len,
             "ceilings": ceilings, "roofline_output_tok_s": roof_tok_s,
             "results": [dict(asdict(r), output_tok_s=r.output_tok_s, total_tok_s=r.total_tok_s) for r in results],
@@ -403,6 +406,8 @@ def add_parser(bench) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool on CPU (default 1GiB)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks sharing the model, one per GPU; the roofline is that of as many GPUs (default 1)")
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="plan every step after the previous one's results (default: decode steps are "
                    "planned ahead while the GPU runs the current one)")
