@@ -10,26 +10,17 @@ launcher exits non-zero.
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
-import clients  # noqa: F401
-
-# isort: split
 from gpu_worker.demo_model import ARCHS, VOCAB_SIZE
 from gpu_worker.model_config import ModelConfig
-from pagedserve.client import Client, GenerationError
-from pagedserve.client import SamplingParams as ClientParams
 from scheduler_svc import LLM, SamplingParams
+from tests.e2e.tp_helpers import kill_a_rank_mid_stream, serve_two_ranks, stop
 from tests.factories import hf_greedy, make_checkpoint, random_prompts
 
 pytestmark = pytest.mark.slow
@@ -127,58 +118,9 @@ def test_heads_that_do_not_split_fail_at_start(llama):
     assert "check_tensor_parallel" in message and "load_model" not in message
 
 
-def _serve(model: Path, log_dir: Path) -> tuple[subprocess.Popen, str, dict[str, int]]:
-    """`pagedserve serve --tensor-parallel-size 2` ready to serve: (launcher, gateway target, pid by name)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scheduler_svc.cli", "serve", "--model", str(model), "--host", "127.0.0.1", "--port",
-         "0", "--log-dir", str(log_dir), "--kv-cache-memory", "32MiB", "--tensor-parallel-size", "2"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
-    out = ""
-    while not (m := re.search(r"gateway listening on 127\.0\.0\.1:(\d+)", out)):
-        line = proc.stdout.readline()
-        assert line, f"the launcher exited:\n{out}"
-        out += line
-    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-    pids = {name: int(pid) for name, pid in re.findall(r"(\w+) \(pid (\d+)\)", out)}
-    target = f"127.0.0.1:{m.group(1)}"
-    with Client(target) as client:
-        client.wait_ready(180)
-    return proc, target, pids
-
-
 def test_a_killed_rank_ends_every_stream_unavailable(llama, tmp_path):
-    proc, target, pids = _serve(llama, tmp_path)
+    proc, target, pids = serve_two_ranks(llama, tmp_path)
     try:
-        assert {"worker0", "worker1"} <= set(pids)
-        results: dict = {}
-        started = [threading.Event() for _ in range(4)]
-
-        def stream(i: int) -> None:
-            try:
-                with Client(target) as client:
-                    for _ in client.generate("Hello", ClientParams(max_tokens=4000, ignore_eos=True), timeout=120):
-                        started[i].set()
-                results[i] = "finished"
-            except GenerationError as exc:
-                results[i] = exc
-            results[f"{i}-end"] = time.monotonic()
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        assert all(e.wait(60) for e in started)
-        killed = time.monotonic()
-        os.kill(pids["worker1"], signal.SIGKILL)
-        for t in threads:
-            t.join(30)
-        for i in range(4):
-            assert isinstance(results[i], GenerationError), results[i]
-            assert results[i].code == grpc.StatusCode.UNAVAILABLE
-            assert results[f"{i}-end"] - killed < 5.0
-        assert proc.wait(60) != 0
+        kill_a_rank_mid_stream(proc, target, pids["worker1"], max_tokens=4000)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+        stop(proc)

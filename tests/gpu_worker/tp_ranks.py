@@ -1,4 +1,4 @@
-"""One tensor-parallel rank of tests/gpu_worker/test_tensor_parallel.py, run as a process (gloo, CPU):
+"""One tensor-parallel rank of tests/gpu_worker/test_model_sharding.py, run as a process (gloo, CPU):
 
     python -m tests.gpu_worker.tp_ranks RANK WORLD_SIZE INIT_METHOD OUT_DIR CASE=CHECKPOINT_DIR ...
 
