@@ -80,3 +80,9 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: t
     if int(ones.item()) != world_size:
         raise RuntimeError(f"the process group's first all-reduce summed to {ones.item()}, not {world_size}")
     return tp
+
+
+def shutdown_tensor_parallel() -> None:
+    """Leaves the process group, if there is one (a clean exit; NCCL warns about groups left open)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

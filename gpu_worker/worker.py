@@ -26,7 +26,12 @@ import torch
 import zmq
 
 import clients  # noqa: F401
-from gpu_worker.distributed import check_tensor_parallel, default_init_method, init_tensor_parallel
+from gpu_worker.distributed import (
+    check_tensor_parallel,
+    default_init_method,
+    init_tensor_parallel,
+    shutdown_tensor_parallel,
+)
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
 from gpu_worker.model_config import ModelConfig
@@ -266,7 +271,9 @@ def serve(config: WorkerConfig) -> int:
         profiler = StepProfiler.from_env() if config.device != "cpu" and config.rank == 0 else None
         worker = Worker(config)
         sock.send(worker.hello().SerializeToString())
-        return _serve_steps(worker, sock, profiler)
+        code = _serve_steps(worker, sock, profiler)
+        shutdown_tensor_parallel()  # every rank got Shutdown between steps: no collective is pending
+        return code
     except Exception as exc:  # start-up errors, and RankFailed
         traceback.print_exc()
         sock.send(worker_pb2.WorkerReply(fatal_error=f"{type(exc).__name__}: {exc}").SerializeToString())
