@@ -171,7 +171,7 @@ def run(args) -> int:
                 sys.executable, "-m", "scheduler_svc.cli", "serve", "--model", str(model_dir), "--device",
                 args.device, "--port", str(args.port), "--load-format", load_format, "--max-num-seqs",
                 str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-                "--log-level", "warning",
+                "--log-level", "warning", "--tensor-parallel-size", str(args.tensor_parallel_size),
             ])
         try:
             print(f"serving benchmark: {len(work.prompts)} requests to {target}, "
@@ -241,6 +241,8 @@ def add_parser(bench) -> None:
     p.add_argument("--port", type=int, default=50071, help="port of the gateway started here (default 50071)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks sharing the model in the service started here, one per GPU (default 1)")
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--profile-dir", help="measure each process's CPU time over the timed region and, with py-spy "
                    "on the PATH, sample its Python stacks into DIR (see scheduler_svc/bench/process_profile.py)")
