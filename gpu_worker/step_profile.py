@@ -31,6 +31,7 @@ KINDS = ("decode", "prefill")
 
 # First match wins; names as the CUDA libraries and our Triton kernels call their kernels.
 CATEGORIES = (
+    ("collectives", r"nccl"),  # tensor parallelism's all-reduces and the logits' all-gather
     ("attention", r"paged_attention"),
     ("gemm", r"gemm|nvjet|cutlass|xmma|sm90_|cublas"),
     ("rms_norm", r"rms_norm"),

@@ -1,9 +1,11 @@
 """The worker's rank settings: a step error stays in-band with one rank and is fatal with several (the
-peers may wait in a collective), ranks are validated, and the rendezvous flag reaches the config."""
+peers may wait in a collective), ranks are validated, the rendezvous flag reaches the config, and the
+step profiler puts NCCL kernels in a category of their own."""
 
 import pytest
 
 import clients  # noqa: F401
+from gpu_worker.step_profile import categorize
 from gpu_worker.worker import RankFailed, Worker, WorkerConfig, build_parser, config_from_args
 
 
@@ -32,3 +34,9 @@ def test_dist_init_method_flag():
     config = config_from_args(args)
     assert (config.rank, config.world_size, config.dist_init_method) == (1, 2, "tcp://h:9")
     assert config_from_args(build_parser().parse_args(["--model", "m", "--scheduler", "x"])).dist_init_method is None
+
+
+def test_the_step_profiler_counts_nccl_kernels_as_collectives():
+    for name in ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)",
+                 "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)"):
+        assert categorize(name) == "collectives"  # not "sampling" (reduce) nor "elementwise" (gather)
