@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import os
 import signal
 import sys
@@ -27,11 +26,12 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 import clients  # noqa: F401
+from gpu_worker import lifetime
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
-from scheduler_svc import log
+from scheduler_svc import finish_reason, log
 from scheduler_svc.gateway.detokenizer import byte_fallback_ids
-from scheduler_svc.gateway.response_stream import FINISH_NAMES, SampleStream
+from scheduler_svc.gateway.response_stream import SampleStream, stop_token_ids
 from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, LinkLost, SchedulerLink
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from scheduler_svc.gateway.validation import ModelLimits, check_model, public_field, validate
@@ -124,8 +124,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             self._summarize(request_id or "-", start, summary, samples)
 
     def _sample_factory(self, params):
-        eos = frozenset() if params.ignore_eos else frozenset(self.info.eos_token_ids)
-        stop_ids = eos | frozenset(params.stop_token_ids)
+        stop_ids = stop_token_ids(params, self.info.eos_token_ids)
         return lambda index: SampleStream(index, params, self.tokenizer.decode, stop_ids, self.byte_token_ids)
 
     async def _validate(self, request):
@@ -158,7 +157,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def _summarize(self, request_id: str, start: float, summary: dict, samples: dict[int, SampleStream]) -> None:
         summary["completion_tokens"] = sum(s.num_tokens for s in samples.values())
-        reasons = [FINISH_NAMES[s.finish_reason] for s in samples.values() if s.finished]
+        reasons = [finish_reason.name(s.finish_reason) for s in samples.values() if s.finished]
         if reasons:
             summary["finish_reason"] = reasons[0] if len(reasons) == 1 else ",".join(reasons)
         self._log.info("request finished", request_id=request_id, total_s=round(time.monotonic() - start, 6),
@@ -316,14 +315,6 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_with_parent() -> None:
-    """Asks Linux to SIGTERM this process when the launcher that started it dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="pagedserve gateway")
     p.description = ("Run a gateway: the public GenerationService (tokenize, validate, stream text) in front "
@@ -339,7 +330,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--log-format", default="auto", choices=log.FORMATS,
                    help="auto: JSON unless stderr is a terminal (default auto)")
     p.add_argument("--port-file", default=None, help=argparse.SUPPRESS)  # the launcher learns the port here
-    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    lifetime.add_argument(p)
     return p
 
 
@@ -347,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log.configure("gateway", args.log_level, args.log_format)
     if args.exit_with_parent:
-        _exit_with_parent()
+        lifetime.exit_with_parent()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return asyncio.run(serve(args))
 
