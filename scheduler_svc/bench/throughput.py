@@ -71,71 +71,20 @@ def write_shape_config(shape: str, out_dir: Path, max_len: int) -> Path:
     return out_dir
 
 
-# ---- ceilings and roofline
-
-
-def measure_ceilings(device: str) -> dict[str, float]:
-    """Device copy bandwidth (bytes read + written per second) and bf16 (CPU: fp32) matmul rate."""
-    import torch
-
-    cuda = device.startswith("cuda")
-    out = {"copy_bytes_per_s": _copy_rate(device, 2 * 2**30 if cuda else 256 * 2**20),
-           "matmul_flops_per_s": _matmul_rate(device, 8192 if cuda else 1024,
-                                              torch.bfloat16 if cuda else torch.float32)}
-    if cuda:
-        torch.cuda.empty_cache()
-    return out
-
-
-def _copy_rate(device: str, n_bytes: int) -> float:
-    import torch
-
-    src = torch.empty(n_bytes // 2, dtype=torch.float16, device=device)
-    dst = torch.empty_like(src)
-    return 2 * n_bytes / _median_time(lambda: dst.copy_(src), device)
-
-
-def _matmul_rate(device: str, size: int, dtype) -> float:
-    import torch
-
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    return 2 * size**3 / _median_time(lambda: a @ b, device)
-
-
-def _median_time(fn, device: str, reps: int = 20) -> float:
-    import statistics
-
-    import torch
-
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+# ---- roofline
 
 
 def roofline_seconds(cfg: dict, work: Workload, ceilings: dict[str, float], dtype_bytes: int = 2) -> float:
     """Least time any engine needs on this device: prefill at the matmul rate, then each decode step at
-    max(bytes / bandwidth, flops / matmul rate), reading all weights and every live sequence's KV."""
+    max(bytes / bandwidth, flops / matmul rate), reading all weights and every live sequence's KV.
+    ``ceilings`` as kernels.bench.ceilings.measure_ceilings gives them (GB/s, TFLOP/s)."""
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads, kv_heads, hd, vocab = (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
                                   cfg["vocab_size"])
     layer_params = h * hd * (2 * heads + 2 * kv_heads) + 3 * h * inter
     params = layers * layer_params
     kv_per_token = 2 * layers * kv_heads * hd * dtype_bytes
-    bw, peak = ceilings["copy_bytes_per_s"], ceilings["matmul_flops_per_s"]
+    bw, peak = ceilings["copy_gbps"] * 1e9, ceilings["matmul_tflops"] * 1e12  # bytes/s, FLOP/s
     prefill_flops = 0.0
     for p in work.prompts:
         n = len(p)
@@ -346,6 +295,8 @@ def _kernel_profiles(profile_out: Path | None) -> list[dict]:
 
 
 def run(args) -> int:
+    from kernels.bench.ceilings import measure_ceilings
+
     resolve_workload(args)
     args.hf_batch_size = args.hf_batch_size or 64
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
@@ -372,8 +323,8 @@ def run(args) -> int:
         print(f"workload: {len(work.prompts)} prompts, {work.num_output_tokens} output tokens, "
               f"model {args.shape or args.model} on {args.device}", flush=True)
         ceilings = measure_ceilings(args.device)
-        print(f"measured ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-              f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+        print(f"measured ceilings: copy {ceilings['copy_gbps'] / 1e3:.2f} TB/s, "
+              f"matmul {ceilings['matmul_tflops']:.1f} TFLOP/s", flush=True)
         roof_s = roofline_seconds(cfg, work, ceilings, 2 if args.device.startswith("cuda") else 4)
         results = [run_ours(engine, work, warm)]
         profiles = _kernel_profiles(profile_out)
