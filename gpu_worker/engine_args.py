@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -125,9 +125,9 @@ class EngineArgs:
     # ---- command lines
 
     @classmethod
-    def add_args(cls, parser: argparse.ArgumentParser, role: str, **defaults: Any) -> None:
-        """Adds the flags of ``role`` (a key of ROLES); ``defaults`` replace the engine's for this parser
-        (a benchmark's larger step, say), and the help texts show them."""
+    def add_args(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup, role: str, **defaults: Any) -> None:
+        """Adds the flags of ``role`` (a key of ROLES) to a parser or an argument group; ``defaults``
+        replace the engine's for this parser (a benchmark's larger step, say), and the help texts show them."""
         unknown = set(defaults) - set(ROLES[role])
         if unknown:
             raise ValueError(f"{role} takes no {', '.join(sorted(unknown))}")
@@ -165,8 +165,7 @@ class EngineArgs:
         return argv
 
 
-
-def _fields(role: str):
+def _fields(role: str) -> list[Field]:
     names = ROLES[role]
     return [f for f in fields(EngineArgs) if f.name in names]
 
