@@ -13,9 +13,7 @@ in a collective), and the engine fails.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import re
 import signal
 import sys
 import time
@@ -26,12 +24,14 @@ import torch
 import zmq
 
 import clients  # noqa: F401
+from gpu_worker import lifetime
 from gpu_worker.distributed import (
     check_tensor_parallel,
     default_init_method,
     init_tensor_parallel,
     shutdown_tensor_parallel,
 )
+from gpu_worker.engine_args import DEFAULTS, EngineArgs, check
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
 from gpu_worker.model_config import ModelConfig
@@ -45,55 +45,61 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
+    """One worker process: the engine settings that a worker uses (EngineArgs' defaults and checks, sizes
+    in bytes), with this process's rank and the scheduler's address."""
+
     model: str
     scheduler_address: str
-    device: str = "cpu"
-    dtype: str = "auto"
-    block_size: int = 16
+    device: str = DEFAULTS.device
+    dtype: str = DEFAULTS.dtype
+    block_size: int = DEFAULTS.block_size
     rank: int = 0
-    world_size: int = 1
-    kv_cache_memory: int = 256 * 2**20  # bytes of KV pool on CPU
-    gpu_memory_utilization: float = 0.9
-    max_num_batched_tokens: int = 2048  # largest step, for the profiling forward
-    max_num_seqs: int = 256  # largest decode batch, for CUDA graphs
-    enforce_eager: bool = False  # no CUDA graphs
-    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
-    max_num_blocks: int | None = None  # cap on the pool, e.g. to make memory the limit in a benchmark
-    seed: int = 0
-    swap_space: int = 4 * 2**30  # bytes of CPU swap pool (preempted sequence groups)
+    world_size: int = DEFAULTS.tensor_parallel_size
+    kv_cache_memory: int = DEFAULTS.kv_cache_memory  # bytes of KV pool on CPU
+    gpu_memory_utilization: float = DEFAULTS.gpu_memory_utilization
+    max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens  # largest step, for the profiling forward
+    max_num_seqs: int = DEFAULTS.max_num_seqs  # largest decode batch, for CUDA graphs
+    enforce_eager: bool = DEFAULTS.enforce_eager  # no CUDA graphs
+    load_format: str = DEFAULTS.load_format  # "dummy": random weights from config.json alone (benchmarks)
+    max_num_blocks: int | None = DEFAULTS.max_num_blocks  # cap on the pool, e.g. to make memory the limit
+    seed: int = DEFAULTS.seed
+    swap_space: int = DEFAULTS.swap_space_bytes  # bytes of CPU swap pool (preempted sequence groups)
     dist_init_method: str | None = None  # rendezvous of the ranks; None: derived from scheduler_address
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_num_blocks is not None and self.max_num_blocks < 1:
-            raise ValueError(f"max_num_blocks must be at least 1, got {self.max_num_blocks}")
-        if self.kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
-        if self.swap_space < 0:
-            raise ValueError(f"swap_space must be >= 0, got {self.swap_space}")
+        check(self, ("device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization",
+                     "max_num_batched_tokens", "max_num_seqs", "load_format", "max_num_blocks", "swap_space"))
+
+    @classmethod
+    def from_engine_args(cls, engine: EngineArgs, scheduler_address: str, rank: int = 0,
+                         dist_init_method: str | None = None) -> WorkerConfig:
+        return cls(
+            model=engine.model,
+            scheduler_address=scheduler_address,
+            device=engine.device,
+            dtype=engine.dtype,
+            block_size=engine.block_size,
+            rank=rank,
+            world_size=engine.tensor_parallel_size,
+            kv_cache_memory=engine.kv_cache_memory,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            max_num_batched_tokens=engine.max_num_batched_tokens,
+            max_num_seqs=engine.max_num_seqs,
+            enforce_eager=engine.enforce_eager,
+            load_format=engine.load_format,
+            max_num_blocks=engine.max_num_blocks,
+            seed=engine.seed,
+            swap_space=engine.swap_space_bytes,
+            dist_init_method=dist_init_method,
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.float32 if self.device == "cpu" else torch.bfloat16
         return _DTYPES[self.dtype]
-
-
-def parse_bytes(text: str) -> int:
-    """'512MiB', '2GiB', '1e9' or a plain integer, as bytes."""
-    m = re.fullmatch(r"\s*([0-9.e+]+)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512MiB, 2GiB, 1000000)")
-    scale = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    unit = (m.group(2) or "").lower()
-    return int(float(m.group(1)) * (scale[unit[0]] if unit else 1))
 
 
 class Worker:
@@ -315,44 +321,14 @@ def _serve_steps(worker: Worker, sock: zmq.Socket, profiler: StepProfiler | None
         send(reply)
 
 
-def _die_with_parent() -> None:
-    """Asks Linux to SIGTERM this process when its parent exits (launcher-started workers)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="pagedserve worker")
     p.description = "Run one GPU (or CPU) worker: load the model, own the KV pool, execute StepPlans."
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--scheduler", required=True, dest="scheduler_address",
                    help="ZeroMQ address of the scheduler's worker socket, e.g. tcp://127.0.0.1:5557")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, ...")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--rank", type=int, default=0, help="tensor-parallel rank (default 0)")
-    p.add_argument("--world-size", type=int, default=1, help="number of ranks (default 1)")
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default="256MiB",
-                   help="KV pool size on CPU, e.g. 64MiB (default 256MiB)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of GPU memory for weights, activations and the KV pool (default 0.9)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="largest step in tokens, used for the profiling forward (default 2048)")
-    p.add_argument("--max-num-seqs", type=int, default=256,
-                   help="largest decode batch; CUDA graphs are captured up to it (default 256)")
-    p.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
-    p.add_argument("--max-num-blocks", type=int, default=None,
-                   help="allocate at most this many KV blocks even if more fit (default: all that fit)")
-    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
-                   help="dummy: random weights from config.json alone, for benchmarks (default auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
-    p.add_argument("--swap-space", type=float, default=4.0,
-                   help="GiB of CPU memory for swapped-out KV blocks of preempted sequence groups (n > 1, "
-                   "beam search); 0 disables swapping (default 4)")
-    p.add_argument("--exit-with-parent", action="store_true", help="exit when the launching process dies")
+    EngineArgs.add_args(p, "worker")
+    lifetime.add_argument(p)
     p.add_argument("--dist-init-method", default=None,
                    help="rendezvous of the tensor-parallel ranks, e.g. tcp://HOST:PORT or file:///PATH (default: "
                    "from --scheduler: ipc://DIR/X -> file://DIR/torch-dist-init, tcp://HOST:PORT -> tcp://HOST:PORT+1)")
@@ -360,34 +336,22 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
-    return WorkerConfig(
-        model=args.model,
-        scheduler_address=args.scheduler_address,
-        device=args.device,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        rank=args.rank,
-        world_size=args.world_size,
-        kv_cache_memory=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        enforce_eager=args.enforce_eager,
-        load_format=args.load_format,
-        max_num_blocks=args.max_num_blocks,
-        seed=args.seed,
-        swap_space=int(args.swap_space * 2**30),
-        dist_init_method=args.dist_init_method,
-    )
+    return WorkerConfig.from_engine_args(EngineArgs.from_args(args, "worker"), args.scheduler_address, args.rank,
+                                         args.dist_init_method)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.exit_with_parent:
-        _die_with_parent()
+        lifetime.exit_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return serve(config_from_args(args))
+    return serve(config)
 
 
 if __name__ == "__main__":

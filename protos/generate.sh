@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Regenerates every stub from protos/: Python (+ .pyi) and Go. The one command behind `make proto`.
+# Regenerates every stub from protos/: Python (+ .pyi) for all packages, Go for the public API
+# (pagedserve/v1) only, since no Go code speaks the internal protocols. The one command behind
+# `make proto`.
 #
 #   bash protos/generate.sh [OUTDIR]     # OUTDIR defaults to clients/
 #
-# Writes OUTDIR/python/pagedserve/... and OUTDIR/go/src/pagedserve/... (GOPATH layout: the Go import
+# Writes OUTDIR/python/pagedserve/... and OUTDIR/go/src/pagedserve/v1/... (GOPATH layout: the Go import
 # path is each file's go_package, so OUTDIR/go is a GOPATH entry). Tests generate into a temporary
 # OUTDIR and compare it with clients/ byte for byte, so the output must depend only on the .proto
 # files and the tool versions: grpcio-tools from the venv; protoc, protoc-gen-go and
@@ -23,6 +25,7 @@ OUT=$(cd "$OUT" && pwd)
 # Under -I protos each file's name is its path below protos/ (pagedserve/v1/generation.proto), which
 # the stubs use as their import path. Sorted so that the protoc command line is always the same.
 mapfile -t PROTOS < <(find protos/pagedserve -name '*.proto' | LC_ALL=C sort)
+mapfile -t PUBLIC_PROTOS < <(find protos/pagedserve/v1 -name '*.proto' | LC_ALL=C sort)
 
 for lang in $LANGS; do
   case $lang in
@@ -49,7 +52,7 @@ for lang in $LANGS; do
       if [[ -d $OUT/go/src/pagedserve ]]; then
         find "$OUT/go/src/pagedserve" -type f -name '*.pb.go' -delete
       fi
-      protoc -I protos --go_out="$OUT/go/src" --go-grpc_out="$OUT/go/src" "${PROTOS[@]}"
+      protoc -I protos --go_out="$OUT/go/src" --go-grpc_out="$OUT/go/src" "${PUBLIC_PROTOS[@]}"
       ;;
     *)
       echo "generate.sh: unknown language '$lang' in LANGS (python, go)" >&2

@@ -7,13 +7,12 @@ import importlib
 import json
 import sys
 
-FINISH_NAMES = ("length", "stop", "abort", "error")
+from gpu_worker.engine_args import EngineArgs
 
 
 def _add_offline(sub) -> None:
     p = sub.add_parser("offline", help="generate completions offline (scheduler + worker processes)",
                        description="Generate completions for prompts with a local engine and print them.")
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
     src.add_argument("--prompt-ids", metavar="FILE.json",
@@ -32,14 +31,8 @@ def _add_offline(sub) -> None:
                    help="beam search: score = log probability / length ** length_penalty (default 1)")
     p.add_argument("--early-stopping", choices=("false", "true", "never"), default="false",
                    help="beam search stopping rule, as transformers' early_stopping (default false)")
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="do not reuse the KV blocks of identical prompt prefixes")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    p.add_argument("--kv-cache-memory", default="256MiB", help="KV pool size on CPU (default 256MiB)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="worker processes sharing the model, one per GPU (gloo on CPU) (default 1)")
+    EngineArgs.add_args(p.add_argument_group("engine"), "offline")
     p.set_defaults(func=_run_offline)
 
 
@@ -54,6 +47,10 @@ def _run_offline(args) -> int:
             raise SystemExit(f"{args.prompt_ids}: expected a JSON list of token-id lists")
     else:
         prompts = args.prompt
+    try:
+        engine = EngineArgs.from_args(args, "offline")
+    except ValueError as exc:
+        raise SystemExit(f"pagedserve offline: {exc}") from None
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, n=args.n,
@@ -61,9 +58,7 @@ def _run_offline(args) -> int:
         early_stopping={"false": False, "true": True, "never": "never"}[args.early_stopping],
     )
     print(f"starting engine on {args.model} ({args.device})...", file=sys.stderr, flush=True)
-    with LLM(args.model, device=args.device, block_size=args.block_size,
-             kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
-             tensor_parallel_size=args.tensor_parallel_size) as llm:
+    with LLM(engine) as llm:
         results = llm.generate(prompts, params)
     for r in results:
         if args.json:
@@ -103,7 +98,7 @@ def _add_bench(sub) -> None:
                          description="Time one scheduling step with N running decode sequences.")
     s.add_argument("--num-seqs", type=int, default=256, help="running decode sequences (default 256)")
     s.add_argument("--context-len", type=int, default=512, help="tokens per sequence (default 512)")
-    s.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
+    EngineArgs.add_args(s, "bench-scheduler")
     s.add_argument("--steps", type=int, default=2000, help="steps to time (default 2000)")
     s.set_defaults(func=lambda a: __import__("scheduler_svc.bench.scheduler", fromlist=["run"]).run(a))
     from scheduler_svc.bench import memory, serving, throughput  # stdlib-only at import time

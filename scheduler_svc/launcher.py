@@ -1,7 +1,8 @@
 """Starting and supervising the service's processes (scheduler, workers, gateway).
 
 Children run ``python -m scheduler_svc.cli <role> ...`` with the checkout on PYTHONPATH, exactly as
-Kubernetes runs each role in its own container.
+Kubernetes runs each role in its own container, plus ``--exit-with-parent``: a launcher that dies takes
+its children with it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from gpu_worker.engine_args import EngineArgs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +30,23 @@ def child_env() -> dict[str, str]:
 
 
 def cli_command(role: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "scheduler_svc.cli", role, *args]
+    """A child process of ``role``; it ends when the launching process does (--exit-with-parent)."""
+    return [sys.executable, "-m", "scheduler_svc.cli", role, *args, "--exit-with-parent"]
+
+
+def engine_commands(engine: EngineArgs, scheduler_address: str, worker_address: str) -> list[tuple[str, list[str]]]:
+    """(name, command) of the scheduler and of every worker rank, all from one set of engine settings.
+    With several ranks on ``cuda``, rank r takes ``cuda:r``."""
+    world = engine.tensor_parallel_size
+    commands = [("scheduler", cli_command("scheduler", "--listen", scheduler_address, "--workers", worker_address,
+                                          *engine.to_argv("scheduler")))]
+    for rank in range(world):
+        device = f"cuda:{rank}" if engine.device == "cuda" and world > 1 else engine.device
+        commands.append((f"worker{rank}" if world > 1 else "worker", cli_command(
+            "worker", "--scheduler", worker_address, "--rank", str(rank),
+            *replace(engine, device=device).to_argv("worker"),
+        )))
+    return commands
 
 
 @dataclass(slots=True)
@@ -62,9 +81,6 @@ class ProcessGroup:
 
     def first_dead(self) -> Child | None:
         return next((c for c in self.children if c.popen.poll() is not None), None)
-
-    def all_alive(self) -> bool:
-        return self.first_dead() is None
 
     def log_tail(self, child: Child, num_lines: int = 30) -> str:
         if child.log_path is None or not child.log_path.exists():

@@ -1,7 +1,10 @@
 """Offline API: ``LLM(model_dir).generate(prompts, params)``.
 
-It starts a scheduler process and a worker process and talks to the scheduler over the same
-gateway<->scheduler gRPC stream and the same ZeroMQ StepPlans that serving uses.
+It starts a scheduler process and the worker processes (``engine_commands``, as ``pagedserve serve``
+does) and talks to the scheduler over the same gateway<->scheduler gRPC stream and the same ZeroMQ
+StepPlans that serving uses. The text side is the gateway's too: its prompt checks, and per sample a
+``SampleStream`` (incremental detokenization, stop strings, stop tokens), so a completion here equals
+what a client of ``pagedserve serve`` receives for the same request.
 """
 
 from __future__ import annotations
@@ -11,23 +14,25 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 import clients  # noqa: F401
+from gpu_worker.engine_args import EngineArgs
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
+from pagedserve.v1 import generation_pb2
+from scheduler_svc import finish_reason
+from scheduler_svc.gateway.detokenizer import byte_fallback_ids
+from scheduler_svc.gateway.response_stream import SampleStream, stop_token_ids
 from scheduler_svc.gateway.tokenizer import Tokenizer
-from scheduler_svc.launcher import ProcessGroup, cli_command
+from scheduler_svc.gateway.validation import ModelLimits, text_prompt, token_prompt
+from scheduler_svc.launcher import ProcessGroup, engine_commands
 from scheduler_svc.sampling_params import InvalidField, SamplingParams
 
-FINISH_REASONS = {
-    scheduler_pb2.FINISH_REASON_LENGTH: "length",
-    scheduler_pb2.FINISH_REASON_STOP: "stop",
-    scheduler_pb2.FINISH_REASON_ABORT: "abort",
-    scheduler_pb2.FINISH_REASON_ERROR: "error",
-}
+_NO_USAGE = generation_pb2.Usage()  # SampleStream reports usage; the offline results do not carry it
 
 
 @dataclass(slots=True)
@@ -49,67 +54,48 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
+@dataclass(slots=True)
+class _Running:
+    """A submitted prompt: its result and one SampleStream per sample (or beam)."""
+
+    result: RequestOutput
+    samples: list[SampleStream]
+
+    def take(self, request_id: str, index: int) -> None:
+        """Moves what sample ``index`` has to show into its CompletionOutput."""
+        resp = self.samples[index].take_response(request_id, _NO_USAGE)
+        if resp is None:
+            return
+        out = self.result.outputs[index]
+        out.token_ids += resp.token_ids
+        out.text += resp.text
+        out.logprobs += [lp.logprob for lp in resp.logprobs]
+        if resp.finish_reason:
+            out.finish_reason = finish_reason.name(resp.finish_reason)
+
+
 class LLM:
-    def __init__(
-        self,
-        model: str | Path,
-        *,
-        device: str = "cpu",
-        dtype: str = "auto",
-        block_size: int = 16,
-        kv_cache_memory: str | int = "256MiB",
-        gpu_memory_utilization: float = 0.9,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        max_model_len: int | None = None,
-        seed: int = 0,
-        load_format: str = "auto",
-        enforce_eager: bool = False,
-        max_num_blocks: int | None = None,
-        enable_prefix_caching: bool = True,
-        async_scheduling: bool = True,
-        swap_space: float = 4.0,
-        tensor_parallel_size: int = 1,
-        startup_timeout_s: float = 600.0,
-    ) -> None:
-        self.model = Path(model)
+    def __init__(self, model: str | Path | EngineArgs, *, startup_timeout_s: float = 600.0,
+                 **engine_args: Any) -> None:
+        """``model``: a checkpoint directory with engine settings as keywords (the fields of EngineArgs:
+        device, dtype, block_size, kv_cache_memory, ...), or an EngineArgs (keywords then replace its
+        fields). Raises ValueError for a setting that breaks its rule."""
+        if isinstance(model, EngineArgs):
+            self.engine = replace(model, **engine_args)
+        else:
+            self.engine = EngineArgs(model=str(model), **engine_args)
+        self.model = Path(self.engine.model)
         if not (self.model / "config.json").exists():
             raise ValueError(f"model: {self.model} has no config.json")
-        if tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         # Without tokenizer.json (benchmark shapes) prompts must be token ids and texts stay empty.
         self.tokenizer = Tokenizer(self.model) if (self.model / "tokenizer.json").exists() else None
+        self._byte_token_ids = frozenset() if self.tokenizer is None else byte_fallback_ids(
+            self.tokenizer.id_to_token, self.tokenizer.vocab_size)
         self._tmp = Path(tempfile.mkdtemp(prefix="pagedserve-"))
         self._procs = ProcessGroup(self._tmp)
         sched_addr = f"unix://{self._tmp}/scheduler.sock"
-        worker_addr = f"ipc://{self._tmp}/workers.sock"
-        sizes = [
-            "--block-size", str(block_size),
-            "--max-num-batched-tokens", str(max_num_batched_tokens),
-        ]
-        world = tensor_parallel_size
-        sched_args = [
-            "--listen", sched_addr, "--workers", worker_addr, "--max-num-seqs", str(max_num_seqs), *sizes,
-            "--world-size", str(world),
-        ]
-        if max_model_len is not None:
-            sched_args += ["--max-model-len", str(max_model_len)]
-        if not enable_prefix_caching:
-            sched_args.append("--no-prefix-caching")
-        if not async_scheduling:
-            sched_args.append("--no-async-scheduling")
-        self._procs.start("scheduler", cli_command("scheduler", *sched_args))
-        for rank in range(world):  # one worker per tensor-parallel rank, rank r on cuda:r
-            rank_device = f"{device}:{rank}" if device == "cuda" and world > 1 else device
-            self._procs.start("worker" if world == 1 else f"worker{rank}", cli_command(
-                "worker", "--model", str(self.model), "--scheduler", worker_addr, "--device", rank_device,
-                "--dtype", dtype, "--kv-cache-memory", str(kv_cache_memory),
-                "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed),
-                "--max-num-seqs", str(max_num_seqs), "--load-format", load_format, "--exit-with-parent", *sizes,
-                "--swap-space", str(swap_space), "--rank", str(rank), "--world-size", str(world),
-                *(["--enforce-eager"] if enforce_eager else []),
-                *(["--max-num-blocks", str(max_num_blocks)] if max_num_blocks else []),
-            ))
+        for name, command in engine_commands(self.engine, sched_addr, f"ipc://{self._tmp}/workers.sock"):
+            self._procs.start(name, command)
         self._channel = grpc.insecure_channel(sched_addr)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
         try:
@@ -117,6 +103,7 @@ class LLM:
         except BaseException:
             self.close()
             raise
+        self._limits = ModelLimits(self.model.name, self.info.vocab_size, self.info.max_model_len)
         self._next_request = 0
 
     def _wait_ready(self, timeout_s: float) -> scheduler_pb2.EngineInfo:
@@ -149,7 +136,8 @@ class LLM:
         on_finish: Callable[[int], None] | None = None,
     ) -> list[RequestOutput]:
         """Completes every prompt; prompts are strings or token-id lists. Returns outputs in order.
-        ``on_finish(i)`` is called as prompt i completes (progress bars)."""
+        ``on_finish(i)`` is called as prompt i completes (progress bars). Invalid input raises InvalidField,
+        a ValueError that names the field (``prompts[i]``, ``max_tokens``, ...)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         if not prompts:
@@ -157,109 +145,71 @@ class LLM:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidField("params", f"{len(params_list)} params for {len(prompts)} prompts")
-        token_lists = [self._tokenize(i, p) for i, p in enumerate(prompts)]
-        for i, (ids, p) in enumerate(zip(token_lists, params_list, strict=True)):
+        token_lists = [self._prompt_token_ids(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
+        for i, p in enumerate(params_list):
             if not isinstance(p, SamplingParams):
                 raise InvalidField(f"params[{i}]", "must be a SamplingParams")
-            if len(ids) + 1 > self.info.max_model_len:
-                raise InvalidField(
-                    f"prompts[{i}]",
-                    f"{len(ids)} tokens leave no room to generate within the context length "
-                    f"{self.info.max_model_len}",
-                )
         return self._run(token_lists, params_list, on_finish)
 
-    def _tokenize(self, i: int, prompt) -> list[int]:
+    def _prompt_token_ids(self, name: str, prompt) -> list[int]:
+        """The gateway's prompt checks, naming the prompt by its place in the list."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise InvalidField(f"prompts[{i}]", "this model has no tokenizer.json: give token ids")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list | tuple):
-            ids = list(prompt)
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.info.vocab_size]
-            if bad:
-                raise InvalidField(
-                    f"prompts[{i}]", f"token id {bad[0]!r} is outside the vocabulary [0, {self.info.vocab_size})"
-                )
-        else:
-            raise InvalidField(f"prompts[{i}]", f"must be a string or a list of token ids, got {type(prompt)}")
-        if not ids:
-            raise InvalidField(f"prompts[{i}]", "must not be empty")
-        return ids
+                raise InvalidField(name, "this model has no tokenizer.json: give token ids")
+            return text_prompt(prompt, self._limits, self.tokenizer.encode, name)
+        if isinstance(prompt, list | tuple):
+            return token_prompt(prompt, self._limits, name)
+        raise InvalidField(name, f"must be a string or a list of token ids, got {type(prompt)}")
+
+    def _new_sample(self, index: int, params: SamplingParams) -> SampleStream:
+        decode = self.tokenizer.decode if self.tokenizer is not None else _no_text
+        return SampleStream(index, params, decode, stop_token_ids(params, self.info.eos_token_ids),
+                            self._byte_token_ids)
 
     def _run(self, token_lists: list[list[int]], params_list: list[SamplingParams],
              on_finish: Callable[[int], None] | None = None) -> list[RequestOutput]:
-        up: queue.Queue = queue.Queue()
+        up: queue.Queue = queue.Queue()  # GatewayMessages to the scheduler; None ends the stream
         base = self._next_request
         self._next_request += len(token_lists)
-        ids = {f"offline-{base + i}": i for i in range(len(token_lists))}
-        results = [
-            RequestOutput(i, t, [CompletionOutput(j, [], "", None) for j in range(max(p.n, p.beam_width))])
-            for i, (t, p) in enumerate(zip(token_lists, params_list, strict=True))
-        ]
-        for rid, i in ids.items():
+        running: dict[str, _Running] = {}
+        for i, (ids, p) in enumerate(zip(token_lists, params_list, strict=True)):
+            width = max(p.n, p.beam_width)
+            running[f"offline-{base + i}"] = _Running(
+                RequestOutput(i, ids, [CompletionOutput(j, [], "", None) for j in range(width)]),
+                [self._new_sample(j, p) for j in range(width)],
+            )
+        results = [r.result for r in running.values()]
+        for rid, r in running.items():
             up.put(scheduler_pb2.GatewayMessage(submit=scheduler_pb2.Submit(
-                request_id=rid, prompt_token_ids=token_lists[i], sampling_params=params_list[i].to_proto()
+                request_id=rid, prompt_token_ids=r.result.prompt_token_ids,
+                sampling_params=params_list[r.result.index].to_proto(),
             )))
-        pending = set(ids)
-        stop_strings = {rid: params_list[i].stop for rid, i in ids.items()}
-
-        def requests():
-            while True:
-                msg = up.get()
-                if msg is None:
-                    return
-                yield msg
-
-        stream = self._stub.Connect(requests())
+        stream = self._stub.Connect(iter(up.get, None))
         try:
             for event in stream:
                 for o in event.outputs:
-                    if o.request_id not in pending:
+                    r = running.get(o.request_id)
+                    if r is None:
                         continue
                     if o.finish_reason == scheduler_pb2.FINISH_REASON_ERROR:
-                        raise InvalidField(o.error_field or "request", o.error) if o.error_field else \
-                            RuntimeError(o.error)
-                    result = results[ids[o.request_id]]
-                    result.num_cached_tokens = o.num_cached_tokens
-                    out = result.outputs[o.index]
-                    if out.finish_reason is not None:
-                        continue  # ended here at a stop string; its sibling samples go on
-                    out.token_ids += o.token_ids
-                    out.logprobs += o.logprobs
-                    if o.final_token_ids:
-                        out.token_ids = list(o.final_token_ids)  # a finished beam
-                    if o.finish_reason:
-                        out.finish_reason = FINISH_REASONS[o.finish_reason]
-                    elif self._hit_stop_string(out, stop_strings[o.request_id]):
-                        if all(c.finish_reason is not None for c in result.outputs):
+                        if o.error_field:
+                            raise InvalidField(o.error_field, o.error.removeprefix(f"{o.error_field}: "))
+                        raise RuntimeError(o.error)
+                    r.result.num_cached_tokens = o.num_cached_tokens
+                    r.samples[o.index].feed(o)
+                    r.take(o.request_id, o.index)
+                    if all(s.finished for s in r.samples):
+                        if not all(s.upstream_finished for s in r.samples):  # a stop string ended it here
                             up.put(scheduler_pb2.GatewayMessage(abort=scheduler_pb2.Abort(request_id=o.request_id)))
-                    if all(c.finish_reason is not None for c in result.outputs):
-                        pending.discard(o.request_id)
+                        del running[o.request_id]
                         if on_finish is not None:
-                            on_finish(ids[o.request_id])
-                if not pending:
+                            on_finish(r.result.index)
+                if not running:
                     break
         finally:
             up.put(None)
             stream.cancel()
-        for r in results:
-            for out in r.outputs:
-                if not out.text and self.tokenizer is not None:
-                    out.text = self.tokenizer.decode(out.token_ids)
         return results
-
-    def _hit_stop_string(self, out: CompletionOutput, stops: tuple[str, ...]) -> bool:
-        """Ends a completion at the first stop string; its text stops before it."""
-        if not stops or self.tokenizer is None:
-            return False
-        text = self.tokenizer.decode(out.token_ids)
-        hits = [text.find(s) for s in stops if s in text]
-        if not hits:
-            return False
-        out.text = text[: min(hits)]
-        out.finish_reason = "stop"
-        return True
 
     # ---- lifetime
 
@@ -282,3 +232,8 @@ class LLM:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _no_text(token_ids: list[int]) -> str:
+    """The decoder of a model without tokenizer.json: its completions are token ids only."""
+    return ""

@@ -20,7 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from scheduler_svc.launcher import Child, ProcessGroup, cli_command
+from gpu_worker.engine_args import EngineArgs
+from scheduler_svc.launcher import Child, ProcessGroup, cli_command, engine_commands
 
 POLL_S = 0.1
 HEALTH_POLL_S = 0.5
@@ -30,34 +31,12 @@ def _say(message: str) -> None:
     print(f"pagedserve: {message}", flush=True)
 
 
-def _child_args(args: argparse.Namespace, tmp: Path, sched_addr: str, worker_addr: str) -> dict[str, list[list[str]]]:
-    world = args.tensor_parallel_size
-    sizes = ["--block-size", str(args.block_size), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    scheduler = ["--listen", sched_addr, "--workers", worker_addr, "--world-size", str(world),
-                 "--max-num-seqs", str(args.max_num_seqs), *sizes]
-    if args.max_model_len is not None:
-        scheduler += ["--max-model-len", str(args.max_model_len)]
-    if not args.enable_prefix_caching:
-        scheduler.append("--no-prefix-caching")
-    if not args.async_scheduling:
-        scheduler.append("--no-async-scheduling")
-    workers = []
-    for rank in range(world):
-        device = f"{args.device}:{rank}" if args.device == "cuda" and world > 1 else args.device
-        workers.append([
-            "--model", args.model, "--scheduler", worker_addr, "--device", device, "--dtype", args.dtype,
-            "--rank", str(rank), "--world-size", str(world), "--kv-cache-memory", args.kv_cache_memory,
-            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", str(args.seed),
-            "--max-num-seqs", str(args.max_num_seqs), "--swap-space", str(args.swap_space),
-            "--load-format", args.load_format, *(["--enforce-eager"] if args.enforce_eager else []),
-            "--exit-with-parent", *sizes,
-        ])
-    gateway = ["--model", args.model, "--scheduler", sched_addr, "--host", args.host, "--port", str(args.port),
-               "--drain-timeout", str(args.drain_timeout), "--port-file", str(tmp / "gateway.port"),
-               "--log-level", args.log_level, "--exit-with-parent"]
+def _gateway_command(args: argparse.Namespace, scheduler_address: str, port_file: Path) -> list[str]:
+    argv = ["--model", args.model, "--scheduler", scheduler_address, "--host", args.host, "--port", str(args.port),
+            "--drain-timeout", str(args.drain_timeout), "--port-file", str(port_file), "--log-level", args.log_level]
     if args.model_name:
-        gateway += ["--model-name", args.model_name]
-    return {"scheduler": [scheduler], "worker": workers, "gateway": [gateway]}
+        argv += ["--model-name", args.model_name]
+    return cli_command("gateway", *argv)
 
 
 class _HealthProbe:
@@ -84,8 +63,9 @@ class _HealthProbe:
 
 
 class Launcher:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, engine: EngineArgs) -> None:
         self.args = args
+        self.engine = engine
         self.tmp = Path(tempfile.mkdtemp(prefix="pagedserve-"))
         self.scheduler_address = f"unix://{self.tmp}/scheduler.sock"
         self.worker_address = f"ipc://{self.tmp}/workers.sock"
@@ -111,12 +91,11 @@ class Launcher:
 
     def _start(self) -> Child:
         started = []
-        children = _child_args(self.args, self.tmp, self.scheduler_address, self.worker_address)
-        for role, arg_lists in children.items():
-            for i, role_args in enumerate(arg_lists):
-                name = role if len(arg_lists) == 1 else f"{role}{i}"
-                child = self.group.start(name, cli_command(role, *role_args))
-                started.append(f"{name} (pid {child.popen.pid})")
+        commands = engine_commands(self.engine, self.scheduler_address, self.worker_address)
+        commands.append(("gateway", _gateway_command(self.args, self.scheduler_address, self.tmp / "gateway.port")))
+        for name, command in commands:
+            child = self.group.start(name, command)
+            started.append(f"{name} (pid {child.popen.pid})")
         _say(f"started {', '.join(started)}")
         _say(f"scheduler on {self.scheduler_address}, workers on {self.worker_address}")
         return self.group.children[-1]
@@ -178,33 +157,10 @@ class Launcher:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, ...")
+    EngineArgs.add_args(p, "serve")
     p.add_argument("--host", default="0.0.0.0", help="gateway address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gateway port; 0 picks a free one (default 50051)")
     p.add_argument("--model-name", default=None, help="model name clients may send (default: the directory's name)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    p.add_argument("--kv-cache-memory", default="256MiB", help="KV pool size on CPU (default 256MiB)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of GPU memory for weights, activations and the KV pool (default 0.9)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step (default 256)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="tokens per step, prefill chunks included (default 2048)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="cap on prompt plus completion length (default: the model's)")
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="do not reuse the KV blocks of identical prompt prefixes")
-    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
-                   help="plan each step only after the previous step's results (default: plan the next "
-                   "decode step while the workers run the current one)")
-    p.add_argument("--swap-space", type=float, default=4.0,
-                   help="GiB of CPU memory per worker for swapped-out KV blocks (default 4)")
-    p.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
-    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
-                   help="dummy: random weights of the checkpoint's shapes, for benchmarks (default auto)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="worker processes, one per GPU (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running streams get to finish after SIGINT/SIGTERM (default 30)")
     p.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log (default: stderr)")
@@ -214,6 +170,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "config.json").exists():
         raise SystemExit(f"pagedserve serve: {args.model} has no config.json")
-    if args.tensor_parallel_size < 1:
-        raise SystemExit("pagedserve serve: --tensor-parallel-size must be at least 1")
-    return Launcher(args).run()
+    try:
+        engine = EngineArgs.from_args(args, "serve")
+    except ValueError as exc:
+        raise SystemExit(f"pagedserve serve: {exc}") from None
+    return Launcher(args, engine).run()

@@ -15,6 +15,8 @@ from concurrent import futures
 import grpc
 
 import clients  # noqa: F401
+from gpu_worker import lifetime
+from gpu_worker.engine_args import EngineArgs
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.engine import EngineCore
@@ -115,39 +117,24 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="gRPC address for gateways (host:port or unix:PATH; default 0.0.0.0:50052)")
     p.add_argument("--workers", default="tcp://0.0.0.0:5557",
                    help="ZeroMQ address the workers connect to (default tcp://0.0.0.0:5557)")
-    p.add_argument("--world-size", type=int, default=1, help="number of worker ranks (default 1)")
-    add_scheduler_args(p)
+    EngineArgs.add_args(p, "scheduler")
+    lifetime.add_argument(p)
     return p
 
 
-def add_scheduler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step (default 256)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="tokens per step, prefill chunks included (default 2048)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="cap on prompt plus completion length (default: the model's)")
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="do not reuse the KV blocks of earlier requests' identical prefixes "
-                   "(automatic prefix caching is on by default)")
-    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
-                   help="plan each step only after the previous step's results (by default the next decode "
-                   "step is planned and sent while the workers still run the current one)")
-
-
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
-    return SchedulerConfig(
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        enable_prefix_caching=args.enable_prefix_caching,
-        async_scheduling=args.async_scheduling,
-    )
+    return SchedulerConfig.from_engine_args(EngineArgs.from_args(args, "scheduler"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        engine = EngineArgs.from_args(args, "scheduler")
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.exit_with_parent:
+        lifetime.exit_with_parent()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -155,5 +142,5 @@ def main(argv: list[str] | None = None) -> int:
     def listening(port: int, worker_address: str) -> None:
         print(f"scheduler: gRPC on {args.listen} (port {port}), workers on {worker_address}", flush=True)
 
-    return serve(config_from_args(args), args.listen, args.workers, args.world_size,
+    return serve(SchedulerConfig.from_engine_args(engine), args.listen, args.workers, engine.tensor_parallel_size,
                  on_listening=listening, stop_event=stop)

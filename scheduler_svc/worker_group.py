@@ -92,11 +92,6 @@ class WorkerGroup:
             except zmq.ZMQError as exc:
                 raise WorkerFailure(f"cannot reach {identity.decode()}: {exc}") from exc
 
-    def run_step(self, plan: bytes, timeout_s: float | None = None, alive=None) -> worker_pb2.StepResult:
-        """Sends one encoded WorkerCommand(step) to every rank; returns rank 0's StepResult."""
-        self.send_step(plan)
-        return self.recv_step(timeout_s, alive)
-
     def send_step(self, plan: bytes) -> None:
         self._broadcast(plan)
 

@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kernels import apply_rotary, copy_blocks, paged_attention, rms_norm, silu_and_mul, store_kv
 from kernels._triton import cdiv, sm_count
 from kernels.activation import silu_and_mul_ref
+from kernels.bench.ceilings import measure_ceilings
 from kernels.copy_blocks import copy_blocks_ref
 from kernels.paged_attention import AttentionConfig, choose_config, paged_attention_triton
 from kernels.rms_norm import rms_norm_ref
@@ -66,18 +67,6 @@ def cpu_us(fn, n: int = 50) -> float:
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def measure_ceilings() -> dict:
-    n = GiB // 2  # 1 GiB of bf16
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    copy_ms = bench(lambda: dst.copy_(src))
-    src = dst = None  # free the 2 GiB before the matmul
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_ms = bench(lambda: a @ b)
-    return {"copy_gbps": 2 * GiB / copy_ms / 1e6, "matmul_tflops": 2 * 8192**3 / mm_ms / 1e9}
 
 
 def paged_from_contiguous(k_seq: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,7 +418,7 @@ def main() -> None:
     import triton
 
     result["triton"] = triton.__version__
-    result["ceilings"] = ceil = measure_ceilings()
+    result["ceilings"] = ceil = measure_ceilings("cuda")
     print("ceilings", json.dumps(ceil), flush=True)
     sections = [] if args.skip_tables else [("decode", bench_decode), ("prefill", bench_prefill),
                                             ("small", bench_small)]

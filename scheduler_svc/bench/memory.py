@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpu_worker.engine_args import EngineArgs
+
 # Length distributions of the paper's traces (mean input / output tokens), drawn log-normally.
 TRACES = {"alpaca": (19.31, 58.45), "sharegpt": (161.31, 337.99)}
 VOCAB = 32000
@@ -37,7 +39,7 @@ def add_parser(bench) -> None:
     p = bench.add_parser("memory", help="KV utilization, sharing savings and prefix-cache speed-up",
                          description=__doc__.split("\n\n")[0])
     p.add_argument("--num-requests", type=int, default=300, help="requests per simulated workload (default 300)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
+    EngineArgs.add_args(p, "bench-memory")  # --device (of the real worker) and --block-size
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic traces (default 0)")
     p.add_argument("--prefix-requests", type=int, default=96,
                    help="requests per shared-prefix throughput run (default 96)")
@@ -47,7 +49,6 @@ def add_parser(bench) -> None:
     p.add_argument("--prefix-hidden-size", type=int, default=512,
                    help="hidden size of the llama checkpoint for the shared-prefix runs (head_dim 64, 4 layers); "
                    "large enough that computing tokens, not per-step overhead, dominates (default 512)")
-    p.add_argument("--device", default="cpu", help="device of the real worker (default cpu)")
     p.add_argument("--shape", default=None,
                    help="shared-prefix runs on a random-weight model of this shape (bench throughput's shapes), "
                    "with --device cuda; the pool is still capped at --prefix-kv-blocks")

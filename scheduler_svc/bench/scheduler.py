@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 
+from gpu_worker.engine_args import DEFAULTS
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
@@ -13,7 +14,7 @@ from scheduler_svc.step_plan import encode_step
 
 def run(args) -> int:
     n, ctx, bs = args.num_seqs, args.context_len, args.block_size
-    budget = max(2048, n)
+    budget = max(DEFAULTS.max_num_batched_tokens, n)
     # Early arrivals decode while later prompts prefill: leave room for those steps too.
     max_tokens = args.steps + -(-n * ctx // budget) + n + 8
     blocks_per_seq = -(-(ctx + max_tokens) // bs)

@@ -16,8 +16,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpu_worker.engine_args import EngineArgs
 from scheduler_svc.bench import process_profile
-from scheduler_svc.bench.throughput import SHAPES, WORKLOADS, make_workload, write_shape_config
+from scheduler_svc.bench.throughput import (
+    BENCH_DEFAULTS,
+    SHAPES,
+    WORKLOADS,
+    make_workload,
+    run_ours,
+    write_shape_config,
+)
 
 
 def write_placeholder_tokenizer(model_dir: Path, vocab_size: int) -> None:
@@ -147,6 +155,19 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
 
+def _report(timings: list[RequestTiming], seconds: float) -> dict:
+    out_tokens = sum(t.num_tokens for t in timings)
+    ttft = [t.first - t.start for t in timings if t.first is not None]
+    itl = [x for t in timings for x in t.inter_token_latencies()]
+    return {
+        "requests": len(timings), "seconds": seconds, "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / seconds,
+        "ttft_ms": {f"p{q}": 1e3 * _pct(ttft, q) for q in (50, 90, 99)},
+        "itl_ms": {f"p{q}": 1e3 * _pct(itl, q) for q in (50, 90, 99)},
+        "median_itl_ms": 1e3 * statistics.median(itl) if itl else float("nan"),
+    }
+
+
 def run(args) -> int:
     if args.workload:
         shape, n, in_len, out_len, _ = WORKLOADS[args.workload]
@@ -159,6 +180,12 @@ def run(args) -> int:
         model_dir, load_format = (Path(args.model), "auto") if args.model else (Path(tmp) / str(args.shape), "dummy")
         vocab = _vocab_size(args, model_dir)
         work = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, args.seed)
+        # Other prompts of the same lengths (no prefix-cache hits later), sent first.
+        warm = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, args.seed + 1)
+        try:
+            engine = EngineArgs.from_args(args, "bench-serving", model=str(model_dir), load_format=load_format)
+        except ValueError as exc:
+            raise SystemExit(f"pagedserve bench serving: {exc}") from None
         server = None
         target = args.target
         if not target:
@@ -167,50 +194,29 @@ def run(args) -> int:
                 write_shape_config(args.shape, model_dir, longest)
                 write_placeholder_tokenizer(model_dir, vocab)
             target = f"127.0.0.1:{args.port}"
-            server = subprocess.Popen([
-                sys.executable, "-m", "scheduler_svc.cli", "serve", "--model", str(model_dir), "--device",
-                args.device, "--port", str(args.port), "--load-format", load_format, "--max-num-seqs",
-                str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-                "--log-level", "warning", "--tensor-parallel-size", str(args.tensor_parallel_size),
-            ])
+            server = subprocess.Popen([sys.executable, "-m", "scheduler_svc.cli", "serve", *engine.to_argv("serve"),
+                                       "--port", str(args.port), "--log-level", "warning"])
         try:
             print(f"serving benchmark: {len(work.prompts)} requests to {target}, "
                   f"concurrency {args.concurrency or 'unbounded'}, rate {args.request_rate or 'all at once'}",
                   flush=True)
-            # Warm-up on other prompts of the same lengths (no prefix-cache hits later), unless targeting a
-            # service that is already running.
-            warm = None if args.target else make_workload(args.num_prompts, args.input_len, args.output_len, vocab,
-                                                          args.seed + 1)
+            # No warm-up for a service that is already running.
             timed = _profiler(args, server)
-            seconds, timings = asyncio.run(drive(target, work, args.concurrency, args.request_rate, args.seed, warm,
-                                                 timed))
+            seconds, timings = asyncio.run(drive(target, work, args.concurrency, args.request_rate, args.seed,
+                                                 None if args.target else warm, timed))
         finally:
             if server is not None:
                 server.terminate()
                 server.wait(timeout=120)
-        out_tokens = sum(t.num_tokens for t in timings)
-        ttft = [t.first - t.start for t in timings if t.first is not None]
-        itl = [x for t in timings for x in t.inter_token_latencies()]
-        report = {
-            "requests": len(timings), "seconds": seconds, "output_tokens": out_tokens,
-            "output_tok_s": out_tokens / seconds,
-            "ttft_ms": {f"p{q}": 1e3 * _pct(ttft, q) for q in (50, 90, 99)},
-            "itl_ms": {f"p{q}": 1e3 * _pct(itl, q) for q in (50, 90, 99)},
-            "median_itl_ms": 1e3 * statistics.median(itl) if itl else float("nan"),
-        }
+        report = _report(timings, seconds)
         if timed is not None:
             report["processes"] = timed.report
             print(process_profile.format_report(timed.report), flush=True)
         if args.offline_too:
-            from scheduler_svc.bench.throughput import run_ours
-
-            args.load_format = load_format
-            args.block_size, args.gpu_memory_utilization, args.kv_cache_memory = 16, 0.9, "1GiB"
-            args.enforce_eager, args.async_scheduling = False, True  # as `pagedserve serve` runs
-            args.vocab_size = vocab
-            offline = run_ours(model_dir, work, args)
+            offline = run_ours(engine, work, warm)  # the same engine settings as the service above
             report["offline_output_tok_s"] = offline.output_tok_s
             report["serving_over_offline"] = report["output_tok_s"] / offline.output_tok_s
+    out_tokens = report["output_tokens"]
     print(f"\nthroughput: {report['output_tok_s']:,.0f} output tok/s ({out_tokens} tokens in {seconds:.2f} s)")
     print("time to first token (ms): " + "  ".join(f"{k} {v:.1f}" for k, v in report["ttft_ms"].items()))
     print("inter-token latency (ms): " + "  ".join(f"{k} {v:.2f}" for k, v in report["itl_ms"].items()))
@@ -237,12 +243,8 @@ def add_parser(bench) -> None:
     p.add_argument("--concurrency", type=int, help="requests in flight at most (default: all)")
     p.add_argument("--request-rate", type=float, help="Poisson arrivals per second (default: all at once)")
     p.add_argument("--offline-too", action="store_true", help="also run the workload offline, for the ratio")
-    p.add_argument("--device", default="cuda")
     p.add_argument("--port", type=int, default=50071, help="port of the gateway started here (default 50071)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="ranks sharing the model in the service started here, one per GPU (default 1)")
+    EngineArgs.add_args(p.add_argument_group("engine"), "bench-serving", **BENCH_DEFAULTS)
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--profile-dir", help="measure each process's CPU time over the timed region and, with py-spy "
                    "on the PATH, sample its Python stacks into DIR (see scheduler_svc/bench/process_profile.py)")

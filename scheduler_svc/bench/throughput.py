@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gpu_worker.engine_args import EngineArgs
+
 # Random-weight shapes (Llama architecture, bf16, untied head), as in docs/DESIGN.md.
 SHAPES: dict[str, dict] = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -69,71 +71,20 @@ def write_shape_config(shape: str, out_dir: Path, max_len: int) -> Path:
     return out_dir
 
 
-# ---- ceilings and roofline
-
-
-def measure_ceilings(device: str) -> dict[str, float]:
-    """Device copy bandwidth (bytes read + written per second) and bf16 (CPU: fp32) matmul rate."""
-    import torch
-
-    cuda = device.startswith("cuda")
-    out = {"copy_bytes_per_s": _copy_rate(device, 2 * 2**30 if cuda else 256 * 2**20),
-           "matmul_flops_per_s": _matmul_rate(device, 8192 if cuda else 1024,
-                                              torch.bfloat16 if cuda else torch.float32)}
-    if cuda:
-        torch.cuda.empty_cache()
-    return out
-
-
-def _copy_rate(device: str, n_bytes: int) -> float:
-    import torch
-
-    src = torch.empty(n_bytes // 2, dtype=torch.float16, device=device)
-    dst = torch.empty_like(src)
-    return 2 * n_bytes / _median_time(lambda: dst.copy_(src), device)
-
-
-def _matmul_rate(device: str, size: int, dtype) -> float:
-    import torch
-
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    return 2 * size**3 / _median_time(lambda: a @ b, device)
-
-
-def _median_time(fn, device: str, reps: int = 20) -> float:
-    import statistics
-
-    import torch
-
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+# ---- roofline
 
 
 def roofline_seconds(cfg: dict, work: Workload, ceilings: dict[str, float], dtype_bytes: int = 2) -> float:
     """Least time any engine needs on this device: prefill at the matmul rate, then each decode step at
-    max(bytes / bandwidth, flops / matmul rate), reading all weights and every live sequence's KV."""
+    max(bytes / bandwidth, flops / matmul rate), reading all weights and every live sequence's KV.
+    ``ceilings`` as kernels.bench.ceilings.measure_ceilings gives them (GB/s, TFLOP/s)."""
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads, kv_heads, hd, vocab = (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
                                   cfg["vocab_size"])
     layer_params = h * hd * (2 * heads + 2 * kv_heads) + 3 * h * inter
     params = layers * layer_params
     kv_per_token = 2 * layers * kv_heads * hd * dtype_bytes
-    bw, peak = ceilings["copy_bytes_per_s"], ceilings["matmul_flops_per_s"]
+    bw, peak = ceilings["copy_gbps"] * 1e9, ceilings["matmul_tflops"] * 1e12  # bytes/s, FLOP/s
     prefill_flops = 0.0
     for p in work.prompts:
         n = len(p)
@@ -170,21 +121,17 @@ class Result:
         return self.total_tokens / self.seconds
 
 
-def run_ours(model_dir: Path, work: Workload, args) -> Result:
+def run_ours(engine: EngineArgs, work: Workload, warm: Workload) -> Result:
+    """``work`` through the offline engine, after ``warm``: other prompts of the same lengths (no
+    prefix-cache hits later), which compile the kernel variants that this workload's prefill and mixed
+    steps use before the clock starts."""
     from tqdm import tqdm
 
     from scheduler_svc.llm import LLM
     from scheduler_svc.sampling_params import SamplingParams
 
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in work.output_lens]
-    with LLM(model_dir, device=args.device, load_format=args.load_format, block_size=args.block_size,
-             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-             gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
-             enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
-             tensor_parallel_size=args.tensor_parallel_size) as llm:
-        # Warm-up on other prompts of the same lengths (no prefix-cache hits later): compiles the kernel
-        # variants that this workload's prefill and mixed steps use before the clock starts.
-        warm = make_workload(len(work.prompts), args.input_len, args.output_len, args.vocab_size, args.seed + 1)
+    with LLM(engine) as llm:
         llm.generate(warm.prompts, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         with tqdm(total=len(work.prompts), desc="pagedserve", unit="req", disable=None) as bar:
             t0 = time.perf_counter()
@@ -304,7 +251,8 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def run(args) -> int:
+def resolve_workload(args) -> None:
+    """Fills --num-prompts, --input-len and --output-len (and the shape, hf batch size) from --workload."""
     if args.workload:
         shape, n, in_len, out_len, hf_bs = WORKLOADS[args.workload]
         args.shape = args.shape or shape
@@ -313,69 +261,84 @@ def run(args) -> int:
         args.hf_batch_size = args.hf_batch_size or hf_bs
     if not (args.num_prompts and args.input_len and args.output_len):
         raise SystemExit("give --workload or all of --num-prompts, --input-len, --output-len")
+
+
+def _kernel_profile_out(args, tmp: str) -> Path | None:
+    """With --profile-steps: where the worker processes append their kernel profiles (told by env)."""
+    if not args.profile_steps:
+        return None
+    from gpu_worker import step_profile as kernel_profile  # not this module's step_profile()
+
+    if not args.device.startswith("cuda"):
+        raise SystemExit("--profile-steps profiles CUDA kernels: it needs --device cuda")
+    try:
+        kernel_profile.parse_windows(args.profile_steps)
+    except ValueError as e:
+        raise SystemExit(f"--profile-steps: {e}") from None
+    profile_out = Path(tmp) / "profile.jsonl"
+    os.environ[kernel_profile.ENV_STEPS] = args.profile_steps  # read by the worker processes
+    os.environ[kernel_profile.ENV_OUT] = str(profile_out)
+    return profile_out
+
+
+def _kernel_profiles(profile_out: Path | None) -> list[dict]:
+    if profile_out is None:
+        return []
+    from gpu_worker import step_profile as kernel_profile
+
+    profiles = [json.loads(line) for line in profile_out.read_text().splitlines()] if profile_out.exists() else []
+    for prof in profiles:
+        print(kernel_profile.format_summary(prof), flush=True)
+    if not profiles:
+        print("--profile-steps: no window was reached (count the warm-up steps too)", flush=True)
+    return profiles
+
+
+def run(args) -> int:
+    from kernels.bench.ceilings import measure_ceilings
+
+    resolve_workload(args)
     args.hf_batch_size = args.hf_batch_size or 64
-    args.max_num_seqs = args.max_num_seqs or min(args.num_prompts, 1024)
-    profiles = []
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
-        if args.profile_steps:
-            from gpu_worker import step_profile as kernel_profile  # not this module's step_profile()
-
-            if not args.device.startswith("cuda"):
-                raise SystemExit("--profile-steps profiles CUDA kernels: it needs --device cuda")
-
-            try:
-                kernel_profile.parse_windows(args.profile_steps)
-            except ValueError as e:
-                raise SystemExit(f"--profile-steps: {e}") from None
-            profile_out = Path(tmp) / "profile.jsonl"
-            os.environ[kernel_profile.ENV_STEPS] = args.profile_steps  # read by the worker processes
-            os.environ[kernel_profile.ENV_OUT] = str(profile_out)
+        profile_out = _kernel_profile_out(args, tmp)
         if args.model:
             model_dir, args.load_format = Path(args.model), "auto"
         elif args.shape:
             model_dir, args.load_format = Path(tmp) / args.shape, "dummy"
         else:
             raise SystemExit("give --shape or --model")
-        cfg_vocab = SHAPES[args.shape]["vocab_size"] if not args.model else \
+        vocab = SHAPES[args.shape]["vocab_size"] if not args.model else \
             json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        args.vocab_size = cfg_vocab
-        work = make_workload(args.num_prompts, args.input_len, args.output_len, cfg_vocab, args.seed)
+        work = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, args.seed)
+        warm = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, args.seed + 1)
         if not args.model:
             longest = max(len(p) + n for p, n in zip(work.prompts, work.output_lens, strict=True))
             write_shape_config(args.shape, model_dir, longest)
+        try:
+            engine = EngineArgs.from_args(args, "bench-throughput", model=str(model_dir), load_format=args.load_format,
+                                          max_num_seqs=args.max_num_seqs or min(args.num_prompts, 1024))
+        except ValueError as exc:
+            raise SystemExit(f"pagedserve bench throughput: {exc}") from None
         cfg = json.loads((model_dir / "config.json").read_text())
         print(f"workload: {len(work.prompts)} prompts, {work.num_output_tokens} output tokens, "
               f"model {args.shape or args.model} on {args.device}", flush=True)
         ceilings = measure_ceilings(args.device)
-        print(f"measured ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-              f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+        print(f"measured ceilings: copy {ceilings['copy_gbps'] / 1e3:.2f} TB/s, "
+              f"matmul {ceilings['matmul_tflops']:.1f} TFLOP/s", flush=True)
         roof_s = roofline_seconds(cfg, work, ceilings, 2 if args.device.startswith("cuda") else 4)
-        roof_s /= args.tensor_parallel_size  # N devices: N times the bandwidth and FLOPs (all-reduces not counted)
-        results = [run_ours(model_dir, work, args)]
-        if args.profile_steps:
-            profiles = [json.loads(line) for line in profile_out.read_text().splitlines()] \
-                if profile_out.exists() else []
-            for prof in profiles:
-                print(kernel_profile.format_summary(prof), flush=True)
-            if not profiles:
-                print("--profile-steps: no window was reached (count the warm-up steps too)", flush=True)
+        roof_s /= engine.tensor_parallel_size  # N devices: N times the bandwidth and FLOPs (all-reduces not counted)
+        results = [run_ours(engine, work, warm)]
+        profiles = _kernel_profiles(profile_out)
         runners = {"hf-static": run_hf_static, "hf-cb": run_hf_cb}
         for name in [c for c in (args.compare or "").split(",") if c]:
             if name not in runners:
                 raise SystemExit(f"--compare: unknown system {name!r} (known: {', '.join(runners)})")
             results.append(runners[name](model_dir, work, args))
-    ours = results[0]
     roof_tok_s = work.num_output_tokens / roof_s
-    print(f"\nroofline: {roof_tok_s:,.0f} output tok/s ({roof_s:.2f} s)")
-    print(f"{'system':<12} {'out tok/s':>11} {'total tok/s':>12} {'ours / it':>10} {'% roofline':>11}")
-    for r in results:
-        ratio = ours.output_tok_s / r.output_tok_s
-        print(f"{r.system:<12} {r.output_tok_s:>11,.0f} {r.total_tok_s:>12,.0f} {ratio:>9.2f}x "
-              f"{100 * r.output_tok_s / roof_tok_s:>10.1f}%")
+    _print_table(results, roof_tok_s, roof_s)
     if args.out:
         Path(args.out).write_text(json.dumps({
             "workload": args.workload, "shape": args.shape, "model": args.model, "device": args.device,
-            "tensor_parallel_size": args.tensor_parallel_size,
             "num_prompts": len(work.prompts), "input_len": args.input_len, "output_len": args.output_len,
             "ceilings": ceilings, "roofline_output_tok_s": roof_tok_s,
             "results": [dict(asdict(r), output_tok_s=r.output_tok_s, total_tok_s=r.total_tok_s) for r in results],
@@ -384,11 +347,26 @@ def run(args) -> int:
     return 0
 
 
+def _print_table(results: list[Result], roof_tok_s: float, roof_s: float) -> None:
+    ours = results[0]
+    print(f"\nroofline: {roof_tok_s:,.0f} output tok/s ({roof_s:.2f} s)")
+    print(f"{'system':<12} {'out tok/s':>11} {'total tok/s':>12} {'ours / it':>10} {'% roofline':>11}")
+    for r in results:
+        ratio = ours.output_tok_s / r.output_tok_s
+        print(f"{r.system:<12} {r.output_tok_s:>11,.0f} {r.total_tok_s:>12,.0f} {ratio:>9.2f}x "
+              f"{100 * r.output_tok_s / roof_tok_s:>10.1f}%")
+
+
+# The engine settings of benchmark runs where they differ from serving's: larger steps, a GPU.
+BENCH_DEFAULTS = {"device": "cuda", "max_num_batched_tokens": 8192}
+
+
 def add_parser(bench) -> None:
     p = bench.add_parser("throughput", help="offline throughput beside transformers and the roofline",
                          description="Offline throughput (output tokens/s) of pagedserve, optionally beside "
                          "transformers generate (static batches) and its continuous batching, on the same "
-                         "prompts in the same run; the roofline comes from ceilings measured at the start.")
+                         "prompts in the same run; the roofline comes from ceilings measured at the start. "
+                         "--max-num-seqs defaults to the number of prompts (at most 1024).")
     p.add_argument("--shape", choices=sorted(SHAPES), help="random-weight model of this shape (built on the GPU)")
     p.add_argument("--model", help="checkpoint directory instead of --shape")
     p.add_argument("--workload", choices=sorted(WORKLOADS), help="preset: shape, prompts and lengths")
@@ -398,19 +376,8 @@ def add_parser(bench) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of prompts and lengths (default 0)")
     p.add_argument("--compare", default="", help="comma-separated: hf-static, hf-cb")
     p.add_argument("--hf-batch-size", type=int, help="batch size of hf-static (default from the workload or 64)")
-    p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="sequences per step (default: the number of prompts, at most 1024)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool on CPU (default 1GiB)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="ranks sharing the model, one per GPU; the roofline is that of as many GPUs (default 1)")
-    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
-                   help="plan every step after the previous one's results (default: decode steps are "
-                   "planned ahead while the GPU runs the current one)")
+    EngineArgs.add_args(p.add_argument_group("engine"), "bench-throughput", **BENCH_DEFAULTS, max_num_seqs=None,
+                        kv_cache_memory="1GiB")
     p.add_argument("--profile-steps", metavar="KIND:SKIP:COUNT[,...]",
                    help="profile the device kernels of these step windows in the worker and print where the "
                    "time goes, e.g. decode:100:10,prefill:20:2 (KIND decode or prefill; steps counted from "

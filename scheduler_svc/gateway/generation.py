@@ -21,9 +21,9 @@ import grpc
 import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
-from scheduler_svc import log
+from scheduler_svc import finish_reason, log
 from scheduler_svc.gateway.detokenizer import byte_fallback_ids
-from scheduler_svc.gateway.response_stream import FINISH_NAMES, SampleStream
+from scheduler_svc.gateway.response_stream import SampleStream, stop_token_ids
 from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, LinkLost, SchedulerLink
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from scheduler_svc.gateway.validation import ModelLimits, ValidRequest, public_field, validate
@@ -143,8 +143,7 @@ class GenerationCore:
 
     def _sample_factory(self, params) -> Callable[[int], SampleStream]:
         assert self.info is not None
-        eos = frozenset() if params.ignore_eos else frozenset(self.info.eos_token_ids)
-        stop_ids = eos | frozenset(params.stop_token_ids)
+        stop_ids = stop_token_ids(params, self.info.eos_token_ids)
         return lambda index: SampleStream(index, params, self.tokenizer.decode, stop_ids, self.byte_token_ids)
 
     def _apply(self, item, samples: dict[int, SampleStream], usage: generation_pb2.Usage, new_beam=None) -> None:
@@ -168,7 +167,7 @@ class GenerationCore:
 
     def _summarize(self, summary: RequestSummary, start: float, samples: dict[int, SampleStream]) -> None:
         summary.completion_tokens = sum(s.num_tokens for s in samples.values())
-        reasons = [FINISH_NAMES[s.finish_reason] for s in samples.values() if s.finished]
+        reasons = [finish_reason.name(s.finish_reason) for s in samples.values() if s.finished]
         if reasons:
             summary.finish_reason = reasons[0] if len(reasons) == 1 else ",".join(reasons)
         fields = {k: v for k, v in (

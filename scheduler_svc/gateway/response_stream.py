@@ -8,25 +8,20 @@ since the last response is coalesced into the next one. A beam is known only whe
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
+from scheduler_svc import finish_reason
 from scheduler_svc.gateway.detokenizer import Decode, IncrementalDetokenizer, StopStrings
 from scheduler_svc.sampling_params import SamplingParams
 
-PUBLIC_FINISH = {
-    scheduler_pb2.FINISH_REASON_LENGTH: generation_pb2.FINISH_REASON_LENGTH,
-    scheduler_pb2.FINISH_REASON_STOP: generation_pb2.FINISH_REASON_STOP,
-    scheduler_pb2.FINISH_REASON_ABORT: generation_pb2.FINISH_REASON_ABORT,
-}
-FINISH_NAMES = {
-    generation_pb2.FINISH_REASON_UNSPECIFIED: "",
-    generation_pb2.FINISH_REASON_LENGTH: "length",
-    generation_pb2.FINISH_REASON_STOP: "stop",
-    generation_pb2.FINISH_REASON_ABORT: "abort",
-}
+
+def stop_token_ids(params: SamplingParams, eos_token_ids: Iterable[int]) -> frozenset[int]:
+    """The tokens that end a sample: the request's stop tokens and, unless ignore_eos, the model's EOS."""
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_token_ids))
 
 
 @dataclass(slots=True)
@@ -81,7 +76,7 @@ class SampleStream:
                 self.finish(generation_pb2.FINISH_REASON_LENGTH)
                 return
         if out.finish_reason:
-            self.finish(PUBLIC_FINISH.get(out.finish_reason, generation_pb2.FINISH_REASON_ABORT))
+            self.finish(finish_reason.to_public(out.finish_reason))
 
     def finish(self, reason: int) -> None:
         """Ends the sample: releases held-back text (unless it completes a stop string)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import os
 import signal
 import sys
@@ -27,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 import clients  # noqa: F401
+from gpu_worker import lifetime
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 from scheduler_svc import log
 from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, GenerationFailed
@@ -194,14 +194,6 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_with_parent() -> None:
-    """Asks Linux to SIGTERM this process when the launcher that started it dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="pagedserve gateway")
     p.description = ("Run a gateway: the public GenerationService (tokenize, validate, stream text) in front "
@@ -217,7 +209,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--log-format", default="auto", choices=log.FORMATS,
                    help="auto: JSON unless stderr is a terminal (default auto)")
     p.add_argument("--port-file", default=None, help=argparse.SUPPRESS)  # the launcher learns the port here
-    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    lifetime.add_argument(p)
     return p
 
 
@@ -225,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log.configure("gateway", args.log_level, args.log_format)
     if args.exit_with_parent:
-        _exit_with_parent()
+        lifetime.exit_with_parent()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return asyncio.run(serve(args))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import clients  # noqa: F401
@@ -73,20 +73,32 @@ def _prompt(request, limits: ModelLimits, encode) -> list[int]:
     if kind is None:
         raise InvalidField("prompt", "set either text or token_ids")
     if kind == "text":
-        name = "text"
-        if not request.text:
-            raise InvalidField(name, "must not be empty")
-        ids = encode(request.text)
-        if not ids:
-            raise InvalidField(name, "tokenizes to no tokens")
-    else:
-        name = "token_ids.ids"
-        ids = list(request.token_ids.ids)
-        if not ids:
-            raise InvalidField(name, "must not be empty")
-        bad = next((i for i, t in enumerate(ids) if t >= limits.vocab_size), None)
-        if bad is not None:
-            raise InvalidField(name, f"ids[{bad}] = {ids[bad]} is outside the vocabulary [0, {limits.vocab_size})")
+        return text_prompt(request.text, limits, encode, "text")
+    return token_prompt(request.token_ids.ids, limits, "token_ids.ids")
+
+
+def text_prompt(text: str, limits: ModelLimits, encode: Callable[[str], list[int]], name: str) -> list[int]:
+    """A text prompt's token ids; ``name`` is the field that InvalidField names (the offline API's too)."""
+    if not text:
+        raise InvalidField(name, "must not be empty")
+    ids = encode(text)
+    if not ids:
+        raise InvalidField(name, "tokenizes to no tokens")
+    return _fits(ids, limits, name)
+
+
+def token_prompt(ids: Sequence[int], limits: ModelLimits, name: str) -> list[int]:
+    """A prompt given as token ids, checked against the vocabulary and the context length."""
+    ids = list(ids)
+    if not ids:
+        raise InvalidField(name, "must not be empty")
+    bad = next((i for i, t in enumerate(ids) if not isinstance(t, int) or not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise InvalidField(name, f"ids[{bad}] = {ids[bad]!r} is outside the vocabulary [0, {limits.vocab_size})")
+    return _fits(ids, limits, name)
+
+
+def _fits(ids: list[int], limits: ModelLimits, name: str) -> list[int]:
     if len(ids) >= limits.max_model_len:
         raise InvalidField(
             name,

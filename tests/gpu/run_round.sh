@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # One round of GPU checks and timings on the device machine, run from the repository root:
 #   bash tests/gpu/run_round.sh [pytest-args...]
-# Installs the wheels the GPU image lacks (.whl, from ../shared/scripts/gpu-wheels.sh), runs the GPU
-# tests, then the throughput benchmarks named in $BENCH (default: none), writing logs under $OUT.
+# Installs the wheels the GPU image lacks from .whl/ (fetched beforehand, where there is network, with
+# tests/gpu/fetch_wheels.sh), runs the GPU tests, then the throughput benchmarks named in $BENCH
+# (default: none), writing logs under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+if ! compgen -G ".whl/*.whl" >/dev/null; then
+  echo "run_round.sh: no wheels in .whl/; run bash tests/gpu/fetch_wheels.sh where PyPI is reachable" >&2
+  exit 1
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

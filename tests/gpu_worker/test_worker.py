@@ -1,7 +1,8 @@
 import torch
 
 import clients  # noqa: F401
-from gpu_worker.worker import Worker, WorkerConfig, parse_bytes
+from gpu_worker.engine_args import parse_bytes
+from gpu_worker.worker import Worker, WorkerConfig
 from pagedserve.internal.v1 import worker_pb2
 from tests.factories import make_checkpoint
 

@@ -1,0 +1,195 @@
+"""Engine settings, defined once for every process that takes them.
+
+``EngineArgs`` holds every setting of the engine (scheduler and workers together); each field carries
+its command-line flag and help text. A process role adds the flags it uses (``add_args``), reads them
+back (``from_args``), and a launcher writes a child's command line from the same settings
+(``to_argv``), so a default or a help text exists in one place. The per-process configs
+(``SchedulerConfig``, ``WorkerConfig``) are derived from it and share its defaults and checks
+(``DEFAULTS``, ``check``).
+
+It lives at the bottom of the house (stdlib only) because every role imports it: the worker must not
+import the scheduler side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
+
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '2GiB', '1e9' or a plain integer, as bytes."""
+    m = re.fullmatch(r"\s*([0-9.e+]+)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512MiB, 2GiB, 1000000)")
+    scale = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    unit = (m.group(2) or "").lower()
+    return int(float(m.group(1)) * (scale[unit[0]] if unit else 1))
+
+
+def _option(default: Any, *flags: str, help: str, type: Callable | None = None, **extra: Any) -> Any:
+    """A field with its flags; ``type=None`` makes a switch whose flag turns the default around."""
+    return field(default=default, metadata={"flags": flags, "help": help, "type": type, **extra})
+
+
+# A check per setting, as (holds, what it must be); the process configs run the same ones.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "device": (lambda v: v in ("cpu", "cuda") or v.startswith("cuda:"), "must be cpu, cuda or cuda:N"),
+    "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
+    "block_size": (lambda v: v in BLOCK_SIZES, "must be a power of two up to 128"),
+    "kv_cache_memory": (lambda v: v > 0, "must be positive"),
+    "gpu_memory_utilization": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "max_num_seqs": (lambda v: v >= 1, "must be at least 1"),
+    "max_num_batched_tokens": (lambda v: v >= 1, "must be at least 1"),
+    "max_model_len": (lambda v: v is None or v >= 1, "must be at least 1"),
+    "swap_space": (lambda v: v >= 0, "must be >= 0"),
+    "load_format": (lambda v: v in LOAD_FORMATS, f"must be one of {', '.join(LOAD_FORMATS)}"),
+    "max_num_blocks": (lambda v: v is None or v >= 1, "must be at least 1"),
+    "tensor_parallel_size": (lambda v: v >= 1, "must be at least 1"),
+}
+
+
+def check(config: object, names: Iterable[str]) -> None:
+    """Raises ValueError naming the first of ``names`` whose value on ``config`` breaks its rule."""
+    for name in names:
+        holds, rule = _RULES[name]
+        value = getattr(config, name)
+        if not holds(value):
+            raise ValueError(f"{name} {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str = _option("", "--model", type=str, help="Hugging Face checkpoint directory")
+    device: str = _option("cpu", "--device", type=str, help="cpu, cuda or cuda:N (default %(default)s)")
+    dtype: str = _option("auto", "--dtype", type=str,
+                         help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16 "
+                         "(default %(default)s)")
+    block_size: int = _option(16, "--block-size", type=int, help="tokens per KV block (default %(default)s)")
+    # Bytes; also given as a size ('256MiB'), which __post_init__ turns into bytes.
+    kv_cache_memory: int = _option("256MiB", "--kv-cache-memory", type=parse_bytes,
+                                   help="KV pool size on CPU, e.g. 64MiB (default %(default)s)")
+    gpu_memory_utilization: float = _option(
+        0.9, "--gpu-memory-utilization", type=float,
+        help="fraction of GPU memory for weights, activations and the KV pool (default %(default)s)")
+    max_num_seqs: int = _option(256, "--max-num-seqs", type=int,
+                                help="sequences per step; CUDA graphs are captured up to it (default %(default)s)")
+    max_num_batched_tokens: int = _option(
+        2048, "--max-num-batched-tokens", type=int,
+        help="tokens per step, prefill chunks included; the workers size their memory by a step this large "
+        "(default %(default)s)")
+    max_model_len: int | None = _option(None, "--max-model-len", type=int,
+                                        help="cap on prompt plus completion length (default: the model's)")
+    enable_prefix_caching: bool = _option(
+        True, "--no-prefix-caching",
+        help="do not reuse the KV blocks of earlier requests' identical prompt prefixes (automatic prefix "
+        "caching is on by default)")
+    async_scheduling: bool = _option(
+        True, "--no-async-scheduling",
+        help="plan each step only after the previous step's results (by default the next decode step is "
+        "planned and sent while the workers still run the current one)")
+    swap_space: float = _option(  # GiB per worker
+        4.0, "--swap-space", type=float,
+        help="GiB of CPU memory per worker for swapped-out KV blocks of preempted sequence groups (n > 1, "
+        "beam search); 0 disables swapping (default %(default)s)")
+    enforce_eager: bool = _option(False, "--enforce-eager", help="do not capture CUDA graphs")
+    load_format: str = _option(
+        "auto", "--load-format", type=str, choices=LOAD_FORMATS,
+        help="dummy: random weights of the checkpoint's shapes, from config.json alone, for benchmarks "
+        "(default %(default)s)")
+    max_num_blocks: int | None = _option(
+        None, "--max-num-blocks", type=int,
+        help="allocate at most this many KV blocks even if more fit (default: all that fit)")
+    seed: int = _option(0, "--seed", type=int, help="seed of unseeded sampling (default %(default)s)")
+    tensor_parallel_size: int = _option(
+        1, "--tensor-parallel-size", "--world-size", type=int, metavar="N",
+        help="tensor-parallel ranks, one worker process per GPU (default %(default)s)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kv_cache_memory, str):
+            object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
+        object.__setattr__(self, "model", str(self.model))
+        check(self, _RULES)
+
+    @property
+    def swap_space_bytes(self) -> int:
+        return int(self.swap_space * 2**30)
+
+    # ---- command lines
+
+    @classmethod
+    def add_args(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup, role: str, **defaults: Any) -> None:
+        """Adds the flags of ``role`` (a key of ROLES) to a parser or an argument group; ``defaults``
+        replace the engine's for this parser (a benchmark's larger step, say), and the help texts show them."""
+        unknown = set(defaults) - set(ROLES[role])
+        if unknown:
+            raise ValueError(f"{role} takes no {', '.join(sorted(unknown))}")
+        for f in _fields(role):
+            meta = f.metadata
+            kw: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+            if meta["type"] is None:
+                kw["action"] = "store_false" if f.default else "store_true"
+            else:
+                kw.update(type=meta["type"], default=defaults.get(f.name, f.default))
+                kw.update({k: meta[k] for k in ("choices", "metavar") if k in meta})
+                if f.name == "model":
+                    kw["required"] = True
+            parser.add_argument(*meta["flags"], **kw)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace, role: str, **overrides: Any) -> EngineArgs:
+        """The settings that ``role``'s flags parsed into ``ns``, with ``overrides``; the others keep
+        their defaults. Raises ValueError for a value that breaks a rule."""
+        values = {name: getattr(ns, name) for name in ROLES[role]}
+        return cls(**{**values, **overrides})
+
+    def to_argv(self, role: str) -> list[str]:
+        """``role``'s flags for these settings: a child process parses them back to the same values.
+        Switches appear only when they differ from the default; unset optional values not at all."""
+        argv: list[str] = []
+        for f in _fields(role):
+            value = getattr(self, f.name)
+            flag = f.metadata["flags"][0]
+            if f.metadata["type"] is None:
+                if value != f.default:
+                    argv.append(flag)
+            elif value is not None:
+                argv += [flag, str(value)]
+        return argv
+
+
+def _fields(role: str) -> list[Field]:
+    names = ROLES[role]
+    return [f for f in fields(EngineArgs) if f.name in names]
+
+
+# The settings each role takes, in the order of the fields. Processes: scheduler, worker; launchers: serve,
+# offline (the LLM takes every setting as a keyword); benchmarks, whose --seed and --model mean other things.
+_SCHEDULER = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
+              "async_scheduling", "tensor_parallel_size")
+_WORKER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
+           "max_num_batched_tokens", "swap_space", "enforce_eager", "load_format", "max_num_blocks", "seed",
+           "tensor_parallel_size")
+_LAUNCHER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
+             "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "async_scheduling", "swap_space",
+             "enforce_eager", "load_format", "tensor_parallel_size")
+ROLES: dict[str, tuple[str, ...]] = {
+    "scheduler": _SCHEDULER,
+    "worker": _WORKER,
+    "serve": (*_LAUNCHER, "seed"),
+    "offline": _LAUNCHER,  # its --seed is the requests' seed
+    "bench-throughput": ("device", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
+                         "max_num_batched_tokens", "enforce_eager", "async_scheduling", "tensor_parallel_size"),
+    "bench-serving": ("device", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"),
+    "bench-memory": ("device", "block_size"),
+    "bench-scheduler": ("block_size",),
+}
+
+DEFAULTS = EngineArgs()
