@@ -44,17 +44,17 @@ def test_scheduler_and_one_worker_per_gpu():
     base = _containers(next(d for d in yaml.safe_load_all((K8S / "base" / "engine.yaml").read_text())
                             if d and d["kind"] == "Deployment"))
     tp = _containers(yaml.safe_load((OVERLAY / "tp.yaml").read_text()))
-    assert tp["scheduler"]["args"] == base["scheduler"]["args"] + ["--world-size=$(TENSOR_PARALLEL_SIZE)"]
+    assert tp["scheduler"]["args"] == base["scheduler"]["args"] + ["--tensor-parallel-size=$(TENSOR_PARALLEL_SIZE)"]
     expand = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in tp["scheduler"]["args"]]
-    assert service.build_parser().parse_args(expand).world_size == int(env["TENSOR_PARALLEL_SIZE"]) == 2
+    assert service.build_parser().parse_args(expand).tensor_parallel_size == int(env["TENSOR_PARALLEL_SIZE"]) == 2
 
     commands = _worker_commands(tp["worker"]["args"][0], env)
     base_flags = {a.split("=", 1)[0] for a in base["worker"]["args"]}
     for rank, command in enumerate(commands):
         assert command[:2] == ["pagedserve", "worker"]
-        assert {a.split("=", 1)[0] for a in command[2:]} == base_flags | {"--rank", "--world-size"}
+        assert {a.split("=", 1)[0] for a in command[2:]} == base_flags | {"--rank", "--tensor-parallel-size"}
         args = worker.build_parser().parse_args(command[2:])
-        assert (args.rank, args.world_size, args.device) == (rank, 2, f"cuda:{rank}")
+        assert (args.rank, args.tensor_parallel_size, args.device) == (rank, 2, f"cuda:{rank}")
         assert args.scheduler_address == next(a.split("=", 1)[1] for a in base["worker"]["args"]
                                               if a.startswith("--scheduler="))
     assert tp["worker"]["resources"]["limits"]["nvidia.com/gpu"] == int(env["TENSOR_PARALLEL_SIZE"])
@@ -70,7 +70,7 @@ def test_overlay_renders():
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     engine = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "pagedserve-engine")
     containers = _containers(engine)
-    assert containers["scheduler"]["args"][-1] == "--world-size=$(TENSOR_PARALLEL_SIZE)"
+    assert containers["scheduler"]["args"][-1] == "--tensor-parallel-size=$(TENSOR_PARALLEL_SIZE)"
     assert containers["worker"]["command"] == ["bash", "-c"]
     assert containers["worker"]["resources"]["limits"]["nvidia.com/gpu"] == 2
     volumes = {v["name"]: v for v in engine["spec"]["template"]["spec"]["volumes"]}
