@@ -162,6 +162,7 @@ def test_streams_exact_text_and_usage(model_dir, tokenizer):
     asyncio.run(scenario())
 
 
+@pytest.mark.slow  # the reader sleeps a second: that is the test
 def test_slow_reader_gets_several_tokens_per_response(model_dir, tokenizer):
     fake = FakeScheduler(lambda submit: [[7]] * 1500)
     fake.step_s = 0.0005
