@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv test run lint proto bench-scheduler clean
+.PHONY: venv test test-fast run lint proto bench-scheduler clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
+
+# The inner loop: no test that starts a process or takes more than ~2 s (marked slow), none that
+# needs a GPU.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 run: venv
 	test -f out/demo-model/config.json || $(PY) -m scheduler_svc.cli demo-model out/demo-model

@@ -26,6 +26,7 @@ from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from tests.factories import make_checkpoint
 from tests.protos.proto_helpers import REPO, go_env, require_go
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,8 @@ class Service:
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=dict(os.environ, PYTHONPATH=str(REPO)),
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         self.target = "127.0.0.1:" + self.wait_for(r"gateway listening on 127\.0\.0\.1:(\d+)")
         self.pids = {name: int(pid) for name, pid in re.findall(r"(\w+) \(pid (\d+)\)", self.wait_for(r"started (.*)"))}
         self.scheduler_address = self.wait_for(r"scheduler on (unix://\S+),")
@@ -66,12 +68,14 @@ class Service:
     def wait_for(self, pattern: str, timeout_s: float = START_TIMEOUT_S) -> str:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            exited = self.proc.poll() is not None
+            if exited:
+                self._reader.join(10)  # it ends at EOF: every line the launcher printed is in self.lines
             for line in list(self.lines):
                 m = re.search(pattern, line)
                 if m:
                     return m.group(1)
-            if self.proc.poll() is not None:
-                time.sleep(0.2)  # let the reader catch the last lines
+            if exited:
                 break
             time.sleep(0.05)
         logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.log_dir.glob("*.log"))
@@ -266,14 +270,12 @@ def test_model_info_and_request_summary_log(service, checkpoint):
         assert (info.model, info.max_model_len, info.block_size) == (checkpoint.name, CONTEXT_LEN, 16)
         (out,) = client.complete("Hello", SamplingParams(max_tokens=5, ignore_eos=True), request_id="log-me")
     log = service.log_dir / "gateway.log"
-    deadline = time.monotonic() + 10
-    while True:
+
+    def summaries():
         lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
-        mine = [x for x in lines if x.get("request_id") == "log-me"]
-        if mine or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    (summary,) = mine
+        return [x for x in lines if x.get("request_id") == "log-me"]
+
+    (summary,) = wait_until(summaries, 10, interval_s=0.05, what="the request summary in gateway.log")
     assert summary["event"] == "request finished" and summary["component"] == "gateway"
     assert (summary["status"], summary["finish_reason"]) == ("OK", "length")
     assert (summary["prompt_tokens"], summary["completion_tokens"]) == (out.usage.prompt_tokens, 5)
@@ -308,10 +310,7 @@ def test_sigterm_drains_in_flight_streams(checkpoint, tmp_path):
         assert all(e.wait(60) for e in firsts)
         svc.proc.send_signal(signal.SIGTERM)
         with Client(svc.target) as client:
-            deadline = time.monotonic() + 10
-            while client.is_serving():
-                assert time.monotonic() < deadline, "still SERVING after SIGTERM"
-                time.sleep(0.05)
+            wait_until(lambda: not client.is_serving(), 10, interval_s=0.05, what="NOT_SERVING after SIGTERM")
             with pytest.raises(GenerationError) as err:
                 client.complete("Hello", SamplingParams(max_tokens=3), timeout=10)
             assert err.value.code == grpc.StatusCode.UNAVAILABLE

@@ -79,6 +79,7 @@ def test_addresses_and_ports_line_up():
     assert gateway_svc["targetPort"] == scheduler_svc["targetPort"] == "grpc"
 
 
+@pytest.mark.slow  # runs kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlays_render(overlay):
     if shutil.which("kubectl") is None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a compiler process
+
 
 def test_kernels_compile_for_sm90():
     pytest.importorskip("triton")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # reruns the kernel tests in a process of their own
+
 SUBPROCESS_ENV = "PAGEDSERVE_KERNEL_TESTS_SUBPROCESS"  # as in conftest.py (not importable by name)
 
 

@@ -13,6 +13,8 @@ import clients  # noqa: F401  (puts clients/python, where the stubs live, on sys
 # isort: split
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 
+pytestmark = pytest.mark.slow  # go build, and the client runs as a process
+
 CLIENT = "pagedserve/cmd/pagedserve-generate"
 
 

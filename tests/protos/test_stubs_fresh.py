@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from proto_helpers import REPO, require
+
+pytestmark = pytest.mark.slow  # generate.sh runs protoc
 
 # Generated files by language: generate.sh deletes and rewrites these patterns only, so hand-written
 # files beside them (the Python client library, the Go example) are not compared.

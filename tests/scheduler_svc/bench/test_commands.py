@@ -10,8 +10,6 @@ import pytest
 from scheduler_svc.bench.throughput import SHAPES, Workload, make_workload, parse_lengths, roofline_seconds
 from tests.factories import make_checkpoint
 
-pytestmark = pytest.mark.slow
-
 
 def test_lengths_and_workloads_are_seeded():
     import random
@@ -37,6 +35,7 @@ def test_roofline_is_bandwidth_bound_for_decode():
     assert seconds == pytest.approx((2 * weights + kv) / 1e12, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_bench_throughput_on_cpu_writes_its_report(tmp_path):
     model = make_checkpoint(tmp_path / "m")
     out = tmp_path / "report.json"
@@ -55,6 +54,7 @@ def test_bench_throughput_on_cpu_writes_its_report(tmp_path):
     assert ours["profile"]["steps"] >= 4  # a prefill step and three decodes at least
 
 
+@pytest.mark.slow
 def test_bench_serving_on_cpu_reports_latencies(tmp_path):
     import socket
 

@@ -18,6 +18,7 @@ from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.gateway.server import SERVICE_NAME, Gateway
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from tests.factories import make_checkpoint
+from tests.waiting import wait_until_async
 
 LENGTH = scheduler_pb2.FINISH_REASON_LENGTH
 TEXT = "hello world, paged attention streams café 日本語 😀 tokens"
@@ -44,9 +45,11 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.step_s = 0.0
         self.submits: list[scheduler_pb2.Submit] = []
         self.aborts: list[str] = []
+        self.num_info_calls = 0
         self._streams: list[asyncio.Queue] = []
 
     async def GetEngineInfo(self, request, context):
+        self.num_info_calls += 1
         return scheduler_pb2.EngineInfo(
             ready=self.ready, architecture="LlamaForCausalLM", max_model_len=64, vocab_size=1000, block_size=16,
             num_blocks=8, dtype="float32", eos_token_ids=[1], world_size=1,
@@ -129,13 +132,6 @@ async def running(model_dir, fake, client_options=()):
         await sched.stop(None)
 
 
-async def eventually(predicate, timeout_s=10.0):
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 def one_token_per_step(tokenizer, text=TEXT):
     ids = tokenizer.encode(text)
     return lambda submit: [[t] for t in ids]
@@ -162,6 +158,7 @@ def test_streams_exact_text_and_usage(model_dir, tokenizer):
     asyncio.run(scenario())
 
 
+@pytest.mark.slow  # the reader sleeps a second: that is the test
 def test_slow_reader_gets_several_tokens_per_response(model_dir, tokenizer):
     fake = FakeScheduler(lambda submit: [[7]] * 1500)
     fake.step_s = 0.0005
@@ -219,14 +216,14 @@ def test_cancel_and_deadline_abort_upstream(model_dir, tokenizer):
             await stream.__anext__()
             stream.cancel()
             assert [c async for c in stream] == []
-            await eventually(lambda: "cancel-me" in fake.aborts)
+            await wait_until_async(lambda: "cancel-me" in fake.aborts, 10, what="the Abort of 'cancel-me' upstream")
 
             with pytest.raises(GenerationError) as err:
                 async for _ in client.generate("p", SamplingParams(max_tokens=10_000), request_id="late",
                                                timeout=0.5):
                     pass
             assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            await eventually(lambda: "late" in fake.aborts)
+            await wait_until_async(lambda: "late" in fake.aborts, 10, what="the Abort of 'late' upstream")
 
     asyncio.run(scenario())
 
@@ -246,7 +243,7 @@ def test_sync_client_cancel_aborts_upstream(model_dir):
         async with running(model_dir, fake) as (_, _, target):
             chunks = await asyncio.to_thread(sync_calls, target)
             assert chunks and all(c.token_ids == (7,) for c in chunks)
-            await eventually(lambda: "sync" in fake.aborts)
+            await wait_until_async(lambda: "sync" in fake.aborts, 10, what="the Abort of 'sync' upstream")
 
     asyncio.run(scenario())
 
@@ -263,7 +260,7 @@ def test_stop_string_ends_the_stream_and_aborts_upstream(model_dir, tokenizer):
             assert done.text == TEXT[: TEXT.index("attention")]
             assert done.finish_reason == "stop"
             assert tokenizer.decode(done.token_ids).startswith(done.text + "attention")
-            await eventually(lambda: "stopper" in fake.aborts)
+            await wait_until_async(lambda: "stopper" in fake.aborts, 10, what="the Abort of 'stopper' upstream")
 
     asyncio.run(scenario())
 
@@ -323,7 +320,8 @@ def test_not_serving_until_the_scheduler_is_ready(model_dir, tokenizer):
 
     async def scenario():
         async with running(model_dir, fake) as (client, _, _):
-            await asyncio.sleep(0.5)
+            # A second poll means the gateway has acted on the first answer (not ready).
+            await wait_until_async(lambda: fake.num_info_calls >= 2, 10, what="the gateway to ask twice")
             assert not await client.is_serving()
             with pytest.raises(GenerationError) as err:
                 await client.complete("p", SamplingParams(max_tokens=5))
@@ -345,7 +343,7 @@ def test_drain_lets_running_streams_finish(model_dir, tokenizer):
             stream = client.generate("p", SamplingParams(max_tokens=100))
             first = await stream.__anext__()
             drain = asyncio.create_task(gateway.drain(timeout_s=30))
-            await eventually(lambda: gateway.core.draining)
+            await wait_until_async(lambda: gateway.core.draining, 10, what="the gateway to drain")
             async with grpc.aio.insecure_channel(target) as channel:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -371,7 +369,7 @@ def test_drain_timeout_ends_streams_with_abort(model_dir):
             await gateway.drain(timeout_s=0.3)
             chunks = [c async for c in stream]
             assert chunks[-1].finish_reason == "abort"
-            await eventually(lambda: "slow" in fake.aborts)
+            await wait_until_async(lambda: "slow" in fake.aborts, 10, what="the Abort of 'slow' upstream")
 
     asyncio.run(scenario())
 

@@ -1,0 +1,44 @@
+"""WorkerGroup with two ranks over real ZeroMQ sockets: with two steps in flight a fast rank may answer
+both before a slow rank answers the first; each recv_step still pairs the ranks' answers to one step."""
+
+import pytest
+import zmq
+
+import clients  # noqa: F401
+
+# isort: split
+from pagedserve.internal.v1 import worker_pb2
+from scheduler_svc.worker_group import WorkerFailure, WorkerGroup
+
+
+def _answer(sock: zmq.Socket, rank: int, step_id: int, error: str = "") -> None:
+    result = worker_pb2.StepResult(step_id=step_id, rank=rank, sampled_token_ids=[100 * rank + step_id], error=error)
+    sock.send(worker_pb2.WorkerReply(step_result=result).SerializeToString())
+
+
+def test_answers_are_paired_by_step_not_by_arrival(tmp_path):
+    ctx = zmq.Context()
+    group = WorkerGroup(f"ipc://{tmp_path}/w.sock", world_size=2, ctx=ctx)
+    ranks = []
+    for r in range(2):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"rank{r}".encode())
+        sock.connect(group.address)
+        ranks.append(sock)
+    try:
+        _answer(ranks[1], 1, 7)
+        _answer(ranks[1], 1, 8, error="boom")  # rank 1 is a step ahead
+        _answer(ranks[0], 0, 7)
+        _answer(ranks[0], 0, 8)
+        first, second = group.recv_step(timeout_s=10), group.recv_step(timeout_s=10)
+        assert (first.step_id, list(first.sampled_token_ids), first.error) == (7, [7], "")
+        assert (second.step_id, list(second.sampled_token_ids), second.error) == (8, [8], "rank1: boom")
+        _answer(ranks[0], 0, 9)
+        _answer(ranks[1], 1, 10)
+        with pytest.raises(WorkerFailure, match=r"different steps: \[9, 10\]"):
+            group.recv_step(timeout_s=10)
+    finally:
+        for sock in ranks:
+            sock.close(0)
+        group.close()
+        ctx.term()
