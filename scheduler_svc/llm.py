@@ -17,8 +17,9 @@ from pathlib import Path
 import grpc
 
 import clients  # noqa: F401
+from gpu_worker.model_files import resolve_model
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
-from scheduler_svc.gateway.tokenizer import Tokenizer
+from scheduler_svc.gateway.tokenizer import Tokenizer, has_tokenizer
 from scheduler_svc.launcher import ProcessGroup, cli_command
 from scheduler_svc.sampling_params import InvalidField, SamplingParams
 
@@ -72,10 +73,12 @@ class LLM:
         startup_timeout_s: float = 600.0,
     ) -> None:
         self.model = Path(model)
-        if not (self.model / "config.json").exists():
-            raise ValueError(f"model: {self.model} has no config.json")
+        try:
+            resolve_model(self.model)  # a Hugging Face directory or a GGUF checkpoint
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"model: {exc}") from None
         # Without tokenizer.json (benchmark shapes) prompts must be token ids and texts stay empty.
-        self.tokenizer = Tokenizer(self.model) if (self.model / "tokenizer.json").exists() else None
+        self.tokenizer = Tokenizer(self.model) if has_tokenizer(self.model) else None
         self._tmp = Path(tempfile.mkdtemp(prefix="pagedserve-"))
         self._procs = ProcessGroup(self._tmp)
         sched_addr = f"unix://{self._tmp}/scheduler.sock"

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from gpu_worker.model_files import resolve_model
 from scheduler_svc.launcher import Child, ProcessGroup, cli_command
 
 POLL_S = 0.1
@@ -212,8 +213,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not (Path(args.model) / "config.json").exists():
-        raise SystemExit(f"pagedserve serve: {args.model} has no config.json")
+    try:
+        resolve_model(args.model)  # a Hugging Face directory or a GGUF checkpoint
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"pagedserve serve: {exc}") from None
     if args.tensor_parallel_size < 1:
         raise SystemExit("pagedserve serve: --tensor-parallel-size must be at least 1")
     return Launcher(args).run()

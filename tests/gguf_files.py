@@ -51,13 +51,15 @@ def random_blocks(qtype: Q, num_blocks: int, rng: np.random.Generator, d: float 
 
 def encode_tensor(weight: np.ndarray, qtype: Q, rng: np.random.Generator) -> tuple[np.ndarray, Q | None]:
     """(array for GGUFWriter.add_tensor, raw_dtype) storing ``weight`` [rows, cols] float32 as ``qtype``;
-    K-quants get random blocks of a spread like the weight's."""
+    K-quants get random blocks of a spread like the weight's, other types random bytes."""
     if qtype == Q.F32:
         return weight.astype(np.float32), None
     if qtype in QUANTIZABLE:
         return gguf.quants.quantize(weight.astype(np.float32), qtype), qtype
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     rows, cols = weight.shape
+    if qtype not in _SCALE_FIELDS:  # a type we do not load: any bytes of the right size
+        return rng.integers(0, 256, size=(rows, cols // block_size * type_size), dtype=np.uint8), qtype
     d = float(weight.std()) / {Q.Q2_K: 12, Q.Q3_K: 40, Q.Q4_K: 200, Q.Q5_K: 400, Q.Q6_K: 1400}[qtype]
     blocks = random_blocks(qtype, rows * cols // block_size, rng, d)
     return blocks.reshape(rows, cols // block_size * type_size), qtype
