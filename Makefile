@@ -21,8 +21,8 @@ test: venv
 	$(PY) -m pytest -q
 
 run: venv
-	test -f out/demo-model/config.json || $(PY) -m scheduler_svc.cli demo-model out/demo-model
-	$(PY) -m scheduler_svc.cli serve --model out/demo-model
+	test -f out/smollm2/tokenizer.json || $(PY) -m scheduler_svc.cli demo-model --trained out/smollm2
+	$(PY) -m scheduler_svc.cli serve --model out/smollm2
 
 lint: venv
 	$(VENV)/bin/ruff check .
