@@ -145,3 +145,29 @@ def write_gguf(model_dir: str | Path, out: str | Path, plan: Callable[[str], Q],
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+# Per family: demo overrides (ffn_down rows of 256 values so K-quants fit; Qwen3's head_dim at its
+# config class's default, which transformers assumes since it does not read the key length from GGUF).
+FAMILIES = {
+    "llama": {"intermediate_size": 256},
+    "qwen2": {"intermediate_size": 256},
+    "qwen3": {"intermediate_size": 256, "head_dim": 128},
+}
+# Layer -> tensor -> type; the rest F32. All supported types but Q2_K and Q3_K, which the dequantization
+# tests cover (only ffn_down rows, 256 wide, can hold a K-quant here, and there are three).
+MIXED = {
+    0: {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q5_0, "attn_output": Q.Q5_1, "ffn_gate": Q.BF16,
+        "ffn_up": Q.F16, "ffn_down": Q.Q4_K},
+    1: {"attn_q": Q.Q8_0, "attn_k": Q.F16, "attn_v": Q.BF16, "attn_output": Q.Q4_0, "ffn_gate": Q.Q4_1,
+        "ffn_up": Q.Q8_0, "ffn_down": Q.Q6_K},
+    2: {"attn_q": Q.F16, "ffn_gate": Q.Q5_0, "ffn_up": Q.Q5_1, "ffn_down": Q.Q5_K},
+}
+TEXTS = ["Hello, paged world", "café 日本語 and more", "<s>the</s> 😀 🚀", " leading space", "Zürich São Paulo"]
+
+
+def mixed_plan(name: str) -> Q:
+    if name.startswith("blk."):
+        _, layer, kind, _ = name.split(".")
+        return MIXED[int(layer)].get(kind, Q.F32)
+    return {"token_embd.weight": Q.Q8_0, "output.weight": Q.Q8_0}[name]

@@ -15,8 +15,7 @@ from gpu_worker.demo_model import trained_gguf_path
 from scheduler_svc import LLM, SamplingParams
 from tests.e2e.test_serving import Service
 from tests.factories import make_checkpoint
-from tests.gguf_files import write_gguf
-from tests.gpu_worker.test_gguf_loader import FAMILIES, TEXTS, mixed_plan
+from tests.gguf_files import FAMILIES, TEXTS, mixed_plan, write_gguf
 from tests.protos.proto_helpers import REPO
 
 pytestmark = pytest.mark.slow
