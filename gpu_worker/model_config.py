@@ -1,11 +1,14 @@
-"""What the runner needs to know about a checkpoint, read once from its config.json."""
+"""What the runner needs to know about a checkpoint, read once from its config.json or a GGUF file's
+metadata."""
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from gpu_worker.model_files import resolve_model
 from gpu_worker.models import resolve_architecture
 from gpu_worker.models.layers import layer_windows
 from gpu_worker.models.parallel import TPGroup
@@ -50,10 +53,11 @@ class ModelConfig:
     max_model_len: int  # max_position_embeddings
     eos_token_ids: list[int]  # from config.json and generation_config.json, in that order, no repeats
     sliding_window: int | None  # set only when every layer uses this window
-    hf_config: dict = field(repr=False, compare=False)  # the raw config.json
+    hf_config: dict = field(repr=False, compare=False)  # the raw config.json (GGUF: as transformers builds it)
     # > 1: a view for one of that many tensor-parallel ranks (for_rank): num_heads and num_kv_heads are
     # that rank's, and so are the KV cache sizes derived from them
     tensor_parallel_size: int = 1
+    gguf_file: Path | None = None  # set when the weights come from this GGUF file
 
     def __post_init__(self):
         for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
@@ -68,15 +72,26 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        hf = json.loads((path / "config.json").read_text())
+        """From a Hugging Face directory or a GGUF checkpoint (see resolve_model)."""
+        files = resolve_model(path)
+        if files.gguf_file is not None:
+            from gpu_worker.gguf_loader import gguf_hf_config  # imports transformers: only for GGUF
+
+            return cls.from_hf(gguf_hf_config(files.gguf_file), gguf_file=files.gguf_file)
+        hf = json.loads((files.path / "config.json").read_text())
+        extra_eos = []
+        generation_config = files.path / "generation_config.json"
+        if generation_config.exists():
+            extra_eos = _as_list(json.loads(generation_config.read_text()).get("eos_token_id"))
+        return cls.from_hf(hf, extra_eos)
+
+    @classmethod
+    def from_hf(cls, hf: dict, extra_eos: Sequence[int] = (), gguf_file: Path | None = None) -> "ModelConfig":
+        """From an HF config dict; ``extra_eos``: generation_config.json's eos ids."""
         architecture = resolve_architecture(hf)
         num_layers, num_heads = _get(hf, "num_layers"), _get(hf, "num_heads")
         hidden_size = _get(hf, "hidden_size")
-        eos = _as_list(hf.get("eos_token_id"))
-        generation_config = path / "generation_config.json"
-        if generation_config.exists():
-            eos += _as_list(json.loads(generation_config.read_text()).get("eos_token_id"))
+        eos = _as_list(hf.get("eos_token_id")) + list(extra_eos)
         return cls(
             architecture=architecture,
             num_layers=num_layers,
@@ -89,6 +104,7 @@ class ModelConfig:
             eos_token_ids=list(dict.fromkeys(eos)),
             sliding_window=_sliding_window(layer_windows(hf, num_layers)),
             hf_config=hf,
+            gguf_file=gguf_file,
         )
 
     def for_rank(self, tensor_parallel_size: int) -> "ModelConfig":

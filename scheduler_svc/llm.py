@@ -22,12 +22,13 @@ import grpc
 
 import clients  # noqa: F401
 from gpu_worker.engine_args import EngineArgs
+from gpu_worker.model_files import resolve_model
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from pagedserve.v1 import generation_pb2
 from scheduler_svc import finish_reason
 from scheduler_svc.gateway.detokenizer import byte_fallback_ids
 from scheduler_svc.gateway.response_stream import SampleStream, stop_token_ids
-from scheduler_svc.gateway.tokenizer import Tokenizer
+from scheduler_svc.gateway.tokenizer import Tokenizer, has_tokenizer
 from scheduler_svc.gateway.validation import ModelLimits, text_prompt, token_prompt
 from scheduler_svc.launcher import ProcessGroup, engine_commands
 from scheduler_svc.sampling_params import InvalidField, SamplingParams
@@ -85,10 +86,12 @@ class LLM:
         else:
             self.engine = EngineArgs(model=str(model), **engine_args)
         self.model = Path(self.engine.model)
-        if not (self.model / "config.json").exists():
-            raise ValueError(f"model: {self.model} has no config.json")
-        # Without tokenizer.json (benchmark shapes) prompts must be token ids and texts stay empty.
-        self.tokenizer = Tokenizer(self.model) if (self.model / "tokenizer.json").exists() else None
+        try:
+            resolve_model(self.model)  # a Hugging Face directory or a GGUF checkpoint
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"model: {exc}") from None
+        # Without a tokenizer (benchmark shapes) prompts must be token ids and texts stay empty.
+        self.tokenizer = Tokenizer(self.model) if has_tokenizer(self.model) else None
         self._byte_token_ids = frozenset() if self.tokenizer is None else byte_fallback_ids(
             self.tokenizer.id_to_token, self.tokenizer.vocab_size)
         self._tmp = Path(tempfile.mkdtemp(prefix="pagedserve-"))

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from gpu_worker.engine_args import EngineArgs
+from gpu_worker.model_files import resolve_model
 from scheduler_svc.launcher import Child, ProcessGroup, cli_command, engine_commands
 
 POLL_S = 0.1
@@ -168,8 +169,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not (Path(args.model) / "config.json").exists():
-        raise SystemExit(f"pagedserve serve: {args.model} has no config.json")
+    try:
+        resolve_model(args.model)  # a Hugging Face directory or a GGUF checkpoint
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"pagedserve serve: {exc}") from None
     try:
         engine = EngineArgs.from_args(args, "serve")
     except ValueError as exc:

