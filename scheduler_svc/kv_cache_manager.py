@@ -16,26 +16,16 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from scheduler_svc.block_hash import hash_block
 from scheduler_svc.block_pool import BlockPool, KVBlock
 from scheduler_svc.request import Sequence
-
-_NO_PARENT = bytes(16)
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def hash_block(parent: int | None, token_ids: list[int]) -> int:
-    """Hash of a full block: its tokens and, through the parent's hash, every token before it."""
-    h = hashlib.blake2b(parent.to_bytes(16, "little") if parent is not None else _NO_PARENT, digest_size=16)
-    h.update(array("I", token_ids).tobytes())
-    return int.from_bytes(h.digest(), "little")
 
 
 @dataclass(slots=True)
