@@ -126,19 +126,41 @@ class RequestOutput(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., error: _Optional[str] = ..., error_field: _Optional[str] = ..., final_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SchedulerEvent(_message.Message):
-    __slots__ = ("step_id", "outputs")
+    __slots__ = ("step_id", "outputs", "load")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     outputs: _containers.RepeatedCompositeFieldContainer[RequestOutput]
-    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[RequestOutput, _Mapping]]] = ...) -> None: ...
+    load: EngineLoad
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[RequestOutput, _Mapping]]] = ..., load: _Optional[_Union[EngineLoad, _Mapping]] = ...) -> None: ...
+
+class EngineLoad(_message.Message):
+    __slots__ = ("num_requests_running", "num_requests_waiting", "num_free_blocks", "num_blocks", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_requests_swapped")
+    NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    num_requests_running: int
+    num_requests_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    num_requests_swapped: int
+    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_requests_swapped: _Optional[int] = ...) -> None: ...
 
 class GetEngineInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class EngineInfo(_message.Message):
-    __slots__ = ("architecture", "max_model_len", "vocab_size", "block_size", "num_blocks", "dtype", "eos_token_ids", "ready", "world_size", "stats", "num_cpu_blocks", "enable_prefix_caching")
+    __slots__ = ("architecture", "max_model_len", "vocab_size", "block_size", "num_blocks", "dtype", "eos_token_ids", "ready", "world_size", "stats", "num_cpu_blocks", "enable_prefix_caching", "engine_name")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +173,7 @@ class EngineInfo(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     NUM_CPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     ENABLE_PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_NAME_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     max_model_len: int
     vocab_size: int
@@ -163,10 +186,11 @@ class EngineInfo(_message.Message):
     stats: EngineStats
     num_cpu_blocks: int
     enable_prefix_caching: bool
-    def __init__(self, architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., world_size: _Optional[int] = ..., stats: _Optional[_Union[EngineStats, _Mapping]] = ..., num_cpu_blocks: _Optional[int] = ..., enable_prefix_caching: _Optional[bool] = ...) -> None: ...
+    engine_name: str
+    def __init__(self, architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., world_size: _Optional[int] = ..., stats: _Optional[_Union[EngineStats, _Mapping]] = ..., num_cpu_blocks: _Optional[int] = ..., enable_prefix_caching: _Optional[bool] = ..., engine_name: _Optional[str] = ...) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("num_steps", "num_preemptions", "num_computed_prompt_tokens", "num_free_blocks", "num_running", "num_waiting", "num_requests", "num_cached_prompt_tokens", "num_swapped", "num_swap_preemptions", "num_evictions", "step_wall_ns", "worker_total_ns", "worker_forward_ns", "worker_sample_ns", "worker_prepare_ns", "num_decode_steps", "decode_step_wall_ns", "num_ahead_steps")
+    __slots__ = ("num_steps", "num_preemptions", "num_computed_prompt_tokens", "num_free_blocks", "num_running", "num_waiting", "num_requests", "num_cached_prompt_tokens", "num_swapped", "num_swap_preemptions", "num_evictions", "step_wall_ns", "worker_total_ns", "worker_forward_ns", "worker_sample_ns", "worker_prepare_ns", "num_decode_steps", "decode_step_wall_ns", "num_ahead_steps", "num_queried_prompt_tokens")
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +210,7 @@ class EngineStats(_message.Message):
     NUM_DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_WALL_NS_FIELD_NUMBER: _ClassVar[int]
     NUM_AHEAD_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUERIED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     num_steps: int
     num_preemptions: int
     num_computed_prompt_tokens: int
@@ -205,4 +230,5 @@ class EngineStats(_message.Message):
     num_decode_steps: int
     decode_step_wall_ns: int
     num_ahead_steps: int
-    def __init__(self, num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_computed_prompt_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_cached_prompt_tokens: _Optional[int] = ..., num_swapped: _Optional[int] = ..., num_swap_preemptions: _Optional[int] = ..., num_evictions: _Optional[int] = ..., step_wall_ns: _Optional[int] = ..., worker_total_ns: _Optional[int] = ..., worker_forward_ns: _Optional[int] = ..., worker_sample_ns: _Optional[int] = ..., worker_prepare_ns: _Optional[int] = ..., num_decode_steps: _Optional[int] = ..., decode_step_wall_ns: _Optional[int] = ..., num_ahead_steps: _Optional[int] = ...) -> None: ...
+    num_queried_prompt_tokens: int
+    def __init__(self, num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_computed_prompt_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_cached_prompt_tokens: _Optional[int] = ..., num_swapped: _Optional[int] = ..., num_swap_preemptions: _Optional[int] = ..., num_evictions: _Optional[int] = ..., step_wall_ns: _Optional[int] = ..., worker_total_ns: _Optional[int] = ..., worker_forward_ns: _Optional[int] = ..., worker_sample_ns: _Optional[int] = ..., worker_prepare_ns: _Optional[int] = ..., num_decode_steps: _Optional[int] = ..., decode_step_wall_ns: _Optional[int] = ..., num_ahead_steps: _Optional[int] = ..., num_queried_prompt_tokens: _Optional[int] = ...) -> None: ...
