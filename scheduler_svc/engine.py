@@ -7,6 +7,10 @@ Steps are pipelined where the data allow: while the workers run step N, the loop
 (``Scheduler.schedule_ahead``) and sends it before reading N's results, so the workers start N+1 as
 soon as N is done instead of waiting for the scheduler's update, the next schedule and the round
 trip. At most two steps are in flight; results are applied in order.
+
+The loop also keeps ``load``, a snapshot of what routers need (requests running and waiting, free blocks,
+prefix-cache counters), retaken at most every ``LOAD_INTERVAL_NS`` while busy and once more before it
+idles; the Connect streams carry it to the gateways and ``on_load`` feeds the metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from scheduler_svc.step_plan import decode_result, encode_step
 from scheduler_svc.worker_group import WorkerGroup
 
 EventSink = Callable[[scheduler_pb2.SchedulerEvent], None]
+LOAD_INTERVAL_NS = 100_000_000
 
 
 @dataclass(slots=True)
@@ -48,7 +53,8 @@ class _CloseStream:
 
 
 class EngineCore:
-    def __init__(self, config: SchedulerConfig, workers: WorkerGroup, alive=None, startup_timeout_s=600.0):
+    def __init__(self, config: SchedulerConfig, workers: WorkerGroup, alive=None, startup_timeout_s=600.0,
+                 on_load: Callable[[scheduler_pb2.EngineLoad], None] | None = None):
         self.config = config
         self.workers = workers
         self.alive = alive
@@ -88,6 +94,11 @@ class EngineCore:
         self._next_stream_id = 0
         self.stopped = threading.Event()
         self.failure: BaseException | None = None
+        # Replaced, never mutated, by the loop; read by the stream threads (load_version tells them apart).
+        self.load = scheduler_pb2.EngineLoad(num_blocks=num_blocks, num_free_blocks=num_blocks)
+        self.load_version = 0
+        self.on_load = on_load
+        self._next_load_ns = 0
 
     # ---- called from other threads
 
@@ -125,6 +136,7 @@ class EngineCore:
         st.num_swap_preemptions = s.stats.num_swap_preemptions
         st.num_evictions = s.pool.num_evictions
         st.num_ahead_steps = s.stats.num_ahead_steps
+        st.num_queried_prompt_tokens = s.stats.num_queried_prompt_tokens
         st.MergeFrom(self.timing)
         info.ready = not self.stopped.is_set()
         return info
@@ -138,9 +150,12 @@ class EngineCore:
                 busy = self.scheduler.has_work() or bool(self._in_flight)
                 if not busy:
                     self._flush()
+                    self._take_load()  # the settled state, before waiting for work
                 self._drain_inbox(block=not busy)
                 if self.scheduler.has_work() or self._in_flight:
                     self.step()
+                    if time.perf_counter_ns() >= self._next_load_ns:
+                        self._take_load()
             while self._in_flight:  # stopped with a step planned ahead: apply it, leave the workers idle
                 self.step()
             self._flush()
@@ -177,6 +192,26 @@ class EngineCore:
             decoded = decode_result(result)
             outputs = self.scheduler.update(out, decoded.sampled, decoded.logprobs, decoded.top)
         self._unpublished = (out.step_id, outputs)
+
+    def _take_load(self) -> None:
+        s = self.scheduler
+        running = {id(seq.request) for seq in s.running}
+        load = scheduler_pb2.EngineLoad(
+            num_requests_running=len(running),
+            num_requests_waiting=len({id(seq.request) for seq in s.waiting} - running),
+            num_free_blocks=s.pool.num_free_blocks,
+            num_blocks=self.info.num_blocks,
+            prefix_cache_queries=s.stats.num_queried_prompt_tokens,
+            prefix_cache_hits=s.stats.num_cached_prompt_tokens,
+            num_preemptions=s.stats.num_preemptions,
+            num_requests_swapped=len({id(seq.request) for seq in s.swapped}),
+        )
+        self._next_load_ns = time.perf_counter_ns() + LOAD_INTERVAL_NS
+        if load != self.load:
+            self.load = load
+            self.load_version += 1
+            if self.on_load is not None:
+                self.on_load(load)
 
     def _send(self, out) -> None:
         self.workers.send_step(encode_step(out))

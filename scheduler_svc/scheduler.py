@@ -59,6 +59,7 @@ class SchedulerStats:
     num_swap_preemptions: int = 0  # sequences preempted by swapping their group out
     num_computed_prompt_tokens: int = 0  # prompt tokens computed (not served from cache)
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_queried_prompt_tokens: int = 0  # prompt tokens looked up in the prefix cache, at every admission
     num_ahead_steps: int = 0  # steps planned by schedule_ahead, before the previous step's results
 
 
@@ -379,6 +380,7 @@ class Scheduler(PreemptionMixin):
         seq.num_computed_tokens = num_cached
         cached_prompt = min(num_cached, seq.num_prompt_tokens)
         self.stats.num_cached_prompt_tokens += cached_prompt
+        self.stats.num_queried_prompt_tokens += seq.num_prompt_tokens
         request = seq.request
         if seq.num_output_tokens == 0 and request.num_preemptions == 0:
             request.num_cached_tokens = cached_prompt  # first admission

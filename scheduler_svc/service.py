@@ -2,6 +2,9 @@
 
 Start-up order: bind the workers' ZeroMQ socket and the gRPC port, answer GetEngineInfo with
 ready=false, wait for every worker's hello, size and allocate the pool, then serve.
+
+Each Connect stream also carries the engine's load (``EngineLoad``) to its gateway: on the next event
+after the engine retook it, or alone when the stream has been quiet for ``LOAD_IDLE_S``.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import queue
 import signal
+import socket
 import threading
 from concurrent import futures
 
@@ -18,11 +22,20 @@ import clients  # noqa: F401
 from gpu_worker import lifetime
 from gpu_worker.engine_args import EngineArgs
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc import metrics
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.engine import EngineCore
 from scheduler_svc.worker_group import WorkerGroup
 
 _END = object()
+LOAD_IDLE_S = 0.25
+# The gateways ping idle Connect streams (keepalive) to notice an engine whose host vanished.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 2**20),
+    ("grpc.max_send_message_length", 64 * 2**20),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -57,17 +70,24 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 events.put(_END)
 
         threading.Thread(target=pump, name=f"gateway-{stream_id}", daemon=True).start()
+        load_version = -1
         while True:
             try:
-                event = events.get(timeout=0.5)
+                event = events.get(timeout=LOAD_IDLE_S)
             except queue.Empty:
                 if engine.stopped.is_set():
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {engine.failure}")
-                continue
+                event = None
             if event is _END:
                 engine.close_stream(stream_id)
                 return
-            yield event
+            if engine.load_version != load_version:
+                load_version = engine.load_version
+                if event is None:
+                    event = scheduler_pb2.SchedulerEvent()
+                event.load.CopyFrom(engine.load)
+            if event is not None:
+                yield event
 
 
 def serve(
@@ -78,14 +98,13 @@ def serve(
     alive=None,
     on_listening=None,
     stop_event: threading.Event | None = None,
+    engine_name: str = "",
+    model_name: str = "",
 ) -> int:
     """Runs the scheduler until stopped; returns the exit code (non-zero after a worker failure)."""
     workers = WorkerGroup(worker_address, world_size)
     servicer = SchedulerServicer()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=[
-        ("grpc.max_receive_message_length", 64 * 2**20),
-        ("grpc.max_send_message_length", 64 * 2**20),
-    ])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=SERVER_OPTIONS)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port(listen)
     server.start()
@@ -94,7 +113,8 @@ def serve(
     stop_event = stop_event or threading.Event()
     code = 0
     try:
-        engine = EngineCore(config, workers, alive)
+        engine = EngineCore(config, workers, alive, on_load=metrics.EngineMetrics(model_name, engine_name).update)
+        engine.info.engine_name = engine_name
         servicer.engine = engine
         stopper = threading.Thread(target=lambda: (stop_event.wait(), engine.stop()), daemon=True)
         stopper.start()
@@ -117,6 +137,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="gRPC address for gateways (host:port or unix:PATH; default 0.0.0.0:50052)")
     p.add_argument("--workers", default="tcp://0.0.0.0:5557",
                    help="ZeroMQ address the workers connect to (default tcp://0.0.0.0:5557)")
+    p.add_argument("--engine-name", default=socket.gethostname(),
+                   help="this engine's name for the gateways and the engine label of its metrics (default: the "
+                   "host name, the pod name in Kubernetes)")
+    p.add_argument("--model-name", default="", help="the model label of the metrics (default: empty)")
+    metrics.add_arguments(p)
     EngineArgs.add_args(p, "scheduler")
     lifetime.add_argument(p)
     return p
@@ -141,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def listening(port: int, worker_address: str) -> None:
         print(f"scheduler: gRPC on {args.listen} (port {port}), workers on {worker_address}", flush=True)
+        if args.metrics_port is not None:
+            print(f"scheduler: metrics on port {metrics.serve_metrics(args.metrics_port)}", flush=True)
 
     return serve(SchedulerConfig.from_engine_args(engine), args.listen, args.workers, engine.tensor_parallel_size,
-                 on_listening=listening, stop_event=stop)
+                 on_listening=listening, stop_event=stop, engine_name=args.engine_name, model_name=args.model_name)

@@ -23,6 +23,10 @@ from scheduler_svc import log
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 2**20),
     ("grpc.max_send_message_length", 64 * 2**20),
+    # A ping every 10 s on an open stream notices a scheduler whose host vanished without closing it.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),  # also while no request is running
 ]
 
 
@@ -42,9 +46,11 @@ class DuplicateRequest(ValueError):
 
 
 class SchedulerLink:
-    def __init__(self, address: str, on_lost: Callable[[], None] | None = None) -> None:
+    def __init__(self, address: str, on_lost: Callable[[], None] | None = None,
+                 on_load: Callable[[scheduler_pb2.EngineLoad], None] | None = None) -> None:
         self.address = address
         self.on_lost = on_lost
+        self.on_load = on_load  # the engine's load reports, as they arrive on the stream
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
         self._routes: dict[str, asyncio.Queue] = {}
@@ -111,6 +117,8 @@ class SchedulerLink:
                     queue = self._routes.get(out.request_id)
                     if queue is not None:  # else: released already (cancelled, or stopped here)
                         queue.put_nowait(out)
+                if self.on_load is not None and event.HasField("load"):
+                    self.on_load(event.load)
         except grpc.aio.AioRpcError as exc:
             reason = f"{exc.code().name}: {exc.details()}"
         except asyncio.CancelledError:
