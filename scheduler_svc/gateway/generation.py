@@ -1,7 +1,7 @@
 """One request's life in the gateway, independent of the transport that carries it.
 
-``GenerationCore.generate`` validates a public GenerateRequest, submits its token ids to the scheduler
-over the link, turns the scheduler's per-step outputs into GenerateResponses (one SampleStream per
+``GenerationCore.generate`` validates a public GenerateRequest, submits its token ids to an engine (the
+pool's router picks it), turns the scheduler's per-step outputs into GenerateResponses (one SampleStream per
 sample: detokenization, stop strings, coalescing) and yields them in batches; whatever ends the
 iteration (the last sample finished, an error, the consumer going away) releases the request, and an
 unfinished one is aborted upstream so its KV blocks are freed within a step. The gRPC servicer writes
@@ -23,8 +23,10 @@ from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
 from scheduler_svc import finish_reason, log
 from scheduler_svc.gateway.detokenizer import byte_fallback_ids
+from scheduler_svc.gateway.engines import EnginePool
+from scheduler_svc.gateway.metrics import GatewayMetrics
 from scheduler_svc.gateway.response_stream import SampleStream, stop_token_ids
-from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, LinkLost, SchedulerLink
+from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, LinkLost
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from scheduler_svc.gateway.validation import ModelLimits, ValidRequest, public_field, validate
 from scheduler_svc.sampling_params import InvalidField
@@ -52,16 +54,19 @@ class RequestSummary:
     error: str = ""
     finish_reason: str = ""
     time_to_first_token_s: float | None = None
+    engine: str = ""  # the engine that served it
 
 
 class GenerationCore:
     """Validation, submission and response streams of the gateway's requests."""
 
-    def __init__(self, tokenizer: Tokenizer, model_name: str, link: SchedulerLink) -> None:
+    def __init__(self, tokenizer: Tokenizer, model_name: str, engines: EnginePool,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.tokenizer = tokenizer
         self.byte_token_ids = byte_fallback_ids(tokenizer.id_to_token, tokenizer.vocab_size)
         self.model_name = model_name
-        self.link = link
+        self.engines = engines
+        self.metrics = metrics or GatewayMetrics(model_name)
         self.info: scheduler_pb2.EngineInfo | None = None  # set by the watcher once the scheduler is ready
         self.draining = False
         self.num_active = 0
@@ -69,7 +74,7 @@ class GenerationCore:
 
     @property
     def limits(self) -> ModelLimits:
-        if self.info is None or not self.link.connected:
+        if self.info is None or not self.engines.connected:
             raise GenerationFailed(grpc.StatusCode.UNAVAILABLE, "the scheduler is not ready")
         return ModelLimits(self.model_name, self.info.vocab_size, self.info.max_model_len)
 
@@ -89,7 +94,9 @@ class GenerationCore:
         ``cancel_status`` names a cancellation in the request log (CANCELLED, DEADLINE_EXCEEDED)."""
         summary = RequestSummary()
         start = time.monotonic()
+        timer = self.metrics.timer()
         self.num_active += 1
+        self.metrics.in_flight.inc()
         samples: dict[int, SampleStream] = {}
         request_id = request.request_id
         submitted = False
@@ -116,6 +123,7 @@ class GenerationCore:
                     summary.time_to_first_token_s = round(time.monotonic() - start, 6)
                 batch = [r for s in samples.values() if (r := s.take_response(request_id, usage)) is not None]
                 if batch:
+                    timer.tokens(sum(s.num_tokens for s in samples.values()))
                     yield batch
         except GenerationFailed as exc:
             summary.status, summary.error = exc.code.name, exc.message
@@ -128,13 +136,15 @@ class GenerationCore:
             raise
         finally:
             self.num_active -= 1
+            self.metrics.in_flight.dec()
             if submitted:
-                self.link.release(request_id, abort=not all(s.upstream_finished for s in samples.values()))
+                summary.engine = self.engines.release(
+                    request_id, abort=not all(s.upstream_finished for s in samples.values()))
             self._summarize(summary, start, samples)
 
     def _submit(self, valid: ValidRequest) -> asyncio.Queue:
         try:
-            return self.link.submit(valid.request_id, valid.prompt_token_ids, valid.params.to_proto())
+            return self.engines.submit(valid.request_id, valid.prompt_token_ids, valid.params.to_proto())
         except LinkDown as exc:
             raise GenerationFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except DuplicateRequest:
@@ -174,9 +184,12 @@ class GenerationCore:
             ("status", summary.status), ("prompt_tokens", summary.prompt_tokens),
             ("completion_tokens", summary.completion_tokens), ("error", summary.error),
             ("finish_reason", summary.finish_reason), ("time_to_first_token_s", summary.time_to_first_token_s),
+            ("engine", summary.engine),
         ) if v not in ("", None)}
-        self._log.info("request finished", request_id=summary.request_id or "-",
-                       total_s=round(time.monotonic() - start, 6), **fields)
+        total_s = time.monotonic() - start
+        self._log.info("request finished", request_id=summary.request_id or "-", total_s=round(total_s, 6), **fields)
+        self.metrics.finished(summary.engine, summary.status, summary.prompt_tokens, summary.completion_tokens,
+                              total_s)
 
     # ---- unary
 

@@ -1,11 +1,13 @@
-"""The gateway process: pagedserve.v1.GenerationService in front of one scheduler (grpc.aio).
+"""The gateway process: pagedserve.v1.GenerationService in front of one or more engines (grpc.aio).
 
-Stateless between requests. A request's life (validate, tokenize, submit over the one Connect stream
-kept to the scheduler, text deltas out) is GenerationCore's (generation.py); this module is its gRPC
-face, plus grpc.health.v1, server reflection, the scheduler watcher and draining. Health is SERVING only while the
-scheduler reports ready, the stream is open and the gateway is not draining.
+Stateless between requests. A request's life (validate, tokenize, submit over the Connect stream kept
+to the engine the router picks, text deltas out) is GenerationCore's (generation.py); the engines, their
+discovery and the router are engines.py's; this module is the gRPC face, plus LoadService,
+grpc.health.v1, server reflection, health upkeep, metrics and draining. Health is SERVING while at least
+one engine reports ready with its stream open, and the gateway is not draining.
 
-    pagedserve gateway --model DIR --scheduler HOST:PORT --port 50051
+    pagedserve gateway --model DIR --scheduler HOST:PORT[,HOST:PORT...] --port 50051
+    pagedserve gateway --model DIR --scheduler dns:pagedserve-engine:50052 --metrics-port 9090
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from grpc_status import rpc_status
 
 import clients  # noqa: F401
 from gpu_worker import lifetime
-from pagedserve.v1 import generation_pb2, generation_pb2_grpc
-from scheduler_svc import log
+from pagedserve.v1 import generation_pb2, generation_pb2_grpc, load_pb2_grpc
+from scheduler_svc import log, metrics
+from scheduler_svc.gateway import load_service
+from scheduler_svc.gateway.engines import EnginePool, parse_engines
 from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, GenerationFailed
-from scheduler_svc.gateway.scheduler_link import SchedulerLink
+from scheduler_svc.gateway.metrics import GatewayMetrics
+from scheduler_svc.gateway.router import POLICIES, Router
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from scheduler_svc.gateway.validation import ModelLimits, check_model
 from scheduler_svc.sampling_params import InvalidField
@@ -89,45 +94,47 @@ async def _abort(context, failure: GenerationFailed) -> None:
 
 
 class Gateway:
-    """The gateway's lifetime: the servicers, the scheduler watcher, and draining."""
+    """The gateway's lifetime: the servicers, the engines, health, and draining."""
 
-    def __init__(self, model_dir: str | Path, scheduler_address: str, model_name: str | None = None) -> None:
+    def __init__(self, model_dir: str | Path, scheduler_address: str, model_name: str | None = None,
+                 router: Router | None = None, dns_refresh_s: float = 5.0) -> None:
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = model_name or Path(model_dir).resolve().name
         self._changed = asyncio.Event()
-        self.link = SchedulerLink(scheduler_address, on_lost=self._changed.set)
-        self.core = GenerationCore(self.tokenizer, self.model_name, self.link)
+        self.metrics = GatewayMetrics(self.model_name)
+        self.engines = EnginePool(scheduler_address, router or Router(), self.metrics, on_change=self._changed.set,
+                                  dns_refresh_s=dns_refresh_s)
+        self.core = GenerationCore(self.tokenizer, self.model_name, self.engines, self.metrics)
         self.servicer = GenerationServicer(self.core)
+        self.load_servicer = load_service.LoadServicer(self.engines, self.model_name)
         self.health = health.aio.HealthServicer()
         self._serving: bool | None = None
         self._log = log.get_logger()
 
     def add_to_server(self, server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
+        load_pb2_grpc.add_LoadServiceServicer_to_server(self.load_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE_NAME, load_service.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
 
     async def start(self) -> asyncio.Task:
-        """NOT_SERVING (grpc's health servicer starts out SERVING), then watch the scheduler."""
+        """NOT_SERVING (grpc's health servicer starts out SERVING), then find and watch the engines."""
         await self._set_serving(False)
-        return asyncio.create_task(self.watch_scheduler(), name="scheduler-watcher")
+        await self.engines.start()
+        return asyncio.create_task(self.keep_health(), name="health")
 
-    async def watch_scheduler(self) -> None:
-        """Polls GetEngineInfo; (re)opens the stream when the scheduler is ready; keeps health current."""
+    async def keep_health(self) -> None:
+        """SERVING while any engine is ready; the model's description from a ready engine."""
         while not self.core.draining:
-            try:
-                info = await self.link.engine_info()
-            except grpc.aio.AioRpcError:
-                info = None
-            if info is not None and info.ready:
-                self.core.info = info
-                self.link.connect()
-            await self._set_serving(info is not None and info.ready and self.link.connected)
             self._changed.clear()
+            info = self.engines.info
+            if info is not None:
+                self.core.info = info
+            await self._set_serving(self.engines.connected)
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout=2.0 if self._serving else 0.25)
+                await asyncio.wait_for(self._changed.wait(), timeout=2.0)
             except TimeoutError:
                 pass
 
@@ -150,13 +157,13 @@ class Gateway:
             await asyncio.sleep(0.05)
         if self.core.num_active:
             self._log.warning("drain timeout: aborting requests", requests_in_flight=self.core.num_active)
-            self.link.broadcast(SHUTDOWN)
+            self.engines.broadcast(SHUTDOWN)
             deadline = time.monotonic() + 2.0
             while self.core.num_active and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        await self.link.close()
+        await self.engines.close()
 
 
 def _format_address(host: str, port: int) -> str:
@@ -165,7 +172,8 @@ def _format_address(host: str, port: int) -> str:
 
 async def serve(args: argparse.Namespace) -> int:
     logger = log.get_logger()
-    gateway = Gateway(args.model, args.scheduler, args.model_name)
+    router = Router(args.routing, args.affinity_blocks)
+    gateway = Gateway(args.model, args.scheduler, args.model_name, router, args.dns_refresh)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", 64 * 2**20),
         ("grpc.max_send_message_length", 64 * 2**20),
@@ -180,7 +188,9 @@ async def serve(args: argparse.Namespace) -> int:
         tmp.write_text(f"{port}\n")
         tmp.replace(args.port_file)  # atomic: a reader never sees a partial file
     logger.info("gateway listening", address=_format_address(args.host, port), model=gateway.model_name,
-                scheduler=args.scheduler)
+                scheduler=args.scheduler, routing=args.routing)
+    if args.metrics_port is not None:
+        logger.info("metrics", port=metrics.serve_metrics(args.metrics_port, args.host))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -199,7 +209,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.description = ("Run a gateway: the public GenerationService (tokenize, validate, stream text) in front "
                      "of a scheduler.")
     p.add_argument("--model", required=True, help="checkpoint directory (its tokenizer.json is used)")
-    p.add_argument("--scheduler", required=True, help="the scheduler's gRPC address (host:port or unix:PATH)")
+    p.add_argument("--scheduler", required=True,
+                   help="the engines' schedulers: ADDR[,ADDR...] (host:port or unix:PATH), or dns:NAME:PORT, a name "
+                   "re-resolved every --dns-refresh seconds (a headless Service in Kubernetes)")
+    p.add_argument("--routing", default="prefix", choices=POLICIES,
+                   help="prefix: prefix-cache affinity bounded by load, else least loaded (default); least-loaded; "
+                   "round-robin (for comparison)")
+    p.add_argument("--affinity-blocks", type=int, default=4,
+                   help="prefix routing keys a prompt by its first N full KV blocks (default 4)")
+    p.add_argument("--dns-refresh", type=float, default=5.0, help="seconds between lookups of dns:NAME (default 5)")
+    metrics.add_arguments(p)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
     p.add_argument("--model-name", default=None, help="model name clients may send (default: the directory's name)")
@@ -214,7 +233,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        Router(args.routing, args.affinity_blocks)
+        parse_engines(args.scheduler)
+    except ValueError as exc:
+        parser.error(str(exc))
     log.configure("gateway", args.log_level, args.log_format)
     if args.exit_with_parent:
         lifetime.exit_with_parent()
