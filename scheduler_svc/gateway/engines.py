@@ -61,10 +61,11 @@ class Engine:
     @property
     def num_requests(self) -> int:
         """Requests running or waiting there, as far as this gateway knows: the last report plus what was
-        sent since, but never fewer than this gateway's own requests in flight there."""
+        sent since and is still in flight, never fewer than this gateway's own requests in flight there."""
         load = self.load
         reported = load.num_requests_running + load.num_requests_waiting if load is not None else 0
-        return max(reported + self.num_routed_since_load, self.link.num_in_flight)
+        in_flight = self.link.num_in_flight
+        return max(reported + min(self.num_routed_since_load, in_flight), in_flight)
 
     @property
     def num_free_blocks(self) -> int | None:
