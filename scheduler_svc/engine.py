@@ -145,6 +145,8 @@ class EngineCore:
 
     def run(self) -> None:
         """Runs until stop() or a worker failure (kept in ``failure``; every request is then failed)."""
+        if self.on_load is not None:
+            self.on_load(self.load)  # the idle engine's, before anything changes it
         try:
             while not self.stopped.is_set():
                 busy = self.scheduler.has_work() or bool(self._in_flight)

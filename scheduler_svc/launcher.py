@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,15 +35,22 @@ def cli_command(role: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "scheduler_svc.cli", role, *args, "--exit-with-parent"]
 
 
-def engine_commands(engine: EngineArgs, scheduler_address: str, worker_address: str) -> list[tuple[str, list[str]]]:
+def engine_commands(engine: EngineArgs, scheduler_address: str, worker_address: str, index: int | None = None,
+                    scheduler_args: Sequence[str] = ()) -> list[tuple[str, list[str]]]:
     """(name, command) of the scheduler and of every worker rank, all from one set of engine settings.
-    With several ranks on ``cuda``, rank r takes ``cuda:r``."""
+    With several ranks on ``cuda``, rank r takes ``cuda:r``. ``index``: engine i of several on this host,
+    named scheduler{i}, worker{i} (worker{i}_{r} per rank); on ``cuda`` it takes GPUs i*N .. i*N+N-1 of
+    its N ranks. ``scheduler_args``: more scheduler flags (its name, metrics labels)."""
     world = engine.tensor_parallel_size
-    commands = [("scheduler", cli_command("scheduler", "--listen", scheduler_address, "--workers", worker_address,
-                                          *engine.to_argv("scheduler")))]
+    tag = "" if index is None else str(index)
+    first_gpu = (index or 0) * world
+    commands = [(f"scheduler{tag}", cli_command("scheduler", "--listen", scheduler_address, "--workers", worker_address,
+                                                *scheduler_args, *engine.to_argv("scheduler")))]
     for rank in range(world):
-        device = f"cuda:{rank}" if engine.device == "cuda" and world > 1 else engine.device
-        commands.append((f"worker{rank}" if world > 1 else "worker", cli_command(
+        numbered = engine.device == "cuda" and (world > 1 or index is not None)
+        device = f"cuda:{first_gpu + rank}" if numbered else engine.device
+        name = f"worker{tag}_{rank}" if tag and world > 1 else f"worker{rank}" if world > 1 else f"worker{tag}"
+        commands.append((name, cli_command(
             "worker", "--scheduler", worker_address, "--rank", str(rank),
             *replace(engine, device=device).to_argv("worker"),
         )))
@@ -59,8 +67,9 @@ class Child:
 class ProcessGroup:
     """Children that live and die together: if one exits, the owner stops the rest."""
 
-    def __init__(self, log_dir: Path | None = None) -> None:
+    def __init__(self, log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.log_dir = log_dir
+        self.env = env or {}  # set for every child, on top of child_env()
         self.children: list[Child] = []
 
     def start(self, name: str, argv: list[str]) -> Child:
@@ -70,7 +79,7 @@ class ProcessGroup:
             log_path = self.log_dir / f"{name}.log"
             out = open(log_path, "ab")  # noqa: SIM115 - the child owns it
         popen = subprocess.Popen(
-            argv, env=child_env(), stdout=out, stderr=subprocess.STDOUT if out else None,
+            argv, env=child_env() | self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         if out is not None:
@@ -89,13 +98,20 @@ class ProcessGroup:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every child, then SIGKILL those still alive after ``timeout_s``."""
-        for c in self.children:
+        self.stop_children(self.children, timeout_s)
+
+    def stop_children(self, children: Sequence[Child], timeout_s: float = 10.0) -> None:
+        for c in children:
             if c.popen.poll() is None:
                 c.popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for c in self.children:
+        for c in children:
             try:
                 c.popen.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 c.popen.kill()
                 c.popen.wait()
+
+    def remove(self, children: Sequence[Child]) -> None:
+        """Forgets stopped children (an engine about to be started again)."""
+        self.children = [c for c in self.children if c not in children]

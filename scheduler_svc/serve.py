@@ -3,10 +3,13 @@
 The launcher only supervises. It prints where the gateway listens and when the service is ready.
 SIGINT or SIGTERM drains: the gateway goes NOT_SERVING and gives running streams ``--drain-timeout``
 seconds to finish, then the scheduler and the workers stop; exit 0. A child that exits on its own
-stops the others and the launcher exits 1: never a half-alive service.
+stops the others and the launcher exits 1: never a half-alive service. With ``--engines N`` the gateway
+routes across N engines, and an engine that dies after it was ready is started again instead
+(engine_set.py).
 
-The scheduler and the workers talk over a unix socket and an ipc socket in a private temporary
-directory; only the gateway's port is public.
+The schedulers and the workers talk over unix and ipc sockets in a private temporary directory; only
+the gateway's port is public, and with ``--metrics-port`` the launcher's /metrics: the sum of every
+child's metrics (prometheus-client's multiprocess mode, see scheduler_svc/metrics.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from pathlib import Path
 
 from gpu_worker.engine_args import EngineArgs
 from gpu_worker.model_files import resolve_model
-from scheduler_svc.launcher import Child, ProcessGroup, cli_command, engine_commands
+from scheduler_svc.engine_set import EngineSet
+from scheduler_svc.gateway.router import POLICIES  # standard library only
+from scheduler_svc.launcher import Child, ProcessGroup, cli_command
 
 POLL_S = 0.1
 HEALTH_POLL_S = 0.5
@@ -34,10 +39,14 @@ def _say(message: str) -> None:
 
 def _gateway_command(args: argparse.Namespace, scheduler_address: str, port_file: Path) -> list[str]:
     argv = ["--model", args.model, "--scheduler", scheduler_address, "--host", args.host, "--port", str(args.port),
-            "--drain-timeout", str(args.drain_timeout), "--port-file", str(port_file), "--log-level", args.log_level]
-    if args.model_name:
-        argv += ["--model-name", args.model_name]
+            "--drain-timeout", str(args.drain_timeout), "--port-file", str(port_file), "--log-level", args.log_level,
+            "--routing", args.routing, "--model-name", _model_name(args)]
     return cli_command("gateway", *argv)
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """The gateway's default: the checkpoint directory's name."""
+    return args.model_name or Path(args.model).resolve().name
 
 
 class _HealthProbe:
@@ -68,9 +77,15 @@ class Launcher:
         self.args = args
         self.engine = engine
         self.tmp = Path(tempfile.mkdtemp(prefix="pagedserve-"))
-        self.scheduler_address = f"unix://{self.tmp}/scheduler.sock"
-        self.worker_address = f"ipc://{self.tmp}/workers.sock"
-        self.group = ProcessGroup(Path(args.log_dir) if args.log_dir else None)
+        self.metrics_dir = self.tmp / "metrics" if args.metrics_port is not None else None
+        env = {}
+        if self.metrics_dir is not None:
+            from scheduler_svc import metrics
+
+            self.metrics_dir.mkdir()
+            env[metrics.MULTIPROC_ENV] = str(self.metrics_dir)
+        self.engines = EngineSet(engine, args.engines, self.tmp, _model_name(args), self.metrics_dir)
+        self.group = ProcessGroup(Path(args.log_dir) if args.log_dir else None, env)
         self.signals = 0
         self.signalled = threading.Event()
 
@@ -91,15 +106,23 @@ class Launcher:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _start(self) -> Child:
-        started = []
-        commands = engine_commands(self.engine, self.scheduler_address, self.worker_address)
-        commands.append(("gateway", _gateway_command(self.args, self.scheduler_address, self.tmp / "gateway.port")))
-        for name, command in commands:
-            child = self.group.start(name, command)
-            started.append(f"{name} (pid {child.popen.pid})")
+        started = self.engines.start(self.group)
+        addresses = ",".join(self.engines.scheduler_addresses)
+        gateway = self.group.start("gateway", _gateway_command(self.args, addresses, self.tmp / "gateway.port"))
+        started.append(f"gateway (pid {gateway.popen.pid})")
         _say(f"started {', '.join(started)}")
-        _say(f"scheduler on {self.scheduler_address}, workers on {self.worker_address}")
-        return self.group.children[-1]
+        for e in self.engines.engines:
+            prefix = f"{e.name}: " if len(self.engines.engines) > 1 else ""
+            _say(f"{prefix}scheduler on {e.scheduler_address}, workers on {e.worker_address}")
+        if self.metrics_dir is not None:
+            from scheduler_svc import metrics
+
+            try:
+                port = metrics.serve_metrics(self.args.metrics_port, self.args.host, str(self.metrics_dir))
+            except OSError as exc:
+                raise SystemExit(f"pagedserve serve: --metrics-port {self.args.metrics_port}: {exc}") from None
+            _say(f"metrics on http://{_url_host(self.args.host)}:{port}/metrics")
+        return gateway
 
     def _supervise(self, gateway: Child) -> int:
         port_file = self.tmp / "gateway.port"
@@ -109,12 +132,17 @@ class Launcher:
             while not self.signalled.is_set():
                 dead = self.group.first_dead()
                 if dead is not None:
-                    return self._failed(dead)
+                    news = self.engines.lost(dead, self.group)
+                    if news is None:
+                        return self._failed(dead)
+                    _say(news)
+                    continue
+                for news in self.engines.tick(self.group):
+                    _say(news)
                 if probe is None and port_file.exists():
                     port = int(port_file.read_text())
-                    host = self.args.host
-                    _say(f"gateway listening on {f'[{host}]' if ':' in host else host}:{port}")
-                    probe = _HealthProbe(host, port)
+                    _say(f"gateway listening on {_url_host(self.args.host)}:{port}")
+                    probe = _HealthProbe(self.args.host, port)
                 if probe is not None and next_probe >= 0 and time.monotonic() >= next_probe:
                     if probe.serving():
                         _say(f"ready: serving {self.args.model} (device {self.args.device})")
@@ -125,6 +153,7 @@ class Launcher:
         finally:
             if probe is not None:
                 probe.close()
+            self.engines.close()
         return self._drain(gateway)
 
     def _failed(self, dead: Child) -> int:
@@ -157,8 +186,20 @@ class Launcher:
         return 0
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     EngineArgs.add_args(p, "serve")
+    p.add_argument("--engines", type=int, default=1,
+                   help="engines (a scheduler and its workers each) behind the gateway; with --device cuda engine i "
+                   "takes GPU i, or GPUs i*T .. i*T+T-1 with --tensor-parallel-size T (default 1)")
+    p.add_argument("--routing", default="prefix", choices=POLICIES,
+                   help="the gateway's routing across engines: prefix (cache affinity bounded by load), least-loaded "
+                   "or round-robin (default prefix)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve every process's Prometheus metrics, summed, at http://HOST:PORT/metrics (default: off)")
     p.add_argument("--host", default="0.0.0.0", help="gateway address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gateway port; 0 picks a free one (default 50051)")
     p.add_argument("--model-name", default=None, help="model name clients may send (default: the directory's name)")
@@ -175,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"pagedserve serve: {exc}") from None
     try:
         engine = EngineArgs.from_args(args, "serve")
+        launcher = Launcher(args, engine)
     except ValueError as exc:
         raise SystemExit(f"pagedserve serve: {exc}") from None
-    return Launcher(args, engine).run()
+    return launcher.run()

@@ -39,13 +39,14 @@ SERVER_OPTIONS = [
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self) -> None:
+    def __init__(self, engine_name: str = "") -> None:
         self.engine: EngineCore | None = None
         self.error: str | None = None
+        self.engine_name = engine_name
 
     def GetEngineInfo(self, request, context):
         if self.engine is None:
-            return scheduler_pb2.EngineInfo(ready=False)
+            return scheduler_pb2.EngineInfo(ready=False, engine_name=self.engine_name)
         return self.engine.engine_info()
 
     def Connect(self, request_iterator, context):
@@ -103,7 +104,7 @@ def serve(
 ) -> int:
     """Runs the scheduler until stopped; returns the exit code (non-zero after a worker failure)."""
     workers = WorkerGroup(worker_address, world_size)
-    servicer = SchedulerServicer()
+    servicer = SchedulerServicer(engine_name)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=SERVER_OPTIONS)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port(listen)

@@ -32,3 +32,32 @@ def test_engine_commands_parse_back_with_the_role_parsers():
 def test_one_rank_keeps_the_device_name():
     _, (name, command) = engine_commands(EngineArgs(model="/m", device="cuda"), "a", "b")
     assert name == "worker" and command[command.index("--device") + 1] == "cuda"
+
+
+def test_several_engines_take_their_own_gpus_and_names():
+    engine = EngineArgs(model="/m", device="cuda", tensor_parallel_size=2)
+    commands = dict(engine_commands(engine, "unix:///tmp/e1.sock", "ipc:///tmp/e1-w.sock", index=1,
+                                    scheduler_args=["--engine-name", "engine1", "--model-name", "m"]))
+    assert list(commands) == ["scheduler1", "worker1_0", "worker1_1"]
+    args = service.build_parser().parse_args(commands["scheduler1"][4:])
+    assert (args.engine_name, args.model_name, args.listen) == ("engine1", "m", "unix:///tmp/e1.sock")
+    for rank in range(2):
+        command = commands[f"worker1_{rank}"]
+        assert command[command.index("--device") + 1] == f"cuda:{2 + rank}"
+    (_, _), (name, command) = engine_commands(EngineArgs(model="/m", device="cuda"), "a", "b", index=3)
+    assert name == "worker3" and command[command.index("--device") + 1] == "cuda:3"
+
+
+def test_engine_set_names_sockets_and_refuses_a_numbered_gpu(tmp_path):
+    import pytest
+
+    from scheduler_svc.engine_set import EngineSet
+
+    one = EngineSet(EngineArgs(model="/m"), 1, tmp_path, "m")
+    assert one.scheduler_addresses == [f"unix://{tmp_path}/scheduler.sock"]
+    assert [n for n, _ in one.engines[0].commands] == ["scheduler", "worker"]
+    two = EngineSet(EngineArgs(model="/m"), 2, tmp_path, "m")
+    assert two.scheduler_addresses == [f"unix://{tmp_path}/engine{i}.sock" for i in range(2)]
+    assert [[n for n, _ in e.commands] for e in two.engines] == [["scheduler0", "worker0"], ["scheduler1", "worker1"]]
+    with pytest.raises(ValueError, match="--device cuda"):
+        EngineSet(EngineArgs(model="/m", device="cuda:1"), 2, tmp_path, "m")
