@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpu_worker.engine_args import EngineArgs
-from scheduler_svc.bench import process_profile
+from scheduler_svc.bench import process_profile, routing
 from scheduler_svc.bench.throughput import (
     BENCH_DEFAULTS,
     SHAPES,
@@ -169,6 +169,8 @@ def _report(timings: list[RequestTiming], seconds: float) -> dict:
 
 
 def run(args) -> int:
+    if routing.wanted(args):  # the shared-prefix workload, and the routing comparison
+        return routing.run(args)
     if args.workload:
         shape, n, in_len, out_len, _ = WORKLOADS[args.workload]
         args.shape = args.shape or (None if (args.model or args.target) else shape)
@@ -195,7 +197,7 @@ def run(args) -> int:
                 write_placeholder_tokenizer(model_dir, vocab)
             target = f"127.0.0.1:{args.port}"
             server = subprocess.Popen([sys.executable, "-m", "scheduler_svc.cli", "serve", *engine.to_argv("serve"),
-                                       "--port", str(args.port), "--log-level", "warning"])
+                                       "--port", str(args.port), "--log-level", "warning", *routing.serve_argv(args)])
         try:
             print(f"serving benchmark: {len(work.prompts)} requests to {target}, "
                   f"concurrency {args.concurrency or 'unbounded'}, rate {args.request_rate or 'all at once'}",
@@ -245,6 +247,7 @@ def add_parser(bench) -> None:
     p.add_argument("--offline-too", action="store_true", help="also run the workload offline, for the ratio")
     p.add_argument("--port", type=int, default=50071, help="port of the gateway started here (default 50071)")
     EngineArgs.add_args(p.add_argument_group("engine"), "bench-serving", **BENCH_DEFAULTS)
+    routing.add_arguments(p)
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--profile-dir", help="measure each process's CPU time over the timed region and, with py-spy "
                    "on the PATH, sample its Python stacks into DIR (see scheduler_svc/bench/process_profile.py)")
