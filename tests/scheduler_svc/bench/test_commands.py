@@ -75,3 +75,28 @@ def test_bench_serving_on_cpu_reports_latencies(tmp_path):
     assert 0 < report["ttft_ms"]["p50"] <= report["ttft_ms"]["p99"]
     assert report["itl_ms"]["p50"] > 0 and "inter-token latency" in proc.stdout
     assert report["offline_output_tok_s"] > 0 and report["serving_over_offline"] > 0
+
+
+@pytest.mark.slow  # three services, one after another
+def test_bench_serving_compares_routing_on_a_shared_prefix_workload(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = make_checkpoint(tmp_path / "m")
+    out = tmp_path / "routing.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "scheduler_svc.cli", "bench", "serving", "--model", str(model), "--device", "cpu",
+         "--num-prompts", "8", "--prefix-groups", "2", "--prefix-len", "64", "--input-len", "4", "--output-len", "2",
+         "--compare-routing", "--port", str(port), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report) == ["1 engine", "2 engines, prefix", "2 engines, round-robin"]
+    one, prefix, rr = (report[k]["prefix_cache_hit_rate"] for k in report)
+    assert all(r["requests"] == 8 and r["output_tokens"] == 16 for r in report.values())
+    # Per group of 4: one engine computes the 64-token prefix once, round-robin on both engines.
+    assert one == prefix == pytest.approx(3 * 64 / (8 * 68) * 2) and rr < one
+    assert "prefix-cache hit rate" in proc.stdout and "round-robin" in proc.stdout
