@@ -1,18 +1,16 @@
 """The tensor-parallel GPU overlay agrees with the code and with itself: the scheduler keeps the base's
 arguments and waits for TENSOR_PARALLEL_SIZE ranks, the worker script starts one rank per GPU with the
 base worker's settings (each command parses with the worker's parser), the GPU limit matches the size,
-and NVLink multicast is off; with kubectl present, the overlay renders."""
+and NVLink multicast is off; rendered (tests/k8s/k8s_helpers.py), the engine pods hold it all."""
 
 import re
 import shlex
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-K8S = Path(__file__).resolve().parents[2] / "k8s"
+from tests.k8s.k8s_helpers import K8S, render
+
 OVERLAY = K8S / "overlays" / "gpu-tp"
 
 
@@ -42,10 +40,11 @@ def test_scheduler_and_one_worker_per_gpu():
 
     env = _env()
     base = _containers(next(d for d in yaml.safe_load_all((K8S / "base" / "engine.yaml").read_text())
-                            if d and d["kind"] == "Deployment"))
+                            if d and d["kind"] == "StatefulSet"))
     tp = _containers(yaml.safe_load((OVERLAY / "tp.yaml").read_text()))
     assert tp["scheduler"]["args"] == base["scheduler"]["args"] + ["--tensor-parallel-size=$(TENSOR_PARALLEL_SIZE)"]
-    expand = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in tp["scheduler"]["args"]]
+    env_and_pod = env | {"POD_NAME": "pagedserve-engine-0"}
+    expand = [re.sub(r"\$\((\w+)\)", lambda m: env_and_pod[m.group(1)], a) for a in tp["scheduler"]["args"]]
     assert service.build_parser().parse_args(expand).tensor_parallel_size == int(env["TENSOR_PARALLEL_SIZE"]) == 2
 
     commands = _worker_commands(tp["worker"]["args"][0], env)
@@ -62,18 +61,16 @@ def test_scheduler_and_one_worker_per_gpu():
     assert nvls == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+@pytest.mark.slow  # runs kubectl
 def test_overlay_renders():
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl not found")
-    out = subprocess.run(["kubectl", "kustomize", str(OVERLAY)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    engine = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "pagedserve-engine")
+    docs = render("gpu-tp")
+    engine = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "pagedserve-engine")
     containers = _containers(engine)
     assert containers["scheduler"]["args"][-1] == "--tensor-parallel-size=$(TENSOR_PARALLEL_SIZE)"
     assert containers["worker"]["command"] == ["bash", "-c"]
     assert containers["worker"]["resources"]["limits"]["nvidia.com/gpu"] == 2
     volumes = {v["name"]: v for v in engine["spec"]["template"]["spec"]["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and "persistentVolumeClaim" in volumes["models"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in containers["worker"]["volumeMounts"]
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     assert config["DEVICE"] == "cuda" and config["TENSOR_PARALLEL_SIZE"] == "2"
