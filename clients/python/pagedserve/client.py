@@ -10,6 +10,8 @@
 
 ``AsyncClient`` has the same methods as coroutines, and ``generate`` returns an async iterator.
 Failed calls raise ``GenerationError``, with the status code and, for INVALID_ARGUMENT, the field.
+``load()`` and ``watch_load()`` report the engines' load behind the gateway (pagedserve.v1.LoadService),
+for routers in front of pagedserve.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagedserve.v1 import generation_pb2, generation_pb2_grpc
+from pagedserve.v1 import generation_pb2, generation_pb2_grpc, load_pb2, load_pb2_grpc
 
 _FINISH = {
     generation_pb2.FINISH_REASON_LENGTH: "length",
@@ -191,6 +193,7 @@ class Client:
     def __init__(self, target: str, *, options: Sequence[tuple[str, object]] = ()) -> None:
         self._channel = grpc.insecure_channel(target, options=list(options))
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._load = load_pb2_grpc.LoadServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def generate(
@@ -221,6 +224,23 @@ class Client:
             return self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout)
         except grpc.RpcError as err:
             raise GenerationError.from_rpc_error(err) from None
+
+    def load(self, *, timeout: float | None = 30.0) -> load_pb2.GetLoadResponse:
+        """Each engine's load as the gateway last heard it (running, waiting, KV usage, prefix-cache hits)."""
+        try:
+            return self._load.GetLoad(load_pb2.GetLoadRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            raise GenerationError.from_rpc_error(err) from None
+
+    def watch_load(self, interval: float = 1.0) -> Iterator[load_pb2.GetLoadResponse]:
+        """The load now, then whenever it changed, at most once per ``interval`` seconds, until closed."""
+        call = self._load.WatchLoad(load_pb2.WatchLoadRequest(interval_ms=int(interval * 1000)))
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise GenerationError.from_rpc_error(err) from None
+        finally:
+            call.cancel()
 
     def is_serving(self, timeout: float = 2.0) -> bool:
         try:
@@ -279,6 +299,7 @@ class AsyncClient:
     def __init__(self, target: str, *, options: Sequence[tuple[str, object]] = ()) -> None:
         self._channel = grpc.aio.insecure_channel(target, options=list(options))
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._load = load_pb2_grpc.LoadServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def generate(
@@ -308,6 +329,22 @@ class AsyncClient:
             return await self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout)
         except grpc.RpcError as err:
             raise GenerationError.from_rpc_error(err) from None
+
+    async def load(self, *, timeout: float | None = 30.0) -> load_pb2.GetLoadResponse:
+        try:
+            return await self._load.GetLoad(load_pb2.GetLoadRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            raise GenerationError.from_rpc_error(err) from None
+
+    async def watch_load(self, interval: float = 1.0) -> AsyncIterator[load_pb2.GetLoadResponse]:
+        call = self._load.WatchLoad(load_pb2.WatchLoadRequest(interval_ms=int(interval * 1000)))
+        try:
+            async for report in call:
+                yield report
+        except grpc.RpcError as err:
+            raise GenerationError.from_rpc_error(err) from None
+        finally:
+            call.cancel()
 
     async def is_serving(self, timeout: float = 2.0) -> bool:
         try:

@@ -13,9 +13,8 @@ from prometheus_client import REGISTRY
 import clients  # noqa: F401
 
 # isort: split
-from pagedserve.client import AsyncClient, GenerationError, SamplingParams
+from pagedserve.client import AsyncClient, Client, GenerationError, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
-from pagedserve.v1 import load_pb2, load_pb2_grpc
 from scheduler_svc.gateway.engines import parse_engines
 from scheduler_svc.gateway.router import Router
 from scheduler_svc.gateway.server import Gateway
@@ -88,7 +87,7 @@ async def fleet(model_dir, fakes, spec=None, **gateway_kwargs):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         await client.wait_ready(timeout=20)
-        f.gateway, f.client, f.channel = gateway, client, channel
+        f.gateway, f.client, f.channel, f.target = gateway, client, channel, f"127.0.0.1:{port}"
         yield f
     finally:
         health_task.cancel()
@@ -217,27 +216,29 @@ def test_load_service_reports_what_the_engines_said(model_dir):
 
     async def scenario():
         async with fleet(model_dir, fakes) as f:
-            stub = load_pb2_grpc.LoadServiceStub(f.channel)
-            watch = stub.WatchLoad(load_pb2.WatchLoadRequest(interval_ms=100))
-            first = await watch.read()
+            watch = f.client.watch_load(interval=0.1)
+            first = await anext(watch)
             assert [e.engine for e in first.engines] == ["e0", "e1"] and first.num_engines_ready == 2
             fakes[0].report_load(num_requests_running=3, num_requests_waiting=2, num_free_blocks=6, num_blocks=8,
                                  prefix_cache_queries=100, prefix_cache_hits=25)
             fakes[1].report_load(num_requests_running=1, num_free_blocks=8, num_blocks=8)
             await wait_until_async(lambda: all(e.load is not None for e in f.gateway.engines.engines.values()), 10,
                                    what="both load reports")
-            report = await stub.GetLoad(load_pb2.GetLoadRequest())
+            report = await f.client.load()
             e0, e1 = report.engines
             assert (e0.num_requests_running, e0.num_requests_waiting, e0.num_free_blocks) == (3, 2, 6)
             assert (e0.kv_cache_usage, e0.prefix_cache_hit_rate) == (pytest.approx(0.25), pytest.approx(0.25))
             assert (report.model, report.num_requests_running, report.num_requests_waiting) == (MODEL, 4, 2)
             assert report.kv_cache_usage == pytest.approx(2 / 16)
             for _ in range(50):  # a watcher sees the same report once it changes
-                if await asyncio.wait_for(watch.read(), 5) == report:
+                if await asyncio.wait_for(anext(watch), 5) == report:
                     break
             else:
                 pytest.fail("WatchLoad never sent the reported load")
-            watch.cancel()
+            await watch.aclose()
+            with Client(f.target) as sync_client:  # the sync client's view, from a thread
+                assert await asyncio.to_thread(sync_client.load) == report
+                assert await asyncio.to_thread(lambda: next(sync_client.watch_load(0.1))) == report
 
     asyncio.run(scenario())
 
