@@ -315,8 +315,11 @@ def run(args) -> int:
             longest = max(len(p) + n for p, n in zip(work.prompts, work.output_lens, strict=True))
             write_shape_config(args.shape, model_dir, longest)
         try:
+            # On CPU a larger pool than a CPU worker's default, so that the whole workload can run at once.
+            cpu_pool = 2**30 if args.device == "cpu" and args.kv_cache_memory is None else args.kv_cache_memory
             engine = EngineArgs.from_args(args, "bench-throughput", model=str(model_dir), load_format=args.load_format,
-                                          max_num_seqs=args.max_num_seqs or min(args.num_prompts, 1024))
+                                          max_num_seqs=args.max_num_seqs or min(args.num_prompts, 1024),
+                                          kv_cache_memory=cpu_pool)
         except ValueError as exc:
             raise SystemExit(f"pagedserve bench throughput: {exc}") from None
         cfg = json.loads((model_dir / "config.json").read_text())
@@ -376,8 +379,7 @@ def add_parser(bench) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of prompts and lengths (default 0)")
     p.add_argument("--compare", default="", help="comma-separated: hf-static, hf-cb")
     p.add_argument("--hf-batch-size", type=int, help="batch size of hf-static (default from the workload or 64)")
-    EngineArgs.add_args(p.add_argument_group("engine"), "bench-throughput", **BENCH_DEFAULTS, max_num_seqs=None,
-                        kv_cache_memory="1GiB")
+    EngineArgs.add_args(p.add_argument_group("engine"), "bench-throughput", **BENCH_DEFAULTS, max_num_seqs=None)
     p.add_argument("--profile-steps", metavar="KIND:SKIP:COUNT[,...]",
                    help="profile the device kernels of these step windows in the worker and print where the "
                    "time goes, e.g. decode:100:10,prefill:20:2 (KIND decode or prefill; steps counted from "
