@@ -115,16 +115,21 @@ class ModelRunner:
         return self.finish(step) if isinstance(step, PendingStep) else step
 
     def can_follow(self, plan: worker_pb2.StepPlan, prev: PendingStep) -> bool:
-        """Whether ``plan`` may be launched before ``prev`` is finished: decodes only, of sequences
-        whose next input is known or is prev's token, greedy without logprobs, and nothing that reads
-        or moves tokens or blocks on the host (forks, new sequences, beam tokens, swaps, copies)."""
-        if (plan.new_seqs or plan.forks or plan.last_token_seq_ids or plan.table_updates or plan.num_top_logprobs
+        """Whether ``plan`` may be launched before ``prev`` is finished: every sequence that may sample
+        is greedy without logprobs (so the step samples on the device too), a decode's input is known
+        or is prev's token, prefill chunks and new sequences bring their tokens, and nothing reads or
+        moves tokens or blocks on the host (forks, beam tokens, swaps, copies)."""
+        if (plan.forks or plan.last_token_seq_ids or plan.table_updates or plan.num_top_logprobs
                 or plan.swap_out_src_block_ids or plan.swap_in_src_block_ids or plan.copy_src_block_ids):
             return False
         seqs = self.seqs
-        for seq_id, n in zip(plan.running_seq_ids, plan.running_num_scheduled_tokens, strict=True):
+        for seq_id in plan.running_seq_ids:
             state = seqs.get(seq_id)
-            if n != 1 or state is None or state.params.logprobs or not _plain_greedy(state.params):
+            if state is None or state.params.logprobs or not _plain_greedy(state.params):
+                return False
+        for new in plan.new_seqs:
+            p = new.sampling_params  # proto: unset repetition_penalty reads 0, i.e. 1.0
+            if p.temperature != 0 or p.repetition_penalty not in (0.0, 1.0) or p.logprobs or p.top_logprobs:
                 return False
         return True
 

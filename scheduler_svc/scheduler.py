@@ -190,23 +190,48 @@ class Scheduler(PreemptionMixin):
         """The step after ``prev``, planned while ``prev`` still runs on the workers (its results not
         applied yet), or None where the plan would depend on them.
 
-        Only the plain case qualifies: every running sequence is one request's only sequence, it
-        samples in ``prev``, nothing waits for admission, swap-in, a fork or a beam re-selection, and
-        the pool has the blocks without preempting. Each such sequence then decodes the token that
-        ``prev`` samples: the workers keep their sampled tokens, so the plan needs only ids and block
-        deltas. A sequence that ``prev`` ends by length is left out; one that ``prev`` ends by a stop
-        token, or that is aborted meanwhile, computes one extra token, which ``update`` ignores (it is
-        no longer running) and whose KV slot lies past its end, in blocks freed by then, and any
-        later step that reuses them runs after this one on the workers."""
-        if self.waiting or self.swapped or self.groups.has_pending:
+        Qualifies: every running sequence is one request's only sequence and is in ``prev``; nothing
+        is swapped or waits for a fork or a beam re-selection; the pool has the blocks without
+        preempting. A sequence that samples in ``prev`` decodes the token ``prev`` samples (the
+        workers keep their sampled tokens, so the plan needs only ids and block deltas); one still
+        prefilling after ``prev`` computes its next chunk of known prompt tokens; then waiting
+        requests are admitted as ``schedule`` admits them, with the blocks free now (``prev``'s
+        results can only free more). A sequence that ``prev`` ends by length is left out; one that
+        ``prev`` ends by a stop token, or that is aborted meanwhile, computes one extra token, which
+        ``update`` ignores (it is no longer running) and whose KV slot lies past its end, in blocks
+        freed by then, and any later step that reuses them runs after this one on the workers."""
+        if self.swapped or self.groups.has_pending:
             return None
         if prev.preempted or prev.forks or prev.swap_out or prev.swap_in:
             return None
+        picks = self._ahead_picks(prev)
+        if picks is None or self.kv.num_blocks_needed([(s.seq_id, a, b) for s, a, b in picks]) > (
+                self.kv.num_free_blocks):
+            return None
+        out = SchedulerOutput(self._next_step_id)
+        step = _Step(self.config.max_num_batched_tokens, num_seqs=len(picks))
+        for seq, start, end in picks:
+            out.add_running(seq, end - start, self.kv.allocate_slots(seq.seq_id, start, end))
+            step.budget -= end - start
+        if step.budget > 0:
+            self._admit(step, out)
+        if out.is_empty:
+            return None
+        self._next_step_id += 1
+        out.finished_seq_ids = self._dropped_seq_ids
+        self._dropped_seq_ids = []
+        self.stats.num_steps += 1
+        self.stats.num_ahead_steps += 1
+        return out
+
+    def _ahead_picks(self, prev: SchedulerOutput) -> list[tuple[Sequence, int, int]] | None:
+        """(sequence, start, end) of each running sequence's share of the step after ``prev``: decodes
+        first, then prefill chunks, under the token budget; None where a sequence rules planning out."""
         scheduled = {id(s.seq): s.num_scheduled_tokens for s in chain(prev.new_seqs, prev.running)}
         if len(scheduled) < len(self.running):
             return None  # someone left out of prev (budget, seq cap) must not be skipped again
-        picks: list[Sequence] = []
-        slots: list[tuple[int, int, int]] = []
+        picks: list[tuple[Sequence, int, int]] = []
+        chunks: list[tuple[Sequence, int]] = []
         max_model_len = self.max_model_len
         for seq in self.running:
             n = scheduled.get(id(seq))
@@ -214,25 +239,23 @@ class Scheduler(PreemptionMixin):
             if n is None or request.beam is not None or request.num_pending_forks or len(request.seqs) > 1:
                 return None
             num_tokens = len(seq.token_ids)
-            if seq.num_computed_tokens + n != num_tokens:
-                return None  # a prefill chunk that does not sample yet
+            computed = seq.num_computed_tokens + n  # once prev has run
+            if computed < num_tokens:
+                chunks.append((seq, computed))  # still prefilling: its next tokens are known
+                continue
             if num_tokens + 1 - len(request.prompt_token_ids) >= request.max_tokens or num_tokens + 1 >= max_model_len:
                 continue  # prev's token ends it
-            picks.append(seq)
-            slots.append((seq.seq_id, num_tokens, num_tokens + 1))
-        if not picks or len(picks) > self.config.max_num_batched_tokens:
+            picks.append((seq, num_tokens, num_tokens + 1))
+        budget = self.config.max_num_batched_tokens - len(picks)
+        if budget < 0:
             return None
-        if self.kv.num_blocks_needed(slots) > self.kv.num_free_blocks:
-            return None
-        out = SchedulerOutput(self._next_step_id)
-        self._next_step_id += 1
-        for seq, (seq_id, start, end) in zip(picks, slots, strict=True):
-            out.add_running(seq, 1, self.kv.allocate_slots(seq_id, start, end))
-        out.finished_seq_ids = self._dropped_seq_ids
-        self._dropped_seq_ids = []
-        self.stats.num_steps += 1
-        self.stats.num_ahead_steps += 1
-        return out
+        for seq, start in chunks:
+            if budget == 0:
+                break
+            end = min(len(seq.token_ids), start + budget)
+            picks.append((seq, start, end))
+            budget -= end - start
+        return picks
 
     def _pick_running(self, step: _Step, out: SchedulerOutput) -> None:
         """Phase one: which running sequences compute how many tokens; preempts to make room."""
