@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 
 from scheduler_svc.block_pool import BlockPool
@@ -43,6 +43,7 @@ from scheduler_svc.request import (
 )
 from scheduler_svc.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.sequence_groups import SequenceGroups
+from scheduler_svc.step_budget import Pick, StepBudget
 from scheduler_svc.step_plan import ForkedSeq, ScheduledSeq, SchedulerOutput
 
 _RUNNING = SeqStatus.RUNNING
@@ -60,34 +61,6 @@ class SchedulerStats:
     num_computed_prompt_tokens: int = 0  # prompt tokens computed (not served from cache)
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_ahead_steps: int = 0  # steps planned by schedule_ahead, before the previous step's results
-
-
-@dataclass(slots=True)
-class _Pick:
-    """A running group's share of the step, decided before any block is taken."""
-
-    request: Request
-    slots: list[tuple[Sequence, int]]  # (sequence, tokens to compute)
-    num_forks: int  # parallel sampling: samples to fork from slots[0] first
-    num_blocks: int  # blocks the slots will take (new ones and copies)
-
-
-@dataclass(slots=True)
-class _Step:
-    """The step being planned: what is left of the token budget, seats and blocks taken by picks."""
-
-    budget: int
-    num_seqs: int = 0
-    num_reserved_blocks: int = 0
-    picks: list[_Pick] = field(default_factory=list)
-
-    def unpick(self, request: Request) -> None:
-        """Gives back what the request's picks took (its group is being preempted)."""
-        for pick in [p for p in self.picks if p.request is request]:
-            self.picks.remove(pick)
-            self.num_reserved_blocks -= pick.num_blocks
-            self.num_seqs -= len(pick.slots) + pick.num_forks
-            self.budget += sum(n for _, n in pick.slots) + pick.num_forks
 
 
 class Scheduler(PreemptionMixin):
@@ -171,7 +144,7 @@ class Scheduler(PreemptionMixin):
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(self._next_step_id)
         self._next_step_id += 1
-        step = _Step(self.config.max_num_batched_tokens)
+        step = StepBudget(self.config.max_num_batched_tokens)
         self._pick_running(step, out)
         self._place(step.picks, out)
         if not out.preempted:
@@ -209,7 +182,7 @@ class Scheduler(PreemptionMixin):
                 self.kv.num_free_blocks):
             return None
         out = SchedulerOutput(self._next_step_id)
-        step = _Step(self.config.max_num_batched_tokens, num_seqs=len(picks))
+        step = StepBudget(self.config.max_num_batched_tokens, num_seqs=len(picks))
         for seq, start, end in picks:
             out.add_running(seq, end - start, self.kv.allocate_slots(seq.seq_id, start, end))
             step.budget -= end - start
@@ -257,7 +230,7 @@ class Scheduler(PreemptionMixin):
             budget -= end - start
         return picks
 
-    def _pick_running(self, step: _Step, out: SchedulerOutput) -> None:
+    def _pick_running(self, step: StepBudget, out: SchedulerOutput) -> None:
         """Phase one: which running sequences compute how many tokens; preempts to make room."""
         decodes: list[Sequence] = []
         chunks: list[Sequence] = []
@@ -293,13 +266,13 @@ class Scheduler(PreemptionMixin):
             step.num_seqs += num_seqs
             step.budget -= pick.num_forks + (pick.slots[0][1] if num_seqs == 1 else sum(n for _, n in pick.slots))
 
-    def _pick(self, seq: Sequence, budget: int) -> _Pick | None:
+    def _pick(self, seq: Sequence, budget: int) -> Pick | None:
         request = seq.request
         start = seq.num_computed_tokens
         remaining = len(seq.token_ids) - start
         if request.beam is None and not request.num_pending_forks:
             n = min(remaining, budget)  # the common case, kept cheap: one sequence
-            return _Pick(request, [(seq, n)], 0, self.kv.num_blocks_to_write(seq.seq_id, start, start + n))
+            return Pick(request, [(seq, n)], 0, self.kv.num_blocks_to_write(seq.seq_id, start, start + n))
         if request.beam is not None and len(request.seqs) > 1:
             beams = request.seqs
             if all(b.status is _RUNNING and b.num_tokens - b.num_computed_tokens == 1 for b in beams):
@@ -315,16 +288,16 @@ class Scheduler(PreemptionMixin):
                 n = 1 + request.num_pending_forks
                 if budget < n:
                     return None
-                return _Pick(request, [(seq, 1)], n - 1, self.kv.num_blocks_to_fork(seq.seq_id, start, n))
+                return Pick(request, [(seq, 1)], n - 1, self.kv.num_blocks_to_fork(seq.seq_id, start, n))
             slots = [(seq, min(remaining - 1, budget))]
         else:
             slots = [(seq, min(remaining, budget))]
         blocks = self.kv.num_blocks_needed(
             [(s.seq_id, s.num_computed_tokens, s.num_computed_tokens + n) for s, n in slots]
         )
-        return _Pick(request, slots, 0, blocks)
+        return Pick(request, slots, 0, blocks)
 
-    def _place(self, picks: list[_Pick], out: SchedulerOutput) -> None:
+    def _place(self, picks: list[Pick], out: SchedulerOutput) -> None:
         """Phase two: the picks take their blocks; forks first, copy-on-write as they write."""
         running = out.running
         for pick in picks:
@@ -352,11 +325,11 @@ class Scheduler(PreemptionMixin):
 
     # ---- admission
 
-    def _admit(self, step: _Step, out: SchedulerOutput) -> None:
+    def _admit(self, step: StepBudget, out: SchedulerOutput) -> None:
         while self.waiting and step.budget > 0 and self._admit_head(step, out):
             pass
 
-    def _admit_head(self, step: _Step, out: SchedulerOutput) -> bool:
+    def _admit_head(self, step: StepBudget, out: SchedulerOutput) -> bool:
         """Admits the head of the waiting queue if it fits; False when it has to wait."""
         seq = self.waiting[0]
         request = seq.request
