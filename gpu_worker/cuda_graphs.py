@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import bisect
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from gpu_worker.attention_metadata import AttentionMetadata
 from gpu_worker.input_batch import StepInputs
+from gpu_worker.staging import HostStaging
 
 
 def default_sizes(max_batch: int) -> list[int]:
@@ -33,8 +33,10 @@ class DecodeGraphs:
         max_batch: int,
         max_blocks_per_seq: int,
         max_model_len: int,
+        staging: HostStaging | None = None,
     ) -> None:
         self.model = model
+        self.staging = staging or HostStaging(device)
         self.kv_caches = kv_caches
         self.device = device
         self.max_model_len = max_model_len
@@ -85,15 +87,16 @@ class DecodeGraphs:
         for inputs that the previous step is still sampling."""
         n = inputs.num_seqs
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
-        host = torch.from_numpy
-        self.input_ids[:n].copy_(host(inputs.input_ids), non_blocking=True)
+        # One asynchronous copy to the device, then device-side copies into the graphs' static buffers.
+        input_ids, positions, slot_mapping, seq_lens, block_tables = self.staging.to_device(
+            inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables)
+        self.input_ids[:n].copy_(input_ids)
         if fixups is not None:
             self.input_ids[fixups[0]] = fixups[1]
-        self.positions[:n].copy_(host(inputs.positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(host(inputs.slot_mapping), non_blocking=True)
-        self.seq_lens[:n].copy_(host(inputs.seq_lens), non_blocking=True)
-        width = inputs.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(host(np.ascontiguousarray(inputs.block_tables)), non_blocking=True)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(slot_mapping)
+        self.seq_lens[:n].copy_(seq_lens)
+        self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables)
         if size > n:  # padding rows: no KV write, one key of block 0
             self.slot_mapping[n:size].fill_(-1)
             self.seq_lens[n:size].fill_(1)

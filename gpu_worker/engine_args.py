@@ -44,7 +44,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "device": (lambda v: v in ("cpu", "cuda") or v.startswith("cuda:"), "must be cpu, cuda or cuda:N"),
     "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
     "block_size": (lambda v: v in BLOCK_SIZES, "must be a power of two up to 128"),
-    "kv_cache_memory": (lambda v: v > 0, "must be positive"),
+    "kv_cache_memory": (lambda v: v is None or v > 0, "must be positive"),
     "gpu_memory_utilization": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "max_num_seqs": (lambda v: v >= 1, "must be at least 1"),
     "max_num_batched_tokens": (lambda v: v >= 1, "must be at least 1"),
@@ -65,6 +65,9 @@ def check(config: object, names: Iterable[str]) -> None:
             raise ValueError(f"{name} {rule}, got {value!r}")
 
 
+CPU_KV_CACHE_MEMORY = 256 * 2**20  # KV pool of a CPU worker when --kv-cache-memory is not given
+
+
 @dataclass(frozen=True)
 class EngineArgs:
     model: str = _option("", "--model", type=str, help="Hugging Face checkpoint directory")
@@ -73,9 +76,14 @@ class EngineArgs:
                          help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16 "
                          "(default %(default)s)")
     block_size: int = _option(16, "--block-size", type=int, help="tokens per KV block (default %(default)s)")
-    # Bytes; also given as a size ('256MiB'), which __post_init__ turns into bytes.
-    kv_cache_memory: int = _option("256MiB", "--kv-cache-memory", type=parse_bytes,
-                                   help="KV pool size on CPU, e.g. 64MiB (default %(default)s)")
+    # Bytes; also given as a size ('256MiB'), which __post_init__ turns into bytes. None: CPU_KV_CACHE_MEMORY
+    # on CPU; on CUDA whatever gpu_memory_utilization leaves. A size given on CUDA wins over the utilization
+    # (as vLLM's kv_cache_memory_bytes does): several engines can then share one GPU without racing to size.
+    kv_cache_memory: int | None = _option(
+        None, "--kv-cache-memory", type=parse_bytes,
+        help="KV pool size per worker, e.g. 64MiB (default: 256MiB on CPU; on CUDA, what "
+        "--gpu-memory-utilization leaves after the weights and the largest step; a size given here "
+        "replaces that sizing on CUDA too)")
     gpu_memory_utilization: float = _option(
         0.9, "--gpu-memory-utilization", type=float,
         help="fraction of GPU memory for weights, activations and the KV pool (default %(default)s)")

@@ -28,6 +28,7 @@ from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.input_batch import BlockTableRows, StepInputs, build_inputs
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.sampler import SampleRequest, sample
+from gpu_worker.staging import HostStaging
 from pagedserve.internal.v1 import worker_pb2
 from scheduler_svc.sampling_params import SamplingParams
 
@@ -83,6 +84,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.seqs: dict[int, SeqState] = {}
         self.rows = BlockTableRows(-(-model_config.max_model_len // block_size))
+        self.staging = HostStaging(device)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(0)
 
@@ -101,7 +103,7 @@ class ModelRunner:
             return
         self.graphs = DecodeGraphs(
             self.model, self.kv.caches, self.device, self.max_num_seqs, self.rows.max_blocks,
-            self.model_config.max_model_len,
+            self.model_config.max_model_len, staging=self.staging,
         )
         self.graphs.capture()
 
@@ -113,16 +115,21 @@ class ModelRunner:
         return self.finish(step) if isinstance(step, PendingStep) else step
 
     def can_follow(self, plan: worker_pb2.StepPlan, prev: PendingStep) -> bool:
-        """Whether ``plan`` may be launched before ``prev`` is finished: decodes only, of sequences
-        whose next input is known or is prev's token, greedy without logprobs, and nothing that reads
-        or moves tokens or blocks on the host (forks, new sequences, beam tokens, swaps, copies)."""
-        if (plan.new_seqs or plan.forks or plan.last_token_seq_ids or plan.table_updates or plan.num_top_logprobs
+        """Whether ``plan`` may be launched before ``prev`` is finished: every sequence that may sample
+        is greedy without logprobs (so the step samples on the device too), a decode's input is known
+        or is prev's token, prefill chunks and new sequences bring their tokens, and nothing reads or
+        moves tokens or blocks on the host (forks, beam tokens, swaps, copies)."""
+        if (plan.forks or plan.last_token_seq_ids or plan.table_updates or plan.num_top_logprobs
                 or plan.swap_out_src_block_ids or plan.swap_in_src_block_ids or plan.copy_src_block_ids):
             return False
         seqs = self.seqs
-        for seq_id, n in zip(plan.running_seq_ids, plan.running_num_scheduled_tokens, strict=True):
+        for seq_id in plan.running_seq_ids:
             state = seqs.get(seq_id)
-            if n != 1 or state is None or state.params.logprobs or not _plain_greedy(state.params):
+            if state is None or state.params.logprobs or not _plain_greedy(state.params):
+                return False
+        for new in plan.new_seqs:
+            p = new.sampling_params  # proto: unset repetition_penalty reads 0, i.e. 1.0
+            if p.temperature != 0 or p.repetition_penalty not in (0.0, 1.0) or p.logprobs or p.top_logprobs:
                 return False
         return True
 
@@ -145,7 +152,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(inputs):
             logits = self.graphs.run(inputs, fixups)
             if len(inputs.logits_indices) != inputs.num_seqs:
-                logits = logits[self._to_device(inputs.logits_indices)]
+                (logits_indices,) = self.staging.to_device(inputs.logits_indices)
+                logits = logits[logits_indices]
         else:
             logits = self._forward_eager(inputs, fixups)
         t2 = time.perf_counter_ns()
@@ -217,31 +225,27 @@ class ModelRunner:
             t += n
         if not rows:
             return None
-        return self._to_device(np.asarray(rows, dtype=np.int64)), prev.device_tokens[self._to_device(
-            np.asarray(sources, dtype=np.int64))]
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
+        rows_d, sources_d = self.staging.to_device(np.asarray(rows, dtype=np.int64),
+                                                   np.asarray(sources, dtype=np.int64))
+        return rows_d, prev.device_tokens[sources_d]
 
     def _forward_eager(self, inputs: StepInputs, fixups=None) -> torch.Tensor:
-        dev = self.device
-
-        def put(array):
-            return torch.from_numpy(array).to(dev, non_blocking=True)
-
+        slot_mapping, block_tables, seq_lens, query_start_loc, input_ids, positions, logits_indices = (
+            self.staging.to_device(inputs.slot_mapping, inputs.block_tables, inputs.seq_lens,
+                                   inputs.query_start_loc, inputs.input_ids, inputs.positions,
+                                   inputs.logits_indices))
         meta = AttentionMetadata(
-            slot_mapping=put(inputs.slot_mapping),
-            block_tables=put(inputs.block_tables),
-            seq_lens=put(inputs.seq_lens),
-            query_start_loc=put(inputs.query_start_loc),
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            seq_lens=seq_lens,
+            query_start_loc=query_start_loc,
             max_query_len=inputs.max_query_len,
             max_seq_len=inputs.max_seq_len,
         )
-        input_ids = put(inputs.input_ids)
         if fixups is not None:
             input_ids[fixups[0]] = fixups[1]
-        hidden = self.model(input_ids, put(inputs.positions), self.kv.caches, meta)
-        return self.model.compute_logits(hidden[put(inputs.logits_indices)])
+        hidden = self.model(input_ids, positions, self.kv.caches, meta)
+        return self.model.compute_logits(hidden[logits_indices])
 
     def _apply_plan(self, plan: worker_pb2.StepPlan) -> list[tuple[SeqState, int]]:
         """Updates per-sequence state from the plan and runs its block operations; returns

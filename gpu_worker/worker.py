@@ -31,7 +31,7 @@ from gpu_worker.distributed import (
     init_tensor_parallel,
     shutdown_tensor_parallel,
 )
-from gpu_worker.engine_args import DEFAULTS, EngineArgs, check
+from gpu_worker.engine_args import CPU_KV_CACHE_MEMORY, DEFAULTS, EngineArgs, check
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
 from gpu_worker.model_config import ModelConfig
@@ -55,7 +55,7 @@ class WorkerConfig:
     block_size: int = DEFAULTS.block_size
     rank: int = 0
     world_size: int = DEFAULTS.tensor_parallel_size
-    kv_cache_memory: int = DEFAULTS.kv_cache_memory  # bytes of KV pool on CPU
+    kv_cache_memory: int | None = DEFAULTS.kv_cache_memory  # bytes of KV pool; None: sized by device (EngineArgs)
     gpu_memory_utilization: float = DEFAULTS.gpu_memory_utilization
     max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens  # largest step, for the profiling forward
     max_num_seqs: int = DEFAULTS.max_num_seqs  # largest decode batch, for CUDA graphs
@@ -133,7 +133,12 @@ class Worker:
         per_block = KVPool.bytes_per_block(
             mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, cfg.torch_dtype
         )
-        fit = cfg.kv_cache_memory // per_block if self.device.type == "cpu" else self._profile_cuda(per_block)
+        if cfg.kv_cache_memory is not None:
+            fit = cfg.kv_cache_memory // per_block
+        elif self.device.type == "cpu":
+            fit = CPU_KV_CACHE_MEMORY // per_block
+        else:
+            fit = self._profile_cuda(per_block)
         return fit if cfg.max_num_blocks is None else min(fit, cfg.max_num_blocks)
 
     def num_cpu_blocks_that_fit(self) -> int:

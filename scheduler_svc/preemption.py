@@ -27,7 +27,8 @@ from scheduler_svc.request import Request, SeqStatus, Sequence, arrival_order
 from scheduler_svc.step_plan import SchedulerOutput
 
 if TYPE_CHECKING:
-    from scheduler_svc.scheduler import SchedulerStats, _Pick, _Step
+    from scheduler_svc.scheduler import SchedulerStats
+    from scheduler_svc.step_budget import Pick, StepBudget
 
 _RUNNING = SeqStatus.RUNNING
 
@@ -49,7 +50,7 @@ class PreemptionMixin:
         def _fail(self, request: Request, message: str) -> None: ...
         def _start(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None: ...
 
-    def _make_room(self, pick: _Pick, step: _Step, out: SchedulerOutput) -> bool:
+    def _make_room(self, pick: Pick, step: StepBudget, out: SchedulerOutput) -> bool:
         """Preempts latest arrivals until the pick fits; False if the pick's own group went."""
         while self.kv.num_free_blocks - step.num_reserved_blocks < pick.num_blocks:
             victim = self.running[-1].request
@@ -58,7 +59,7 @@ class PreemptionMixin:
                 return False
         return True
 
-    def _preempt(self, request: Request, step: _Step, out: SchedulerOutput) -> None:
+    def _preempt(self, request: Request, step: StepBudget, out: SchedulerOutput) -> None:
         """Takes the whole group off the device: swapped when it is a multi-sequence group in step and
         the CPU pool holds it, recomputed otherwise. Beams recomputed without the prefix cache would
         each need their own copy of the blocks they shared, and might never fit again: that fails."""
@@ -95,7 +96,7 @@ class PreemptionMixin:
         seq.num_hashed_blocks = 0
         self._dropped_seq_ids.append(seq.seq_id)
 
-    def _swap_in(self, step: _Step, out: SchedulerOutput) -> None:
+    def _swap_in(self, step: StepBudget, out: SchedulerOutput) -> None:
         """Brings swapped groups back, oldest first; each computes its next token this step."""
         while self.swapped:
             request = self.swapped[0].request

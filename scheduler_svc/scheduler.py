@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 
 from scheduler_svc.block_pool import BlockPool
@@ -43,6 +43,7 @@ from scheduler_svc.request import (
 )
 from scheduler_svc.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.sequence_groups import SequenceGroups
+from scheduler_svc.step_budget import Pick, StepBudget
 from scheduler_svc.step_plan import ForkedSeq, ScheduledSeq, SchedulerOutput
 
 _RUNNING = SeqStatus.RUNNING
@@ -61,34 +62,6 @@ class SchedulerStats:
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_queried_prompt_tokens: int = 0  # prompt tokens looked up in the prefix cache, at every admission
     num_ahead_steps: int = 0  # steps planned by schedule_ahead, before the previous step's results
-
-
-@dataclass(slots=True)
-class _Pick:
-    """A running group's share of the step, decided before any block is taken."""
-
-    request: Request
-    slots: list[tuple[Sequence, int]]  # (sequence, tokens to compute)
-    num_forks: int  # parallel sampling: samples to fork from slots[0] first
-    num_blocks: int  # blocks the slots will take (new ones and copies)
-
-
-@dataclass(slots=True)
-class _Step:
-    """The step being planned: what is left of the token budget, seats and blocks taken by picks."""
-
-    budget: int
-    num_seqs: int = 0
-    num_reserved_blocks: int = 0
-    picks: list[_Pick] = field(default_factory=list)
-
-    def unpick(self, request: Request) -> None:
-        """Gives back what the request's picks took (its group is being preempted)."""
-        for pick in [p for p in self.picks if p.request is request]:
-            self.picks.remove(pick)
-            self.num_reserved_blocks -= pick.num_blocks
-            self.num_seqs -= len(pick.slots) + pick.num_forks
-            self.budget += sum(n for _, n in pick.slots) + pick.num_forks
 
 
 class Scheduler(PreemptionMixin):
@@ -172,7 +145,7 @@ class Scheduler(PreemptionMixin):
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(self._next_step_id)
         self._next_step_id += 1
-        step = _Step(self.config.max_num_batched_tokens)
+        step = StepBudget(self.config.max_num_batched_tokens)
         self._pick_running(step, out)
         self._place(step.picks, out)
         if not out.preempted:
@@ -191,23 +164,48 @@ class Scheduler(PreemptionMixin):
         """The step after ``prev``, planned while ``prev`` still runs on the workers (its results not
         applied yet), or None where the plan would depend on them.
 
-        Only the plain case qualifies: every running sequence is one request's only sequence, it
-        samples in ``prev``, nothing waits for admission, swap-in, a fork or a beam re-selection, and
-        the pool has the blocks without preempting. Each such sequence then decodes the token that
-        ``prev`` samples: the workers keep their sampled tokens, so the plan needs only ids and block
-        deltas. A sequence that ``prev`` ends by length is left out; one that ``prev`` ends by a stop
-        token, or that is aborted meanwhile, computes one extra token, which ``update`` ignores (it is
-        no longer running) and whose KV slot lies past its end, in blocks freed by then, and any
-        later step that reuses them runs after this one on the workers."""
-        if self.waiting or self.swapped or self.groups.has_pending:
+        Qualifies: every running sequence is one request's only sequence and is in ``prev``; nothing
+        is swapped or waits for a fork or a beam re-selection; the pool has the blocks without
+        preempting. A sequence that samples in ``prev`` decodes the token ``prev`` samples (the
+        workers keep their sampled tokens, so the plan needs only ids and block deltas); one still
+        prefilling after ``prev`` computes its next chunk of known prompt tokens; then waiting
+        requests are admitted as ``schedule`` admits them, with the blocks free now (``prev``'s
+        results can only free more). A sequence that ``prev`` ends by length is left out; one that
+        ``prev`` ends by a stop token, or that is aborted meanwhile, computes one extra token, which
+        ``update`` ignores (it is no longer running) and whose KV slot lies past its end, in blocks
+        freed by then, and any later step that reuses them runs after this one on the workers."""
+        if self.swapped or self.groups.has_pending:
             return None
         if prev.preempted or prev.forks or prev.swap_out or prev.swap_in:
             return None
+        picks = self._ahead_picks(prev)
+        if picks is None or self.kv.num_blocks_needed([(s.seq_id, a, b) for s, a, b in picks]) > (
+                self.kv.num_free_blocks):
+            return None
+        out = SchedulerOutput(self._next_step_id)
+        step = StepBudget(self.config.max_num_batched_tokens, num_seqs=len(picks))
+        for seq, start, end in picks:
+            out.add_running(seq, end - start, self.kv.allocate_slots(seq.seq_id, start, end))
+            step.budget -= end - start
+        if step.budget > 0:
+            self._admit(step, out)
+        if out.is_empty:
+            return None
+        self._next_step_id += 1
+        out.finished_seq_ids = self._dropped_seq_ids
+        self._dropped_seq_ids = []
+        self.stats.num_steps += 1
+        self.stats.num_ahead_steps += 1
+        return out
+
+    def _ahead_picks(self, prev: SchedulerOutput) -> list[tuple[Sequence, int, int]] | None:
+        """(sequence, start, end) of each running sequence's share of the step after ``prev``: decodes
+        first, then prefill chunks, under the token budget; None where a sequence rules planning out."""
         scheduled = {id(s.seq): s.num_scheduled_tokens for s in chain(prev.new_seqs, prev.running)}
         if len(scheduled) < len(self.running):
             return None  # someone left out of prev (budget, seq cap) must not be skipped again
-        picks: list[Sequence] = []
-        slots: list[tuple[int, int, int]] = []
+        picks: list[tuple[Sequence, int, int]] = []
+        chunks: list[tuple[Sequence, int]] = []
         max_model_len = self.max_model_len
         for seq in self.running:
             n = scheduled.get(id(seq))
@@ -215,27 +213,25 @@ class Scheduler(PreemptionMixin):
             if n is None or request.beam is not None or request.num_pending_forks or len(request.seqs) > 1:
                 return None
             num_tokens = len(seq.token_ids)
-            if seq.num_computed_tokens + n != num_tokens:
-                return None  # a prefill chunk that does not sample yet
+            computed = seq.num_computed_tokens + n  # once prev has run
+            if computed < num_tokens:
+                chunks.append((seq, computed))  # still prefilling: its next tokens are known
+                continue
             if num_tokens + 1 - len(request.prompt_token_ids) >= request.max_tokens or num_tokens + 1 >= max_model_len:
                 continue  # prev's token ends it
-            picks.append(seq)
-            slots.append((seq.seq_id, num_tokens, num_tokens + 1))
-        if not picks or len(picks) > self.config.max_num_batched_tokens:
+            picks.append((seq, num_tokens, num_tokens + 1))
+        budget = self.config.max_num_batched_tokens - len(picks)
+        if budget < 0:
             return None
-        if self.kv.num_blocks_needed(slots) > self.kv.num_free_blocks:
-            return None
-        out = SchedulerOutput(self._next_step_id)
-        self._next_step_id += 1
-        for seq, (seq_id, start, end) in zip(picks, slots, strict=True):
-            out.add_running(seq, 1, self.kv.allocate_slots(seq_id, start, end))
-        out.finished_seq_ids = self._dropped_seq_ids
-        self._dropped_seq_ids = []
-        self.stats.num_steps += 1
-        self.stats.num_ahead_steps += 1
-        return out
+        for seq, start in chunks:
+            if budget == 0:
+                break
+            end = min(len(seq.token_ids), start + budget)
+            picks.append((seq, start, end))
+            budget -= end - start
+        return picks
 
-    def _pick_running(self, step: _Step, out: SchedulerOutput) -> None:
+    def _pick_running(self, step: StepBudget, out: SchedulerOutput) -> None:
         """Phase one: which running sequences compute how many tokens; preempts to make room."""
         decodes: list[Sequence] = []
         chunks: list[Sequence] = []
@@ -271,13 +267,13 @@ class Scheduler(PreemptionMixin):
             step.num_seqs += num_seqs
             step.budget -= pick.num_forks + (pick.slots[0][1] if num_seqs == 1 else sum(n for _, n in pick.slots))
 
-    def _pick(self, seq: Sequence, budget: int) -> _Pick | None:
+    def _pick(self, seq: Sequence, budget: int) -> Pick | None:
         request = seq.request
         start = seq.num_computed_tokens
         remaining = len(seq.token_ids) - start
         if request.beam is None and not request.num_pending_forks:
             n = min(remaining, budget)  # the common case, kept cheap: one sequence
-            return _Pick(request, [(seq, n)], 0, self.kv.num_blocks_to_write(seq.seq_id, start, start + n))
+            return Pick(request, [(seq, n)], 0, self.kv.num_blocks_to_write(seq.seq_id, start, start + n))
         if request.beam is not None and len(request.seqs) > 1:
             beams = request.seqs
             if all(b.status is _RUNNING and b.num_tokens - b.num_computed_tokens == 1 for b in beams):
@@ -293,16 +289,16 @@ class Scheduler(PreemptionMixin):
                 n = 1 + request.num_pending_forks
                 if budget < n:
                     return None
-                return _Pick(request, [(seq, 1)], n - 1, self.kv.num_blocks_to_fork(seq.seq_id, start, n))
+                return Pick(request, [(seq, 1)], n - 1, self.kv.num_blocks_to_fork(seq.seq_id, start, n))
             slots = [(seq, min(remaining - 1, budget))]
         else:
             slots = [(seq, min(remaining, budget))]
         blocks = self.kv.num_blocks_needed(
             [(s.seq_id, s.num_computed_tokens, s.num_computed_tokens + n) for s, n in slots]
         )
-        return _Pick(request, slots, 0, blocks)
+        return Pick(request, slots, 0, blocks)
 
-    def _place(self, picks: list[_Pick], out: SchedulerOutput) -> None:
+    def _place(self, picks: list[Pick], out: SchedulerOutput) -> None:
         """Phase two: the picks take their blocks; forks first, copy-on-write as they write."""
         running = out.running
         for pick in picks:
@@ -330,11 +326,11 @@ class Scheduler(PreemptionMixin):
 
     # ---- admission
 
-    def _admit(self, step: _Step, out: SchedulerOutput) -> None:
+    def _admit(self, step: StepBudget, out: SchedulerOutput) -> None:
         while self.waiting and step.budget > 0 and self._admit_head(step, out):
             pass
 
-    def _admit_head(self, step: _Step, out: SchedulerOutput) -> bool:
+    def _admit_head(self, step: StepBudget, out: SchedulerOutput) -> bool:
         """Admits the head of the waiting queue if it fits; False when it has to wait."""
         seq = self.waiting[0]
         request = seq.request

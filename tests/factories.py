@@ -221,7 +221,7 @@ class PagedSequences:
     def step(self, model: torch.nn.Module, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
         """Run one step; returns each chunk's logits [len(token_ids), vocab] (fp32)."""
         input_ids, positions, meta = self.prepare(chunks)
-        logits = model.compute_logits(model(input_ids, positions, self.kv_caches, meta))
+        logits = model.compute_logits(model(input_ids, positions, self.kv_caches, meta)).float()
         return list(logits.split([len(ids) for _, ids in chunks]))
 
 

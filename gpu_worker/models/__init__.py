@@ -4,7 +4,7 @@ Every model class has the same surface, which is all the runner and the loader u
 
     Model.from_hf_config(hf_config: dict) -> Model          # builds on the current default device
     model(input_ids, positions, kv_caches, attn_meta)        # [T], [T], per layer (k, v) -> [T, hidden]
-    model.compute_logits(hidden)                             # [n, hidden] -> [n, vocab] float32
+    model.compute_logits(hidden)                             # [n, hidden] -> [n, vocab] in the model dtype
     model.load_weights(weights: Iterable[(name, tensor)])    # raises ValueError naming missing tensors
 """
 

@@ -395,10 +395,14 @@ class CausalLM(nn.Module):
         if tie:
             self.lm_head.weight = embedding.weight
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, vocab] fp32
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, vocab], model dtype
+        # Left in the model's dtype: greedy steps take the argmax as it is (bf16 -> fp32 is exact, so the
+        # argmax is the same), which saves writing and reading an fp32 copy of [n, vocab] every step
+        # (0.23 ms of a 512-sequence Qwen3-0.6B decode step on an H200); the sampler upcasts when it
+        # needs probabilities.
         logits = self.lm_head(hidden)  # [n, this rank's vocabulary rows]
         if self.tp.world_size > 1:
             # Every rank gets every logit, so every rank samples the same tokens: each appends them to
             # its own copy of the sequences, whose next inputs must agree across ranks.
             logits = self.tp.all_gather(logits)[:, : self.args.vocab_size]
-        return logits.float()
+        return logits

@@ -49,7 +49,7 @@ def _hf_greedy(path, prompts, dtype, device="cuda"):
 
 
 def _ours(path, prompts, dtype: str, device="cuda"):
-    return engine_greedy_logprobs(path, prompts, MAX_TOKENS, dtype, device, gpu_memory_utilization=0.4,
+    return engine_greedy_logprobs(path, prompts, MAX_TOKENS, dtype, device, kv_cache_memory="1GiB",
                                   max_num_seqs=NUM_PROMPTS)
 
 

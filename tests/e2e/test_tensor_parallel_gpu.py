@@ -43,7 +43,7 @@ PASSAGE_LEN, TRAIN_STEPS = 256, 150
 
 
 def _ours(path, prompts, dtype: str, tensor_parallel_size: int, **kw):
-    return engine_greedy_logprobs(path, prompts, MAX_TOKENS, dtype, "cuda", gpu_memory_utilization=0.4,
+    return engine_greedy_logprobs(path, prompts, MAX_TOKENS, dtype, "cuda", kv_cache_memory="1GiB",
                                   max_num_seqs=NUM_PROMPTS, tensor_parallel_size=tensor_parallel_size, **kw)
 
 

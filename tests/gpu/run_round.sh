@@ -16,7 +16,13 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 status=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" "$@" 2>&1 | tee "$OUT/pytest.log" | tail -n 40
+  # Spread over $XDIST processes (pytest-xdist is on the GPU image): the GPU tests are mostly engine
+  # start-ups of tiny models, which overlap well; each engine takes a fixed 1 GiB KV pool, so they
+  # share the GPU without racing to size their pools.
+  xdist=()
+  python3 -c 'import xdist' 2>/dev/null && xdist=(-n "${XDIST:-8}")
+  python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" "${xdist[@]}" --durations=15 "$@" 2>&1 \
+    | tee "$OUT/pytest.log" | tail -n 40
   status=${PIPESTATUS[0]}
 fi
 for w in ${BENCH:-}; do

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from gpu_worker.distributed import init_tensor_parallel
+from gpu_worker.distributed import init_tensor_parallel, shutdown_tensor_parallel
 from gpu_worker.loader import load_model
 from tests.factories import run_mixed_steps
 
@@ -29,6 +29,9 @@ def main(argv: list[str]) -> None:
         num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
         torch.save({"computed": computed, "logits": logits, "bytes": num_bytes, "shapes": shapes},
                    f"{out_dir}/{case}.rank{rank}.pt")
+    # Leave the group before exiting: gloo's threads torn down by the interpreter's exit while the peer
+    # is still finishing have aborted the process ("terminate called without an active exception").
+    shutdown_tensor_parallel()
 
 
 if __name__ == "__main__":

@@ -113,22 +113,35 @@ def test_abort_and_admission_while_a_step_is_planned_ahead():
         assert results[True][rid][1] == results[False][rid][1] != 0  # aborted in both
 
 
-def test_no_plan_ahead_where_the_next_step_depends_on_results():
+def test_prefill_chunks_and_admissions_are_planned_ahead():
     s = scheduler(num_blocks=64, block_size=4, budget=6)
     s.add_request(0, "long", list(range(3, 13)), params(max_tokens=4))  # 10 tokens: two chunks at budget 6
     out = s.schedule()
-    assert s.schedule_ahead(out) is None  # a chunk that does not sample yet
-    worker = ToyWorker(s)
-    s.update(out, worker.run(out)[0])
-    out = s.schedule()  # the last chunk, which samples
+    assert [(r.seq.request.request_id, r.num_scheduled_tokens) for r in out.new_seqs] == [("long", 6)]
+    # The second chunk's tokens are the prompt's: planned before the first chunk's results.
     ahead = s.schedule_ahead(out)
-    assert ahead is not None and [(r.seq.request.request_id, r.num_scheduled_tokens) for r in ahead.running] == [
-        ("long", 1)]
-    s.add_request(0, "waiting", [3, 4], params())
-    s.update(out, worker.run(out)[0])
-    assert s.schedule_ahead(ahead) is None  # a request waits for admission
-    s.update(ahead, worker.run(ahead)[0])
+    assert [(r.seq.request.request_id, r.num_scheduled_tokens, r.new_block_ids) for r in ahead.running] == [
+        ("long", 4, [2])]
+    worker = ToyWorker(s)
+    first, second = worker.run(out)[0], worker.run(ahead)[0]
+    assert first == {} and list(second) == [0]  # the first chunk does not sample; the second does
+    s.update(out, first)
+    # A request that arrives while the last chunk is in flight is admitted beside the decode of the token
+    # that chunk samples.
+    s.add_request(0, "waiting", [3, 4], params(max_tokens=2))
+    next_ahead = s.schedule_ahead(ahead)
+    assert [(r.seq.request.request_id, r.num_scheduled_tokens) for r in next_ahead.running] == [("long", 1)]
+    assert [(r.seq.request.request_id, r.num_scheduled_tokens, r.block_table) for r in next_ahead.new_seqs] == [
+        ("waiting", 2, [3])]
+    s.update(ahead, second)
+    s.update(next_ahead, worker.run(next_ahead)[0])
+    while s.has_work():
+        step = s.schedule()
+        s.update(step, worker.run(step)[0])
+    assert s.pool.num_free_blocks == 64 and not s.requests
 
+
+def test_no_plan_ahead_where_the_next_step_depends_on_results():
     beams = scheduler(num_blocks=64, block_size=4)
     beams.add_request(0, "beam", [3, 4, 5], params(beam_width=2, max_tokens=4))
     assert beams.schedule_ahead(beams.schedule()) is None

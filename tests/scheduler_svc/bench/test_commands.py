@@ -77,6 +77,15 @@ def test_bench_serving_on_cpu_reports_latencies(tmp_path):
     assert report["offline_output_tok_s"] > 0 and report["serving_over_offline"] > 0
 
 
+def test_hf_baselines_can_run_on_the_first_prompts_only():
+    from scheduler_svc.bench.throughput import _hf_subset
+
+    work = make_workload(5, "3-9", "2-4", 1000, seed=0)
+    sub = _hf_subset(work, 2)
+    assert sub.prompts == work.prompts[:2] and sub.output_lens == work.output_lens[:2]
+    assert _hf_subset(work, None) is work and _hf_subset(work, 5) is work
+
+
 @pytest.mark.slow  # three services, one after another
 def test_bench_serving_compares_routing_on_a_shared_prefix_workload(tmp_path):
     import socket

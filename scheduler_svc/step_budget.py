@@ -1,0 +1,40 @@
+"""The scheduler's working records while it plans one step: what each pick takes and what is left.
+
+A ``Pick`` is decided before any block is taken (phase one of ``Scheduler.schedule``), so that
+preemption can still give a pick's reservation back; ``StepBudget`` is the running account of the
+step's token budget, sequence seats and reserved blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler_svc.request import Request, Sequence
+
+
+@dataclass(slots=True)
+class Pick:
+    """A running group's share of the step, decided before any block is taken."""
+
+    request: Request
+    slots: list[tuple[Sequence, int]]  # (sequence, tokens to compute)
+    num_forks: int  # parallel sampling: samples to fork from slots[0] first
+    num_blocks: int  # blocks the slots will take (new ones and copies)
+
+
+@dataclass(slots=True)
+class StepBudget:
+    """The step being planned: what is left of the token budget, seats and blocks taken by picks."""
+
+    budget: int
+    num_seqs: int = 0
+    num_reserved_blocks: int = 0
+    picks: list[Pick] = field(default_factory=list)
+
+    def unpick(self, request: Request) -> None:
+        """Gives back what the request's picks took (its group is being preempted)."""
+        for pick in [p for p in self.picks if p.request is request]:
+            self.picks.remove(pick)
+            self.num_reserved_blocks -= pick.num_blocks
+            self.num_seqs -= len(pick.slots) + pick.num_forks
+            self.budget += sum(n for _, n in pick.slots) + pick.num_forks
