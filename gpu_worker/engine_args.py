@@ -34,6 +34,11 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * (scale[unit[0]] if unit else 1))
 
 
+def parse_kv_size(text: str) -> int | None:
+    """A KV pool size, or 'auto' (None): sized by the device (see EngineArgs.kv_cache_memory)."""
+    return None if text.strip().lower() == "auto" else parse_bytes(text)
+
+
 def _option(default: Any, *flags: str, help: str, type: Callable | None = None, **extra: Any) -> Any:
     """A field with its flags; ``type=None`` makes a switch whose flag turns the default around."""
     return field(default=default, metadata={"flags": flags, "help": help, "type": type, **extra})
@@ -80,8 +85,8 @@ class EngineArgs:
     # on CPU; on CUDA whatever gpu_memory_utilization leaves. A size given on CUDA wins over the utilization
     # (as vLLM's kv_cache_memory_bytes does): several engines can then share one GPU without racing to size.
     kv_cache_memory: int | None = _option(
-        None, "--kv-cache-memory", type=parse_bytes,
-        help="KV pool size per worker, e.g. 64MiB (default: 256MiB on CPU; on CUDA, what "
+        None, "--kv-cache-memory", type=parse_kv_size,
+        help="KV pool size per worker, e.g. 64MiB, or auto (default auto: 256MiB on CPU; on CUDA, what "
         "--gpu-memory-utilization leaves after the weights and the largest step; a size given here "
         "replaces that sizing on CUDA too)")
     gpu_memory_utilization: float = _option(
@@ -122,7 +127,7 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         if isinstance(self.kv_cache_memory, str):
-            object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
+            object.__setattr__(self, "kv_cache_memory", parse_kv_size(self.kv_cache_memory))
         object.__setattr__(self, "model", str(self.model))
         check(self, _RULES)
 

@@ -79,3 +79,9 @@ def test_process_configs_share_the_defaults_and_rules():
     assert WorkerConfig(model="m", scheduler_address="x").block_size == DEFAULTS.block_size
     with pytest.raises(ValueError, match="^dtype must be one of"):
         WorkerConfig(model="m", scheduler_address="x", dtype="int8")
+
+
+def test_kv_cache_memory_auto_leaves_the_pool_to_the_device():
+    args = EngineArgs(model="/m", kv_cache_memory="auto")
+    assert args.kv_cache_memory is None and "--kv-cache-memory" not in args.to_argv("worker")
+    assert EngineArgs(model="/m", kv_cache_memory="2GiB").kv_cache_memory == 2 * 2**30
