@@ -33,6 +33,7 @@ class SampleStream:
     decode: Decode
     stop_token_ids: frozenset[int]  # stop_token_ids, plus the model's EOS unless ignore_eos
     byte_token_ids: frozenset[int] = frozenset()  # byte-fallback tokens of the vocabulary
+    backend: object = None  # the tokenizers.Tokenizer behind ``decode``: streaming detokenization in Rust
     num_tokens: int = 0
     finish_reason: int = generation_pb2.FINISH_REASON_UNSPECIFIED
     upstream_finished: bool = False  # the scheduler reported the end (else it must be told: Abort)
@@ -45,7 +46,7 @@ class SampleStream:
     logprobs: list[generation_pb2.TokenLogprob] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.detok = IncrementalDetokenizer(self.decode, self.byte_token_ids)
+        self.detok = IncrementalDetokenizer(self.decode, self.byte_token_ids, self.backend)
         self.stops = StopStrings(self.params.stop)
 
     @property
