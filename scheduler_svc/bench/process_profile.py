@@ -73,13 +73,15 @@ class ProcessProfile:
     processes: dict[str, int]
     out_dir: Path
     rate_hz: int = 100
+    sample: bool = True  # False: CPU accounting only, no py-spy
     _cpu0: dict[str, float] = field(default_factory=dict)
     _t0: float = 0.0
     _spies: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        spy = shutil.which("py-spy")
+        spy = shutil.which("py-spy") if self.sample else None
+        if spy is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         for name, pid in self.processes.items():
             self._cpu0[name] = cpu_seconds(pid)
             if spy is not None:
