@@ -126,6 +126,7 @@ class ClosedLoopJob:
         t0 = await start_at()
         bounds = (t0 + self.warmup_s, t0 + self.warmup_s + self.duration_s)
         gaps: list[tuple[float, int]] = []  # (time since the request's previous response, tokens) in the window
+        ttft: list[float] = []  # time to the first token of the requests whose first token came in the window
         stop = asyncio.Event()
 
         async def stream(i: int) -> None:
@@ -134,14 +135,18 @@ class ClosedLoopJob:
                 check = (seq * self.num_streams + i) % self.check_every == 0
                 seq += 1
                 ids, texts, last = [], [], None
+                sent = time.monotonic()
                 call = stub.Generate(generation_pb2.GenerateRequest(text=self.prompt, sampling_params=params))
                 while (resp := await call.read()) is not _EOF:
                     n = len(resp.token_ids)
                     counts["tokens"] += n
                     counts["responses"] += 1
                     now = time.monotonic()
-                    if last is not None and n and bounds[0] <= now < bounds[1]:
-                        gaps.append((now - last, n))
+                    if n and bounds[0] <= now < bounds[1]:
+                        if last is None:
+                            ttft.append(now - sent)
+                        else:
+                            gaps.append((now - last, n))
                     last = now if n else last
                     if check:
                         ids += resp.token_ids
@@ -162,7 +167,7 @@ class ClosedLoopJob:
         await asyncio.gather(*tasks, return_exceptions=True)
         itl = sorted(g / n for g, n in gaps for _ in range(n))  # per token: a response's gap spread over it
         return counted | {k: counts[k] for k in ("requests", "checked", "mismatches")} | {
-            "itl_s": itl[:: max(1, len(itl) // 20000)]}  # an even sample of the sorted values
+            "itl_s": itl[:: max(1, len(itl) // 20000)], "ttft_s": ttft}  # ITL: an even sample of the sorted values
 
 
 _EOF = None  # grpc.aio.EOF, bound in the child
