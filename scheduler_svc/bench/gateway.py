@@ -117,6 +117,8 @@ def run(args) -> int:
           + "; inter-token latency (ms) " + "  ".join(f"{k} {v:.2f}" for k, v in report["itl_ms"].items()))
     per_token = {name: 1e6 * r["cpu_s"] / max(1, report["tokens"]) for name, r in cpu.items() if "cpu_s" in r}
     print("CPU per token delivered (us): " + "  ".join(f"{k} {v:.1f}" for k, v in per_token.items()))
+    if args.profile_dir:
+        _print_stages(Path(args.profile_dir), report)
     print(f"load average at the end: {report['load_average']}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -138,6 +140,20 @@ def _report(args, results: list[dict], cpu: dict) -> dict:
         "itl_ms": _percentiles_ms(itl), "ttft_ms": _percentiles_ms(ttft),
         "load_average": [round(x, 2) for x in os.getloadavg()], "processes": cpu,
     }
+
+
+def _print_stages(profile_dir: Path, report: dict) -> None:
+    """The gateways' CPU per token delivered, split by stage (py-spy samples x CPU seconds)."""
+    for name, r in report["processes"].items():
+        stacks = profile_dir / f"{name}.txt"
+        if not name.startswith("gateway") or not stacks.exists():
+            continue
+        per_token_us = 1e6 * r["cpu_s"] / max(1, report["tokens"])
+        shares = process_profile.stage_shares(stacks, process_profile.GATEWAY_STAGES)
+        report.setdefault("stages_us_per_token", {})[name] = {k: v * per_token_us for k, v in shares.items()}
+        print(f"{name} CPU per token by stage ({per_token_us:.1f} us in all):")
+        for stage, share in shares.items():
+            print(f"  {stage:<42} {share * per_token_us:6.2f} us  {100 * share:5.1f}%")
 
 
 def _percentiles_ms(sorted_s: list[float]) -> dict[str, float]:
