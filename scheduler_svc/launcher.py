@@ -62,6 +62,7 @@ class Child:
     name: str
     popen: subprocess.Popen
     log_path: Path | None
+    argv: list[str]
 
 
 class ProcessGroup:
@@ -84,9 +85,17 @@ class ProcessGroup:
         )
         if out is not None:
             out.close()
-        child = Child(name, popen, log_path)
+        child = Child(name, popen, log_path, argv)
         self.children.append(child)
         return child
+
+    def restart(self, child: Child) -> Child:
+        """Starts ``child``'s command again in its place (its log file is appended to)."""
+        index = next(i for i, c in enumerate(self.children) if c is child)
+        new = self.start(child.name, child.argv)
+        self.children.pop()
+        self.children[index] = new
+        return new
 
     def first_dead(self) -> Child | None:
         return next((c for c in self.children if c.popen.poll() is not None), None)

@@ -73,13 +73,15 @@ class ProcessProfile:
     processes: dict[str, int]
     out_dir: Path
     rate_hz: int = 100
+    sample: bool = True  # False: CPU accounting only, no py-spy
     _cpu0: dict[str, float] = field(default_factory=dict)
     _t0: float = 0.0
     _spies: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        spy = shutil.which("py-spy")
+        spy = shutil.which("py-spy") if self.sample else None
+        if spy is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         for name, pid in self.processes.items():
             self._cpu0[name] = cpu_seconds(pid)
             if spy is not None:
@@ -134,6 +136,40 @@ def top_functions(stacks_file: Path, k: int = 12) -> tuple[list, list]:
         return [], []
     return ([(round(c / total, 3), f) for f, c in self_count.most_common(k)],
             [(round(c / total, 3), f) for f, c in incl_count.most_common(k)])
+
+
+# Where a gateway's samples go, by the innermost frame that names a stage (checked innermost first).
+GATEWAY_STAGES: dict[str, tuple[str, ...]] = {
+    "detokenization": ("IncrementalDetokenizer.", "Tokenizer.decode", "DecodeStream"),
+    "tokenization and validation": ("validate", "Tokenizer.encode", "GenerationCore.tokenize"),
+    "text, stop checks, responses": ("SampleStream.", "StopStrings.", "GenerationCore."),
+    "gRPC writes to clients (encode, send)": ("GenerationServicer.", "_ServicerContext"),
+    "scheduler link (events in, submits out)": ("SchedulerLink.", "RequestInbox.", "_channel.py",
+                                                "consume_request_iterator", "channel_spin", "queues.py"),
+}
+# What no stage above claims: the loop itself, and gRPC's completion-queue thread of grpc.aio.
+EVENT_LOOP = ("event loop and gRPC completions", ("events.py", "base_events.py", "selectors.py",
+                                                  "selector_events.py", "threading.py"))
+
+
+def stage_shares(stacks_file: Path, stages: dict[str, tuple[str, ...]],
+                 fallback: tuple[str, tuple[str, ...]] = EVENT_LOOP) -> dict[str, float]:
+    """Share of samples per stage: a sample belongs to the stage of its innermost frame that contains
+    one of the stage's markers (the stages' order breaks ties within a frame); failing that, to the
+    ``fallback`` stage if a frame carries its markers, else to "other"."""
+    counts: Counter = Counter()
+    for line in stacks_file.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = [f for f in reversed(stack.split(";")) if f]  # innermost first
+        stage = next((name for f in frames for name, marks in stages.items() if any(m in f for m in marks)), None)
+        if stage is None:
+            stage = fallback[0] if any(m in f for f in frames for m in fallback[1]) else "other"
+        counts[stage] += int(count)
+    total = sum(counts.values())
+    names = [*stages, fallback[0], "other"]
+    return {name: counts[name] / total for name in names if counts[name]} if total else {}
 
 
 def _short(frame: str) -> str:

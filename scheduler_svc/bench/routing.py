@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpu_worker.engine_args import EngineArgs
-from scheduler_svc.bench.throughput import parse_lengths
+from scheduler_svc.bench.service_model import vocab_size, write_placeholder_tokenizer
+from scheduler_svc.bench.throughput import parse_lengths, write_shape_config
 
 
 @dataclass
@@ -116,14 +117,13 @@ def _passes(args) -> list[tuple[str, int, str]]:
 
 
 def run(args) -> int:
-    from scheduler_svc.bench.serving import _vocab_size, write_placeholder_tokenizer, write_shape_config
 
     if not (args.num_prompts and args.input_len and args.output_len and args.prefix_len):
         raise SystemExit("--prefix-groups needs --num-prompts, --input-len, --output-len and --prefix-len")
     results = {}
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
         model_dir, load_format = (Path(args.model), "auto") if args.model else (Path(tmp) / str(args.shape), "dummy")
-        vocab = _vocab_size(args, model_dir)
+        vocab = vocab_size(args, model_dir)
         work = make_groups(args.prefix_groups, args.num_prompts, args.prefix_len, args.input_len, args.output_len,
                            vocab, args.seed)
         if args.target:

@@ -18,6 +18,14 @@ byte tokens that is not valid UTF-8 into one U+FFFD per byte, even bytes that lo
 the run went on, so text ending in a byte token is held back until a regular token ends the run
 (skipped special tokens between byte tokens do not end it: they are removed before decoding).
 
+Where the vocabulary has no byte-fallback tokens (byte-level BPE: GPT-2, Llama 3, Qwen, SmolLM...) and a
+``tokenizers.Tokenizer`` is given, the work per token is done by ``tokenizers``' own streaming decoder
+(``DecodeStream``, Rust), which follows the same rule with the same offsets: on each emitted delta its
+window starts where the previous delta ended. It differs where decoding is not concatenative: where a
+longer decode no longer starts with the text already emitted (a byte-fallback run that turns invalid,
+which is why byte-fallback vocabularies stay on the window decoder, or a decoder quirk), it raises
+instead of waiting; the window decoder then takes over from the same offsets for the rest of the stream.
+
 ``StopStrings`` holds back any tail that could be the start of a stop string, so a stop string is never
 emitted, not even in part, and finds the earliest stop string across token boundaries.
 """
@@ -26,6 +34,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+
+try:
+    from tokenizers.decoders import DecodeStream  # tokenizers >= 0.21
+except ImportError:  # an older tokenizers: the window decoder alone
+    DecodeStream = None
 
 REPLACEMENT_CHAR = "\ufffd"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -39,9 +52,14 @@ def byte_fallback_ids(id_to_token: Callable[[int], str | None], vocab_size: int)
 
 
 class IncrementalDetokenizer:
-    def __init__(self, decode: Decode, byte_token_ids: frozenset[int] = frozenset()) -> None:
+    def __init__(self, decode: Decode, byte_token_ids: frozenset[int] = frozenset(), backend=None) -> None:
+        """``decode``: ids -> text, skipping special tokens; ``backend``: the ``tokenizers.Tokenizer``
+        behind it, for the streaming decoder (None: the window decoder only)."""
         self._decode = decode
         self._byte_token_ids = byte_token_ids
+        self._backend = backend
+        use_stream = backend is not None and not byte_token_ids and DecodeStream is not None
+        self._stream = DecodeStream(skip_special_tokens=True) if use_stream else None
         self._in_byte_run = False  # the last tokens that decode to something are byte tokens
         self.token_ids: list[int] = []
         self.prefix_offset = 0  # first token of the decode window
@@ -54,9 +72,25 @@ class IncrementalDetokenizer:
         """The text emitted so far."""
         return "".join(self._emitted)
 
+    @property
+    def streaming(self) -> bool:
+        """Whether tokenizers' DecodeStream does the work (else the window decoder)."""
+        return self._stream is not None
+
     def add(self, token_id: int) -> str:
         """Appends one token; returns the text that is now final (possibly empty)."""
         self.token_ids.append(token_id)
+        if self._stream is not None:
+            try:
+                delta = self._stream.step(self._backend, token_id)
+            except Exception:  # tokenizers' "invalid prefix": a longer decode changed emitted text
+                self._stream = None  # the window decoder goes on from the same offsets
+                return self._add_window()
+            if delta is None:
+                return ""
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+            self._emitted.append(delta)
+            return delta
         if token_id in self._byte_token_ids:
             self._in_byte_run = True
             return ""  # a byte-fallback run may still turn invalid; wait for a regular token
@@ -64,6 +98,9 @@ class IncrementalDetokenizer:
             if not self._decode([token_id]):
                 return ""  # a skipped special token does not end the run
             self._in_byte_run = False
+        return self._add_window()
+
+    def _add_window(self) -> str:
         ids = self.token_ids
         prefix_text = self._decode(ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(ids[self.prefix_offset :])

@@ -154,7 +154,9 @@ class GenerationCore:
     def _sample_factory(self, params) -> Callable[[int], SampleStream]:
         assert self.info is not None
         stop_ids = stop_token_ids(params, self.info.eos_token_ids)
-        return lambda index: SampleStream(index, params, self.tokenizer.decode, stop_ids, self.byte_token_ids)
+        backend = getattr(self.tokenizer, "backend", None)  # without one: the window decoder
+        return lambda index: SampleStream(index, params, self.tokenizer.decode, stop_ids, self.byte_token_ids,
+                                          backend)
 
     def _apply(self, item, samples: dict[int, SampleStream], usage: generation_pb2.Usage, new_beam=None) -> None:
         if isinstance(item, LinkLost):

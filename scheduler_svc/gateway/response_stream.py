@@ -33,6 +33,7 @@ class SampleStream:
     decode: Decode
     stop_token_ids: frozenset[int]  # stop_token_ids, plus the model's EOS unless ignore_eos
     byte_token_ids: frozenset[int] = frozenset()  # byte-fallback tokens of the vocabulary
+    backend: object = None  # the tokenizers.Tokenizer behind ``decode``: streaming detokenization in Rust
     num_tokens: int = 0
     finish_reason: int = generation_pb2.FINISH_REASON_UNSPECIFIED
     upstream_finished: bool = False  # the scheduler reported the end (else it must be told: Abort)
@@ -45,7 +46,7 @@ class SampleStream:
     logprobs: list[generation_pb2.TokenLogprob] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.detok = IncrementalDetokenizer(self.decode, self.byte_token_ids)
+        self.detok = IncrementalDetokenizer(self.decode, self.byte_token_ids, self.backend)
         self.stops = StopStrings(self.params.stop)
 
     @property
@@ -54,29 +55,37 @@ class SampleStream:
 
     def feed(self, out: scheduler_pb2.RequestOutput) -> None:
         """Takes one step's output for this sample (not an error: those end the whole request)."""
-        if out.finish_reason:
+        reason = out.finish_reason
+        if reason:
             self.upstream_finished = True
-        if self.finished:
-            return  # ended here by a stop string or stop token; later tokens are dropped
-        token_ids = out.final_token_ids if self.params.beam_width > 1 else out.token_ids
+        if self.finish_reason:  # ended here by a stop string or stop token; later tokens are dropped
+            return
+        beam = self.params.beam_width > 1
+        token_ids = out.final_token_ids if beam else out.token_ids
+        num_logprobs = 0 if beam else len(out.logprobs)
+        stops = self.stops if self.stops.stops else None
         for i, token_id in enumerate(token_ids):
             self.num_tokens += 1
             self.token_ids.append(token_id)
-            if i < len(out.logprobs) and self.params.beam_width == 1:
+            if i < num_logprobs:
                 self.logprobs.append(_token_logprob(out, i))
             if token_id in self.stop_token_ids:  # counted, but its text is not emitted
                 self.finish(generation_pb2.FINISH_REASON_STOP)
                 return
-            text, hit = self.stops.add(self.detok.add(token_id))
-            self.text.append(text)
-            if hit:
-                self.finish_reason = generation_pb2.FINISH_REASON_STOP
-                return
+            text = self.detok.add(token_id)
+            if stops is not None:
+                text, hit = stops.add(text)
+                if hit:
+                    self.text.append(text)
+                    self.finish_reason = generation_pb2.FINISH_REASON_STOP
+                    return
+            if text:
+                self.text.append(text)
             if self.num_tokens >= self.params.max_tokens:
                 self.finish(generation_pb2.FINISH_REASON_LENGTH)
                 return
-        if out.finish_reason:
-            self.finish(finish_reason.to_public(out.finish_reason))
+        if reason:
+            self.finish(finish_reason.to_public(reason))
 
     def finish(self, reason: int) -> None:
         """Ends the sample: releases held-back text (unless it completes a stop string)."""

@@ -177,10 +177,14 @@ async def serve(args: argparse.Namespace) -> int:
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", 64 * 2**20),
         ("grpc.max_send_message_length", 64 * 2**20),
-        ("grpc.so_reuseport", 0),  # a second gateway on the same port must fail, not share it
+        # Alone, a second gateway on the same port must fail, not share it; `serve --gateways N` starts
+        # its N gateways with --reuse-port after checking that nothing else holds the port.
+        ("grpc.so_reuseport", 1 if args.reuse_port else 0),
     ])
     gateway.add_to_server(server)
     port = server.add_insecure_port(_format_address(args.host, args.port))
+    if args.local_socket:
+        server.add_insecure_port(f"unix:{args.local_socket}")
     watcher = await gateway.start()
     await server.start()
     if args.port_file:
@@ -227,7 +231,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
     p.add_argument("--log-format", default="auto", choices=log.FORMATS,
                    help="auto: JSON unless stderr is a terminal (default auto)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="share the port with other gateways (SO_REUSEPORT; the kernel spreads connections)")
     p.add_argument("--port-file", default=None, help=argparse.SUPPRESS)  # the launcher learns the port here
+    # Also listen here, a unix socket private to the launcher, which asks this very gateway's health.
+    p.add_argument("--local-socket", default=None, help=argparse.SUPPRESS)
     lifetime.add_argument(p)
     return p
 

@@ -45,6 +45,11 @@ class Tokenizer:
                                     "tokenizer.json")
         self.vocab_size = self._tok.get_vocab_size()
 
+    @property
+    def backend(self) -> _HFTokenizer:
+        """The ``tokenizers.Tokenizer`` itself (the gateway's streaming detokenizer steps through it)."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 

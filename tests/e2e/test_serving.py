@@ -42,14 +42,14 @@ START_TIMEOUT_S = 180
 
 
 class Service:
-    """A `pagedserve serve` launcher process and what it printed."""
+    """A `pagedserve serve` launcher process and what it printed (one gateway unless ``extra`` says)."""
 
     def __init__(self, model: Path, log_dir: Path, *extra: str) -> None:
         self.log_dir = log_dir
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scheduler_svc.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-             "--port", "0", "--log-dir", str(log_dir), "--kv-cache-memory", "32MiB", *extra],
+             "--port", "0", "--log-dir", str(log_dir), "--kv-cache-memory", "32MiB", "--gateways", "1", *extra],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=dict(os.environ, PYTHONPATH=str(REPO)),
         )

@@ -2,6 +2,7 @@
 plumbing, the accounting and the report format are checked)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -77,6 +78,77 @@ def test_bench_serving_on_cpu_reports_latencies(tmp_path):
     assert report["offline_output_tok_s"] > 0 and report["serving_over_offline"] > 0
 
 
+def test_rates_shares_and_arrivals():
+    from scheduler_svc.bench.load_clients import Timing, poisson_arrivals, split
+    from scheduler_svc.bench.serving import parse_rates
+
+    assert parse_rates("5, 10,inf") == [5.0, 10.0, None]
+    for bad in ("0", "-3", "nan", "x"):
+        with pytest.raises(ValueError):
+            parse_rates(bad)
+    assert split(10, 3) == [4, 3, 3] and split(2, 4) == [1, 1, 0, 0]
+    a = poisson_arrivals(200, 50.0, seed=1)
+    assert a == poisson_arrivals(200, 50.0, seed=1) and a[0] == 0.0 and a == sorted(a)
+    assert 2.0 < a[-1] < 6.0  # 199 gaps of mean 1/50 s
+    assert poisson_arrivals(3, None, seed=1) == [0.0, 0.0, 0.0]
+    t = Timing(0, start=1.0, chunk_times=[1.5, 1.6, 2.0, 2.1], chunk_tokens=[0, 1, 2, 1])
+    assert t.first == 1.6 and t.num_tokens == 4
+    assert t.inter_token_latencies() == pytest.approx([0.2, 0.2, 0.1])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_bench_serving_sweep_from_client_processes(tmp_path):
+    """Two gateways, two client processes, two rates: per-rate reports with exact token counts, the
+    clients' own CPU, the table and the plot."""
+    model = make_checkpoint(tmp_path / "m")
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "scheduler_svc.cli", "bench", "serving", "--model", str(model), "--device", "cpu",
+         "--num-prompts", "6", "--input-len", "8", "--output-len", "5", "--concurrency", "4",
+         "--port", str(_free_port()), "--gateways", "2", "--client-processes", "2", "--request-rates", "40,inf",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [p["request_rate"] for p in report["sweep"]] == [40.0, None]
+    assert report["request_rate"] is None  # the top-level figures are the all-at-once run's
+    for point in report["sweep"]:
+        assert point["requests"] == 6 and point["output_tokens"] == 30
+        assert 0 < point["ttft_ms"]["p50"] <= point["ttft_ms"]["p99"] and point["itl_ms"]["p50"] > 0
+        assert point["client_cores"] > 0 and {"client0", "client1", "gateway0", "gateway1"} <= set(point["processes"])
+    assert "| 40/s |" in proc.stdout and "| all at once |" in proc.stdout
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gateways", [1, 2])
+def test_bench_gateway_prints_its_capacity(tmp_path, gateways):
+    out = tmp_path / "gateway.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "scheduler_svc.cli", "bench", "gateway", "--streams", "8", "--gateways", str(gateways),
+         "--client-processes", "2", "--max-tokens", "20", "--warmup", "1", "--duration", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(rf"gateway capacity: [\d,]+ tokens/s \({gateways} gateways, 8 streams\)", last), last
+    report = json.loads(out.read_text())
+    assert report["tokens"] > 0 and report["responses"] > 0 and report["requests"] > 0
+    assert report["checked"] > 0 and report["mismatches"] == 0  # every checked request's text was exact
+    assert report["tokens_per_s"] == pytest.approx(report["tokens"] / 2)
+    names = {f"gateway{i}" for i in range(gateways)} | {"engine", "client0", "client1"}
+    assert names <= set(report["processes"])
+
+
 def test_hf_baselines_can_run_on_the_first_prompts_only():
     from scheduler_svc.bench.throughput import _hf_subset
 
@@ -88,17 +160,12 @@ def test_hf_baselines_can_run_on_the_first_prompts_only():
 
 @pytest.mark.slow  # three services, one after another
 def test_bench_serving_compares_routing_on_a_shared_prefix_workload(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     model = make_checkpoint(tmp_path / "m")
     out = tmp_path / "routing.json"
     proc = subprocess.run(
         [sys.executable, "-m", "scheduler_svc.cli", "bench", "serving", "--model", str(model), "--device", "cpu",
          "--num-prompts", "8", "--prefix-groups", "2", "--prefix-len", "64", "--input-len", "4", "--output-len", "2",
-         "--compare-routing", "--port", str(port), "--out", str(out)],
+         "--compare-routing", "--port", str(_free_port()), "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Incremental detokenization is exact (the deltas add up to tokenizer.decode of all ids) for byte-level
-BPE and for sentencepiece-style byte fallback, and stop strings are never emitted, not even in part."""
+BPE and for sentencepiece-style byte fallback, through the window decoder and through tokenizers'
+DecodeStream (byte-level), which emit the same deltas; stop strings are never emitted, not even in part."""
 
 import pytest
 from hypothesis import given, settings
@@ -41,17 +42,37 @@ def byte_fallback_decode(ids: list[int]) -> str:
     return BYTE_FALLBACK.decode(ids, skip_special_tokens=True)
 
 
-def stream(decode, ids: list[int], byte_token_ids=frozenset()) -> list[str]:
+def stream(decode, ids: list[int], byte_token_ids=frozenset(), backend=None) -> list[str]:
     """The deltas of a whole stream, the flush last."""
-    detok = IncrementalDetokenizer(decode, byte_token_ids)
+    detok = IncrementalDetokenizer(decode, byte_token_ids, backend)
     return [detok.add(t) for t in ids] + [detok.flush()]
+
+
+def both(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """The deltas through DecodeStream, checked equal, delta by delta, to the window decoder's."""
+    streamed = stream(tokenizer.decode, ids, backend=tokenizer.backend)
+    assert streamed == stream(tokenizer.decode, ids)
+    return streamed
+
+
+def test_byte_level_vocabularies_use_decode_stream(demo_tokenizer):
+    assert IncrementalDetokenizer(demo_tokenizer.decode, backend=demo_tokenizer.backend).streaming
+    assert not IncrementalDetokenizer(demo_tokenizer.decode).streaming
+    assert not IncrementalDetokenizer(byte_fallback_decode, BYTE_TOKEN_IDS, BYTE_FALLBACK).streaming
 
 
 def test_multibyte_characters_are_emitted_whole(demo_tokenizer):
     ids = demo_tokenizer.encode(MULTILINGUAL)
-    deltas = stream(demo_tokenizer.decode, ids)
+    deltas = both(demo_tokenizer, ids)
     assert "".join(deltas) == MULTILINGUAL == demo_tokenizer.decode(ids)
     assert not any("\ufffd" in d for d in deltas)
+
+
+def test_special_tokens_are_skipped_by_both_decoders(demo_tokenizer):
+    from gpu_worker.demo_model import BOS_ID, EOS_ID
+
+    ids = demo_tokenizer.encode("hello") + [EOS_ID] + demo_tokenizer.encode(" café") + [BOS_ID]
+    assert "".join(both(demo_tokenizer, ids)) == "hello café" == demo_tokenizer.decode(ids)
 
 
 def byte_level_ids(tokenizer: Tokenizer, data: bytes) -> list[int]:
@@ -66,22 +87,39 @@ def byte_level_ids(tokenizer: Tokenizer, data: bytes) -> list[int]:
 def test_a_character_split_over_byte_tokens_waits_for_its_last_byte(demo_tokenizer):
     ids = byte_level_ids(demo_tokenizer, "日x".encode())  # E6 97 A5 78
     assert demo_tokenizer.decode(ids) == "日x"
-    detok = IncrementalDetokenizer(demo_tokenizer.decode)
-    assert [detok.add(t) for t in ids] == ["", "", "日", "x"]
-    assert detok.flush() == ""
+    assert both(demo_tokenizer, ids) == ["", "", "日", "x", ""]
 
 
 def test_invalid_bytes_at_the_end_are_flushed(demo_tokenizer):
     ids = demo_tokenizer.encode("ab") + byte_level_ids(demo_tokenizer, b"\xe6")  # a lone lead byte
-    deltas = stream(demo_tokenizer.decode, ids)
+    deltas = both(demo_tokenizer, ids)
     assert deltas[-2:] == ["", "\ufffd"]
     assert "".join(deltas) == demo_tokenizer.decode(ids) == "ab\ufffd"
+
+
+def test_invalid_bytes_inside_the_text_are_emitted_when_followed(demo_tokenizer):
+    ids = byte_level_ids(demo_tokenizer, b"a\xe6\x97b\xff c")  # a truncated character, a byte never valid
+    assert "".join(both(demo_tokenizer, ids)) == demo_tokenizer.decode(ids) == "a\ufffdb\ufffd c"
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(0, 999), max_size=40))
 def test_deltas_add_up_to_the_full_decode_byte_level(demo_tokenizer, ids):
-    assert "".join(stream(demo_tokenizer.decode, ids)) == demo_tokenizer.decode(ids)
+    assert "".join(both(demo_tokenizer, ids)) == demo_tokenizer.decode(ids)
+
+
+def test_decode_stream_refusing_hands_over_to_the_window_decoder():
+    """Given a byte-fallback vocabulary without its byte tokens named, DecodeStream emits a byte that a
+    longer run then turns into U+FFFD, and refuses the longer decode; the window decoder, in the same
+    state, would hold the text back at that token too: from there on the two emit the same."""
+    vocab = BYTE_FALLBACK.get_vocab()
+    ids = [vocab["▁Hello"], vocab["<0x00>"], vocab["<0x80>"], vocab["x"], vocab["▁world"]]
+    detok = IncrementalDetokenizer(byte_fallback_decode, backend=BYTE_FALLBACK)
+    assert detok.streaming
+    deltas = [detok.add(t) for t in ids]
+    assert not detok.streaming  # it refused at "x", whose decode no longer starts with "Hello\x00"
+    assert deltas + [detok.flush()] == stream(byte_fallback_decode, ids)  # the window decoder's own deltas
+    assert deltas[:2] == ["Hello", "\x00"]
 
 
 @settings(max_examples=300, deadline=None)
