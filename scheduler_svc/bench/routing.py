@@ -62,7 +62,7 @@ def make_groups(num_groups: int, num_prompts: int, prefix_len: int, input_len: s
 
 
 async def drive_groups(target: str, work: GroupWorkload, concurrency: int | None,
-                       num_warm: int = 0) -> tuple[float, list[Outcome]]:
+                       num_warm: int = 0, num_engines: int = 1) -> tuple[float, list[Outcome]]:
     """Sends the groups in turn (each group's first request alone); returns the seconds and each request's
     outcome. First, untimed, ``num_warm`` requests at once, shorter than a block (least loaded: they spread
     over the engines), so that no engine's first forward passes are timed."""
@@ -82,6 +82,13 @@ async def drive_groups(target: str, work: GroupWorkload, concurrency: int | None
     outcomes: list[Outcome] = []
     async with AsyncClient(target) as client:
         await client.wait_ready(timeout=900)
+        # SERVING needs one ready engine; the comparison needs them all, or a group's first requests go
+        # elsewhere than its later ones while an engine is still starting.
+        deadline = time.monotonic() + 900
+        while (await client.load()).num_engines_ready < num_engines:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench serving: {num_engines} engines were not ready within 900 s")
+            await asyncio.sleep(0.1)
         await asyncio.gather(*(one(client, [10 + i, 11 + i], 2) for i in range(num_warm)))
         sem = asyncio.Semaphore(concurrency or work.num_prompts)
 
@@ -146,7 +153,7 @@ def run(args) -> int:
                                            str(engines), "--routing", routing])
                 try:
                     results[label] = report(*asyncio.run(drive_groups(f"127.0.0.1:{args.port}", work,
-                                                                      args.concurrency, 2 * engines)))
+                                                                      args.concurrency, 2 * engines, engines)))
                 finally:
                     server.terminate()
                     server.wait(timeout=120)
