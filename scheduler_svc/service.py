@@ -19,7 +19,7 @@ from gpu_worker import lifetime
 from gpu_worker.engine_args import EngineArgs
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.engine import EngineCore
+from scheduler_svc.engine import SHUTTING_DOWN, EngineCore
 from scheduler_svc.worker_group import WorkerGroup
 
 _END = object()
@@ -61,8 +61,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             try:
                 event = events.get(timeout=0.5)
             except queue.Empty:
-                if engine.stopped.is_set():
-                    context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {engine.failure}")
+                if engine.done.is_set():  # every request has had its last event: nothing more comes
+                    reason = f"engine failed: {engine.failure}" if engine.failure else SHUTTING_DOWN
+                    context.abort(grpc.StatusCode.UNAVAILABLE, reason)
                 continue
             if event is _END:
                 engine.close_stream(stream_id)
