@@ -3,7 +3,9 @@
 Stateless between requests. A request's life (validate, tokenize, submit over the one Connect stream
 kept to the scheduler, text deltas out) is GenerationCore's (generation.py); this module is its gRPC
 face, plus grpc.health.v1, server reflection, the scheduler watcher and draining. Health is SERVING only while the
-scheduler reports ready, the stream is open and the gateway is not draining.
+scheduler reports ready, the stream is open and the gateway is not draining. Requests larger than
+``--max-request-bytes`` are refused by gRPC before any of them is read into a message; TLS, mTLS and
+token authentication are optional (security.py).
 
     pagedserve gateway --model DIR --scheduler HOST:PORT --port 50051
 """
@@ -19,23 +21,24 @@ import time
 from pathlib import Path
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 import clients  # noqa: F401
 from gpu_worker import lifetime
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 from scheduler_svc import log
+from scheduler_svc.gateway import protocol, security
 from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, GenerationFailed
 from scheduler_svc.gateway.scheduler_link import SchedulerLink
 from scheduler_svc.gateway.tokenizer import Tokenizer
-from scheduler_svc.gateway.validation import ModelLimits, check_model
-from scheduler_svc.sampling_params import InvalidField
+from scheduler_svc.gateway.validation import DEFAULT_LIMITS, GatewayLimits, add_limit_arguments
 
-SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"]
+SERVICE_NAME = SERVICE.full_name
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "[::1]", "localhost")
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -59,10 +62,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def Tokenize(self, request, context):
         try:
-            check_model(request.model, ModelLimits(self.core.model_name, 0, 0))
-        except InvalidField as exc:
-            await _abort(context, GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field))
-        ids = await self.core.tokenize(request.text)
+            ids = await self.core.tokenize(request.text, request.model)
+        except GenerationFailed as exc:
+            await _abort(context, exc)
         tokens = [self.core.tokenizer.id_to_token(i) or "" for i in ids]
         return generation_pb2.TokenizeResponse(token_ids=ids, tokens=tokens)
 
@@ -78,36 +80,51 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
 
 async def _abort(context, failure: GenerationFailed) -> None:
-    if not failure.field:
+    """Ends the call with the failure's status; a bad field travels as a google.rpc.BadRequest detail,
+    a retry hint as a google.rpc.RetryInfo detail."""
+    details = []
+    if failure.field:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=failure.field, description=failure.message),
+        ]))
+    if failure.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(round(failure.retry_after_s * 1000))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    if not details:
         await context.abort(failure.code, failure.message)
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=failure.field, description=failure.message),
-    ]))
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=failure.message, details=[detail])
+    packed = []
+    for detail in details:
+        packed.append(any_pb2.Any())
+        packed[-1].Pack(detail)
+    status = status_pb2.Status(code=failure.code.value[0], message=failure.message, details=packed)
     await context.abort_with_status(rpc_status.to_status(status))
+
+
+async def _reject_bad_message(bad: protocol.BadMessage, context) -> None:
+    await _abort(context, GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, bad.message, bad.field))
 
 
 class Gateway:
     """The gateway's lifetime: the servicers, the scheduler watcher, and draining."""
 
-    def __init__(self, model_dir: str | Path, scheduler_address: str, model_name: str | None = None) -> None:
+    def __init__(self, model_dir: str | Path, scheduler_address: str, model_name: str | None = None,
+                 limits: GatewayLimits = DEFAULT_LIMITS) -> None:
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = model_name or Path(model_dir).resolve().name
         self._changed = asyncio.Event()
         self.link = SchedulerLink(scheduler_address, on_lost=self._changed.set)
-        self.core = GenerationCore(self.tokenizer, self.model_name, self.link)
+        self.core = GenerationCore(self.tokenizer, self.model_name, self.link, limits)
         self.servicer = GenerationServicer(self.core)
-        self.health = health.aio.HealthServicer()
+        self.health = protocol.HealthServicer()
         self._serving: bool | None = None
         self._log = log.get_logger()
 
     def add_to_server(self, server) -> None:
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
+        server.add_generic_rpc_handlers((protocol.tolerant_handler(
+            self.servicer, SERVICE, generation_pb2, _reject_bad_message),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        protocol.enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
 
     async def start(self) -> asyncio.Task:
         """NOT_SERVING (grpc's health servicer starts out SERVING), then watch the scheduler."""
@@ -157,6 +174,7 @@ class Gateway:
 
     async def close(self) -> None:
         await self.link.close()
+        self.core.tokenizer_pool.close()
 
 
 def _format_address(host: str, port: int) -> str:
@@ -165,22 +183,40 @@ def _format_address(host: str, port: int) -> str:
 
 async def serve(args: argparse.Namespace) -> int:
     logger = log.get_logger()
-    gateway = Gateway(args.model, args.scheduler, args.model_name)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", 64 * 2**20),
+    limits = GatewayLimits.from_args(args)
+    secure = security.SecurityConfig.from_args(args)
+    gateway = Gateway(args.model, args.scheduler, args.model_name, limits)
+    server = grpc.aio.server(interceptors=secure.interceptors(), options=[
+        ("grpc.max_receive_message_length", limits.max_request_bytes),
         ("grpc.max_send_message_length", 64 * 2**20),
         ("grpc.so_reuseport", 0),  # a second gateway on the same port must fail, not share it
     ])
     gateway.add_to_server(server)
-    port = server.add_insecure_port(_format_address(args.host, args.port))
+    servers = [server]
+    address = _format_address(args.host, args.port)
+    try:
+        port = server.add_secure_port(address, secure.server_credentials()) if secure.tls else (
+            server.add_insecure_port(address))
+        if secure.health_port is not None:
+            servers.append(health_server := grpc.aio.server(options=[("grpc.so_reuseport", 0)]))
+            health_pb2_grpc.add_HealthServicer_to_server(gateway.health, health_server)
+            health_port = health_server.add_insecure_port(_format_address(args.host, secure.health_port))
+    except RuntimeError as exc:  # grpc's "Failed to bind": the port is taken or the address is not ours
+        logger.error("cannot listen", address=address, error=str(exc))
+        return 1
+    if args.host not in LOOPBACK_HOSTS and not (secure.tls or secure.auth_token_file):
+        logger.warning("listening beyond loopback without TLS or a token: anyone who reaches this port can "
+                       "generate; see --tls-cert and --auth-token-file", address=address)
     watcher = await gateway.start()
-    await server.start()
+    for srv in servers:
+        await srv.start()
     if args.port_file:
-        tmp = Path(f"{args.port_file}.tmp")
-        tmp.write_text(f"{port}\n")
-        tmp.replace(args.port_file)  # atomic: a reader never sees a partial file
+        if len(servers) > 1:
+            _write_atomically(Path(f"{args.port_file}.health"), health_port)
+        _write_atomically(Path(args.port_file), port)  # last: the launcher reads the health port after it
     logger.info("gateway listening", address=_format_address(args.host, port), model=gateway.model_name,
-                scheduler=args.scheduler)
+                scheduler=args.scheduler, tls=secure.tls, mutual_tls=bool(secure.tls_client_ca),
+                token=bool(secure.auth_token_file))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -188,10 +224,17 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     await gateway.drain(args.drain_timeout)
     watcher.cancel()
-    await server.stop(grace=1.0)
+    for srv in servers:
+        await srv.stop(grace=1.0)
     await gateway.close()
     logger.info("gateway stopped")
     return 0
+
+
+def _write_atomically(path: Path, port: int) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)  # atomic: a reader never sees a partial file
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -209,12 +252,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--log-format", default="auto", choices=log.FORMATS,
                    help="auto: JSON unless stderr is a terminal (default auto)")
     p.add_argument("--port-file", default=None, help=argparse.SUPPRESS)  # the launcher learns the port here
+    add_limit_arguments(p.add_argument_group("limits (checked before any work is done on a request)"))
+    security.add_arguments(p.add_argument_group("security (all off by default)"))
     lifetime.add_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        GatewayLimits.from_args(args)
+        security.SecurityConfig.from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     log.configure("gateway", args.log_level, args.log_format)
     if args.exit_with_parent:
         lifetime.exit_with_parent()

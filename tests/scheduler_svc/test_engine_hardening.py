@@ -168,7 +168,7 @@ def test_top_logprobs_reach_the_requests_that_asked_trimmed_to_their_count():
         assert [(list(x.token_ids), list(x.logprobs)) for x in o.top_logprobs] == [([t, t + 1], [-1.0, -2.0])]
     for o in by_request["wider"]:
         (t,) = o.token_ids
-        assert list(o.logprobs) == []  # top_logprobs alone: the alternatives, not the sampled token's own
+        assert list(o.logprobs) == [-1.0]  # top_logprobs implies logprobs
         assert [list(x.token_ids) for x in o.top_logprobs] == [[t, t + 1, t + 2, t + 3]]
     assert all(not o.logprobs and not o.top_logprobs for o in by_request["plain"])
 
