@@ -186,17 +186,11 @@ async def serve(args: argparse.Namespace) -> int:
     limits = GatewayLimits.from_args(args)
     secure = security.SecurityConfig.from_args(args)
     gateway = Gateway(args.model, args.scheduler, args.model_name, limits)
-    server = grpc.aio.server(interceptors=secure.interceptors(), options=[
-        ("grpc.max_receive_message_length", limits.max_request_bytes),
-        ("grpc.max_send_message_length", 64 * 2**20),
-        ("grpc.so_reuseport", 0),  # a second gateway on the same port must fail, not share it
-    ])
-    gateway.add_to_server(server)
+    server = make_server(gateway, limits, secure)
     servers = [server]
     address = _format_address(args.host, args.port)
     try:
-        port = server.add_secure_port(address, secure.server_credentials()) if secure.tls else (
-            server.add_insecure_port(address))
+        port = add_port(server, address, secure)
         if secure.health_port is not None:
             servers.append(health_server := grpc.aio.server(options=[("grpc.so_reuseport", 0)]))
             health_pb2_grpc.add_HealthServicer_to_server(gateway.health, health_server)
@@ -229,6 +223,24 @@ async def serve(args: argparse.Namespace) -> int:
     await gateway.close()
     logger.info("gateway stopped")
     return 0
+
+
+def make_server(gateway: Gateway, limits: GatewayLimits, secure: security.SecurityConfig) -> grpc.aio.Server:
+    """The public server: the gateway's services behind the size limit and the token check."""
+    server = grpc.aio.server(interceptors=secure.interceptors(), options=[
+        ("grpc.max_receive_message_length", limits.max_request_bytes),
+        ("grpc.max_send_message_length", 64 * 2**20),
+        ("grpc.so_reuseport", 0),  # a second gateway on the same port must fail, not share it
+    ])
+    gateway.add_to_server(server)
+    return server
+
+
+def add_port(server: grpc.aio.Server, address: str, secure: security.SecurityConfig) -> int:
+    """Listens on ``address`` (TLS when configured); returns the port; RuntimeError when it cannot."""
+    if secure.tls:
+        return server.add_secure_port(address, secure.server_credentials())
+    return server.add_insecure_port(address)
 
 
 def _write_atomically(path: Path, port: int) -> None:
