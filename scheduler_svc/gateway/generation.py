@@ -23,13 +23,12 @@ from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
 from scheduler_svc import finish_reason, log
 from scheduler_svc.gateway.detokenizer import byte_fallback_ids
+from scheduler_svc.gateway.options import DEFAULT_LIMITS, GatewayLimits
 from scheduler_svc.gateway.response_stream import SampleStream, stop_token_ids
 from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, LinkLost, SchedulerLink
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from scheduler_svc.gateway.tokenizer_pool import RETRY_AFTER_S, TokenizerBusy, TokenizerPool
 from scheduler_svc.gateway.validation import (
-    DEFAULT_LIMITS,
-    GatewayLimits,
     ModelLimits,
     ValidRequest,
     check_model,

@@ -16,79 +16,25 @@ loopback by default otherwise.
 
 from __future__ import annotations
 
-import argparse
 import hmac
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from scheduler_svc.gateway.options import SecurityConfig, read_token
+
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)  # answered without a token
 
 
-@dataclass(frozen=True, slots=True)
-class SecurityConfig:
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    auth_token_file: str | None = None
-    health_port: int | None = None
-
-    def __post_init__(self) -> None:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
-        if self.tls_client_ca and not self.tls_cert:
-            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"--{name.replace('_', '-')}: {path} is not a readable file")
-        if self.auth_token_file is not None and not read_token(self.auth_token_file):
-            raise ValueError(f"--auth-token-file: {self.auth_token_file} is empty")
-
-    @property
-    def tls(self) -> bool:
-        return self.tls_cert is not None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> SecurityConfig:
-        return cls(args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file, args.health_port)
-
-    def to_argv(self) -> list[str]:
-        """The gateway flags for these settings."""
-        argv: list[str] = []
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            if value is not None:
-                argv += [f"--{name.replace('_', '-')}", str(value)]
-        return argv
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        key, cert = Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes()
-        client_ca = Path(self.tls_client_ca).read_bytes() if self.tls_client_ca else None
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                           require_client_auth=client_ca is not None)
-
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [TokenInterceptor(read_token(self.auth_token_file))] if self.auth_token_file else []
+def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials:
+    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
-def read_token(path: str) -> str:
-    return Path(path).read_text().strip()
-
-
-def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The security flags (the gateway's, and ``serve``'s, which passes them on)."""
-    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain); needs --tls-key")
-    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
-    parser.add_argument("--tls-client-ca", metavar="PEM",
-                        help="mutual TLS: require client certificates signed by this CA")
-    parser.add_argument("--auth-token-file", metavar="FILE",
-                        help="require 'authorization: Bearer TOKEN' on every call but health checks; TOKEN is "
-                        "the file's content")
-    parser.add_argument("--health-port", type=int, metavar="PORT",
-                        help="also serve grpc.health.v1 (only) in plaintext on this port, for probes that "
-                        "cannot speak TLS; 0 picks a free one")
+def interceptors(config: SecurityConfig) -> list[grpc.aio.ServerInterceptor]:
+    return [TokenInterceptor(read_token(config.auth_token_file))] if config.auth_token_file else []
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):

@@ -32,9 +32,15 @@ from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 from scheduler_svc import log
 from scheduler_svc.gateway import protocol, security
 from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, GenerationFailed
+from scheduler_svc.gateway.options import (
+    DEFAULT_LIMITS,
+    GatewayLimits,
+    SecurityConfig,
+    add_limit_arguments,
+    add_security_arguments,
+)
 from scheduler_svc.gateway.scheduler_link import SchedulerLink
 from scheduler_svc.gateway.tokenizer import Tokenizer
-from scheduler_svc.gateway.validation import DEFAULT_LIMITS, GatewayLimits, add_limit_arguments
 
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"]
 SERVICE_NAME = SERVICE.full_name
@@ -184,7 +190,7 @@ def _format_address(host: str, port: int) -> str:
 async def serve(args: argparse.Namespace) -> int:
     logger = log.get_logger()
     limits = GatewayLimits.from_args(args)
-    secure = security.SecurityConfig.from_args(args)
+    secure = SecurityConfig.from_args(args)
     gateway = Gateway(args.model, args.scheduler, args.model_name, limits)
     server = make_server(gateway, limits, secure)
     servers = [server]
@@ -225,9 +231,9 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_server(gateway: Gateway, limits: GatewayLimits, secure: security.SecurityConfig) -> grpc.aio.Server:
+def make_server(gateway: Gateway, limits: GatewayLimits, secure: SecurityConfig) -> grpc.aio.Server:
     """The public server: the gateway's services behind the size limit and the token check."""
-    server = grpc.aio.server(interceptors=secure.interceptors(), options=[
+    server = grpc.aio.server(interceptors=security.interceptors(secure), options=[
         ("grpc.max_receive_message_length", limits.max_request_bytes),
         ("grpc.max_send_message_length", 64 * 2**20),
         ("grpc.so_reuseport", 0),  # a second gateway on the same port must fail, not share it
@@ -236,10 +242,10 @@ def make_server(gateway: Gateway, limits: GatewayLimits, secure: security.Securi
     return server
 
 
-def add_port(server: grpc.aio.Server, address: str, secure: security.SecurityConfig) -> int:
+def add_port(server: grpc.aio.Server, address: str, secure: SecurityConfig) -> int:
     """Listens on ``address`` (TLS when configured); returns the port; RuntimeError when it cannot."""
     if secure.tls:
-        return server.add_secure_port(address, secure.server_credentials())
+        return server.add_secure_port(address, security.server_credentials(secure))
     return server.add_insecure_port(address)
 
 
@@ -265,7 +271,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="auto: JSON unless stderr is a terminal (default auto)")
     p.add_argument("--port-file", default=None, help=argparse.SUPPRESS)  # the launcher learns the port here
     add_limit_arguments(p.add_argument_group("limits (checked before any work is done on a request)"))
-    security.add_arguments(p.add_argument_group("security (all off by default)"))
+    add_security_arguments(p.add_argument_group("security (all off by default)"))
     lifetime.add_argument(p)
     return p
 
@@ -275,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         GatewayLimits.from_args(args)
-        security.SecurityConfig.from_args(args)
+        SecurityConfig.from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     log.configure("gateway", args.log_level, args.log_format)

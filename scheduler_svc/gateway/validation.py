@@ -7,7 +7,6 @@ google.rpc.BadRequest detail. Defaults of unset optional fields are resolved her
 
 from __future__ import annotations
 
-import argparse
 import math
 import uuid
 from collections.abc import Callable, Sequence
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 
 import clients  # noqa: F401
 from pagedserve.v1 import generation_pb2
+from scheduler_svc.gateway.options import DEFAULT_LIMITS, GatewayLimits
 from scheduler_svc.sampling_params import InvalidField, SamplingParams
 
 MAX_REQUEST_ID_CHARS = 256
@@ -26,59 +26,6 @@ TOKEN_BYTES_SLACK = 4
 SCHEDULER_FIELDS = {"prompt": "prompt", "request_id": "request_id"}
 
 
-@dataclass(frozen=True, slots=True)
-class GatewayLimits:
-    """Bounds on one request that hold before any work is done on it (the gateway's flags)."""
-
-    max_request_bytes: int = 4 * 2**20  # a larger message is refused by gRPC itself (RESOURCE_EXHAUSTED)
-    max_prompt_bytes: int = 2**20  # a longer text prompt (or Tokenize text) is refused before tokenizing
-    max_stop_strings: int = 16
-    max_stop_string_chars: int = 256
-    max_stop_token_ids: int = 64
-    tokenizer_threads: int = 2  # long texts are tokenized in these threads, off the event loop
-    max_queued_tokenizations: int = 64  # beyond it: RESOURCE_EXHAUSTED with a retry hint
-
-    def __post_init__(self) -> None:
-        for name in self.__dataclass_fields__:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> GatewayLimits:
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
-
-    def to_argv(self) -> list[str]:
-        """The gateway flags that parse back to these limits."""
-        return [a for name in self.__dataclass_fields__ for a in (_flag(name), str(getattr(self, name)))]
-
-
-_LIMIT_HELP = {
-    "max_request_bytes": "largest request message in bytes; gRPC refuses a larger one with RESOURCE_EXHAUSTED",
-    "max_prompt_bytes": "longest text prompt (and Tokenize text) in UTF-8 bytes, checked before tokenizing; "
-    "prompts that cannot fit the context are refused earlier still",
-    "max_stop_strings": "most stop strings per request",
-    "max_stop_string_chars": "longest stop string in characters",
-    "max_stop_token_ids": "most stop token ids per request",
-    "tokenizer_threads": "threads that tokenize long texts off the event loop",
-    "max_queued_tokenizations": "long texts waiting for a tokenizer thread at most; beyond it requests get "
-    "RESOURCE_EXHAUSTED",
-}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_limit_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The GatewayLimits flags (the gateway's, and ``serve``'s which passes them on)."""
-    defaults = GatewayLimits()
-    for name, help_text in _LIMIT_HELP.items():
-        default = getattr(defaults, name)
-        parser.add_argument(_flag(name), dest=name, type=int, default=default, metavar="N",
-                            help=f"{help_text} (default {default})")
-
-
-DEFAULT_LIMITS = GatewayLimits()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,9 @@ from pagedserve.client import AsyncClient, GenerationError, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway import protocol
-from scheduler_svc.gateway.security import SecurityConfig
+from scheduler_svc.gateway.options import GatewayLimits, SecurityConfig
 from scheduler_svc.gateway.server import SERVICE_NAME, Gateway, add_port, make_server
 from scheduler_svc.gateway.tokenizer_pool import TokenizerBusy, TokenizerPool
-from scheduler_svc.gateway.validation import GatewayLimits
 from tests.certs import make_ca, make_cert
 from tests.scheduler_svc.gateway.test_server import FakeScheduler, model_dir, tokenizer  # noqa: F401
 from tests.waiting import wait_until_async
