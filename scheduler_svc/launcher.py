@@ -54,6 +54,13 @@ class Child:
     name: str
     popen: subprocess.Popen
     log_path: Path | None
+    stage: int = 0  # stop order: lower stages are stopped (and waited for) first
+
+
+def stop_stage(name: str) -> int:
+    """The gateway first (no new requests), then the scheduler (it ends what runs, as shutting down),
+    then the workers: a worker that left first would read as a failure to the scheduler."""
+    return {"gateway": 0, "scheduler": 1}.get(name, 2)
 
 
 class ProcessGroup:
@@ -63,7 +70,8 @@ class ProcessGroup:
         self.log_dir = log_dir
         self.children: list[Child] = []
 
-    def start(self, name: str, argv: list[str]) -> Child:
+    def start(self, name: str, argv: list[str], stage: int | None = None) -> Child:
+        """Starts a child; ``stage`` (default: by its name, see stop_stage) orders stop()."""
         log_path = None
         out = None
         if self.log_dir is not None:
@@ -75,12 +83,15 @@ class ProcessGroup:
         )
         if out is not None:
             out.close()
-        child = Child(name, popen, log_path)
+        child = Child(name, popen, log_path, stop_stage(name) if stage is None else stage)
         self.children.append(child)
         return child
 
     def first_dead(self) -> Child | None:
-        return next((c for c in self.children if c.popen.poll() is not None), None)
+        """A child that has exited. When several have, one killed by a signal comes first: the others
+        most likely exited because of it (a scheduler exits when its worker is killed)."""
+        dead = [c for c in self.children if c.popen.poll() is not None]
+        return min(dead, key=lambda c: c.popen.returncode >= 0) if dead else None
 
     def log_tail(self, child: Child, num_lines: int = 30) -> str:
         if child.log_path is None or not child.log_path.exists():
@@ -88,14 +99,17 @@ class ProcessGroup:
         return "\n".join(child.log_path.read_text(errors="replace").splitlines()[-num_lines:])
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM every child, then SIGKILL those still alive after ``timeout_s``."""
-        for c in self.children:
-            if c.popen.poll() is None:
-                c.popen.send_signal(signal.SIGTERM)
+        """SIGTERM the children stage by stage (waiting for each stage), then SIGKILL those still alive
+        after ``timeout_s`` in all."""
         deadline = time.monotonic() + timeout_s
-        for c in self.children:
-            try:
-                c.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                c.popen.kill()
-                c.popen.wait()
+        for stage in sorted({c.stage for c in self.children}):
+            group = [c for c in self.children if c.stage == stage]
+            for c in group:
+                if c.popen.poll() is None:
+                    c.popen.send_signal(signal.SIGTERM)
+            for c in group:
+                try:
+                    c.popen.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    c.popen.kill()
+                    c.popen.wait()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from gpu_worker.engine_args import EngineArgs
 from gpu_worker.model_files import resolve_model
+from scheduler_svc.gateway.options import GatewayLimits, SecurityConfig, add_limit_arguments, add_security_arguments
 from scheduler_svc.launcher import Child, ProcessGroup, cli_command, engine_commands
 
 POLL_S = 0.1
@@ -37,6 +39,7 @@ def _gateway_command(args: argparse.Namespace, scheduler_address: str, port_file
             "--drain-timeout", str(args.drain_timeout), "--port-file", str(port_file), "--log-level", args.log_level]
     if args.model_name:
         argv += ["--model-name", args.model_name]
+    argv += GatewayLimits.from_args(args).to_argv() + SecurityConfig.from_args(args).to_argv()
     return cli_command("gateway", *argv)
 
 
@@ -114,7 +117,9 @@ class Launcher:
                     port = int(port_file.read_text())
                     host = self.args.host
                     _say(f"gateway listening on {f'[{host}]' if ':' in host else host}:{port}")
-                    probe = _HealthProbe(host, port)
+                    # With TLS the launcher asks the plaintext health port (written before the port file).
+                    health_file = Path(f"{port_file}.health")
+                    probe = _HealthProbe(host, int(health_file.read_text()) if health_file.exists() else port)
                 if probe is not None and next_probe >= 0 and time.monotonic() >= next_probe:
                     if probe.serving():
                         _say(f"ready: serving {self.args.model} (device {self.args.device})")
@@ -166,15 +171,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds running streams get to finish after SIGINT/SIGTERM (default 30)")
     p.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log (default: stderr)")
     p.add_argument("--log-level", default="info", help="gateway log level (default info)")
+    add_limit_arguments(p.add_argument_group("gateway limits (checked before any work is done on a request)"))
+    add_security_arguments(p.add_argument_group("gateway security (all off by default)"))
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raises OSError if the gateway could not listen on host:port (checked before any child starts).
+    SO_REUSEADDR as gRPC sets it: a port left in TIME_WAIT is free to it, a listening one is not."""
+    if not 0 <= port <= 65535:  # getaddrinfo would quietly take it modulo 65536
+        raise OverflowError("a port is in [0, 65535]")
+    if port == 0:
+        return
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        probe.listen(1)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         resolve_model(args.model)  # a Hugging Face directory or a GGUF checkpoint
+        engine = EngineArgs.from_args(args, "serve")
+        GatewayLimits.from_args(args)
+        security = SecurityConfig.from_args(args)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"pagedserve serve: {exc}") from None
-    try:
-        engine = EngineArgs.from_args(args, "serve")
-    except ValueError as exc:
-        raise SystemExit(f"pagedserve serve: {exc}") from None
+    if security.tls and security.health_port is None:
+        args.health_port = 0  # the launcher's readiness probe speaks plaintext to a health-only port
+    for port in (args.port, args.health_port):
+        try:
+            check_port_free(args.host, port or 0)
+        except (OSError, OverflowError) as exc:  # in use, not our address, not a port number
+            reason = getattr(exc, "strerror", None) or exc
+            raise SystemExit(f"pagedserve serve: cannot listen on {args.host}:{port}: {reason}") from None
     return Launcher(args, engine).run()

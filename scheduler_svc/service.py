@@ -114,10 +114,12 @@ def serve(
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="pagedserve scheduler")
     p.description = "Run the scheduler: block tables, continuous batching, StepPlans to the workers."
-    p.add_argument("--listen", default="0.0.0.0:50052",
-                   help="gRPC address for gateways (host:port or unix:PATH; default 0.0.0.0:50052)")
-    p.add_argument("--workers", default="tcp://0.0.0.0:5557",
-                   help="ZeroMQ address the workers connect to (default tcp://0.0.0.0:5557)")
+    # Internal sockets: loopback unless told otherwise (Kubernetes passes --listen=0.0.0.0:50052 for the
+    # gateways of other pods; the workers share the scheduler's pod).
+    p.add_argument("--listen", default="127.0.0.1:50052",
+                   help="gRPC address for gateways (host:port or unix:PATH; default 127.0.0.1:50052)")
+    p.add_argument("--workers", default="tcp://127.0.0.1:5557",
+                   help="ZeroMQ address the workers connect to (default tcp://127.0.0.1:5557)")
     EngineArgs.add_args(p, "scheduler")
     lifetime.add_argument(p)
     return p
