@@ -99,10 +99,9 @@ class ProcessGroup:
         return "\n".join(child.log_path.read_text(errors="replace").splitlines()[-num_lines:])
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM the children stage by stage (waiting for each stage), then SIGKILL those still alive
-        after ``timeout_s`` in all."""
-        deadline = time.monotonic() + timeout_s
+        """SIGTERM the children stage by stage, giving each stage ``timeout_s`` to exit before SIGKILL."""
         for stage in sorted({c.stage for c in self.children}):
+            deadline = time.monotonic() + timeout_s
             group = [c for c in self.children if c.stage == stage]
             for c in group:
                 if c.popen.poll() is None:

@@ -163,16 +163,18 @@ class Gateway:
             await self.health.set(name, status)
         self._log.info("health", serving=serving)
 
-    async def drain(self, timeout_s: float) -> None:
-        """NOT_SERVING at once; new calls get UNAVAILABLE; running ones get ``timeout_s`` to finish."""
+    async def drain(self, timeout_s: float, hurry: asyncio.Event | None = None) -> None:
+        """NOT_SERVING at once; new calls get UNAVAILABLE; running ones get ``timeout_s`` to finish, or
+        until ``hurry`` is set (a second SIGTERM), then end with finish reason ABORT."""
         self.core.draining = True
         await self.health.enter_graceful_shutdown()
         self._log.info("draining", requests_in_flight=self.core.num_active, timeout_s=timeout_s)
         deadline = time.monotonic() + timeout_s
-        while self.core.num_active and time.monotonic() < deadline:
+        while self.core.num_active and time.monotonic() < deadline and not (hurry and hurry.is_set()):
             await asyncio.sleep(0.05)
         if self.core.num_active:
-            self._log.warning("drain timeout: aborting requests", requests_in_flight=self.core.num_active)
+            self._log.warning("drain ended early: aborting requests" if hurry and hurry.is_set() else
+                              "drain timeout: aborting requests", requests_in_flight=self.core.num_active)
             self.link.broadcast(SHUTDOWN)
             deadline = time.monotonic() + 2.0
             while self.core.num_active and time.monotonic() < deadline:
@@ -217,12 +219,16 @@ async def serve(args: argparse.Namespace) -> int:
     logger.info("gateway listening", address=_format_address(args.host, port), model=gateway.model_name,
                 scheduler=args.scheduler, tls=secure.tls, mutual_tls=bool(secure.tls_client_ca),
                 token=bool(secure.auth_token_file))
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:  # the first signal drains, a second one ends the drain at once
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    await gateway.drain(args.drain_timeout)
+    await gateway.drain(args.drain_timeout, hurry)
     watcher.cancel()
     for srv in servers:
         await srv.stop(grace=1.0)
