@@ -79,8 +79,9 @@ def check_against_transformers(hf_model, prompt: list[int], tokens: list[int], l
 def test_huge_prompts_are_refused_at_once_while_streams_go_on(service):
     """10 MB and 64 MB prompts (the request limit is 4 MiB) while 16 streams run: each refusal comes
     back quickly, the streams finish, and none of them stalls meanwhile."""
-    payloads = {mb: generation_pb2.GenerateRequest(text="x" * (mb * 2**20), sampling_params=generation_pb2.SamplingParams(
-        max_tokens=4)).SerializeToString() for mb in (10, 64)}
+    four = generation_pb2.SamplingParams(max_tokens=4)
+    payloads = {mb: generation_pb2.GenerateRequest(text="x" * (mb * 2**20), sampling_params=four).SerializeToString()
+                for mb in (10, 64)}
     refusals: dict[int, tuple[str, float]] = {}
 
     async def stream(client, i, arrivals):
@@ -133,7 +134,8 @@ def test_generate_cli_prints_logprobs(service, tokenizer, hf_model):
     proc = subprocess.run([sys.executable, "-m", "scheduler_svc.cli", "generate", "--target", service.target,
                            "--prompt", "Hello, paged world", "--max-tokens", "5", "--temperature", "0",
                            "--ignore-eos", "--logprobs", "3", "--json"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     check_against_transformers(hf_model, tokenizer.encode("Hello, paged world"), out["token_ids"],
