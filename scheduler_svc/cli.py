@@ -148,11 +148,12 @@ def _add_bench(sub) -> None:
     EngineArgs.add_args(s, "bench-scheduler")
     s.add_argument("--steps", type=int, default=2000, help="steps to time (default 2000)")
     s.set_defaults(func=lambda a: __import__("scheduler_svc.bench.scheduler", fromlist=["run"]).run(a))
-    from scheduler_svc.bench import memory, serving, throughput  # stdlib-only at import time
+    from scheduler_svc.bench import memory, serving, soak, throughput  # stdlib-only at import time
 
     throughput.add_parser(bench)
     serving.add_parser(bench)
     memory.add_parser(bench)
+    soak.add_parser(bench)
 
 
 def _add_serve(sub) -> None:
