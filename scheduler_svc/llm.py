@@ -113,7 +113,8 @@ class LLM:
         except BaseException:
             self.close()
             raise
-        self._limits = ModelLimits(self.model.name, self.info.vocab_size, self.info.max_model_len)
+        self._limits = ModelLimits(self.model.name, self.info.vocab_size, self.info.max_model_len,
+                                   self.tokenizer.max_token_bytes if self.tokenizer is not None else None)
         capacity = self.info.num_blocks * self.info.block_size
         if capacity < self.info.max_model_len:
             warnings.warn(f"the KV pool holds {capacity} tokens, fewer than one sequence of max_model_len "
