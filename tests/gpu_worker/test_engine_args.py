@@ -71,7 +71,7 @@ def test_process_configs_share_the_defaults_and_rules():
         DEFAULTS.block_size, DEFAULTS.max_num_seqs, DEFAULTS.max_num_batched_tokens)
     assert SchedulerConfig.from_engine_args(EngineArgs(**CHANGED)) == SchedulerConfig(
         block_size=32, max_num_seqs=7, max_num_batched_tokens=300, max_model_len=1000,
-        enable_prefix_caching=False, async_scheduling=False)
+        enable_prefix_caching=False, async_scheduling=False, max_num_waiting=5, step_timeout=2.5)
     with pytest.raises(ValueError, match="^block_size must be a power of two"):
         SchedulerConfig(block_size=3)
     worker = WorkerConfig.from_engine_args(EngineArgs(**CHANGED), "ipc://x", rank=1)
