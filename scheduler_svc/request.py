@@ -149,6 +149,11 @@ def beam_params(params: SamplingParams) -> SamplingParams:
                    logprobs=False, top_logprobs=0)
 
 
+class QueueFull(Exception):
+    """The waiting queue is at its bound (``max_num_waiting``): the request is refused now, not queued,
+    and may be retried later."""
+
+
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
     """What one request may ask of a scheduler."""

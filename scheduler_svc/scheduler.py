@@ -33,6 +33,7 @@ from scheduler_svc.kv_cache_manager import KVCacheManager
 from scheduler_svc.preemption import PreemptionMixin
 from scheduler_svc.request import (
     FinishReason,
+    QueueFull,
     Request,
     RequestLimits,
     SeqOutput,
@@ -50,11 +51,6 @@ _RUNNING = SeqStatus.RUNNING
 _STOP = int(FinishReason.FINISH_REASON_STOP)
 _LENGTH = int(FinishReason.FINISH_REASON_LENGTH)
 _NOT_FINISHED = int(FinishReason.FINISH_REASON_UNSPECIFIED)
-
-
-class QueueFull(Exception):
-    """The waiting queue is at its bound (``max_num_waiting``): the request is refused now, not queued,
-    and may be retried later."""
 
 
 @dataclass(slots=True)
