@@ -58,6 +58,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "load_format": (lambda v: v in LOAD_FORMATS, f"must be one of {', '.join(LOAD_FORMATS)}"),
     "max_num_blocks": (lambda v: v is None or v >= 1, "must be at least 1"),
     "tensor_parallel_size": (lambda v: v >= 1, "must be at least 1"),
+    "max_num_waiting": (lambda v: v >= 0, "must be >= 0 (0: unbounded)"),
+    "step_timeout": (lambda v: v >= 0, "must be >= 0 (0: no watchdog)"),
 }
 
 
@@ -125,6 +127,16 @@ class EngineArgs:
         1, "--tensor-parallel-size", "--world-size", type=int, metavar="N",
         help="tensor-parallel ranks, one worker process per GPU (default %(default)s)")
 
+    max_num_waiting: int = _option(
+        1024, "--max-num-waiting", type=int, metavar="N",
+        help="sequences that may wait for admission; a request beyond it is refused at once with "
+        "RESOURCE_EXHAUSTED and a retry hint; 0: unbounded (default %(default)s)")
+    step_timeout: float = _option(
+        120.0, "--step-timeout", type=float, metavar="SECONDS",
+        help="a worker that does not answer a step within this many seconds fails the engine like a dead "
+        "one (every stream ends UNAVAILABLE, the scheduler exits non-zero); the first steps after start get "
+        "at least 900 s, for kernel compilation; 0 disables the watchdog (default %(default)s)")
+
     def __post_init__(self) -> None:
         if isinstance(self.kv_cache_memory, str):
             object.__setattr__(self, "kv_cache_memory", parse_kv_size(self.kv_cache_memory))
@@ -186,17 +198,17 @@ def _fields(role: str) -> list[Field]:
 # The settings each role takes, in the order of the fields. Processes: scheduler, worker; launchers: serve,
 # offline (the LLM takes every setting as a keyword); benchmarks, whose --seed and --model mean other things.
 _SCHEDULER = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
-              "async_scheduling", "tensor_parallel_size")
+              "async_scheduling", "tensor_parallel_size", "max_num_waiting", "step_timeout")
 _WORKER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
            "max_num_batched_tokens", "swap_space", "enforce_eager", "load_format", "max_num_blocks", "seed",
            "tensor_parallel_size")
 _LAUNCHER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
              "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "async_scheduling", "swap_space",
-             "enforce_eager", "load_format", "tensor_parallel_size")
+             "enforce_eager", "load_format", "tensor_parallel_size", "step_timeout")
 ROLES: dict[str, tuple[str, ...]] = {
     "scheduler": _SCHEDULER,
     "worker": _WORKER,
-    "serve": (*_LAUNCHER, "seed"),
+    "serve": (*_LAUNCHER, "seed", "max_num_waiting"),
     "offline": _LAUNCHER,  # its --seed is the requests' seed
     "bench-throughput": ("device", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
                          "max_num_batched_tokens", "enforce_eager", "async_scheduling", "tensor_parallel_size"),

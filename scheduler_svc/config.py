@@ -21,9 +21,12 @@ class SchedulerConfig:
     watermark: float = 0.01  # fraction of blocks kept free when admitting, to avoid instant preemption
     enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching  # reuse cached full blocks of earlier prefixes
     async_scheduling: bool = DEFAULTS.async_scheduling  # plan step N+1 while the workers run step N, where possible
+    max_num_waiting: int = DEFAULTS.max_num_waiting  # sequences waiting for admission at most; 0: unbounded
+    step_timeout: float = DEFAULTS.step_timeout  # seconds a step may take on the workers; 0: no watchdog
 
     def __post_init__(self) -> None:
-        check(self, ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"))
+        check(self, ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_num_waiting",
+                     "step_timeout"))
         if not 0 <= self.watermark < 1:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
 
@@ -36,4 +39,6 @@ class SchedulerConfig:
             max_model_len=engine.max_model_len,
             enable_prefix_caching=engine.enable_prefix_caching,
             async_scheduling=engine.async_scheduling,
+            max_num_waiting=engine.max_num_waiting,
+            step_timeout=engine.step_timeout,
         )

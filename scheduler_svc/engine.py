@@ -11,11 +11,16 @@ trip. At most two steps are in flight; results are applied in order.
 The loop also keeps ``load``, a snapshot of what routers need (requests running and waiting, free blocks,
 prefix-cache counters), retaken at most every ``LOAD_INTERVAL_NS`` while busy and once more before it
 idles; the Connect streams carry it to the gateways and ``on_load`` feeds the metrics.
+
+A step watchdog: the workers must answer a step within ``step_timeout`` seconds (the first steps get
+at least WARMUP_STEP_TIMEOUT_S: kernels may compile on them); a worker that does not is treated like
+a dead one, and the engine fails every request (UNAVAILABLE at the gateway) and stops.
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections import defaultdict, deque
@@ -25,14 +30,22 @@ from dataclasses import dataclass
 import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.request import FinishReason, SeqOutput, SeqStatus
+from scheduler_svc.request import FinishReason, QueueFull, SeqOutput, SeqStatus
 from scheduler_svc.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.step_plan import decode_result, encode_step
-from scheduler_svc.worker_group import WorkerGroup
+from scheduler_svc.worker_group import WorkerFailure, WorkerGroup
 
 EventSink = Callable[[scheduler_pb2.SchedulerEvent], None]
 LOAD_INTERVAL_NS = 100_000_000
+
+# google.rpc.Code values carried in RequestOutput.status_code.
+RESOURCE_EXHAUSTED = 8
+UNAVAILABLE = 14
+SHUTTING_DOWN = "the scheduler is shutting down"
+RETRY_AFTER_MS = 1000  # the hint sent with a full queue: about how long a batch of requests takes to move
+WARMUP_STEPS = 8  # steps that get WARMUP_STEP_TIMEOUT_S: the first of each shape may compile kernels
+WARMUP_STEP_TIMEOUT_S = 900.0
 
 
 @dataclass(slots=True)
@@ -93,12 +106,22 @@ class EngineCore:
         self._sinks_lock = threading.Lock()
         self._next_stream_id = 0
         self.stopped = threading.Event()
+        self.stop_requested = threading.Event()  # stop() was called: a worker leaving now is no failure
+        self.done = threading.Event()  # run() has returned: every request has had its last event
         self.failure: BaseException | None = None
         # Replaced, never mutated, by the loop; read by the stream threads (load_version tells them apart).
         self.load = scheduler_pb2.EngineLoad(num_blocks=num_blocks, num_free_blocks=num_blocks)
         self.load_version = 0
         self.on_load = on_load
         self._next_load_ns = 0
+        self._warn_if_pool_is_short()
+
+    def _warn_if_pool_is_short(self) -> None:
+        capacity = self.scheduler.pool.num_blocks * self.config.block_size
+        if capacity < self.scheduler.max_model_len:
+            print(f"scheduler: warning: the KV pool holds {capacity} tokens ({self.scheduler.pool.num_blocks} blocks), "
+                  f"fewer than one sequence of max_model_len {self.scheduler.max_model_len}: longer requests are "
+                  "refused; give the workers more memory or lower --max-model-len", file=sys.stderr, flush=True)
 
     # ---- called from other threads
 
@@ -144,7 +167,8 @@ class EngineCore:
     # ---- the loop
 
     def run(self) -> None:
-        """Runs until stop() or a worker failure (kept in ``failure``; every request is then failed)."""
+        """Runs until stop() or a worker failure (kept in ``failure``; every request is then failed).
+        After stop(), requests still running end with UNAVAILABLE ("shutting down")."""
         if self.on_load is not None:
             self.on_load(self.load)  # the idle engine's, before anything changes it
         try:
@@ -161,16 +185,36 @@ class EngineCore:
             while self._in_flight:  # stopped with a step planned ahead: apply it, leave the workers idle
                 self.step()
             self._flush()
-        except BaseException as exc:  # a dead worker ends the engine: fail everything, loudly
-            self.failure = exc
-            self._fail_all(f"engine failed: {exc}")
+            self._fail_all(SHUTTING_DOWN)
+        except WorkerFailure as exc:
+            if not self.stop_requested.is_set():
+                self._fail(exc)
+                raise
+            self._fail_all(f"{SHUTTING_DOWN} ({exc})")  # the service is stopping: its workers went first
+        except BaseException as exc:  # anything else ends the engine too: fail everything, loudly
+            self._fail(exc)
             raise
         finally:
             self.stopped.set()
+            self.done.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failure = exc
+        self._fail_all(f"engine failed: {exc}")
 
     def stop(self) -> None:
+        self.stop_requested.set()
         self.stopped.set()
         self.inbox.put(None)
+
+    def _step_timeout(self) -> float | None:
+        """Seconds the workers get to answer the step now awaited (None: no watchdog)."""
+        timeout = self.config.step_timeout
+        if not timeout:
+            return None
+        if self.scheduler.stats.num_steps <= WARMUP_STEPS:
+            return max(timeout, WARMUP_STEP_TIMEOUT_S)
+        return timeout
 
     def step(self) -> None:
         """Applies the oldest step in flight; first sends a step if none is, and the one after it if
@@ -184,7 +228,7 @@ class EngineCore:
                 self._send(ahead)
         self._flush()  # the previous step's outputs go out while the workers run this one
         out, sent_ns = self._in_flight.popleft()
-        result = self.workers.recv_step(alive=self.alive)
+        result = self.workers.recv_step(timeout_s=self._step_timeout(), alive=self.alive)
         self._time_step(out, result, max(sent_ns, self._last_result_ns))
         self._last_result_ns = time.perf_counter_ns()
         if result.error:
@@ -278,16 +322,27 @@ class EngineCore:
                 error_field=exc.field,
                 num_prompt_tokens=len(sub.prompt_token_ids),
             )
+        except QueueFull as exc:
+            return scheduler_pb2.RequestOutput(
+                request_id=sub.request_id,
+                finish_reason=FinishReason.FINISH_REASON_ERROR,
+                error=str(exc),
+                status_code=RESOURCE_EXHAUSTED,
+                retry_after_ms=RETRY_AFTER_MS,
+                num_prompt_tokens=len(sub.prompt_token_ids),
+            )
         return None
 
-    def _fail_seq(self, seq, message: str) -> SeqOutput:
+    def _fail_seq(self, seq, message: str, status_code: int = 0) -> SeqOutput:
         out = self.scheduler.finish(seq, FinishReason.FINISH_REASON_ERROR)
         out.error = message
+        out.status_code = status_code
         return out
 
     def _fail_all(self, message: str) -> None:
+        """Ends every request with ``message`` (UNAVAILABLE: the engine is going away, not the request)."""
         s = self.scheduler
-        outputs = [self._fail_seq(seq, message) for seq in [*s.running, *s.waiting, *s.swapped]
+        outputs = [self._fail_seq(seq, message, UNAVAILABLE) for seq in [*s.running, *s.waiting, *s.swapped]
                    if seq.status is not SeqStatus.FINISHED]  # an error ends a whole group at once
         self._flush()
         self._publish(0, outputs)
@@ -309,7 +364,12 @@ class EngineCore:
                 error=o.error,
                 error_field=o.error_field,
                 final_token_ids=o.final_token_ids,
+                status_code=o.status_code,
             )
+            if o.top_logprobs:
+                top = by_stream[request.stream_id].outputs[-1].top_logprobs
+                for ids, lps in o.top_logprobs:
+                    top.add(token_ids=ids, logprobs=lps)
         for stream_id, output in extra:
             by_stream[stream_id].outputs.append(output)
         with self._sinks_lock:

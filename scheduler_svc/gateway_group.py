@@ -54,7 +54,9 @@ def _bind_address(host: str, port: int) -> tuple[int, tuple]:
 
 def check_port_free(host: str, port: int) -> int:
     """Binds ``host:port`` without SO_REUSEPORT and lets go; raises OSError when something holds it.
-    Returns the port (a free one picked by the kernel for port 0)."""
+    Returns the port (a free one picked by the kernel for port 0). OverflowError outside [0, 65535]."""
+    if not 0 <= port <= 65535:  # getaddrinfo would quietly take it modulo 65536
+        raise OverflowError("a port is in [0, 65535]")
     family, address = _bind_address(host, port)
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds: TIME_WAIT does not count

@@ -63,6 +63,15 @@ class Child:
     popen: subprocess.Popen
     log_path: Path | None
     argv: list[str]
+    stage: int = 0  # stop order: lower stages are stopped (and waited for) first
+
+
+def stop_stage(name: str) -> int:
+    """The gateways first (no new requests), then the schedulers (they end what runs, as shutting down),
+    then the workers: a worker that left first would read as a failure to its scheduler. Children are
+    named by role (gateway0, scheduler1, worker1_0, ...)."""
+    return 0 if name.startswith("gateway") else 1 if name.startswith("scheduler") else 2
+
 
 
 class ProcessGroup:
@@ -73,7 +82,8 @@ class ProcessGroup:
         self.env = env or {}  # set for every child, on top of child_env()
         self.children: list[Child] = []
 
-    def start(self, name: str, argv: list[str]) -> Child:
+    def start(self, name: str, argv: list[str], stage: int | None = None) -> Child:
+        """Starts a child; ``stage`` (default: by its name, see stop_stage) orders stop()."""
         log_path = None
         out = None
         if self.log_dir is not None:
@@ -85,7 +95,7 @@ class ProcessGroup:
         )
         if out is not None:
             out.close()
-        child = Child(name, popen, log_path, argv)
+        child = Child(name, popen, log_path, argv, stop_stage(name) if stage is None else stage)
         self.children.append(child)
         return child
 
@@ -98,7 +108,10 @@ class ProcessGroup:
         return new
 
     def first_dead(self) -> Child | None:
-        return next((c for c in self.children if c.popen.poll() is not None), None)
+        """A child that has exited. When several have, one killed by a signal comes first: the others
+        most likely exited because of it (a scheduler exits when its worker is killed)."""
+        dead = [c for c in self.children if c.popen.poll() is not None]
+        return min(dead, key=lambda c: c.popen.returncode >= 0) if dead else None
 
     def log_tail(self, child: Child, num_lines: int = 30) -> str:
         if child.log_path is None or not child.log_path.exists():
@@ -106,20 +119,23 @@ class ProcessGroup:
         return "\n".join(child.log_path.read_text(errors="replace").splitlines()[-num_lines:])
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM every child, then SIGKILL those still alive after ``timeout_s``."""
+        """SIGTERM the children stage by stage (stop_stage), each stage given ``timeout_s`` to exit before
+        SIGKILL."""
         self.stop_children(self.children, timeout_s)
 
     def stop_children(self, children: Sequence[Child], timeout_s: float = 10.0) -> None:
-        for c in children:
-            if c.popen.poll() is None:
-                c.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for c in children:
-            try:
-                c.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                c.popen.kill()
-                c.popen.wait()
+        for stage in sorted({c.stage for c in children}):
+            deadline = time.monotonic() + timeout_s
+            group = [c for c in children if c.stage == stage]
+            for c in group:
+                if c.popen.poll() is None:
+                    c.popen.send_signal(signal.SIGTERM)
+            for c in group:
+                try:
+                    c.popen.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    c.popen.kill()
+                    c.popen.wait()
 
     def remove(self, children: Sequence[Child]) -> None:
         """Forgets stopped children (an engine about to be started again)."""

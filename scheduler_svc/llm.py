@@ -13,6 +13,7 @@ import queue
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +44,8 @@ class CompletionOutput:
     text: str
     finish_reason: str | None
     logprobs: list[float] = field(default_factory=list)
+    # Per token, its top_logprobs most likely alternatives (token id, log probability), best first.
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -71,6 +74,8 @@ class _Running:
         out.token_ids += resp.token_ids
         out.text += resp.text
         out.logprobs += [lp.logprob for lp in resp.logprobs]
+        if self.samples[index].params.top_logprobs:
+            out.top_logprobs += [[(t.token_id, t.logprob) for t in lp.top] for lp in resp.logprobs]
         if resp.finish_reason:
             out.finish_reason = finish_reason.name(resp.finish_reason)
 
@@ -80,7 +85,9 @@ class LLM:
                  **engine_args: Any) -> None:
         """``model``: a checkpoint directory with engine settings as keywords (the fields of EngineArgs:
         device, dtype, block_size, kv_cache_memory, ...), or an EngineArgs (keywords then replace its
-        fields). Raises ValueError for a setting that breaks its rule."""
+        fields). Raises ValueError for a setting that breaks its rule. The waiting queue is unbounded
+        (one caller submits whole batches at once) unless ``max_num_waiting`` is given as a keyword."""
+        engine_args.setdefault("max_num_waiting", 0)
         if isinstance(model, EngineArgs):
             self.engine = replace(model, **engine_args)
         else:
@@ -106,7 +113,12 @@ class LLM:
         except BaseException:
             self.close()
             raise
-        self._limits = ModelLimits(self.model.name, self.info.vocab_size, self.info.max_model_len)
+        self._limits = ModelLimits(self.model.name, self.info.vocab_size, self.info.max_model_len,
+                                   self.tokenizer.max_token_bytes if self.tokenizer is not None else None)
+        capacity = self.info.num_blocks * self.info.block_size
+        if capacity < self.info.max_model_len:
+            warnings.warn(f"the KV pool holds {capacity} tokens, fewer than one sequence of max_model_len "
+                          f"{self.info.max_model_len}: longer requests are refused", stacklevel=2)
         self._next_request = 0
 
     def _wait_ready(self, timeout_s: float) -> scheduler_pb2.EngineInfo:

@@ -123,6 +123,9 @@ class SeqOutput:
     error: str = ""
     error_field: str = ""
     final_token_ids: list[int] = field(default_factory=list)
+    # Alternatives per entry of token_ids (requests asking for top_logprobs): (token ids, logprobs).
+    top_logprobs: list[tuple[list[int], list[float]]] = field(default_factory=list)
+    status_code: int = 0  # google.rpc.Code of an error (0: decided by error_field)
 
 
 def arrival_order(seq: Sequence) -> tuple[int, int]:
@@ -144,6 +147,11 @@ def beam_params(params: SamplingParams) -> SamplingParams:
     beams."""
     return replace(params, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None,
                    logprobs=False, top_logprobs=0)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound (``max_num_waiting``): the request is refused now, not queued,
+    and may be retried later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +199,17 @@ def validate_request(
     shared = (len(prompt_token_ids) - 1) // limits.block_size
     needed = group * -(-longest // limits.block_size) - (group - 1) * shared
     if needed > limits.num_blocks:
+        # The prompt is the cause when it leaves no room for even one generated token per sequence.
+        least = group * -(-(len(prompt_token_ids) + 1) // limits.block_size) - (group - 1) * shared
+        pool = f"the KV pool has {limits.num_blocks} blocks ({limits.num_blocks * limits.block_size} tokens)"
+        if least > limits.num_blocks:
+            raise InvalidField(
+                "prompt",
+                f"the prompt ({len(prompt_token_ids)} tokens) for {group} sequence(s) needs {least} KV blocks to "
+                f"generate a single token; {pool}",
+            )
         raise InvalidField(
             "max_tokens",
             f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) for {group} "
-            f"sequence(s) needs {needed} KV blocks; the pool has {limits.num_blocks}",
+            f"sequence(s) needs {needed} KV blocks; {pool}",
         )

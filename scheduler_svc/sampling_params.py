@@ -44,6 +44,8 @@ class SamplingParams:
         for name in ("stop", "stop_token_ids"):
             if not isinstance(getattr(self, name), tuple):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.top_logprobs and not self.logprobs:  # alternatives come with the sampled token's own
+            object.__setattr__(self, "logprobs", True)
         # Messages are formatted only on failure: the worker and the scheduler construct these per
         # sequence.
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
@@ -69,6 +71,20 @@ class SamplingParams:
         _check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
                f"must be in [0, {MAX_TOP_LOGPROBS}], got {{}}", self.top_logprobs)
         _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0, got {}", self.repetition_penalty)
+        if self.beam_width > 1:
+            self._check_beam_search()
+
+    def _check_beam_search(self) -> None:
+        """Beam search scores the model's own log probabilities and returns whole beams: refuse what it
+        would otherwise ignore silently. Temperature 1 (the default) leaves the distribution as it is."""
+        why = "beam search scores the model's log probabilities unchanged"
+        _check(self.temperature in (0.0, 1.0), "temperature", f"must be unset, 0 or 1 with beam search ({why}), "
+               "got {}", self.temperature)
+        for name, neutral in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0)):
+            _check(getattr(self, name) == neutral, name, f"must be unset or {neutral} with beam search ({why}), "
+                   "got {}", getattr(self, name))
+        _check(not self.logprobs, "top_logprobs" if self.top_logprobs else "logprobs",
+               "not returned with beam search (beams are chosen from the top candidates of every step)")
 
     @property
     def greedy(self) -> bool:

@@ -33,6 +33,7 @@ from scheduler_svc.kv_cache_manager import KVCacheManager
 from scheduler_svc.preemption import PreemptionMixin
 from scheduler_svc.request import (
     FinishReason,
+    QueueFull,
     Request,
     RequestLimits,
     SeqOutput,
@@ -102,7 +103,8 @@ class Scheduler(PreemptionMixin):
     def add_request(
         self, stream_id: int, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Request:
-        """Admits a request to the waiting queue; raises InvalidField when it can never run."""
+        """Admits a request to the waiting queue; raises InvalidField when it can never run, QueueFull
+        when the queue is at its bound (an invalid request is refused as such even then)."""
         key = (stream_id, request_id)
         if key in self.requests:
             raise InvalidField("request_id", f"{request_id!r} is already running on this stream")
@@ -110,6 +112,10 @@ class Scheduler(PreemptionMixin):
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
         validate_request(prompt_token_ids, params, stop_ids, self.limits)
+        bound = self.config.max_num_waiting
+        if bound and len(self.waiting) >= bound:
+            raise QueueFull(f"the server is at capacity: {len(self.waiting)} sequences are waiting for admission "
+                            f"(--max-num-waiting {bound}); retry later")
         request = Request(request_id, stream_id, list(prompt_token_ids), params, self._next_arrival, stop_ids)
         self._next_arrival += 1
         seq = Sequence(self._new_seq_id(), request, list(prompt_token_ids))
@@ -434,11 +440,14 @@ class Scheduler(PreemptionMixin):
                 beam_rows.setdefault(id(request), (request, {}))[1][seq.seq_id] = top[seq.seq_id]
                 continue
             reason = self._stop_reason(seq, token)
-            lp = [logprobs[seq.seq_id]] if logprobs and seq.seq_id in logprobs else []
-            if reason:
-                results.append(self.finish(seq, reason, [token], lp))
-            else:
-                results.append(SeqOutput(seq, [token], lp))
+            # A batch returns logprobs when any of its requests asks: pass on only what this one asked for.
+            lp = [logprobs[seq.seq_id]] if logprobs and request.params.logprobs and seq.seq_id in logprobs else []
+            output = self.finish(seq, reason, [token], lp) if reason else SeqOutput(seq, [token], lp)
+            k = request.num_top_logprobs
+            if k and top is not None and seq.seq_id in top:
+                ids, lps = top[seq.seq_id]
+                output.top_logprobs = [(ids[:k], lps[:k])]
+            results.append(output)
         for request, rows in beam_rows.values():
             results += self.groups.beam_step(request, rows)
             if request.beam.done:

@@ -29,8 +29,9 @@ from pathlib import Path
 from gpu_worker.engine_args import EngineArgs
 from gpu_worker.model_files import resolve_model
 from scheduler_svc.engine_set import EngineSet
+from scheduler_svc.gateway.options import GatewayLimits, SecurityConfig, add_limit_arguments, add_security_arguments
 from scheduler_svc.gateway.router import POLICIES  # standard library only
-from scheduler_svc.gateway_group import GatewayFailed, GatewayGroup, default_num_gateways
+from scheduler_svc.gateway_group import GatewayFailed, GatewayGroup, check_port_free, default_num_gateways
 from scheduler_svc.launcher import Child, ProcessGroup
 
 POLL_S = 0.1
@@ -43,7 +44,8 @@ def _say(message: str) -> None:
 def _gateway_argv(args: argparse.Namespace, scheduler_address: str) -> list[str]:
     """The flags every gateway takes; the group adds host, port and its private sockets."""
     return ["--model", args.model, "--scheduler", scheduler_address, "--drain-timeout", str(args.drain_timeout),
-            "--log-level", args.log_level, "--routing", args.routing, "--model-name", _model_name(args)]
+            "--log-level", args.log_level, "--routing", args.routing, "--model-name", _model_name(args),
+            *GatewayLimits.from_args(args).to_argv(), *SecurityConfig.from_args(args).to_argv()]
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -85,8 +87,9 @@ class Launcher:
             Path(self.args.log_dir).mkdir(parents=True, exist_ok=True)
         try:
             self.gateways.check_port()
-        except OSError as exc:
-            print(f"pagedserve serve: cannot listen on {self.args.host}:{self.args.port}: {exc.strerror or exc}",
+        except (OSError, OverflowError) as exc:  # in use, not our address, not a port number
+            reason = getattr(exc, "strerror", None) or exc
+            print(f"pagedserve serve: cannot listen on {self.args.host}:{self.args.port}: {reason}",
                   file=sys.stderr, flush=True)
             shutil.rmtree(self.tmp, ignore_errors=True)
             return 1
@@ -195,17 +198,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds running streams get to finish after SIGINT/SIGTERM (default 30)")
     p.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log (default: stderr)")
     p.add_argument("--log-level", default="info", help="gateway log level (default info)")
+    add_limit_arguments(p.add_argument_group("gateway limits (checked before any work is done on a request)"))
+    add_security_arguments(p.add_argument_group("gateway security (all off by default)"))
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         resolve_model(args.model)  # a Hugging Face directory or a GGUF checkpoint
+        engine = EngineArgs.from_args(args, "serve")
+        GatewayLimits.from_args(args)
+        SecurityConfig.from_args(args)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"pagedserve serve: {exc}") from None
     if args.gateways < 1:
         raise SystemExit(f"pagedserve serve: --gateways must be at least 1, got {args.gateways}")
+    if args.health_port:  # the gateways' plaintext health-only port (their main one is checked by the group)
+        try:
+            check_port_free(args.host, args.health_port)
+        except (OSError, OverflowError) as exc:  # in use, not our address, not a port number
+            reason = getattr(exc, "strerror", None) or exc
+            raise SystemExit(f"pagedserve serve: cannot listen on {args.host}:{args.health_port}: {reason}") from None
     try:
-        engine = EngineArgs.from_args(args, "serve")
         launcher = Launcher(args, engine)
     except ValueError as exc:
         raise SystemExit(f"pagedserve serve: {exc}") from None

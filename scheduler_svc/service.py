@@ -24,7 +24,7 @@ from gpu_worker.engine_args import EngineArgs
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc import metrics
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.engine import EngineCore
+from scheduler_svc.engine import SHUTTING_DOWN, EngineCore
 from scheduler_svc.worker_group import WorkerGroup
 
 _END = object()
@@ -76,8 +76,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             try:
                 event = events.get(timeout=LOAD_IDLE_S)
             except queue.Empty:
-                if engine.stopped.is_set():
-                    context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {engine.failure}")
+                if engine.done.is_set():  # every request has had its last event: nothing more comes
+                    reason = f"engine failed: {engine.failure}" if engine.failure else SHUTTING_DOWN
+                    context.abort(grpc.StatusCode.UNAVAILABLE, reason)
                 event = None
             if event is _END:
                 engine.close_stream(stream_id)
@@ -134,10 +135,12 @@ def serve(
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="pagedserve scheduler")
     p.description = "Run the scheduler: block tables, continuous batching, StepPlans to the workers."
-    p.add_argument("--listen", default="0.0.0.0:50052",
-                   help="gRPC address for gateways (host:port or unix:PATH; default 0.0.0.0:50052)")
-    p.add_argument("--workers", default="tcp://0.0.0.0:5557",
-                   help="ZeroMQ address the workers connect to (default tcp://0.0.0.0:5557)")
+    # Internal sockets: loopback unless told otherwise (Kubernetes passes --listen=0.0.0.0:50052 for the
+    # gateways of other pods; the workers share the scheduler's pod).
+    p.add_argument("--listen", default="127.0.0.1:50052",
+                   help="gRPC address for gateways (host:port or unix:PATH; default 127.0.0.1:50052)")
+    p.add_argument("--workers", default="tcp://127.0.0.1:5557",
+                   help="ZeroMQ address the workers connect to (default tcp://127.0.0.1:5557)")
     p.add_argument("--engine-name", default=socket.gethostname(),
                    help="this engine's name for the gateways and the engine label of its metrics (default: the "
                    "host name, the pod name in Kubernetes)")

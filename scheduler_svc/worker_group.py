@@ -62,7 +62,7 @@ class WorkerGroup:
             if alive is not None and not alive():
                 raise WorkerFailure("a worker process exited")
             if deadline is not None and time.monotonic() > deadline:
-                raise WorkerFailure(f"no answer from the workers within {timeout_s:.0f} s")
+                raise WorkerFailure(f"no answer from the workers within {timeout_s:g} s")
 
     def wait_for_hellos(
         self, timeout_s: float = 600.0, alive: Callable[[], bool] | None = None

@@ -108,7 +108,7 @@ def simulate(trace: Trace, block_size: int, n: int = 1, beam_width: int = 1, uti
     lengths = [len(p) + o for p, o in zip(trace.prompts, trace.output_lens, strict=True)]
     num_blocks = sum(-(-m // block_size) for m in lengths) * max(n, beam_width)
     sched = Scheduler(SchedulerConfig(block_size=block_size, max_num_seqs=256, max_num_batched_tokens=4096,
-                                      enable_prefix_caching=False),
+                                      enable_prefix_caching=False, max_num_waiting=0),
                       num_blocks, MAX_LEN, eos_token_ids=[], vocab_size=VOCAB)
     final_len: dict[str, int] = {}
     for i, (prompt, out_len) in enumerate(zip(trace.prompts, trace.output_lens, strict=True)):

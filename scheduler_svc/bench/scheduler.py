@@ -18,7 +18,7 @@ def run(args) -> int:
     # Early arrivals decode while later prompts prefill: leave room for those steps too.
     max_tokens = args.steps + -(-n * ctx // budget) + n + 8
     blocks_per_seq = -(-(ctx + max_tokens) // bs)
-    config = SchedulerConfig(block_size=bs, max_num_seqs=n, max_num_batched_tokens=budget)
+    config = SchedulerConfig(block_size=bs, max_num_seqs=n, max_num_batched_tokens=budget, max_num_waiting=0)
     sched = Scheduler(config, num_blocks=n * blocks_per_seq + 1, max_model_len=ctx + max_tokens + 1,
                       eos_token_ids=[], vocab_size=32000)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)

@@ -25,22 +25,33 @@ from scheduler_svc import finish_reason, log
 from scheduler_svc.gateway.detokenizer import byte_fallback_ids
 from scheduler_svc.gateway.engines import EnginePool
 from scheduler_svc.gateway.metrics import GatewayMetrics
+from scheduler_svc.gateway.options import DEFAULT_LIMITS, GatewayLimits
 from scheduler_svc.gateway.response_stream import SampleStream, stop_token_ids
 from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, LinkLost
 from scheduler_svc.gateway.tokenizer import Tokenizer
-from scheduler_svc.gateway.validation import ModelLimits, ValidRequest, public_field, validate
+from scheduler_svc.gateway.tokenizer_pool import RETRY_AFTER_S, TokenizerBusy, TokenizerPool
+from scheduler_svc.gateway.validation import (
+    ModelLimits,
+    ValidRequest,
+    check_model,
+    check_request,
+    check_text,
+    public_field,
+    text_token_ids,
+)
 from scheduler_svc.sampling_params import InvalidField
 
 SHUTDOWN = object()  # queued to requests still running when the drain period is over
-TOKENIZE_INLINE_CHARS = 4096  # longer prompts are tokenized in a thread, off the event loop
 
 
 class GenerationFailed(Exception):
-    """Ends a request with a status; ``field`` names the offending request field (INVALID_ARGUMENT)."""
+    """Ends a request with a status; ``field`` names the offending request field (INVALID_ARGUMENT);
+    ``retry_after_s`` tells a refused client when to try again (RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str = "") -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = "",
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
-        self.code, self.message, self.field = code, message, field
+        self.code, self.message, self.field, self.retry_after_s = code, message, field, retry_after_s
 
 
 @dataclass(slots=True)
@@ -61,9 +72,13 @@ class GenerationCore:
     """Validation, submission and response streams of the gateway's requests."""
 
     def __init__(self, tokenizer: Tokenizer, model_name: str, engines: EnginePool,
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None, gateway_limits: GatewayLimits = DEFAULT_LIMITS) -> None:
         self.tokenizer = tokenizer
         self.byte_token_ids = byte_fallback_ids(tokenizer.id_to_token, tokenizer.vocab_size)
+        self.gateway_limits = gateway_limits
+        self.max_token_bytes = tokenizer.max_token_bytes  # read once, at start: it scans the vocabulary
+        self.tokenizer_pool = TokenizerPool(tokenizer, gateway_limits.tokenizer_threads,
+                                            gateway_limits.max_queued_tokenizations)
         self.model_name = model_name
         self.engines = engines
         self.metrics = metrics or GatewayMetrics(model_name)
@@ -76,16 +91,26 @@ class GenerationCore:
     def limits(self) -> ModelLimits:
         if self.info is None or not self.engines.connected:
             raise GenerationFailed(grpc.StatusCode.UNAVAILABLE, "the scheduler is not ready")
-        return ModelLimits(self.model_name, self.info.vocab_size, self.info.max_model_len)
+        return ModelLimits(self.model_name, self.info.vocab_size, self.info.max_model_len, self.max_token_bytes,
+                           self.gateway_limits)
 
     async def validate(self, request: generation_pb2.GenerateRequest) -> ValidRequest:
+        """Every check first (cheap, bounded by the request's size), then the text's tokens, counted."""
         limits = self.limits
         try:
-            if request.WhichOneof("prompt") == "text" and len(request.text) > TOKENIZE_INLINE_CHARS:
-                return await asyncio.to_thread(validate, request, limits, self.tokenizer.encode)
-            return validate(request, limits, self.tokenizer.encode)
+            checked = check_request(request, limits)
+            ids = checked.prompt_token_ids
+            if checked.text is not None:
+                ids = text_token_ids(await self._encode(checked.text), limits, "text")
         except InvalidField as exc:
             raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
+        return ValidRequest(checked.request_id, ids, checked.params)
+
+    async def _encode(self, text: str) -> list[int]:
+        try:
+            return await self.tokenizer_pool.encode(text)
+        except TokenizerBusy as exc:
+            raise GenerationFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), retry_after_s=RETRY_AFTER_S) from None
 
     async def generate(
         self, request: generation_pb2.GenerateRequest, cancel_status: Callable[[], str] | None = None
@@ -195,18 +220,31 @@ class GenerationCore:
 
     # ---- unary
 
-    async def tokenize(self, text: str) -> list[int]:
-        if len(text) > TOKENIZE_INLINE_CHARS:
-            return await asyncio.to_thread(self.tokenizer.encode, text)
-        return self.tokenizer.encode(text)
+    async def tokenize(self, text: str, model: str = "") -> list[int]:
+        """The Tokenize RPC: the model named (if any) and the text's size checked first."""
+        limits = ModelLimits(self.model_name, self.tokenizer.vocab_size, 0, None, self.gateway_limits)
+        try:
+            check_model(model, limits)
+            if text:
+                check_text(text, limits, "text")
+        except InvalidField as exc:
+            raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
+        return await self._encode(text) if text else []
+
+
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def scheduler_error(out: scheduler_pb2.RequestOutput) -> GenerationFailed:
-    """A FINISH_REASON_ERROR output as a status: a named field is the caller's fault."""
+    """A FINISH_REASON_ERROR output as a status: the scheduler's status code when it sent one, else a
+    named field is the caller's fault and anything else an internal error."""
+    retry_after_s = out.retry_after_ms / 1000 if out.retry_after_ms else None
     if out.error_field:
         field = public_field(out.error_field)
         message = out.error.removeprefix(f"{out.error_field}: ")
         return GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
-    if out.error.startswith("engine failed"):
+    if out.status_code and out.status_code in _STATUS_BY_NUMBER:
+        return GenerationFailed(_STATUS_BY_NUMBER[out.status_code], out.error, retry_after_s=retry_after_s)
+    if out.error.startswith("engine failed"):  # a scheduler that predates status_code
         return GenerationFailed(grpc.StatusCode.UNAVAILABLE, out.error)
     return GenerationFailed(grpc.StatusCode.INTERNAL, out.error or "the scheduler failed the request")

@@ -4,7 +4,9 @@ Stateless between requests. A request's life (validate, tokenize, submit over th
 to the engine the router picks, text deltas out) is GenerationCore's (generation.py); the engines, their
 discovery and the router are engines.py's; this module is the gRPC face, plus LoadService,
 grpc.health.v1, server reflection, health upkeep, metrics and draining. Health is SERVING while at least
-one engine reports ready with its stream open, and the gateway is not draining.
+one engine reports ready with its stream open, and the gateway is not draining. Requests larger than
+``--max-request-bytes`` are refused by gRPC before any of them is read into a message; TLS, mTLS and
+token authentication are optional (security.py).
 
     pagedserve gateway --model DIR --scheduler HOST:PORT[,HOST:PORT...] --port 50051
     pagedserve gateway --model DIR --scheduler dns:pagedserve-engine:50052 --metrics-port 9090
@@ -21,26 +23,32 @@ import time
 from pathlib import Path
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 import clients  # noqa: F401
 from gpu_worker import lifetime
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc, load_pb2_grpc
 from scheduler_svc import log, metrics
-from scheduler_svc.gateway import load_service
+from scheduler_svc.gateway import load_service, protocol, security
 from scheduler_svc.gateway.engines import EnginePool, parse_engines
 from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, GenerationFailed
 from scheduler_svc.gateway.metrics import GatewayMetrics
+from scheduler_svc.gateway.options import (
+    DEFAULT_LIMITS,
+    GatewayLimits,
+    SecurityConfig,
+    add_limit_arguments,
+    add_security_arguments,
+)
 from scheduler_svc.gateway.router import POLICIES, Router
 from scheduler_svc.gateway.tokenizer import Tokenizer
-from scheduler_svc.gateway.validation import ModelLimits, check_model
-from scheduler_svc.sampling_params import InvalidField
 
-SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"]
+SERVICE_NAME = SERVICE.full_name
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "[::1]", "localhost")
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -64,10 +72,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def Tokenize(self, request, context):
         try:
-            check_model(request.model, ModelLimits(self.core.model_name, 0, 0))
-        except InvalidField as exc:
-            await _abort(context, GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field))
-        ids = await self.core.tokenize(request.text)
+            ids = await self.core.tokenize(request.text, request.model)
+        except GenerationFailed as exc:
+            await _abort(context, exc)
         tokens = [self.core.tokenizer.id_to_token(i) or "" for i in ids]
         return generation_pb2.TokenizeResponse(token_ids=ids, tokens=tokens)
 
@@ -83,41 +90,56 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
 
 async def _abort(context, failure: GenerationFailed) -> None:
-    if not failure.field:
+    """Ends the call with the failure's status; a bad field travels as a google.rpc.BadRequest detail,
+    a retry hint as a google.rpc.RetryInfo detail."""
+    details = []
+    if failure.field:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=failure.field, description=failure.message),
+        ]))
+    if failure.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(round(failure.retry_after_s * 1000))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    if not details:
         await context.abort(failure.code, failure.message)
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=failure.field, description=failure.message),
-    ]))
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=failure.message, details=[detail])
+    packed = []
+    for detail in details:
+        packed.append(any_pb2.Any())
+        packed[-1].Pack(detail)
+    status = status_pb2.Status(code=failure.code.value[0], message=failure.message, details=packed)
     await context.abort_with_status(rpc_status.to_status(status))
+
+
+async def _reject_bad_message(bad: protocol.BadMessage, context) -> None:
+    await _abort(context, GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, bad.message, bad.field))
 
 
 class Gateway:
     """The gateway's lifetime: the servicers, the engines, health, and draining."""
 
     def __init__(self, model_dir: str | Path, scheduler_address: str, model_name: str | None = None,
-                 router: Router | None = None, dns_refresh_s: float = 5.0) -> None:
+                 router: Router | None = None, dns_refresh_s: float = 5.0,
+                 limits: GatewayLimits = DEFAULT_LIMITS) -> None:
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = model_name or Path(model_dir).resolve().name
         self._changed = asyncio.Event()
         self.metrics = GatewayMetrics(self.model_name)
         self.engines = EnginePool(scheduler_address, router or Router(), self.metrics, on_change=self._changed.set,
                                   dns_refresh_s=dns_refresh_s)
-        self.core = GenerationCore(self.tokenizer, self.model_name, self.engines, self.metrics)
+        self.core = GenerationCore(self.tokenizer, self.model_name, self.engines, self.metrics, limits)
         self.servicer = GenerationServicer(self.core)
         self.load_servicer = load_service.LoadServicer(self.engines, self.model_name)
-        self.health = health.aio.HealthServicer()
+        self.health = protocol.HealthServicer()
         self._serving: bool | None = None
         self._log = log.get_logger()
 
     def add_to_server(self, server) -> None:
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
+        server.add_generic_rpc_handlers((protocol.tolerant_handler(
+            self.servicer, SERVICE, generation_pb2, _reject_bad_message),))
         load_pb2_grpc.add_LoadServiceServicer_to_server(self.load_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, load_service.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        protocol.enable_reflection(server, (SERVICE_NAME, load_service.SERVICE_NAME, health.SERVICE_NAME))
 
     async def start(self) -> asyncio.Task:
         """NOT_SERVING (grpc's health servicer starts out SERVING), then find and watch the engines."""
@@ -147,16 +169,18 @@ class Gateway:
             await self.health.set(name, status)
         self._log.info("health", serving=serving)
 
-    async def drain(self, timeout_s: float) -> None:
-        """NOT_SERVING at once; new calls get UNAVAILABLE; running ones get ``timeout_s`` to finish."""
+    async def drain(self, timeout_s: float, hurry: asyncio.Event | None = None) -> None:
+        """NOT_SERVING at once; new calls get UNAVAILABLE; running ones get ``timeout_s`` to finish, or
+        until ``hurry`` is set (a second SIGTERM), then end with finish reason ABORT."""
         self.core.draining = True
         await self.health.enter_graceful_shutdown()
         self._log.info("draining", requests_in_flight=self.core.num_active, timeout_s=timeout_s)
         deadline = time.monotonic() + timeout_s
-        while self.core.num_active and time.monotonic() < deadline:
+        while self.core.num_active and time.monotonic() < deadline and not (hurry and hurry.is_set()):
             await asyncio.sleep(0.05)
         if self.core.num_active:
-            self._log.warning("drain timeout: aborting requests", requests_in_flight=self.core.num_active)
+            self._log.warning("drain ended early: aborting requests" if hurry and hurry.is_set() else
+                              "drain timeout: aborting requests", requests_in_flight=self.core.num_active)
             self.engines.broadcast(SHUTDOWN)
             deadline = time.monotonic() + 2.0
             while self.core.num_active and time.monotonic() < deadline:
@@ -164,6 +188,7 @@ class Gateway:
 
     async def close(self) -> None:
         await self.engines.close()
+        self.core.tokenizer_pool.close()
 
 
 def _format_address(host: str, port: int) -> str:
@@ -173,39 +198,82 @@ def _format_address(host: str, port: int) -> str:
 async def serve(args: argparse.Namespace) -> int:
     logger = log.get_logger()
     router = Router(args.routing, args.affinity_blocks)
-    gateway = Gateway(args.model, args.scheduler, args.model_name, router, args.dns_refresh)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", 64 * 2**20),
-        ("grpc.max_send_message_length", 64 * 2**20),
-        # Alone, a second gateway on the same port must fail, not share it; `serve --gateways N` starts
-        # its N gateways with --reuse-port after checking that nothing else holds the port.
-        ("grpc.so_reuseport", 1 if args.reuse_port else 0),
-    ])
-    gateway.add_to_server(server)
-    port = server.add_insecure_port(_format_address(args.host, args.port))
-    if args.local_socket:
-        server.add_insecure_port(f"unix:{args.local_socket}")
+    limits = GatewayLimits.from_args(args)
+    secure = SecurityConfig.from_args(args)
+    gateway = Gateway(args.model, args.scheduler, args.model_name, router, args.dns_refresh, limits)
+    server = make_server(gateway, limits, secure, args.reuse_port)
+    servers = [server]
+    address = _format_address(args.host, args.port)
+    try:
+        port = add_port(server, address, secure)
+        if args.local_socket:  # private to the launcher, which asks this very gateway's health here
+            server.add_insecure_port(f"unix:{args.local_socket}")
+        if secure.health_port is not None:
+            servers.append(health_server := grpc.aio.server(
+                options=[("grpc.so_reuseport", 1 if args.reuse_port else 0)]))
+            health_pb2_grpc.add_HealthServicer_to_server(gateway.health, health_server)
+            health_port = health_server.add_insecure_port(_format_address(args.host, secure.health_port))
+    except RuntimeError as exc:  # grpc's "Failed to bind": the port is taken or the address is not ours
+        logger.error("cannot listen", address=address, error=str(exc))
+        return 1
+    if args.host not in LOOPBACK_HOSTS and not (secure.tls or secure.auth_token_file):
+        logger.warning("listening beyond loopback without TLS or a token: anyone who reaches this port can "
+                       "generate; see --tls-cert and --auth-token-file", address=address)
     watcher = await gateway.start()
-    await server.start()
+    for srv in servers:
+        await srv.start()
     if args.port_file:
-        tmp = Path(f"{args.port_file}.tmp")
-        tmp.write_text(f"{port}\n")
-        tmp.replace(args.port_file)  # atomic: a reader never sees a partial file
+        if len(servers) > 1:
+            _write_atomically(Path(f"{args.port_file}.health"), health_port)
+        _write_atomically(Path(args.port_file), port)  # last: a reader of it finds the health port too
     logger.info("gateway listening", address=_format_address(args.host, port), model=gateway.model_name,
-                scheduler=args.scheduler, routing=args.routing)
+                scheduler=args.scheduler, routing=args.routing, tls=secure.tls,
+                mutual_tls=bool(secure.tls_client_ca), token=bool(secure.auth_token_file))
     if args.metrics_port is not None:
         logger.info("metrics", port=metrics.serve_metrics(args.metrics_port, args.host))
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:  # the first signal drains, a second one ends the drain at once
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    await gateway.drain(args.drain_timeout)
+    await gateway.drain(args.drain_timeout, hurry)
     watcher.cancel()
-    await server.stop(grace=1.0)
+    for srv in servers:
+        await srv.stop(grace=1.0)
     await gateway.close()
     logger.info("gateway stopped")
     return 0
+
+
+def make_server(gateway: Gateway, limits: GatewayLimits, secure: SecurityConfig,
+                reuse_port: bool = False) -> grpc.aio.Server:
+    """The public server: the gateway's services behind the size limit and the token check."""
+    server = grpc.aio.server(interceptors=security.interceptors(secure), options=[
+        ("grpc.max_receive_message_length", limits.max_request_bytes),
+        ("grpc.max_send_message_length", 64 * 2**20),
+        # Alone, a second gateway on the same port must fail, not share it; `serve --gateways N` starts
+        # its N gateways with --reuse-port after checking that nothing else holds the port.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+    ])
+    gateway.add_to_server(server)
+    return server
+
+
+def add_port(server: grpc.aio.Server, address: str, secure: SecurityConfig) -> int:
+    """Listens on ``address`` (TLS when configured); returns the port; RuntimeError when it cannot."""
+    if secure.tls:
+        return server.add_secure_port(address, security.server_credentials(secure))
+    return server.add_insecure_port(address)
+
+
+def _write_atomically(path: Path, port: int) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)  # atomic: a reader never sees a partial file
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -236,6 +304,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--port-file", default=None, help=argparse.SUPPRESS)  # the launcher learns the port here
     # Also listen here, a unix socket private to the launcher, which asks this very gateway's health.
     p.add_argument("--local-socket", default=None, help=argparse.SUPPRESS)
+    add_limit_arguments(p.add_argument_group("limits (checked before any work is done on a request)"))
+    add_security_arguments(p.add_argument_group("security (all off by default)"))
     lifetime.add_argument(p)
     return p
 
@@ -246,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Router(args.routing, args.affinity_blocks)
         parse_engines(args.scheduler)
+        GatewayLimits.from_args(args)
+        SecurityConfig.from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     log.configure("gateway", args.log_level, args.log_format)

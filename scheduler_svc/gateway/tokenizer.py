@@ -9,6 +9,7 @@ the whole metadata and takes seconds, so a directory holding a GGUF file and a `
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -52,6 +53,16 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
+
+    def encode_releasing_gil(self, text: str) -> list[int]:
+        """``encode``, for a worker thread: ``tokenizers`` holds the GIL in encode but releases it in
+        encode_batch, so only this form lets the event loop run meanwhile."""
+        return self._tok.encode_batch([text])[0].ids
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 length of the longest vocabulary entry: one token covers about that much text at most."""
+        return max(len(token.encode("utf-8")) for token in self._tok.get_vocab(with_added_tokens=True))
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)

@@ -14,23 +14,37 @@ from dataclasses import dataclass
 
 import clients  # noqa: F401
 from pagedserve.v1 import generation_pb2
+from scheduler_svc.gateway.options import DEFAULT_LIMITS, GatewayLimits
 from scheduler_svc.sampling_params import InvalidField, SamplingParams
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
 MAX_REQUEST_ID_CHARS = 256
+# No token spans more text than this many times its vocabulary entry's UTF-8 length (pre-tokenizers
+# that drop separators, normalizers that shorten text): the slack of the prompt's byte bound.
+TOKEN_BYTES_SLACK = 4
 
 # Scheduler-side error fields (see Scheduler.add_request) by their public path.
 SCHEDULER_FIELDS = {"prompt": "prompt", "request_id": "request_id"}
 
 
+
+
 @dataclass(frozen=True, slots=True)
 class ModelLimits:
-    """What validation needs to know about the served model."""
+    """What validation needs to know about the served model, and the gateway's bounds."""
 
     name: str
     vocab_size: int
     max_model_len: int
+    max_token_bytes: int | None = None  # UTF-8 length of the longest vocabulary entry, when known
+    gateway: GatewayLimits = DEFAULT_LIMITS
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """The longest text prompt worth tokenizing: a longer one is refused without looking at it."""
+        bound = self.gateway.max_prompt_bytes
+        if self.max_token_bytes:
+            bound = min(bound, TOKEN_BYTES_SLACK * self.max_token_bytes * self.max_model_len)
+        return bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +52,16 @@ class ValidRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams  # stop strings stay in the gateway; to_proto() is what the scheduler gets
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRequest:
+    """A request whose every field is checked except the text prompt's tokens (not yet counted)."""
+
+    request_id: str
+    params: SamplingParams
+    text: str | None  # the prompt to tokenize, or None when it came as token ids
+    prompt_token_ids: list[int] | None
 
 
 def public_field(scheduler_field: str) -> str:
@@ -54,58 +78,84 @@ def check_model(model: str, limits: ModelLimits) -> None:
         raise InvalidField("model", f"unknown model {model!r}; this gateway serves {limits.name!r}")
 
 
+def check_request(request: generation_pb2.GenerateRequest, limits: ModelLimits) -> CheckedRequest:
+    """Every check that needs no tokenizer, in the order a client reads the fields. Raises InvalidField.
+    Cheap: bounded by the request's size, whatever it holds."""
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidField("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
+    check_model(request.model, limits)
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidField("prompt", "set either text or token_ids")
+    text, ids = None, None
+    if kind == "text":
+        text = check_text(request.text, limits, "text")
+    else:
+        ids = token_prompt(request.token_ids.ids, limits, "token_ids.ids")
+    if not request.HasField("sampling_params"):
+        raise InvalidField("sampling_params.max_tokens", "is required and must be at least 1")
+    params = _sampling_params(request.sampling_params, limits)
+    return CheckedRequest(request.request_id or uuid.uuid4().hex, params, text, ids)
+
+
 def validate(
     request: generation_pb2.GenerateRequest, limits: ModelLimits, encode: Callable[[str], list[int]]
 ) -> ValidRequest:
     """Validates ``request``; ``encode`` tokenizes a text prompt. Raises InvalidField."""
-    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidField("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
-    check_model(request.model, limits)
-    prompt_token_ids = _prompt(request, limits, encode)
-    if not request.HasField("sampling_params"):
-        raise InvalidField("sampling_params.max_tokens", "is required and must be at least 1")
-    params = _sampling_params(request.sampling_params, limits)
-    return ValidRequest(request.request_id or uuid.uuid4().hex, prompt_token_ids, params)
+    checked = check_request(request, limits)
+    ids = checked.prompt_token_ids
+    if checked.text is not None:
+        ids = text_token_ids(encode(checked.text), limits, "text")
+    return ValidRequest(checked.request_id, ids, checked.params)
 
 
-def _prompt(request, limits: ModelLimits, encode) -> list[int]:
-    kind = request.WhichOneof("prompt")
-    if kind is None:
-        raise InvalidField("prompt", "set either text or token_ids")
-    if kind == "text":
-        return text_prompt(request.text, limits, encode, "text")
-    return token_prompt(request.token_ids.ids, limits, "token_ids.ids")
+def check_text(text: str, limits: ModelLimits, name: str) -> str:
+    """A text prompt that is worth tokenizing: not empty, not longer than any prompt that fits."""
+    if not text:
+        raise InvalidField(name, "must not be empty")
+    bound = limits.max_prompt_bytes
+    # UTF-8 takes at least one byte per character: a short enough string needs no encoding to pass.
+    if len(text) > bound or (4 * len(text) > bound and len(text.encode("utf-8", "surrogatepass")) > bound):
+        num_bytes = len(text.encode("utf-8", "surrogatepass"))
+        why = ("--max-prompt-bytes" if bound == limits.gateway.max_prompt_bytes
+               else f"more than a context of {limits.max_model_len} tokens can hold")
+        raise InvalidField(name, f"is {num_bytes} bytes long; the limit is {bound} bytes ({why})")
+    return text
+
+
+def text_token_ids(ids: list[int], limits: ModelLimits, name: str) -> list[int]:
+    """The token ids of a checked text prompt, counted against the context length."""
+    if not ids:
+        raise InvalidField(name, "tokenizes to no tokens")
+    _fits(len(ids), limits, name)
+    return ids
 
 
 def text_prompt(text: str, limits: ModelLimits, encode: Callable[[str], list[int]], name: str) -> list[int]:
     """A text prompt's token ids; ``name`` is the field that InvalidField names (the offline API's too)."""
-    if not text:
-        raise InvalidField(name, "must not be empty")
-    ids = encode(text)
-    if not ids:
-        raise InvalidField(name, "tokenizes to no tokens")
-    return _fits(ids, limits, name)
+    return text_token_ids(encode(check_text(text, limits, name)), limits, name)
 
 
 def token_prompt(ids: Sequence[int], limits: ModelLimits, name: str) -> list[int]:
-    """A prompt given as token ids, checked against the vocabulary and the context length."""
-    ids = list(ids)
-    if not ids:
+    """A prompt given as token ids, checked against the context length (first: it bounds the scan) and
+    the vocabulary."""
+    if not len(ids):
         raise InvalidField(name, "must not be empty")
+    _fits(len(ids), limits, name)
+    ids = list(ids)
     bad = next((i for i, t in enumerate(ids) if not isinstance(t, int) or not 0 <= t < limits.vocab_size), None)
     if bad is not None:
         raise InvalidField(name, f"ids[{bad}] = {ids[bad]!r} is outside the vocabulary [0, {limits.vocab_size})")
-    return _fits(ids, limits, name)
+    return ids
 
 
-def _fits(ids: list[int], limits: ModelLimits, name: str) -> list[int]:
-    if len(ids) >= limits.max_model_len:
+def _fits(num_tokens: int, limits: ModelLimits, name: str) -> None:
+    if num_tokens >= limits.max_model_len:
         raise InvalidField(
             name,
-            f"the prompt has {len(ids)} tokens, which leaves no room to generate within the context "
+            f"the prompt has {num_tokens} tokens, which leaves no room to generate within the context "
             f"length of {limits.max_model_len} tokens",
         )
-    return ids
 
 
 def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> SamplingParams:
@@ -122,11 +172,15 @@ def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> S
     for name, value in floats.items():
         if not math.isfinite(value):
             raise InvalidField(f"sampling_params.{name}", f"must be a finite number, got {value}")
-    if len(p.stop) > MAX_STOP_STRINGS:
-        raise InvalidField("sampling_params.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(p.stop)}")
-    if any(len(s) > MAX_STOP_STRING_CHARS for s in p.stop):
-        raise InvalidField("sampling_params.stop", f"each stop string must be at most {MAX_STOP_STRING_CHARS} "
+    caps = limits.gateway
+    if len(p.stop) > caps.max_stop_strings:
+        raise InvalidField("sampling_params.stop", f"at most {caps.max_stop_strings} stop strings, got {len(p.stop)}")
+    if any(len(s) > caps.max_stop_string_chars for s in p.stop):
+        raise InvalidField("sampling_params.stop", f"each stop string must be at most {caps.max_stop_string_chars} "
                            "characters")
+    if len(p.stop_token_ids) > caps.max_stop_token_ids:
+        raise InvalidField("sampling_params.stop_token_ids",
+                           f"at most {caps.max_stop_token_ids} stop token ids, got {len(p.stop_token_ids)}")
     bad = next((t for t in p.stop_token_ids if t >= limits.vocab_size), None)
     if bad is not None:
         raise InvalidField("sampling_params.stop_token_ids",

@@ -92,3 +92,68 @@ def test_client_exits_nonzero_with_the_status(client_binary, server):
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr == "pagedserve-generate: InvalidArgument: max_tokens must be at least 1\n"
+
+
+class FakeWithLogprobs(generation_pb2_grpc.GenerationServiceServicer):
+    """Streams two tokens with their logprobs (and top_logprobs alternatives when asked), only to a
+    caller that sends the bearer token; keeps the requests and their metadata."""
+
+    def __init__(self):
+        self.calls: list[tuple[generation_pb2.GenerateRequest, dict]] = []
+
+    def Generate(self, request, context):
+        metadata = dict(context.invocation_metadata())
+        self.calls.append((request, metadata))
+        if metadata.get("authorization") != "Bearer tok3n":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid credentials")
+        k = request.sampling_params.top_logprobs
+        for token_id, text in ((5, "Hi"), (6, " there")):
+            lp = generation_pb2.TokenLogprob(token_id=token_id, logprob=-0.25 * token_id)
+            for i in range(k):
+                lp.top.add(token_id=token_id + i, logprob=-0.25 * token_id - i)
+            yield generation_pb2.GenerateResponse(request_id="r", token_ids=[token_id], text=text, logprobs=[lp])
+        yield generation_pb2.GenerateResponse(request_id="r", finish_reason=generation_pb2.FINISH_REASON_LENGTH)
+
+
+@pytest.fixture(params=["plaintext", "tls"])
+def secured_server(request, tmp_path):
+    from tests.certs import make_ca, make_cert
+
+    servicer = FakeWithLogprobs()
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, srv)
+    flags = []
+    if request.param == "tls":
+        ca = make_ca(tmp_path / "ca")
+        cert = make_cert(tmp_path / "server", ca, "server")
+        creds = grpc.ssl_server_credentials([(cert.key.read_bytes(), cert.cert.read_bytes())])
+        port = srv.add_secure_port("127.0.0.1:0", creds)
+        flags = ["-tls-ca", str(ca.cert)]
+    else:
+        port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    token = tmp_path / "token"
+    token.write_text("tok3n\n")
+    yield f"localhost:{port}", servicer, flags, token
+    srv.stop(grace=None)
+
+
+def test_client_sends_the_token_and_prints_logprobs(client_binary, secured_server):
+    target, servicer, flags, token = secured_server
+    proc = run_client(client_binary, "-target", target, "-max-tokens", "2", "-logprobs", "2",
+                      "-token-file", str(token), *flags)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == ("Hi there\n"
+                           "token 5: -1.2500  top: 5:-1.2500  6:-2.2500\n"
+                           "token 6: -1.5000  top: 6:-1.5000  7:-2.5000\n")
+    request, metadata = servicer.calls[0]
+    assert (request.sampling_params.logprobs, request.sampling_params.top_logprobs) == (True, 2)
+    assert metadata["authorization"] == "Bearer tok3n"
+
+
+def test_client_without_the_token_is_refused(client_binary, secured_server):
+    target, servicer, flags, _ = secured_server
+    proc = run_client(client_binary, "-target", target, "-max-tokens", "2", *flags)
+    assert proc.returncode == 1
+    assert proc.stderr == "pagedserve-generate: Unauthenticated: invalid credentials\n"
+    assert not servicer.calls[0][0].sampling_params.logprobs  # not asked: not sent

@@ -18,6 +18,14 @@ from scheduler_svc import InvalidField, SamplingParams
         ({"seed": -1}, "seed"),
         ({"stop": ("",)}, "stop"),
         ({"top_logprobs": 21}, "top_logprobs"),
+        # Beam search refuses what it would otherwise ignore.
+        ({"beam_width": 2, "temperature": 0.7}, "temperature"),
+        ({"beam_width": 2, "top_p": 0.5}, "top_p"),
+        ({"beam_width": 2, "top_k": 5}, "top_k"),
+        ({"beam_width": 2, "min_p": 0.1}, "min_p"),
+        ({"beam_width": 2, "repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"beam_width": 2, "logprobs": True}, "logprobs"),
+        ({"beam_width": 2, "top_logprobs": 3}, "top_logprobs"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_the_field(kwargs, field):
@@ -62,3 +70,9 @@ def test_sequences_become_tuples_so_params_stay_hashable():
     p = SamplingParams(stop=["a"], stop_token_ids=[3])
     assert (p.stop, p.stop_token_ids) == (("a",), (3,))
     assert hash(p) == hash(SamplingParams(stop=("a",), stop_token_ids=(3,)))
+
+
+def test_top_logprobs_imply_logprobs_and_beams_take_neutral_values():
+    assert SamplingParams(top_logprobs=3).logprobs
+    for temperature in (0.0, 1.0):  # unset (1) or greedy (0): the distribution beam search scores
+        assert SamplingParams(beam_width=2, temperature=temperature).beam_width == 2

@@ -9,9 +9,13 @@
             print(chunk.text, end="", flush=True)
 
 ``AsyncClient`` has the same methods as coroutines, and ``generate`` returns an async iterator.
-Failed calls raise ``GenerationError``, with the status code and, for INVALID_ARGUMENT, the field.
+Failed calls raise ``GenerationError``, with the status code and, for INVALID_ARGUMENT, the field; for
+RESOURCE_EXHAUSTED (a full queue) ``retry_after`` says in how many seconds to try again.
 ``load()`` and ``watch_load()`` report the engines' load behind the gateway (pagedserve.v1.LoadService),
 for routers in front of pagedserve.
+
+A gateway with TLS: ``Client(target, tls=True, ca_cert="ca.pem")`` (mutual TLS: also ``client_cert``,
+``client_key``); with a token: ``Client(target, token="...")``. Certificates are PEM bytes or paths.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -125,22 +130,41 @@ class Completion:
 
 
 class GenerationError(Exception):
-    """A failed call: ``code`` (grpc.StatusCode), ``message`` and, for a bad request, ``field``."""
+    """A failed call: ``code`` (grpc.StatusCode), ``message``, for a bad request ``field``, and for a
+    refusal under load ``retry_after`` (seconds, from a google.rpc.RetryInfo detail)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
-        self.code, self.message, self.field = code, message, field
+        self.code, self.message, self.field, self.retry_after = code, message, field, retry_after
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> GenerationError:
-        field = None
+        field = retry_after = None
         for key, value in err.trailing_metadata() or ():
             if key == _STATUS_DETAILS_KEY:
                 for detail in status_pb2.Status.FromString(value).details:
-                    bad = error_details_pb2.BadRequest()
+                    bad, retry = error_details_pb2.BadRequest(), error_details_pb2.RetryInfo()
                     if detail.Unpack(bad) and bad.field_violations:
                         field = bad.field_violations[0].field
-        return cls(err.code(), err.details() or "", field)
+                    elif detail.Unpack(retry):
+                        retry_after = retry.retry_delay.ToMilliseconds() / 1000
+        return cls(err.code(), err.details() or "", field, retry_after)
+
+
+def _pem(value: bytes | str | Path | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def _channel_args(tls: bool, ca_cert, client_cert, client_key, token: str | None):
+    """(credentials or None for plaintext, per-call metadata)."""
+    credentials = None
+    if tls or ca_cert is not None or client_cert is not None:
+        credentials = grpc.ssl_channel_credentials(_pem(ca_cert), _pem(client_key), _pem(client_cert))
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    return credentials, metadata
 
 
 def _request(prompt: str | Sequence[int], params: SamplingParams | None, request_id: str, model: str):
@@ -190,8 +214,12 @@ class GenerateStream(Iterator[GenerateChunk]):
 
 
 class Client:
-    def __init__(self, target: str, *, options: Sequence[tuple[str, object]] = ()) -> None:
-        self._channel = grpc.insecure_channel(target, options=list(options))
+    def __init__(self, target: str, *, options: Sequence[tuple[str, object]] = (), tls: bool = False,
+                 ca_cert: bytes | str | Path | None = None, client_cert: bytes | str | Path | None = None,
+                 client_key: bytes | str | Path | None = None, token: str | None = None) -> None:
+        credentials, self._metadata = _channel_args(tls, ca_cert, client_cert, client_key, token)
+        self._channel = (grpc.secure_channel(target, credentials, options=list(options)) if credentials
+                         else grpc.insecure_channel(target, options=list(options)))
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._load = load_pb2_grpc.LoadServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -206,7 +234,8 @@ class Client:
         timeout: float | None = None,
     ) -> GenerateStream:
         """Streams the completion of ``prompt`` (text or token ids)."""
-        return GenerateStream(self._stub.Generate(_request(prompt, params, request_id, model), timeout=timeout))
+        return GenerateStream(self._stub.Generate(_request(prompt, params, request_id, model), timeout=timeout,
+                                                  metadata=self._metadata))
 
     def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs) -> list[Completion]:
         """Generates and collects: one Completion per sample, by index."""
@@ -215,13 +244,14 @@ class Client:
     def tokenize(self, text: str, *, model: str = "", timeout: float | None = 30.0) -> list[int]:
         try:
             return list(self._stub.Tokenize(generation_pb2.TokenizeRequest(text=text, model=model),
-                                            timeout=timeout).token_ids)
+                                            timeout=timeout, metadata=self._metadata).token_ids)
         except grpc.RpcError as err:
             raise GenerationError.from_rpc_error(err) from None
 
     def model_info(self, *, timeout: float | None = 30.0) -> generation_pb2.GetModelInfoResponse:
         try:
-            return self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout)
+            return self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout,
+                                           metadata=self._metadata)
         except grpc.RpcError as err:
             raise GenerationError.from_rpc_error(err) from None
 
@@ -296,8 +326,12 @@ class AsyncGenerateStream(AsyncIterator[GenerateChunk]):
 
 
 class AsyncClient:
-    def __init__(self, target: str, *, options: Sequence[tuple[str, object]] = ()) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=list(options))
+    def __init__(self, target: str, *, options: Sequence[tuple[str, object]] = (), tls: bool = False,
+                 ca_cert: bytes | str | Path | None = None, client_cert: bytes | str | Path | None = None,
+                 client_key: bytes | str | Path | None = None, token: str | None = None) -> None:
+        credentials, self._metadata = _channel_args(tls, ca_cert, client_cert, client_key, token)
+        self._channel = (grpc.aio.secure_channel(target, credentials, options=list(options)) if credentials
+                         else grpc.aio.insecure_channel(target, options=list(options)))
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._load = load_pb2_grpc.LoadServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -311,7 +345,8 @@ class AsyncClient:
         model: str = "",
         timeout: float | None = None,
     ) -> AsyncGenerateStream:
-        return AsyncGenerateStream(self._stub.Generate(_request(prompt, params, request_id, model), timeout=timeout))
+        return AsyncGenerateStream(self._stub.Generate(_request(prompt, params, request_id, model), timeout=timeout,
+                                                       metadata=self._metadata))
 
     async def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                        **kwargs) -> list[Completion]:
@@ -319,14 +354,16 @@ class AsyncClient:
 
     async def tokenize(self, text: str, *, model: str = "", timeout: float | None = 30.0) -> list[int]:
         try:
-            reply = await self._stub.Tokenize(generation_pb2.TokenizeRequest(text=text, model=model), timeout=timeout)
+            reply = await self._stub.Tokenize(generation_pb2.TokenizeRequest(text=text, model=model), timeout=timeout,
+                                              metadata=self._metadata)
         except grpc.RpcError as err:
             raise GenerationError.from_rpc_error(err) from None
         return list(reply.token_ids)
 
     async def model_info(self, *, timeout: float | None = 30.0) -> generation_pb2.GetModelInfoResponse:
         try:
-            return await self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout)
+            return await self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout,
+                                                 metadata=self._metadata)
         except grpc.RpcError as err:
             raise GenerationError.from_rpc_error(err) from None
 

@@ -2,21 +2,38 @@
 // as it arrives.
 //
 //	pagedserve-generate -target localhost:50051 -prompt "Hello, paged world" -max-tokens 32
+//
+// With -logprobs N each token's log probability and its N most likely alternatives follow the text,
+// one line per token. A gateway with TLS takes -tls (or -tls-ca FILE; mutual TLS: -tls-cert and
+// -tls-key too), one with a token -token-file FILE.
 package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"flag"
 	"fmt"
 	"io"
+	"io/ioutil"
 	"os"
 	"os/signal"
+	"strings"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	pagedservev1 "pagedserve/v1"
 )
+
+// security holds the connection options given on the command line.
+type security struct {
+	tls                       bool
+	caFile, certFile, keyFile string
+	tokenFile                 string
+}
 
 func main() {
 	target := flag.String("target", "localhost:50051", "gateway address, host:port")
@@ -24,10 +41,17 @@ func main() {
 	maxTokens := flag.Uint("max-tokens", 32, "largest number of tokens to generate")
 	temperature := flag.Float64("temperature", 0, "softmax temperature, 0 is greedy; when not given, the server's default (1.0)")
 	seed := flag.Uint64("seed", 0, "seed of the request's random choices; when not given, the server draws one")
+	logprobs := flag.Uint("logprobs", 0, "print each token's log probability and its N most likely alternatives (0 to 20); when not given, none")
+	var sec security
+	flag.BoolVar(&sec.tls, "tls", false, "speak TLS, checking the server's certificate against the system's roots (or -tls-ca)")
+	flag.StringVar(&sec.caFile, "tls-ca", "", "PEM file of the CA that signed the server's certificate (implies -tls)")
+	flag.StringVar(&sec.certFile, "tls-cert", "", "client certificate (PEM) for mutual TLS, with -tls-key")
+	flag.StringVar(&sec.keyFile, "tls-key", "", "private key (PEM) of -tls-cert")
+	flag.StringVar(&sec.tokenFile, "token-file", "", "file holding the bearer token to send")
 	flag.Parse()
 
-	// temperature and seed are optional fields: send them only when given on the command line, so
-	// that the server's defaults apply otherwise.
+	// temperature, seed and logprobs are sent only when given on the command line, so that the
+	// server's defaults apply otherwise.
 	given := map[string]bool{}
 	flag.Visit(func(f *flag.Flag) { given[f.Name] = true })
 	params := &pagedservev1.SamplingParams{MaxTokens: uint32(*maxTokens)}
@@ -38,27 +62,71 @@ func main() {
 	if given["seed"] {
 		params.Seed = seed
 	}
+	if given["logprobs"] {
+		params.Logprobs = true
+		params.TopLogprobs = uint32(*logprobs)
+	}
 
 	// Ctrl-C cancels the call; the gateway then aborts the request and frees its blocks.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
-	if err := generate(ctx, *target, &pagedservev1.GenerateRequest{
+	if err := generate(ctx, *target, sec, &pagedservev1.GenerateRequest{
 		Prompt:         &pagedservev1.GenerateRequest_Text{Text: *prompt},
 		SamplingParams: params,
 	}); err != nil {
 		stop()
-		s := status.Convert(err)
-		fmt.Fprintf(os.Stderr, "pagedserve-generate: %s: %s\n", s.Code(), s.Message())
+		if s, ok := status.FromError(err); ok {
+			fmt.Fprintf(os.Stderr, "pagedserve-generate: %s: %s\n", s.Code(), s.Message())
+		} else {
+			fmt.Fprintf(os.Stderr, "pagedserve-generate: %s\n", err)
+		}
 		os.Exit(1)
 	}
 }
 
+// dialOptions turns the security flags into the connection's credentials.
+func dialOptions(sec security) ([]grpc.DialOption, error) {
+	if !sec.tls && sec.caFile == "" && sec.certFile == "" {
+		// The grpc-go of Debian bookworm (1.33) predates credentials/insecure; WithInsecure is its
+		// spelling of a plaintext connection.
+		return []grpc.DialOption{grpc.WithInsecure()}, nil
+	}
+	config := &tls.Config{}
+	if sec.caFile != "" {
+		pem, err := ioutil.ReadFile(sec.caFile)
+		if err != nil {
+			return nil, err
+		}
+		config.RootCAs = x509.NewCertPool()
+		if !config.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("%s: no PEM certificate", sec.caFile)
+		}
+	}
+	if sec.certFile != "" || sec.keyFile != "" {
+		pair, err := tls.LoadX509KeyPair(sec.certFile, sec.keyFile)
+		if err != nil {
+			return nil, err
+		}
+		config.Certificates = []tls.Certificate{pair}
+	}
+	return []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(config))}, nil
+}
+
 // generate sends req and writes the streamed text deltas to stdout as they arrive, then a newline
-// (also when the stream fails after some text).
-func generate(ctx context.Context, target string, req *pagedservev1.GenerateRequest) error {
-	// The grpc-go of Debian bookworm (1.33) predates credentials/insecure; WithInsecure is its
-	// spelling of a plaintext connection.
-	conn, err := grpc.DialContext(ctx, target, grpc.WithInsecure())
+// (also when the stream fails after some text), then the log probabilities when asked for.
+func generate(ctx context.Context, target string, sec security, req *pagedservev1.GenerateRequest) error {
+	opts, err := dialOptions(sec)
+	if err != nil {
+		return err
+	}
+	if sec.tokenFile != "" {
+		token, err := ioutil.ReadFile(sec.tokenFile)
+		if err != nil {
+			return err
+		}
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+strings.TrimSpace(string(token)))
+	}
+	conn, err := grpc.DialContext(ctx, target, opts...)
 	if err != nil {
 		return err
 	}
@@ -69,10 +137,12 @@ func generate(ctx context.Context, target string, req *pagedservev1.GenerateRequ
 		return err
 	}
 	printed := false
+	var logprobs []*pagedservev1.TokenLogprob
 	for {
 		resp, err := stream.Recv()
 		if err == io.EOF {
 			fmt.Println()
+			printLogprobs(logprobs)
 			return nil
 		}
 		if err != nil {
@@ -83,5 +153,21 @@ func generate(ctx context.Context, target string, req *pagedservev1.GenerateRequ
 		}
 		fmt.Print(resp.GetText())
 		printed = true
+		logprobs = append(logprobs, resp.GetLogprobs()...)
+	}
+}
+
+// printLogprobs writes one line per token: "token ID: LOGPROB  top: ID:LOGPROB ...".
+func printLogprobs(logprobs []*pagedservev1.TokenLogprob) {
+	for _, lp := range logprobs {
+		line := fmt.Sprintf("token %d: %.4f", lp.GetTokenId(), lp.GetLogprob())
+		if len(lp.GetTop()) > 0 {
+			alternatives := make([]string, len(lp.GetTop()))
+			for i, t := range lp.GetTop() {
+				alternatives[i] = fmt.Sprintf("%d:%.4f", t.GetTokenId(), t.GetLogprob())
+			}
+			line += "  top: " + strings.Join(alternatives, "  ")
+		}
+		fmt.Println(line)
 	}
 }

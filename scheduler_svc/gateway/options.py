@@ -1,0 +1,125 @@
+"""Gateway settings, defined once: the limits on a request and the security of the public port, each
+with its flags (the gateway's, and ``serve``'s, which passes them on). Standard library only, so that
+``serve`` (argparse and process management) stays light; security.py applies the security settings,
+validation.py the limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayLimits:
+    """Bounds on one request that hold before any work is done on it (the gateway's flags)."""
+
+    max_request_bytes: int = 4 * 2**20  # a larger message is refused by gRPC itself (RESOURCE_EXHAUSTED)
+    max_prompt_bytes: int = 2**20  # a longer text prompt (or Tokenize text) is refused before tokenizing
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 64
+    tokenizer_threads: int = 2  # long texts are tokenized in these threads, off the event loop
+    max_queued_tokenizations: int = 64  # beyond it: RESOURCE_EXHAUSTED with a retry hint
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GatewayLimits:
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+    def to_argv(self) -> list[str]:
+        """The gateway flags that parse back to these limits."""
+        return [a for name in self.__dataclass_fields__ for a in (_flag(name), str(getattr(self, name)))]
+
+
+_LIMIT_HELP = {
+    "max_request_bytes": "largest request message in bytes; gRPC refuses a larger one with RESOURCE_EXHAUSTED",
+    "max_prompt_bytes": "longest text prompt (and Tokenize text) in UTF-8 bytes, checked before tokenizing; "
+    "prompts that cannot fit the context are refused earlier still",
+    "max_stop_strings": "most stop strings per request",
+    "max_stop_string_chars": "longest stop string in characters",
+    "max_stop_token_ids": "most stop token ids per request",
+    "tokenizer_threads": "threads that tokenize long texts off the event loop",
+    "max_queued_tokenizations": "long texts waiting for a tokenizer thread at most; beyond it requests get "
+    "RESOURCE_EXHAUSTED",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The GatewayLimits flags (the gateway's, and ``serve``'s which passes them on)."""
+    defaults = GatewayLimits()
+    for name, help_text in _LIMIT_HELP.items():
+        default = getattr(defaults, name)
+        parser.add_argument(_flag(name), dest=name, type=int, default=default, metavar="N",
+                            help=f"{help_text} (default {default})")
+
+
+DEFAULT_LIMITS = GatewayLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """TLS, mutual TLS and the bearer token of the public port, and the plaintext health port; all
+    off by default (see security.py)."""
+
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token_file: str | None = None
+    health_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--{name.replace('_', '-')}: {path} is not a readable file")
+        if self.auth_token_file is not None and not read_token(self.auth_token_file):
+            raise ValueError(f"--auth-token-file: {self.auth_token_file} is empty")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SecurityConfig:
+        return cls(args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file, args.health_port)
+
+    def to_argv(self) -> list[str]:
+        """The gateway flags for these settings."""
+        argv: list[str] = []
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if value is not None:
+                argv += [f"--{name.replace('_', '-')}", str(value)]
+        return argv
+
+
+def read_token(path: str) -> str:
+    return Path(path).read_text().strip()
+
+
+def add_security_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The security flags (the gateway's, and ``serve``'s, which passes them on)."""
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain); needs --tls-key")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", metavar="PEM",
+                        help="mutual TLS: require client certificates signed by this CA")
+    parser.add_argument("--auth-token-file", metavar="FILE",
+                        help="require 'authorization: Bearer TOKEN' on every call but health checks; TOKEN is "
+                        "the file's content")
+    parser.add_argument("--health-port", type=int, metavar="PORT",
+                        help="also serve grpc.health.v1 (only) in plaintext on this port, for probes that "
+                        "cannot speak TLS; 0 picks a free one")

@@ -1,0 +1,149 @@
+"""Every bad input of docs/ERRORS.md against a running `pagedserve serve`, from the table in
+tests/e2e/bad_inputs.py: the status code, the message and the field named, then the service goes on
+with every block free. The document holds exactly that table (a fast test)."""
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import clients  # noqa: F401
+
+# isort: split
+from pagedserve.client import Client, GenerationError, SamplingParams
+from pagedserve.v1 import generation_pb2
+from scheduler_svc.bench.local_service import LocalService
+from tests.e2e import bad_inputs
+from tests.e2e.bad_inputs import CASES, CONTEXT_LEN, MODEL, Case
+from tests.factories import make_checkpoint
+from tests.waiting import wait_until
+
+ERRORS_MD = Path(__file__).resolve().parents[2] / "docs" / "ERRORS.md"
+TOKEN = "table-token"
+LONG = SamplingParams(max_tokens=1000, ignore_eos=True)  # prompt + 1000 tokens fit the 1024-token pool
+
+
+def test_errors_md_holds_the_table():
+    assert bad_inputs.render_table() in ERRORS_MD.read_text()
+    assert len(CASES) >= 40
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad-inputs")
+    model = make_checkpoint(tmp / MODEL, max_position_embeddings=CONTEXT_LEN)
+    (tmp / "token").write_text(TOKEN)
+    plain = LocalService(model, *bad_inputs.SERVICE_FLAGS, log_dir=tmp / "plain")
+    try:
+        token = LocalService(model, *bad_inputs.TOKEN_FLAGS, "--auth-token-file", str(tmp / "token"),
+                             log_dir=tmp / "token-logs")
+    except BaseException:
+        plain.stop()
+        raise
+    # The pool (1024 tokens) is shorter than the context (2048): the scheduler said so at start.
+    assert "warning: the KV pool holds 1024 tokens (64 blocks), fewer than one sequence of max_model_len 2048" in (
+        tmp / "plain" / "scheduler.log").read_text()
+    yield {"plain": plain, "token": token}
+    codes = {name: svc.stop() for name, svc in (("plain", plain), ("token", token))}
+    assert codes == {"plain": 0, "token": 0}
+
+
+def _metadata(case: Case):
+    return {"wrong_token": (("authorization", "Bearer nope"),), "no_token": ()}.get(
+        case.setup, (("authorization", f"Bearer {TOKEN}"),))
+
+
+def call(target: str, case: Case) -> tuple[str, str, str | None]:
+    """(status code, message, field) of one call."""
+    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1)]) as channel:
+        try:
+            if case.rpc == "Health":
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(**case.request),
+                                                                  timeout=30, metadata=_metadata(case))
+                return "OK", health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), None
+            if case.rpc == "Tokenize":
+                method = channel.unary_unary("/pagedserve.v1.GenerationService/Tokenize",
+                                             response_deserializer=generation_pb2.TokenizeResponse.FromString)
+                method(generation_pb2.TokenizeRequest(**case.request).SerializeToString(), timeout=30,
+                       metadata=_metadata(case))
+                return "OK", "", None
+            name = "Generate" if case.rpc == "Generate" else case.rpc
+            payload = case.request if isinstance(case.request, bytes) else (
+                generation_pb2.GenerateRequest(**(case.request or {})).SerializeToString())
+            method = channel.unary_stream(f"/pagedserve.v1.GenerationService/{name}")
+            list(method(payload, timeout=60, metadata=_metadata(case)))
+            return "OK", "", None
+        except grpc.RpcError as err:
+            parsed = GenerationError.from_rpc_error(err)
+            return err.code().name, err.details() or "", parsed.field
+
+
+def _background(target: str, request_id: str, started: threading.Event, stop: threading.Event) -> threading.Thread:
+    """A long stream in a thread, cancelled when ``stop`` is set."""
+
+    def run():
+        with Client(target) as client:
+            stream = client.generate("a long one", LONG, request_id=request_id, timeout=300)
+            for _ in stream:
+                started.set()
+                if stop.is_set():
+                    stream.cancel()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def call_with_setup(svc: LocalService, case: Case) -> tuple[str, str, str | None]:
+    target = svc.target
+    if case.setup == "deadline":
+        with Client(target) as client:
+            try:
+                client.complete("hi", LONG, timeout=0.3)
+            except GenerationError as exc:
+                return exc.code.name, exc.message, exc.field
+        return "OK", "", None
+    if case.setup not in ("duplicate", "queue_full"):
+        return call(target, case)
+    stop = threading.Event()
+    first = threading.Event()
+    threads = [_background(target, "dup" if case.setup == "duplicate" else "fill0", first, stop)]
+    try:
+        assert first.wait(60)
+        if case.setup == "duplicate":
+            return call(target, Case("", "", "", request={"request_id": "dup", "text": "hi",
+                                                           "sampling_params": {"max_tokens": 2}}))
+        # One runs (one sequence per step), two wait: the queue is full until the first finishes. The
+        # two join after the first runs (submitted together with it, the third would find it full).
+        threads += [_background(target, f"fill{i}", threading.Event(), stop) for i in (1, 2)]
+        wait_until(lambda: svc.engine_info().stats.num_waiting == 2, 60, interval_s=0.02, what="two waiting")
+        start = time.monotonic()
+        with Client(target) as client:
+            try:
+                client.complete("one more", SamplingParams(max_tokens=2))
+            except GenerationError as exc:
+                assert exc.retry_after == 1.0 and time.monotonic() - start < 5
+                return exc.code.name, exc.message, exc.field
+        return "OK", "", None
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(services, case):
+    svc = services[case.service]
+    code, message, field = call_with_setup(svc, case)
+    assert code == case.code, (code, message)
+    position = 0
+    for part in case.parts():  # the documented message, with … for the variable parts
+        found = message.find(part, position)
+        assert found >= 0, f"{part!r} not in {message!r}"
+        position = found + len(part)
+    assert (field or "") == case.field
+    svc.wait_all_blocks_free(timeout_s=60)
