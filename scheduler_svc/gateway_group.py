@@ -181,7 +181,8 @@ class GatewayGroup:
         if self._probes[i] is not None:
             self._probes[i].close()
         self._listening[i], self._probes[i], self._serving[i] = False, None, False
-        self.children[i] = self.group.restart(child)
+        # With the port it has now: a gateway started on port 0 alone picked it, and clients know that one.
+        self.children[i] = self.group.restart(child, self._command(i))
         self.say(f"the {child.name} process exited with code {code}; restarted it (pid "
                  f"{self.children[i].popen.pid}); the other gateways kept serving")
 

@@ -99,10 +99,10 @@ class ProcessGroup:
         self.children.append(child)
         return child
 
-    def restart(self, child: Child) -> Child:
-        """Starts ``child``'s command again in its place (its log file is appended to)."""
+    def restart(self, child: Child, argv: list[str] | None = None) -> Child:
+        """Starts ``child``'s command (or ``argv``) again in its place (its log file is appended to)."""
         index = next(i for i, c in enumerate(self.children) if c is child)
-        new = self.start(child.name, child.argv)
+        new = self.start(child.name, argv or child.argv)
         self.children.pop()
         self.children[index] = new
         return new
