@@ -79,7 +79,7 @@ def test_two_ranks_match_one_rank_bf16(arch, tmp_path):
 
 def test_a_killed_rank_fails_the_engine_on_gpus(tmp_path):
     path = make_checkpoint(tmp_path / "llama", arch="llama", **WIDE_LLAMA)
-    proc, target, pids = serve_two_ranks(path, tmp_path, "--device", "cuda", "--gpu-memory-utilization", "0.3")
+    proc, target, pids = serve_two_ranks(path, tmp_path, "--device", "cuda", "--kv-cache-memory", "1GiB")
     try:
         kill_a_rank_mid_stream(proc, target, pids["worker1"], max_tokens=900)
     finally:

@@ -216,8 +216,8 @@ def test_reflection_v1_and_v1alpha_and_health_list(model_dir):  # noqa: F811
                     {"list_services": ""}, {"file_containing_symbol": SERVICE_NAME},
                     {"file_containing_symbol": "grpc.reflection.v1.ServerReflection"}])
                 names = {s.name for s in listed.list_services_response.service}
-                assert names == {SERVICE_NAME, "grpc.health.v1.Health", protocol.REFLECTION_V1_SERVICE,
-                                 protocol.REFLECTION_V1ALPHA_SERVICE}, version
+                assert names == {SERVICE_NAME, "pagedserve.v1.LoadService", "grpc.health.v1.Health",
+                                 protocol.REFLECTION_V1_SERVICE, protocol.REFLECTION_V1ALPHA_SERVICE}, version
                 assert found.file_descriptor_response.file_descriptor_proto  # the files a client can decode with
                 assert not v1_file.HasField("error_response") and v1_file.file_descriptor_response.file_descriptor_proto
             async with grpc.aio.insecure_channel(target) as channel:
