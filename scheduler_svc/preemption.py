@@ -27,7 +27,7 @@ from scheduler_svc.request import Request, SeqStatus, Sequence, arrival_order
 from scheduler_svc.step_plan import SchedulerOutput
 
 if TYPE_CHECKING:
-    from scheduler_svc.scheduler import SchedulerStats
+    from scheduler_svc.scheduler_stats import SchedulerStats
     from scheduler_svc.step_budget import Pick, StepBudget
 
 _RUNNING = SeqStatus.RUNNING

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass
 from itertools import chain
 
 from scheduler_svc.block_pool import BlockPool
@@ -43,6 +42,7 @@ from scheduler_svc.request import (
     validate_request,
 )
 from scheduler_svc.sampling_params import InvalidField, SamplingParams
+from scheduler_svc.scheduler_stats import SchedulerStats
 from scheduler_svc.sequence_groups import SequenceGroups
 from scheduler_svc.step_budget import Pick, StepBudget
 from scheduler_svc.step_plan import ForkedSeq, ScheduledSeq, SchedulerOutput
@@ -52,17 +52,6 @@ _RUNNING = SeqStatus.RUNNING
 _STOP = int(FinishReason.FINISH_REASON_STOP)
 _LENGTH = int(FinishReason.FINISH_REASON_LENGTH)
 _NOT_FINISHED = int(FinishReason.FINISH_REASON_UNSPECIFIED)
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    num_steps: int = 0
-    num_preemptions: int = 0  # sequences preempted (recompute or swap)
-    num_swap_preemptions: int = 0  # sequences preempted by swapping their group out
-    num_computed_prompt_tokens: int = 0  # prompt tokens computed (not served from cache)
-    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
-    num_queried_prompt_tokens: int = 0  # prompt tokens looked up in the prefix cache, at every admission
-    num_ahead_steps: int = 0  # steps planned by schedule_ahead, before the previous step's results
 
 
 class Scheduler(PreemptionMixin):
