@@ -1,4 +1,4 @@
-"""The secure-gateway component (TLS, bearer token, plaintext health port) agrees with the gateway's
+"""The secure demo overlay's patches (TLS, bearer token, plaintext health port) agrees with the gateway's
 parser and with itself: the flags parse, the files they name lie in the mounted Secrets, readiness asks
 the health port, and the Service no longer claims cleartext HTTP/2."""
 
