@@ -3,9 +3,11 @@
 Stateless between requests. A request's life (validate, tokenize, submit over the one Connect stream
 kept to the scheduler, text deltas out) is GenerationCore's (generation.py); this module is its gRPC
 face, plus grpc.health.v1, server reflection, the scheduler watcher and draining. Health is SERVING only while the
-scheduler reports ready, the stream is open and the gateway is not draining.
+scheduler reports ready, the stream is open and the gateway is not draining. Chat renders the model's chat
+template (chat.py) and then runs as Generate. With --http-port the OpenAI-compatible HTTP API
+(openai_http.py) serves the same GenerationCore from the same event loop.
 
-    pagedserve gateway --model DIR --scheduler HOST:PORT --port 50051
+    pagedserve gateway --model DIR --scheduler HOST:PORT --port 50051 [--http-port 8000]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import clients  # noqa: F401
 from gpu_worker import lifetime
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 from scheduler_svc import log
+from scheduler_svc.gateway.chat import ChatPrompts, ChatTemplate
 from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, GenerationFailed
 from scheduler_svc.gateway.scheduler_link import SchedulerLink
 from scheduler_svc.gateway.tokenizer import Tokenizer
@@ -42,10 +45,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """The gRPC face of GenerationCore: requests in, response batches written to the stream, a
     GenerationFailed as the call's status (INVALID_ARGUMENT with a google.rpc.BadRequest detail)."""
 
-    def __init__(self, core: GenerationCore) -> None:
+    def __init__(self, core: GenerationCore, chat: ChatPrompts) -> None:
         self.core = core
+        self.chat = chat
 
     async def Generate(self, request, context):
+        await self._stream(request, context)
+
+    async def Chat(self, request, context):
+        try:
+            generate = await self.chat.from_proto(request)
+        except GenerationFailed as exc:
+            await _abort(context, exc)
+        await self._stream(generate, context)
+
+    async def _stream(self, request: generation_pb2.GenerateRequest, context) -> None:
         def cancel_status() -> str:
             remaining = context.time_remaining()
             return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
@@ -97,7 +111,8 @@ class Gateway:
         self._changed = asyncio.Event()
         self.link = SchedulerLink(scheduler_address, on_lost=self._changed.set)
         self.core = GenerationCore(self.tokenizer, self.model_name, self.link)
-        self.servicer = GenerationServicer(self.core)
+        self.chat = ChatPrompts(self.core, ChatTemplate.from_model(model_dir, self.tokenizer.id_to_token))
+        self.servicer = GenerationServicer(self.core, self.chat)
         self.health = health.aio.HealthServicer()
         self._serving: bool | None = None
         self._log = log.get_logger()
@@ -163,6 +178,26 @@ def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def _write_port_file(path: str | None, port: int) -> None:
+    if path:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(path)  # atomic: a reader never sees a partial file
+
+
+async def _start_http(args: argparse.Namespace, gateway: Gateway):
+    """The OpenAI-compatible HTTP server on --http-port, in this event loop; None without the flag."""
+    if args.http_port is None:
+        return None
+    from scheduler_svc.gateway.openai_http import OpenAIServer  # aiohttp: only when serving HTTP
+
+    http = OpenAIServer(gateway.core, gateway.chat)
+    port = await http.start(args.host, args.http_port)
+    _write_port_file(args.http_port_file, port)
+    log.get_logger().info("http listening", address=_format_address(args.host, port), api="openai")
+    return http
+
+
 async def serve(args: argparse.Namespace) -> int:
     logger = log.get_logger()
     gateway = Gateway(args.model, args.scheduler, args.model_name)
@@ -175,10 +210,8 @@ async def serve(args: argparse.Namespace) -> int:
     port = server.add_insecure_port(_format_address(args.host, args.port))
     watcher = await gateway.start()
     await server.start()
-    if args.port_file:
-        tmp = Path(f"{args.port_file}.tmp")
-        tmp.write_text(f"{port}\n")
-        tmp.replace(args.port_file)  # atomic: a reader never sees a partial file
+    http = await _start_http(args, gateway)
+    _write_port_file(args.port_file, port)
     logger.info("gateway listening", address=_format_address(args.host, port), model=gateway.model_name,
                 scheduler=args.scheduler)
     stop = asyncio.Event()
@@ -188,6 +221,8 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     await gateway.drain(args.drain_timeout)
     watcher.cancel()
+    if http is not None:
+        await http.stop()
     await server.stop(grace=1.0)
     await gateway.close()
     logger.info("gateway stopped")
@@ -203,12 +238,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
     p.add_argument("--model-name", default=None, help="model name clients may send (default: the directory's name)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                   "/v1/models) on this port; 0 picks a free one (default: off)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running streams get to finish after SIGTERM (default 30)")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
     p.add_argument("--log-format", default="auto", choices=log.FORMATS,
                    help="auto: JSON unless stderr is a terminal (default auto)")
     p.add_argument("--port-file", default=None, help=argparse.SUPPRESS)  # the launcher learns the port here
+    p.add_argument("--http-port-file", default=None, help=argparse.SUPPRESS)  # and the HTTP port here
     lifetime.add_argument(p)
     return p
 

@@ -14,6 +14,7 @@ import clients  # noqa: F401
 
 # isort: split
 from gpu_worker.demo_model import TRAINED_GGUF, trained_gguf_path
+from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.chat import CHAT_TEMPLATE_FILE, ChatPrompts, ChatTemplate
 from scheduler_svc.gateway.generation import GenerationFailed
@@ -179,3 +180,31 @@ def test_smollm2_gguf_template_like_transformers():
     # <|im_start|> as eos_token too; SmolLM2's template names neither.)
     assert ours.special_tokens == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
                                    "pad_token": "<|im_end|>"}
+
+
+def test_chat_rpc_streams_the_reply_and_python_client_sends_early_stopping(base_dir, tmp_path):
+    from pagedserve.client import GenerationError, SamplingParams
+    from tests.scheduler_svc.gateway.test_openai_http import FakeScheduler
+    from tests.scheduler_svc.gateway.test_server import TEXT, one_token_per_step, running
+
+    path = with_template(base_dir, tmp_path, CHATML, "jinja")
+    fake = FakeScheduler(one_token_per_step(Tokenizer(path)))
+    want_ids = AutoTokenizer.from_pretrained(path).apply_chat_template(CONVERSATION, add_generation_prompt=True)
+
+    async def scenario():
+        async with running(path, fake) as (client, _, _):
+            params = SamplingParams(max_tokens=50, early_stopping="never")  # passed on as is (used by beams)
+            chunks = [c async for c in client.chat([(m["role"], m["content"]) for m in CONVERSATION], params)]
+            assert "".join(c.text for c in chunks) == TEXT and chunks[-1].finish_reason == "length"
+            (submit,) = fake.submits
+            assert list(submit.prompt_token_ids) == want_ids["input_ids"]
+            assert submit.sampling_params.early_stopping == scheduler_pb2.EARLY_STOPPING_NEVER
+            with pytest.raises(GenerationError) as err:
+                [c async for c in client.chat([{"role": "user", "content": "x"}] * 200, params)]
+            assert (err.value.code, err.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "messages")
+        async with running(base_dir, fake) as (client, _, _):
+            with pytest.raises(GenerationError) as err:
+                [c async for c in client.chat(CONVERSATION, SamplingParams(max_tokens=5))]
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+    asyncio.run(scenario())
