@@ -6,7 +6,7 @@ seconds to finish, then the scheduler and the workers stop; exit 0. A child that
 stops the others and the launcher exits 1: never a half-alive service.
 
 The scheduler and the workers talk over a unix socket and an ipc socket in a private temporary
-directory; only the gateway's port is public.
+directory; only the gateway's ports are public (gRPC, and with --http-port the OpenAI-compatible HTTP API).
 """
 
 from __future__ import annotations
@@ -37,7 +37,17 @@ def _gateway_command(args: argparse.Namespace, scheduler_address: str, port_file
             "--drain-timeout", str(args.drain_timeout), "--port-file", str(port_file), "--log-level", args.log_level]
     if args.model_name:
         argv += ["--model-name", args.model_name]
+    if args.http_port is not None:
+        argv += ["--http-port", str(args.http_port), "--http-port-file", str(_http_port_file(port_file))]
     return cli_command("gateway", *argv)
+
+
+def _http_port_file(port_file: Path) -> Path:
+    return port_file.with_name("gateway.http.port")
+
+
+def _host_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 class _HealthProbe:
@@ -103,6 +113,7 @@ class Launcher:
 
     def _supervise(self, gateway: Child) -> int:
         port_file = self.tmp / "gateway.port"
+        http_port_file = _http_port_file(port_file) if self.args.http_port is not None else None
         probe: _HealthProbe | None = None
         next_probe = 0.0
         try:
@@ -110,10 +121,14 @@ class Launcher:
                 dead = self.group.first_dead()
                 if dead is not None:
                     return self._failed(dead)
+                if http_port_file is not None and http_port_file.exists():  # written before the gRPC port file
+                    _say(f"OpenAI-compatible HTTP API on http://{_host_url(self.args.host)}:"
+                         f"{int(http_port_file.read_text())}/v1")
+                    http_port_file = None
                 if probe is None and port_file.exists():
                     port = int(port_file.read_text())
                     host = self.args.host
-                    _say(f"gateway listening on {f'[{host}]' if ':' in host else host}:{port}")
+                    _say(f"gateway listening on {_host_url(host)}:{port}")
                     probe = _HealthProbe(host, port)
                 if probe is not None and next_probe >= 0 and time.monotonic() >= next_probe:
                     if probe.serving():
@@ -161,6 +176,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     EngineArgs.add_args(p, "serve")
     p.add_argument("--host", default="0.0.0.0", help="gateway address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gateway port; 0 picks a free one (default 50051)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                   "/v1/models) on this port of the gateway; 0 picks a free one (default: off)")
     p.add_argument("--model-name", default=None, help="model name clients may send (default: the directory's name)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running streams get to finish after SIGINT/SIGTERM (default 30)")
