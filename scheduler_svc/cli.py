@@ -8,6 +8,7 @@ import json
 import sys
 
 from gpu_worker.engine_args import EngineArgs
+from scheduler_svc import chat_cli
 
 
 def _add_offline(sub) -> None:
@@ -133,9 +134,10 @@ def _add_serve(sub) -> None:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream one completion from a running gateway",
                        description="Stream one completion from a pagedserve gateway and print the text as "
-                       "it arrives.")
+                       "it arrives. With --n > 1 or --beam-width > 1 the samples (beams) print one after "
+                       "another, each under a header, once they are complete.")
     p.add_argument("--target", default="localhost:50051", help="gateway address (default localhost:50051)")
-    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--prompt", required=True, help="prompt text (with --chat: the user's message)")
     p.add_argument("--max-tokens", type=int, required=True, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's, 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="0 disables (default 0)")
@@ -143,9 +145,18 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="per-request seed")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument("--n", type=int, default=None, help="independent samples of the prompt (default 1)")
+    p.add_argument("--beam-width", type=int, default=0, help="beam search with this many beams (default: off)")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam search length penalty (default 1)")
+    p.add_argument("--early-stopping", choices=("false", "true", "never"), default=None,
+                   help="beam search stopping rule, as transformers' early_stopping (default false)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template (the Chat RPC)")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
     p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object (token_ids, text, finish_reason, usage) at the end instead")
+                   help="print one JSON object (token_ids, text, finish_reason, usage) at the end instead; "
+                   "with several samples one per line, each with its index")
     p.set_defaults(func=_run_generate)
 
 
@@ -153,16 +164,30 @@ def _run_generate(args) -> int:
     import clients  # noqa: F401  (puts pagedserve.* on sys.path)
     from pagedserve.client import Client, GenerationError, SamplingParams
 
+    if args.system is not None and not args.chat:
+        raise SystemExit("pagedserve generate: --system needs --chat")
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, n=args.n, beam_width=args.beam_width,
+        length_penalty=args.length_penalty,
+        early_stopping=None if args.early_stopping is None else _EARLY_STOPPING[args.early_stopping],
     )
+    several = (args.n or 1) > 1 or args.beam_width > 1
     token_ids: list[int] = []
     text: list[str] = []
+    chunks = []
     last = None
     try:
         with Client(args.target) as client:
-            for chunk in client.generate(args.prompt, params, timeout=args.timeout):
+            if args.chat:
+                messages = ([("system", args.system)] if args.system is not None else []) + [("user", args.prompt)]
+                stream = client.chat(messages, params, timeout=args.timeout)
+            else:
+                stream = client.generate(args.prompt, params, timeout=args.timeout)
+            for chunk in stream:
+                if several:
+                    chunks.append(chunk)
+                    continue
                 token_ids += chunk.token_ids
                 text.append(chunk.text)
                 last = chunk
@@ -173,18 +198,38 @@ def _run_generate(args) -> int:
             print()
         print(f"pagedserve generate: {exc.code.name}: {exc.message}", file=sys.stderr)
         return 1
-    if args.json:
-        usage = last.usage if last is not None else None
-        print(json.dumps({
-            "token_ids": token_ids, "text": "".join(text), "finish_reason": last.finish_reason if last else None,
-            "usage": None if usage is None else {
-                "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                "cached_prompt_tokens": usage.cached_prompt_tokens,
-            },
-        }, ensure_ascii=False))
+    if several:
+        _print_samples(chunks, "beam" if args.beam_width > 1 else "sample", args.json)
+    elif args.json:
+        print(json.dumps(dict({"token_ids": token_ids, "text": "".join(text)}, **_ending(last)), ensure_ascii=False))
     else:
         print()
     return 0
+
+
+_EARLY_STOPPING = {"false": False, "true": True, "never": "never"}
+
+
+def _ending(last) -> dict:
+    """finish_reason and usage of a sample's last chunk, as --json prints them."""
+    usage = last.usage if last is not None else None
+    return {"finish_reason": last.finish_reason if last else None, "usage": None if usage is None else {
+        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+        "cached_prompt_tokens": usage.cached_prompt_tokens,
+    }}
+
+
+def _print_samples(chunks: list, kind: str, as_json: bool) -> None:
+    """Several samples (or beams), each whole: a header line and its text, or one JSON line each."""
+    from pagedserve.client import collect
+
+    for c in collect(chunks):
+        if as_json:
+            print(json.dumps(dict({"index": c.index, "token_ids": c.token_ids, "text": c.text},
+                                  **_ending(c)), ensure_ascii=False))
+        else:
+            print(f"--- {kind} {c.index} ({c.finish_reason}, {len(c.token_ids)} tokens) ---")
+            print(c.text)
 
 
 def _add_probe(sub) -> None:
@@ -238,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_serve(sub)
     _add_generate(sub)
+    chat_cli.add_parser(sub)
     _add_probe(sub)
     _add_roles(sub)
     return parser

@@ -175,7 +175,8 @@ def _chat_request(messages: Sequence[Message], params: SamplingParams | None, re
     return req
 
 
-def _collect(chunks: list[GenerateChunk]) -> list[Completion]:
+def collect(chunks: list[GenerateChunk]) -> list[Completion]:
+    """The samples of a call, each whole (Completion), by index."""
     out: dict[int, Completion] = {}
     for c in chunks:
         comp = out.setdefault(c.index, Completion(c.index, [], "", None, None, []))
@@ -230,7 +231,7 @@ class Client:
 
     def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs) -> list[Completion]:
         """Generates and collects: one Completion per sample, by index."""
-        return _collect(list(self.generate(prompt, params, **kwargs)))
+        return collect(list(self.generate(prompt, params, **kwargs)))
 
     def chat(
         self,
@@ -244,6 +245,11 @@ class Client:
         """Streams the assistant's next turn after ``messages`` (oldest first), rendered by the gateway
         with the model's chat template; FAILED_PRECONDITION when the model has none."""
         return GenerateStream(self._stub.Chat(_chat_request(messages, params, request_id, model), timeout=timeout))
+
+    def complete_chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
+                      **kwargs) -> list[Completion]:
+        """chat, collected: one Completion per sample, by index."""
+        return collect(list(self.chat(messages, params, **kwargs)))
 
     def tokenize(self, text: str, *, model: str = "", timeout: float | None = 30.0) -> list[int]:
         try:
@@ -330,7 +336,7 @@ class AsyncClient:
 
     async def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                        **kwargs) -> list[Completion]:
-        return _collect([c async for c in self.generate(prompt, params, **kwargs)])
+        return collect([c async for c in self.generate(prompt, params, **kwargs)])
 
     def chat(
         self,
@@ -343,6 +349,10 @@ class AsyncClient:
     ) -> AsyncGenerateStream:
         return AsyncGenerateStream(self._stub.Chat(_chat_request(messages, params, request_id, model),
                                                    timeout=timeout))
+
+    async def complete_chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
+                            **kwargs) -> list[Completion]:
+        return collect([c async for c in self.chat(messages, params, **kwargs)])
 
     async def tokenize(self, text: str, *, model: str = "", timeout: float | None = 30.0) -> list[int]:
         try:

