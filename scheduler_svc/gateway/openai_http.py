@@ -177,6 +177,8 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
                    405: f"method {request.method} is not allowed on {request.path}",
                    413: f"the request body is larger than {MAX_BODY_BYTES} bytes"}.get(exc.status, exc.reason)
         return _error_response(ApiError(exc.status, message, None, _HTTP_ERROR_CODES.get(exc.status)))
+    except ConnectionError:  # the client went away while we wrote: nobody to answer
+        raise
     except Exception as exc:  # a bug: the client still gets an answer in the expected shape
         log.get_logger().exception("http handler failed", path=request.path)
         return _error_response(ApiError(500, f"internal error: {exc!r}", None, "internal"))
@@ -267,11 +269,10 @@ class OpenAIServer:
                    else "max_tokens", "token_ids.ids": "messages", "prompt": "messages"}
         try:
             req = await self.chat.request(response_id, model, messages, params)
+            if max_tokens is None:  # as OpenAI: up to the context length
+                req.sampling_params.max_tokens = max(self.core.limits.max_model_len - len(req.token_ids.ids), 1)
         except GenerationFailed as exc:
             raise ApiError.from_failure(exc, renames) from None
-        if max_tokens is None:  # as OpenAI: up to the context length
-            room = self.core.limits.max_model_len - len(req.token_ids.ids)
-            req.sampling_params.max_tokens = max(room, 1)
         shape = _ChatShape(LogprobFormat(self._token_text, chat=True), logprobs)
         return await self._respond(request, response_id, [req], options, renames, shape)
 

@@ -21,6 +21,7 @@ from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.generation import GenerationFailed
 
 UINT32_MAX = 2**32 - 1
+MIN_LOGPROB = -9999.0  # what a log probability of zero is reported as (JSON has no -Infinity)
 MAX_TOP_LOGPROBS = 20
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -281,7 +282,7 @@ class LogprobFormat:
     def chat_entries(self, logprobs) -> list[dict]:
         def entry(token_id: int, logprob: float) -> dict:
             text = self.token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
 
         return [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t.token_id, t.logprob) for t in lp.top])
                 for lp in logprobs]
@@ -293,10 +294,14 @@ class LogprobFormat:
             tokens.append(self.token_text(lp.token_id))
             offsets.append(choice.text_offset)
             choice.text_offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-                "top_logprobs": [{self.token_text(t.token_id): t.logprob for t in lp.top} for lp in logprobs],
+        return {"tokens": tokens, "token_logprobs": [_finite(lp.logprob) for lp in logprobs],
+                "top_logprobs": [{self.token_text(t.token_id): _finite(t.logprob) for t in lp.top} for lp in logprobs],
                 "text_offset": offsets}
 
     def merge_completion(self, bodies: list[dict]) -> dict:
         return {key: [x for b in bodies for x in b[key]] for key in ("tokens", "token_logprobs", "top_logprobs",
                                                                       "text_offset")}
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB

@@ -5,6 +5,7 @@ OpenAI-shaped errors with their HTTP codes."""
 
 import asyncio
 import contextlib
+import math
 import shutil
 
 import aiohttp
@@ -191,7 +192,7 @@ def test_logprobs_in_both_shapes(model_dir, tokenizer):
     ids = tokenizer.encode("hello world")
 
     def script(submit):
-        top = [scheduler_pb2.TopLogprobs(token_ids=[t, 9], logprobs=[-0.5, -2.0]) for t in ids]
+        top = [scheduler_pb2.TopLogprobs(token_ids=[t, 9], logprobs=[-0.5, -math.inf]) for t in ids]
         return [[scheduler_pb2.RequestOutput(token_ids=ids, logprobs=[-0.5] * len(ids), top_logprobs=top,
                                              finish_reason=LENGTH)]]
 
@@ -204,13 +205,14 @@ def test_logprobs_in_both_shapes(model_dir, tokenizer):
                                                         max_tokens=len(ids), logprobs=True, top_logprobs=2)
             content = chat.choices[0].logprobs.content
             assert [(e.token, e.logprob, bytes(e.bytes).decode()) for e in content] == [(s, -0.5, s) for s in spell]
-            assert [[t.token for t in e.top_logprobs] for e in content] == [[s, spell_9] for s in spell]
+            assert [[(t.token, t.logprob) for t in e.top_logprobs] for e in content] == [
+                [(s, -0.5), (spell_9, -9999.0)] for s in spell]
             assert fake.submits[-1].sampling_params.top_logprobs == 2 and fake.submits[-1].sampling_params.logprobs
 
             done = await client.completions.create(model="demo", prompt="x", max_tokens=len(ids), logprobs=2)
             lp = done.choices[0].logprobs
             assert lp.tokens == spell and lp.token_logprobs == [-0.5] * len(ids)
-            assert lp.top_logprobs == [{s: -0.5, spell_9: -2.0} for s in spell]
+            assert lp.top_logprobs == [{s: -0.5, spell_9: -9999.0} for s in spell]  # JSON has no -Infinity
             assert lp.text_offset == [sum(len(s) for s in spell[:i]) for i in range(len(spell))]
 
     spell_9 = tokenizer.decode([9], skip_special_tokens=False)
