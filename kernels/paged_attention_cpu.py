@@ -37,15 +37,21 @@ def paged_attention_sdpa(
     lens = seq_lens.tolist()
     decode = [s for s in range(len(lens)) if starts[s + 1] - starts[s] == 1]
     if decode:
-        seqs = torch.tensor(decode)
-        rows = query_start_loc[seqs].long()
+        num = len(decode)
+        # Decode rows are usually one run (the runner puts running sequences together): slice, not index.
+        if decode[-1] - decode[0] == num - 1 and starts[decode[-1]] - starts[decode[0]] == num - 1:
+            seqs, rows = slice(decode[0], decode[-1] + 1), slice(starts[decode[0]], starts[decode[0]] + num)
+        else:
+            seqs = torch.tensor(decode)
+            rows = query_start_loc[seqs].long()
         slots, allowed = _gather_slots(block_tables[seqs], seq_lens[seqs], max(lens[s] for s in decode),
                                        block_size, sliding_window)  # [B, L]
-        k = k_rows[slots].transpose(1, 2)  # [B, H_kv, L, D]
-        v = v_rows[slots].transpose(1, 2)
-        qd = q[rows].view(len(decode), num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, H_kv, group, D]
+        # k, v: [B, H_kv, L, D]; index_select on flat slots is several times faster on CPU than indexing
+        k = k_rows.index_select(0, slots.view(-1)).view(*slots.shape, num_kv_heads, head_dim).transpose(1, 2)
+        v = v_rows.index_select(0, slots.view(-1)).view(*slots.shape, num_kv_heads, head_dim).transpose(1, 2)
+        qd = q[rows].view(num, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, H_kv, group, D]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=allowed[:, None, None, :], scale=scale)
-        out[rows] = o.reshape(len(decode), num_heads, head_dim)
+        out[rows] = o.reshape(num, num_heads, head_dim)
     for s, seq_len in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
         if q1 - q0 > 1:
@@ -86,8 +92,8 @@ def _prefill_chunk(
     pos = torch.arange(seq_len)
     slots = block_table[: -(-seq_len // block_size)].long().repeat_interleave(block_size)[:seq_len] * block_size \
         + pos % block_size
-    k = k_rows[slots].transpose(0, 1)[None]  # [1, H_kv, L, D]
-    v = v_rows[slots].transpose(0, 1)[None]
+    k = k_rows.index_select(0, slots).transpose(0, 1)[None]  # [1, H_kv, L, D]
+    v = v_rows.index_select(0, slots).transpose(0, 1)[None]
     qs = q.transpose(0, 1)[None]  # [1, H, n, D]
     gqa = num_heads != k.shape[1]
     if n == seq_len and sliding_window is None:  # the whole sequence: the plain causal mask
