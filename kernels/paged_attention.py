@@ -25,6 +25,7 @@ import torch
 
 from kernels._triton import jit, jit_helper, next_power_of_2, sm_count, use_triton
 from kernels.attention_config import AttentionConfig, choose_config, count_query_blocks
+from kernels.paged_attention_cpu import paged_attention_sdpa
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -480,10 +481,9 @@ def paged_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Attention of ``q`` over the paged cache; max_query_len / max_seq_len are host-side hints."""
+    """Attention of ``q`` over the paged cache; max_query_len / max_seq_len are host-side hints. CUDA
+    tensors take the Triton kernel, the rest torch's SDPA over gathered K/V (paged_attention_cpu.py)."""
     if use_triton(q):
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                       sliding_window, max_query_len, max_seq_len)
-    return paged_attention_ref(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window
-    )
+    return paged_attention_sdpa(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)

@@ -9,8 +9,8 @@ import json
 import sys
 
 from gpu_worker.engine_args import EngineArgs
-
-INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
+from scheduler_svc import chat_cli, client_cli
+from scheduler_svc.client_cli import INTERRUPTED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,21 +18,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _uint(bits: int, name: str = "an integer"):
-    """An argparse type: a non-negative integer that fits ``bits`` bits (what the request can carry)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not 0 <= value < 2**bits:
-            raise argparse.ArgumentTypeError(f"must be {name} in [0, 2**{bits}), got {value}")
-        return value
-
-    return parse
 
 
 def _add_offline(sub) -> None:
@@ -168,103 +153,6 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=serve.run)
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="stream one completion from a running gateway",
-                       description="Stream one completion from a pagedserve gateway and print the text as "
-                       "it arrives.")
-    p.add_argument("--target", default="localhost:50051", help="gateway address (default localhost:50051)")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    # The server checks every value; the types here only refuse what a request cannot carry.
-    p.add_argument("--max-tokens", type=_uint(32), required=True, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's, 1.0)")
-    p.add_argument("--top-k", type=_uint(32), default=0, help="0 disables (default 0)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus threshold in (0, 1] (default: 1.0)")
-    p.add_argument("--seed", type=_uint(63, "a seed"), default=None, help="per-request seed")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
-    p.add_argument("--logprobs", type=_uint(32), default=None, metavar="N",
-                   help="return each token's log probability and its N most likely alternatives (0 to 20)")
-    p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (token_ids, text, finish_reason, usage, logprobs) at the end instead")
-    tls = p.add_argument_group("gateway security")
-    tls.add_argument("--tls", action="store_true", help="speak TLS (server certificate checked against the system's "
-                     "roots, or --tls-ca)")
-    tls.add_argument("--tls-ca", metavar="PEM", help="trust this CA for the server's certificate (implies --tls)")
-    tls.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
-    tls.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
-    tls.add_argument("--token-file", metavar="FILE", help="send 'authorization: Bearer TOKEN', TOKEN being the "
-                     "file's content")
-    p.set_defaults(func=_run_generate)
-
-
-def _client_kwargs(args) -> dict:
-    from pathlib import Path
-
-    kwargs = {"tls": args.tls or bool(args.tls_ca or args.tls_cert), "ca_cert": args.tls_ca,
-              "client_cert": args.tls_cert, "client_key": args.tls_key}
-    if args.token_file:
-        kwargs["token"] = Path(args.token_file).read_text().strip()
-    for name in ("ca_cert", "client_cert", "client_key"):
-        if kwargs[name] is not None:
-            kwargs[name] = Path(kwargs[name]).read_bytes()
-    return kwargs
-
-
-def _run_generate(args) -> int:
-    import clients  # noqa: F401  (puts pagedserve.* on sys.path)
-    from pagedserve.client import Client, GenerationError, SamplingParams
-
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-        logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0,
-    )
-    chunks = []
-    try:
-        with Client(args.target, **_client_kwargs(args)) as client:
-            for chunk in client.generate(args.prompt, params, timeout=args.timeout):
-                chunks.append(chunk)
-                if not args.json:
-                    print(chunk.text, end="", flush=True)
-    except (GenerationError, KeyboardInterrupt, OSError) as exc:
-        if chunks and not args.json:
-            print()
-        if isinstance(exc, KeyboardInterrupt):
-            print("pagedserve generate: interrupted", file=sys.stderr)
-            return INTERRUPTED
-        what = f"{exc.code.name}: {exc.message}" if isinstance(exc, GenerationError) else str(exc)
-        print(f"pagedserve generate: {what}", file=sys.stderr)
-        return 1
-    _print_completion(chunks, args.json)
-    return 0
-
-
-def _print_completion(chunks: list, as_json: bool) -> None:
-    """After the streamed text: a newline, and the logprobs when asked (or everything as JSON)."""
-    last = chunks[-1] if chunks else None
-    logprobs = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
-                for c in chunks for lp in c.logprobs]
-    if not as_json:
-        print()
-        for lp in logprobs:
-            top = "  ".join(f"{t}:{v:.4f}" for t, v in lp["top"])
-            print(f"token {lp['token_id']}: {lp['logprob']:.4f}" + (f"  top: {top}" if top else ""))
-        return
-    usage = last.usage if last is not None else None
-    out = {
-        "token_ids": [t for c in chunks for t in c.token_ids], "text": "".join(c.text for c in chunks),
-        "finish_reason": last.finish_reason if last else None,
-        "usage": None if usage is None else {
-            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "cached_prompt_tokens": usage.cached_prompt_tokens,
-        },
-    }
-    if logprobs:
-        out["logprobs"] = logprobs
-    print(json.dumps(out, ensure_ascii=False))
-
-
 def _add_probe(sub) -> None:
     p = sub.add_parser("probe", help="exit 0 if a scheduler is ready (for Kubernetes exec probes)",
                        description="Ask a scheduler's GetEngineInfo whether its workers are ready; exit 0 if "
@@ -315,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_model(sub)
     _add_bench(sub)
     _add_serve(sub)
-    _add_generate(sub)
+    client_cli.add_parser(sub)
+    chat_cli.add_parser(sub)
     _add_probe(sub)
     _add_roles(sub)
     return parser

@@ -11,8 +11,9 @@ With ``--engines N`` the gateways route across N engines, and an engine that die
 started again instead (engine_set.py).
 
 The schedulers and the workers talk over unix and ipc sockets in a private temporary directory; only the
-gateways' port is public, and with ``--metrics-port`` the launcher's /metrics: the sum of every child's
-metrics (prometheus-client's multiprocess mode, see scheduler_svc/metrics.py).
+gateways' ports are public (gRPC, and with --http-port the OpenAI-compatible HTTP API), and with
+``--metrics-port`` the launcher's /metrics: the sum of every child's metrics (prometheus-client's
+multiprocess mode, see scheduler_svc/metrics.py).
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ def _say(message: str) -> None:
     print(f"pagedserve: {message}", flush=True)
 
 
-def _gateway_argv(args: argparse.Namespace, scheduler_address: str) -> list[str]:
+def _gateway_argv(args: argparse.Namespace, scheduler_address: str, http_port_file: Path) -> list[str]:
     """The flags every gateway takes; the group adds host, port and its private sockets."""
-    return ["--model", args.model, "--scheduler", scheduler_address, "--drain-timeout", str(args.drain_timeout),
+    argv = ["--model", args.model, "--scheduler", scheduler_address, "--drain-timeout", str(args.drain_timeout),
             "--log-level", args.log_level, "--routing", args.routing, "--model-name", _model_name(args),
             *GatewayLimits.from_args(args).to_argv(), *SecurityConfig.from_args(args).to_argv()]
+    if args.http_port is not None:  # every gateway writes the same port (one chosen before, when several)
+        argv += ["--http-port", str(args.http_port), "--http-port-file", str(http_port_file)]
+    return argv
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -72,7 +76,9 @@ class Launcher:
         self.engines = EngineSet(engine, args.engines, self.tmp, _model_name(args), self.metrics_dir)
         self.group = ProcessGroup(Path(args.log_dir) if args.log_dir else None, env)
         self.gateways = GatewayGroup(self.group, self.tmp, args.gateways, args.host, args.port,
-                                     _gateway_argv(args, ",".join(self.engines.scheduler_addresses)), _say)
+                                     _gateway_argv(args, ",".join(self.engines.scheduler_addresses),
+                                                   self.tmp / "gateway.http.port"), _say)
+        self.http_port_file: Path | None = self.tmp / "gateway.http.port" if args.http_port is not None else None
         self.signals = 0
         self.signalled = threading.Event()
 
@@ -143,6 +149,10 @@ class Launcher:
                 _say(f"gateway listening on {_url_host(self.args.host)}:{self.gateways.port}"
                      + (f" ({self.args.gateways} processes)" if self.args.gateways > 1 else ""))
                 announced_port = True
+            if self.http_port_file is not None and self.http_port_file.exists():
+                _say(f"OpenAI-compatible HTTP API on http://{_url_host(self.args.host)}:"
+                     f"{int(self.http_port_file.read_text())}/v1")
+                self.http_port_file = None  # announced
             if announced_port and not self.gateways.announced_ready and self.gateways.ready:
                 _say(f"ready: serving {self.args.model} (device {self.args.device})")
                 self.gateways.announced_ready = True
@@ -193,6 +203,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateways", type=int, default=default_num_gateways(), metavar="N",
                    help="gateway processes sharing the port (SO_REUSEPORT; the kernel spreads connections over "
                    f"them); default: half the CPUs, 1 to 8 (here {default_num_gateways()})")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                   "/v1/models) on this port of the gateway; 0 picks a free one (default: off)")
     p.add_argument("--model-name", default=None, help="model name clients may send (default: the directory's name)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running streams get to finish after SIGINT/SIGTERM (default 30)")
@@ -212,6 +225,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"pagedserve serve: {exc}") from None
     if args.gateways < 1:
         raise SystemExit(f"pagedserve serve: --gateways must be at least 1, got {args.gateways}")
+    if args.http_port is not None:  # several gateways share one HTTP port: choose it now (port 0), checked free
+        try:
+            args.http_port = check_port_free(args.host, args.http_port) if args.gateways > 1 or args.http_port \
+                else 0
+        except (OSError, OverflowError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise SystemExit(f"pagedserve serve: cannot listen on {args.host}:{args.http_port}: {reason}") from None
     if args.health_port:  # the gateways' plaintext health-only port (their main one is checked by the group)
         try:
             check_port_free(args.host, args.health_port)

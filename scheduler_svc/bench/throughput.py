@@ -79,7 +79,8 @@ def roofline_seconds(cfg: dict, work: Workload, ceilings: dict[str, float], dtyp
     max(bytes / bandwidth, flops / matmul rate), reading all weights and every live sequence's KV.
     ``ceilings`` as kernels.bench.ceilings.measure_ceilings gives them (GB/s, TFLOP/s)."""
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads, kv_heads, hd, vocab = (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
+    heads, kv_heads, hd, vocab = (cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                                  cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
                                   cfg["vocab_size"])
     layer_params = h * hd * (2 * heads + 2 * kv_heads) + 3 * h * inter
     params = layers * layer_params
@@ -169,15 +170,32 @@ def step_profile(before, after) -> dict:
     }
 
 
+def model_hf_config(model_dir: Path) -> dict:
+    """The checkpoint's Hugging Face config: its config.json, or what transformers reads from a GGUF file."""
+    from gpu_worker.model_files import resolve_model
+
+    gguf_file = resolve_model(model_dir).gguf_file
+    if gguf_file is None:
+        return json.loads((model_dir / "config.json").read_text())
+    from gpu_worker.gguf_loader import gguf_hf_config
+
+    return gguf_hf_config(gguf_file)
+
+
 def _hf_model(model_dir: Path, device: str, load_format: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gpu_worker.model_files import resolve_model
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if load_format == "dummy":
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    elif (gguf_file := resolve_model(model_dir).gguf_file) is not None:  # dequantized by transformers
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.resolve().parent, gguf_file=gguf_file.resolve().name,
+                                                     dtype=dtype, attn_implementation="sdpa")
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()
@@ -316,8 +334,7 @@ def run(args) -> int:
             model_dir, args.load_format = Path(tmp) / args.shape, "dummy"
         else:
             raise SystemExit("give --shape or --model")
-        vocab = SHAPES[args.shape]["vocab_size"] if not args.model else \
-            json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        vocab = SHAPES[args.shape]["vocab_size"] if not args.model else model_hf_config(model_dir)["vocab_size"]
         work = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, args.seed)
         warm = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, args.seed + 1)
         if not args.model:
@@ -331,7 +348,7 @@ def run(args) -> int:
                                           kv_cache_memory=cpu_pool)
         except ValueError as exc:
             raise SystemExit(f"pagedserve bench throughput: {exc}") from None
-        cfg = json.loads((model_dir / "config.json").read_text())
+        cfg = model_hf_config(model_dir)
         print(f"workload: {len(work.prompts)} prompts, {work.num_output_tokens} output tokens, "
               f"model {args.shape or args.model} on {args.device}", flush=True)
         ceilings = measure_ceilings(args.device)

@@ -101,14 +101,15 @@ class GenerationCore:
             checked = check_request(request, limits)
             ids = checked.prompt_token_ids
             if checked.text is not None:
-                ids = text_token_ids(await self._encode(checked.text), limits, "text")
+                ids = text_token_ids(await self.encode(checked.text), limits, "text")
         except InvalidField as exc:
             raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
         return ValidRequest(checked.request_id, ids, checked.params)
 
-    async def _encode(self, text: str) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids through the bounded tokenizer pool (long texts off the event loop)."""
         try:
-            return await self.tokenizer_pool.encode(text)
+            return await self.tokenizer_pool.encode(text, add_special_tokens)
         except TokenizerBusy as exc:
             raise GenerationFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), retry_after_s=RETRY_AFTER_S) from None
 
@@ -229,7 +230,7 @@ class GenerationCore:
                 check_text(text, limits, "text")
         except InvalidField as exc:
             raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
-        return await self._encode(text) if text else []
+        return await self.encode(text) if text else []
 
 
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}

@@ -33,6 +33,20 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials:
                                        require_client_auth=client_ca is not None)
 
 
+def http_ssl_context(config: SecurityConfig):
+    """The same TLS (and client-certificate check) for the OpenAI-compatible HTTP port; None without TLS."""
+    if not config.tls:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca:
+        context.load_verify_locations(config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def interceptors(config: SecurityConfig) -> list[grpc.aio.ServerInterceptor]:
     return [TokenInterceptor(read_token(config.auth_token_file))] if config.auth_token_file else []
 

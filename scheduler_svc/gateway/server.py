@@ -6,9 +6,11 @@ discovery and the router are engines.py's; this module is the gRPC face, plus Lo
 grpc.health.v1, server reflection, health upkeep, metrics and draining. Health is SERVING while at least
 one engine reports ready with its stream open, and the gateway is not draining. Requests larger than
 ``--max-request-bytes`` are refused by gRPC before any of them is read into a message; TLS, mTLS and
-token authentication are optional (security.py).
+token authentication are optional (security.py). Chat renders the model's chat template (chat.py) and
+then runs as Generate. With --http-port the OpenAI-compatible HTTP API (openai_http.py) serves the same
+GenerationCore from the same event loop, with the same TLS and token.
 
-    pagedserve gateway --model DIR --scheduler HOST:PORT[,HOST:PORT...] --port 50051
+    pagedserve gateway --model DIR --scheduler HOST:PORT[,HOST:PORT...] --port 50051 [--http-port 8000]
     pagedserve gateway --model DIR --scheduler dns:pagedserve-engine:50052 --metrics-port 9090
 """
 
@@ -33,6 +35,7 @@ from gpu_worker import lifetime
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc, load_pb2_grpc
 from scheduler_svc import log, metrics
 from scheduler_svc.gateway import load_service, protocol, security
+from scheduler_svc.gateway.chat import ChatPrompts, ChatTemplate
 from scheduler_svc.gateway.engines import EnginePool, parse_engines
 from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, GenerationFailed
 from scheduler_svc.gateway.metrics import GatewayMetrics
@@ -42,6 +45,7 @@ from scheduler_svc.gateway.options import (
     SecurityConfig,
     add_limit_arguments,
     add_security_arguments,
+    read_token,
 )
 from scheduler_svc.gateway.router import POLICIES, Router
 from scheduler_svc.gateway.tokenizer import Tokenizer
@@ -55,10 +59,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """The gRPC face of GenerationCore: requests in, response batches written to the stream, a
     GenerationFailed as the call's status (INVALID_ARGUMENT with a google.rpc.BadRequest detail)."""
 
-    def __init__(self, core: GenerationCore) -> None:
+    def __init__(self, core: GenerationCore, chat: ChatPrompts) -> None:
         self.core = core
+        self.chat = chat
 
     async def Generate(self, request, context):
+        await self._stream(request, context)
+
+    async def Chat(self, request, context):
+        try:
+            generate = await self.chat.from_proto(request)
+        except GenerationFailed as exc:
+            await _abort(context, exc)
+        await self._stream(generate, context)
+
+    async def _stream(self, request: generation_pb2.GenerateRequest, context) -> None:
         def cancel_status() -> str:
             remaining = context.time_remaining()
             return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
@@ -128,7 +143,8 @@ class Gateway:
         self.engines = EnginePool(scheduler_address, router or Router(), self.metrics, on_change=self._changed.set,
                                   dns_refresh_s=dns_refresh_s)
         self.core = GenerationCore(self.tokenizer, self.model_name, self.engines, self.metrics, limits)
-        self.servicer = GenerationServicer(self.core)
+        self.chat = ChatPrompts(self.core, ChatTemplate.from_model(model_dir, self.tokenizer.id_to_token))
+        self.servicer = GenerationServicer(self.core, self.chat)
         self.load_servicer = load_service.LoadServicer(self.engines, self.model_name)
         self.health = protocol.HealthServicer()
         self._serving: bool | None = None
@@ -195,6 +211,22 @@ def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+async def _start_http(args: argparse.Namespace, gateway: Gateway, secure: SecurityConfig):
+    """The OpenAI-compatible HTTP server on --http-port, in this event loop, with the gRPC port's TLS and
+    token; None without the flag."""
+    if args.http_port is None:
+        return None
+    from scheduler_svc.gateway.openai_http import OpenAIServer  # aiohttp: only when serving HTTP
+
+    token = read_token(secure.auth_token_file) if secure.auth_token_file else None
+    http = OpenAIServer(gateway.core, gateway.chat, token)
+    port = await http.start(args.host, args.http_port, security.http_ssl_context(secure), args.reuse_port)
+    if args.http_port_file:
+        _write_atomically(Path(args.http_port_file), port)
+    log.get_logger().info("http listening", address=_format_address(args.host, port), api="openai")
+    return http
+
+
 async def serve(args: argparse.Namespace) -> int:
     logger = log.get_logger()
     router = Router(args.routing, args.affinity_blocks)
@@ -222,6 +254,7 @@ async def serve(args: argparse.Namespace) -> int:
     watcher = await gateway.start()
     for srv in servers:
         await srv.start()
+    http = await _start_http(args, gateway, secure)
     if args.port_file:
         if len(servers) > 1:
             _write_atomically(Path(f"{args.port_file}.health"), health_port)
@@ -242,6 +275,8 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     await gateway.drain(args.drain_timeout, hurry)
     watcher.cancel()
+    if http is not None:
+        await http.stop()
     for srv in servers:
         await srv.stop(grace=1.0)
     await gateway.close()
@@ -294,6 +329,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
     p.add_argument("--model-name", default=None, help="model name clients may send (default: the directory's name)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                   "/v1/models) on this port; 0 picks a free one (default: off)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running streams get to finish after SIGTERM (default 30)")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
@@ -304,6 +342,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--port-file", default=None, help=argparse.SUPPRESS)  # the launcher learns the port here
     # Also listen here, a unix socket private to the launcher, which asks this very gateway's health.
     p.add_argument("--local-socket", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--http-port-file", default=None, help=argparse.SUPPRESS)  # and the HTTP port here
     add_limit_arguments(p.add_argument_group("limits (checked before any work is done on a request)"))
     add_security_arguments(p.add_argument_group("security (all off by default)"))
     lifetime.add_argument(p)

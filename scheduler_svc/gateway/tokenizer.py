@@ -51,21 +51,23 @@ class Tokenizer:
         """The ``tokenizers.Tokenizer`` itself (the gateway's streaming detokenizer steps through it)."""
         return self._tok
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``add_special_tokens=False`` for text that spells its special tokens out (a rendered chat
+        template), as transformers' apply_chat_template tokenizes it."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_releasing_gil(self, text: str) -> list[int]:
+    def encode_releasing_gil(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """``encode``, for a worker thread: ``tokenizers`` holds the GIL in encode but releases it in
         encode_batch, so only this form lets the event loop run meanwhile."""
-        return self._tok.encode_batch([text])[0].ids
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     @functools.cached_property
     def max_token_bytes(self) -> int:
         """UTF-8 length of the longest vocabulary entry: one token covers about that much text at most."""
         return max(len(token.encode("utf-8")) for token in self._tok.get_vocab(with_added_tokens=True))
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self._tok.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)

@@ -28,16 +28,16 @@ class TokenizerPool:
         self.num_in_pool = 0
         self._executor = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="tokenize")
 
-    async def encode(self, text: str) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The token ids of ``text``; raises TokenizerBusy when the pool is full."""
         if len(text) <= INLINE_CHARS:
-            return self.tokenizer.encode(text)
+            return self.tokenizer.encode(text, add_special_tokens)
         if self.num_in_pool >= self.max_in_pool:
             raise TokenizerBusy(f"the gateway is busy tokenizing {self.num_in_pool} long texts; retry later")
         # Counted until the thread is done with it, not until the caller stops waiting: a cancelled
         # request's text still occupies its thread. Only the event loop's thread counts: no lock.
         loop = asyncio.get_running_loop()
-        job = self._executor.submit(self.tokenizer.encode_releasing_gil, text)
+        job = self._executor.submit(self.tokenizer.encode_releasing_gil, text, add_special_tokens)
         self.num_in_pool += 1
         job.add_done_callback(lambda _: self._release_from(loop))
         return await asyncio.wrap_future(job)  # cancelled: a job that has not started is dropped

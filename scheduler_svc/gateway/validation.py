@@ -21,6 +21,8 @@ MAX_REQUEST_ID_CHARS = 256
 # No token spans more text than this many times its vocabulary entry's UTF-8 length (pre-tokenizers
 # that drop separators, normalizers that shorten text): the slack of the prompt's byte bound.
 TOKEN_BYTES_SLACK = 4
+MAX_CHAT_MESSAGES = 4096
+MAX_ROLE_CHARS = 64
 
 # Scheduler-side error fields (see Scheduler.add_request) by their public path.
 SCHEDULER_FIELDS = {"prompt": "prompt", "request_id": "request_id"}
@@ -158,6 +160,47 @@ def _fits(num_tokens: int, limits: ModelLimits, name: str) -> None:
         )
 
 
+_EARLY_STOPPING = {
+    generation_pb2.EARLY_STOPPING_UNSPECIFIED: False,
+    generation_pb2.EARLY_STOPPING_HEURISTIC: False,
+    generation_pb2.EARLY_STOPPING_ON_FULL: True,
+    generation_pb2.EARLY_STOPPING_NEVER: "never",
+}
+
+
+def _early_stopping(value: int) -> bool | str:
+    """The public enum as SamplingParams.early_stopping (transformers' False, True or "never")."""
+    if value not in _EARLY_STOPPING:
+        raise InvalidField("early_stopping", f"unknown value {value}")
+    return _EARLY_STOPPING[value]
+
+
+def validate_messages(messages: Sequence) -> list[dict]:
+    """A conversation as a chat template takes it: dicts with a non-empty ``role`` and a string
+    ``content`` (and an optional string ``name``), oldest first. Raises InvalidField("messages...")."""
+    if not messages:
+        raise InvalidField("messages", "must hold at least one message")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise InvalidField("messages", f"at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidField(f"messages[{i}]", "must be an object with a role and a content")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role or len(role) > MAX_ROLE_CHARS:
+            raise InvalidField(f"messages[{i}].role", f"must be a non-empty string of at most {MAX_ROLE_CHARS} "
+                               f"characters, got {role!r}")
+        if not isinstance(content, str):
+            raise InvalidField(f"messages[{i}].content", f"must be a string, got {type(content).__name__}")
+        message = {"role": role, "content": content}
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                raise InvalidField(f"messages[{i}].name", "must be a string")
+            message["name"] = m["name"]
+        out.append(message)
+    return out
+
+
 def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> SamplingParams:
     def opt(name: str, default: float) -> float:
         return getattr(p, name) if p.HasField(name) else default
@@ -197,6 +240,7 @@ def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> S
             beam_width=max(p.beam_width, 1),
             logprobs=p.logprobs or p.top_logprobs > 0,
             top_logprobs=p.top_logprobs,
+            early_stopping=_early_stopping(p.early_stopping),
             **floats,
         )
     except InvalidField as exc:

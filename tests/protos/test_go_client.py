@@ -22,7 +22,10 @@ class FakeGeneration(generation_pb2_grpc.GenerationServiceServicer):
     """Streams a fixed completion in three deltas and keeps the requests it saw."""
 
     def __init__(self):
-        self.requests: list[generation_pb2.GenerateRequest] = []
+        self.requests: list[generation_pb2.GenerateRequest | generation_pb2.ChatRequest] = []
+
+    def Chat(self, request, context):
+        return self.Generate(request, context)
 
     def Generate(self, request, context):
         self.requests.append(request)
@@ -157,3 +160,14 @@ def test_client_without_the_token_is_refused(client_binary, secured_server):
     assert proc.returncode == 1
     assert proc.stderr == "pagedserve-generate: Unauthenticated: invalid credentials\n"
     assert not servicer.calls[0][0].sampling_params.logprobs  # not asked: not sent
+def test_client_chat_sends_the_messages(client_binary, server):
+    target, servicer = server
+    proc = run_client(client_binary, "-target", target, "-chat", "-system", "Be brief.", "-prompt", "Hi",
+                      "-max-tokens", "3")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "Hello, paged world\n", "")
+    (request,) = servicer.requests
+    assert isinstance(request, generation_pb2.ChatRequest)
+    assert [(m.role, m.content) for m in request.messages] == [("system", "Be brief."), ("user", "Hi")]
+    assert request.sampling_params.max_tokens == 3
+    run_client(client_binary, "-target", target, "-chat", "-prompt", "Yo", "-max-tokens", "3")
+    assert [(m.role, m.content) for m in servicer.requests[1].messages] == [("user", "Yo")]

@@ -8,7 +8,9 @@
         for chunk in client.generate("Hello", SamplingParams(max_tokens=16, temperature=0)):
             print(chunk.text, end="", flush=True)
 
-``AsyncClient`` has the same methods as coroutines, and ``generate`` returns an async iterator.
+``chat`` streams the assistant's next turn of a conversation (the gateway applies the model's chat
+template): ``client.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=64))``.
+``AsyncClient`` has the same methods as coroutines, and ``generate`` and ``chat`` return async iterators.
 Failed calls raise ``GenerationError``, with the status code and, for INVALID_ARGUMENT, the field; for
 RESOURCE_EXHAUSTED (a full queue) ``retry_after`` says in how many seconds to try again.
 ``load()`` and ``watch_load()`` report the engines' load behind the gateway (pagedserve.v1.LoadService),
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,12 @@ _FINISH = {
     generation_pb2.FINISH_REASON_ABORT: "abort",
 }
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_EARLY_STOPPING = {
+    False: generation_pb2.EARLY_STOPPING_HEURISTIC,
+    True: generation_pb2.EARLY_STOPPING_ON_FULL,
+    "never": generation_pb2.EARLY_STOPPING_NEVER,
+}
+Message = Mapping[str, str] | tuple[str, str]  # {"role": ..., "content": ...} or (role, content)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     repetition_penalty: float | None = None
+    early_stopping: bool | str | None = None  # beam search, as transformers: False, True or "never"; server: False
 
     def to_proto(self) -> generation_pb2.SamplingParams:
         p = generation_pb2.SamplingParams(
@@ -66,6 +75,10 @@ class SamplingParams:
             stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, beam_width=self.beam_width,
             logprobs=self.logprobs, top_logprobs=self.top_logprobs,
         )
+        if self.early_stopping is not None:
+            if self.early_stopping not in _EARLY_STOPPING:
+                raise ValueError(f"early_stopping must be False, True or 'never', got {self.early_stopping!r}")
+            p.early_stopping = _EARLY_STOPPING[self.early_stopping]
         for name in ("temperature", "top_p", "seed", "n", "length_penalty", "repetition_penalty"):
             value = getattr(self, name)
             if value is not None:
@@ -178,7 +191,18 @@ def _request(prompt: str | Sequence[int], params: SamplingParams | None, request
     return req
 
 
-def _collect(chunks: list[GenerateChunk]) -> list[Completion]:
+def _chat_request(messages: Sequence[Message], params: SamplingParams | None, request_id: str, model: str):
+    req = generation_pb2.ChatRequest(
+        request_id=request_id, model=model, sampling_params=(params or SamplingParams()).to_proto()
+    )
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        req.messages.add(role=role, content=content)
+    return req
+
+
+def collect(chunks: list[GenerateChunk]) -> list[Completion]:
+    """The samples of a call, each whole (Completion), by index."""
     out: dict[int, Completion] = {}
     for c in chunks:
         comp = out.setdefault(c.index, Completion(c.index, [], "", None, None, []))
@@ -239,7 +263,25 @@ class Client:
 
     def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs) -> list[Completion]:
         """Generates and collects: one Completion per sample, by index."""
-        return _collect(list(self.generate(prompt, params, **kwargs)))
+        return collect(list(self.generate(prompt, params, **kwargs)))
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str = "",
+        model: str = "",
+        timeout: float | None = None,
+    ) -> GenerateStream:
+        """Streams the assistant's next turn after ``messages`` (oldest first), rendered by the gateway
+        with the model's chat template; FAILED_PRECONDITION when the model has none."""
+        return GenerateStream(self._stub.Chat(_chat_request(messages, params, request_id, model), timeout=timeout))
+
+    def complete_chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
+                      **kwargs) -> list[Completion]:
+        """chat, collected: one Completion per sample, by index."""
+        return collect(list(self.chat(messages, params, **kwargs)))
 
     def tokenize(self, text: str, *, model: str = "", timeout: float | None = 30.0) -> list[int]:
         try:
@@ -350,7 +392,23 @@ class AsyncClient:
 
     async def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                        **kwargs) -> list[Completion]:
-        return _collect([c async for c in self.generate(prompt, params, **kwargs)])
+        return collect([c async for c in self.generate(prompt, params, **kwargs)])
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str = "",
+        model: str = "",
+        timeout: float | None = None,
+    ) -> AsyncGenerateStream:
+        return AsyncGenerateStream(self._stub.Chat(_chat_request(messages, params, request_id, model),
+                                                   timeout=timeout))
+
+    async def complete_chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
+                            **kwargs) -> list[Completion]:
+        return collect([c async for c in self.chat(messages, params, **kwargs)])
 
     async def tokenize(self, text: str, *, model: str = "", timeout: float | None = 30.0) -> list[int]:
         try:

@@ -56,6 +56,24 @@ def test_bench_throughput_on_cpu_writes_its_report(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_throughput_takes_a_gguf_checkpoint(tmp_path):
+    """--model DIR holding a .gguf file: config from its metadata, transformers' own GGUF load for hf-static."""
+    from tests.gguf_files import Q, write_gguf
+
+    model_dir = tmp_path / "gguf"
+    write_gguf(make_checkpoint(tmp_path / "m"), model_dir / "model.gguf", lambda name: Q.F32)
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "scheduler_svc.cli", "bench", "throughput", "--model", str(model_dir), "--device", "cpu",
+         "--num-prompts", "2", "--input-len", "8", "--output-len", "3", "--compare", "hf-static", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["system"], r["output_tokens"]) for r in report["results"]] == [("pagedserve", 6), ("hf-static", 6)]
+
+
+@pytest.mark.slow
 def test_bench_serving_on_cpu_reports_latencies(tmp_path):
     import socket
 

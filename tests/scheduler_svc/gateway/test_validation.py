@@ -9,7 +9,7 @@ import clients  # noqa: F401
 
 # isort: split
 from pagedserve.v1 import generation_pb2
-from scheduler_svc.gateway.validation import ModelLimits, public_field, validate
+from scheduler_svc.gateway.validation import ModelLimits, public_field, validate, validate_messages
 from scheduler_svc.sampling_params import InvalidField
 
 LIMITS = ModelLimits(name="demo", vocab_size=100, max_model_len=32)
@@ -80,6 +80,7 @@ def test_set_fields_pass_through():
     (lambda: request(n=2, beam_width=2), "sampling_params.n"),  # beam search returns beam_width beams
     (lambda: request(beam_width=17), "sampling_params.beam_width"),
     (lambda: request(top_logprobs=21), "sampling_params.top_logprobs"),
+    (lambda: request(early_stopping=7), "sampling_params.early_stopping"),
     (lambda: request(repetition_penalty=0.0), "sampling_params.repetition_penalty"),
     (lambda: request(length_penalty=math.nan), "sampling_params.length_penalty"),
     (lambda: request(seed=2**63), "sampling_params.seed"),
@@ -99,3 +100,38 @@ def test_scheduler_fields_map_to_public_paths():
     assert public_field("prompt") == "prompt"
     assert public_field("top_p") == "sampling_params.top_p"
     assert public_field("request_id") == "request_id"
+
+
+@pytest.mark.parametrize("value, expected", [
+    (generation_pb2.EARLY_STOPPING_UNSPECIFIED, False),
+    (generation_pb2.EARLY_STOPPING_HEURISTIC, False),
+    (generation_pb2.EARLY_STOPPING_ON_FULL, True),
+    (generation_pb2.EARLY_STOPPING_NEVER, "never"),
+])
+def test_early_stopping_maps_to_transformers_values(value, expected):
+    params = validate(request(beam_width=2, early_stopping=value), LIMITS, encode).params
+    assert params.early_stopping == expected and type(params.early_stopping) is type(expected)
+
+
+def test_chat_messages_are_checked_and_normalized():
+    got = validate_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": "", "name": "ann"},
+                             {"role": "assistant", "content": "ok", "extra": 1}])
+    assert got == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "", "name": "ann"},
+                   {"role": "assistant", "content": "ok"}]
+
+
+@pytest.mark.parametrize("messages, field", [
+    ([], "messages"),
+    ([{"role": "user", "content": "hi"}] * 4097, "messages"),
+    (["hi"], "messages[0]"),
+    ([{"role": "user", "content": "hi"}, {"content": "hi"}], "messages[1].role"),
+    ([{"role": "", "content": "hi"}], "messages[0].role"),
+    ([{"role": "r" * 65, "content": "hi"}], "messages[0].role"),
+    ([{"role": "user", "content": None}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "messages[0].content"),
+    ([{"role": "user", "content": "hi", "name": 3}], "messages[0].name"),
+])
+def test_bad_chat_message_is_named(messages, field):
+    with pytest.raises(InvalidField) as err:
+        validate_messages(messages)
+    assert err.value.field == field

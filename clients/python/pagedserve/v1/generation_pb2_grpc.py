@@ -50,6 +50,11 @@ class GenerationServiceStub:
                 request_serializer=pagedserve_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_generation__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/pagedserve.v1.GenerationService/Chat',
+                request_serializer=pagedserve_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -78,6 +83,15 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Chat(self, request, context):
+        """Chat streams the assistant's next turn in a conversation: the gateway renders the model's chat
+        template over the messages, with the generation prompt, and generates from it as Generate does.
+        A model without a chat template answers FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=pagedserve_dot_v1_dot_generation__pb2.GetModelInfoRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_generation__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=pagedserve_dot_v1_dot_generation__pb2.ChatRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class GenerationService:
             '/pagedserve.v1.GenerationService/GetModelInfo',
             pagedserve_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
             pagedserve_dot_v1_dot_generation__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pagedserve.v1.GenerationService/Chat',
+            pagedserve_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
+            pagedserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

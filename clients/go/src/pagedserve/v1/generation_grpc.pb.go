@@ -24,6 +24,10 @@ type GenerationServiceClient interface {
 	Tokenize(ctx context.Context, in *TokenizeRequest, opts ...grpc.CallOption) (*TokenizeResponse, error)
 	// GetModelInfo describes the served model and its KV cache.
 	GetModelInfo(ctx context.Context, in *GetModelInfoRequest, opts ...grpc.CallOption) (*GetModelInfoResponse, error)
+	// Chat streams the assistant's next turn in a conversation: the gateway renders the model's chat
+	// template over the messages, with the generation prompt, and generates from it as Generate does.
+	// A model without a chat template answers FAILED_PRECONDITION.
+	Chat(ctx context.Context, in *ChatRequest, opts ...grpc.CallOption) (GenerationService_ChatClient, error)
 }
 
 type generationServiceClient struct {
@@ -84,6 +88,38 @@ func (c *generationServiceClient) GetModelInfo(ctx context.Context, in *GetModel
 	return out, nil
 }
 
+func (c *generationServiceClient) Chat(ctx context.Context, in *ChatRequest, opts ...grpc.CallOption) (GenerationService_ChatClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_GenerationService_serviceDesc.Streams[1], "/pagedserve.v1.GenerationService/Chat", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &generationServiceChatClient{stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+type GenerationService_ChatClient interface {
+	Recv() (*GenerateResponse, error)
+	grpc.ClientStream
+}
+
+type generationServiceChatClient struct {
+	grpc.ClientStream
+}
+
+func (x *generationServiceChatClient) Recv() (*GenerateResponse, error) {
+	m := new(GenerateResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 // GenerationServiceServer is the server API for GenerationService service.
 // All implementations must embed UnimplementedGenerationServiceServer
 // for forward compatibility
@@ -95,6 +131,10 @@ type GenerationServiceServer interface {
 	Tokenize(context.Context, *TokenizeRequest) (*TokenizeResponse, error)
 	// GetModelInfo describes the served model and its KV cache.
 	GetModelInfo(context.Context, *GetModelInfoRequest) (*GetModelInfoResponse, error)
+	// Chat streams the assistant's next turn in a conversation: the gateway renders the model's chat
+	// template over the messages, with the generation prompt, and generates from it as Generate does.
+	// A model without a chat template answers FAILED_PRECONDITION.
+	Chat(*ChatRequest, GenerationService_ChatServer) error
 	mustEmbedUnimplementedGenerationServiceServer()
 }
 
@@ -110,6 +150,9 @@ func (UnimplementedGenerationServiceServer) Tokenize(context.Context, *TokenizeR
 }
 func (UnimplementedGenerationServiceServer) GetModelInfo(context.Context, *GetModelInfoRequest) (*GetModelInfoResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetModelInfo not implemented")
+}
+func (UnimplementedGenerationServiceServer) Chat(*ChatRequest, GenerationService_ChatServer) error {
+	return status.Errorf(codes.Unimplemented, "method Chat not implemented")
 }
 func (UnimplementedGenerationServiceServer) mustEmbedUnimplementedGenerationServiceServer() {}
 
@@ -181,6 +224,27 @@ func _GenerationService_GetModelInfo_Handler(srv interface{}, ctx context.Contex
 	return interceptor(ctx, in, info, handler)
 }
 
+func _GenerationService_Chat_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ChatRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(GenerationServiceServer).Chat(m, &generationServiceChatServer{stream})
+}
+
+type GenerationService_ChatServer interface {
+	Send(*GenerateResponse) error
+	grpc.ServerStream
+}
+
+type generationServiceChatServer struct {
+	grpc.ServerStream
+}
+
+func (x *generationServiceChatServer) Send(m *GenerateResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
 var _GenerationService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "pagedserve.v1.GenerationService",
 	HandlerType: (*GenerationServiceServer)(nil),
@@ -198,6 +262,11 @@ var _GenerationService_serviceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Generate",
 			Handler:       _GenerationService_Generate_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Chat",
+			Handler:       _GenerationService_Chat_Handler,
 			ServerStreams: true,
 		},
 	},

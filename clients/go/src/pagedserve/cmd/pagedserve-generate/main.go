@@ -2,7 +2,10 @@
 // as it arrives.
 //
 //	pagedserve-generate -target localhost:50051 -prompt "Hello, paged world" -max-tokens 32
+//	pagedserve-generate -chat -system "Answer briefly." -prompt "What is the capital of France?"
 //
+// With -chat the prompt is a user message (after -system's, if given) that the gateway's Chat RPC
+// renders through the model's chat template.
 // With -logprobs N each token's log probability and its N most likely alternatives follow the text,
 // one line per token. A gateway with TLS takes -tls (or -tls-ca FILE; mutual TLS: -tls-cert and
 // -tls-key too), one with a token -token-file FILE.
@@ -48,6 +51,8 @@ func main() {
 	flag.StringVar(&sec.certFile, "tls-cert", "", "client certificate (PEM) for mutual TLS, with -tls-key")
 	flag.StringVar(&sec.keyFile, "tls-key", "", "private key (PEM) of -tls-cert")
 	flag.StringVar(&sec.tokenFile, "token-file", "", "file holding the bearer token to send")
+	chat := flag.Bool("chat", false, "send the prompt as a user message through the model's chat template")
+	system := flag.String("system", "", "with -chat: a system message before the prompt")
 	flag.Parse()
 
 	// temperature, seed and logprobs are sent only when given on the command line, so that the
@@ -70,10 +75,21 @@ func main() {
 	// Ctrl-C cancels the call; the gateway then aborts the request and frees its blocks.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
-	if err := generate(ctx, *target, sec, &pagedservev1.GenerateRequest{
-		Prompt:         &pagedservev1.GenerateRequest_Text{Text: *prompt},
-		SamplingParams: params,
-	}); err != nil {
+	open := func(ctx context.Context, client pagedservev1.GenerationServiceClient) (stream, error) {
+		if !*chat {
+			return client.Generate(ctx, &pagedservev1.GenerateRequest{
+				Prompt:         &pagedservev1.GenerateRequest_Text{Text: *prompt},
+				SamplingParams: params,
+			})
+		}
+		var messages []*pagedservev1.ChatMessage
+		if *system != "" {
+			messages = append(messages, &pagedservev1.ChatMessage{Role: "system", Content: *system})
+		}
+		messages = append(messages, &pagedservev1.ChatMessage{Role: "user", Content: *prompt})
+		return client.Chat(ctx, &pagedservev1.ChatRequest{Messages: messages, SamplingParams: params})
+	}
+	if err := generate(ctx, *target, sec, open); err != nil {
 		stop()
 		if s, ok := status.FromError(err); ok {
 			fmt.Fprintf(os.Stderr, "pagedserve-generate: %s: %s\n", s.Code(), s.Message())
@@ -112,9 +128,16 @@ func dialOptions(sec security) ([]grpc.DialOption, error) {
 	return []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(config))}, nil
 }
 
-// generate sends req and writes the streamed text deltas to stdout as they arrive, then a newline
-// (also when the stream fails after some text), then the log probabilities when asked for.
-func generate(ctx context.Context, target string, sec security, req *pagedservev1.GenerateRequest) error {
+// stream is what Generate and Chat both return: the responses of one call.
+type stream interface {
+	Recv() (*pagedservev1.GenerateResponse, error)
+}
+
+// generate opens a call on a connection to target and writes the streamed text deltas to stdout as
+// they arrive, then a newline (also when the stream fails after some text), then the log
+// probabilities when asked for.
+func generate(ctx context.Context, target string, sec security,
+	open func(context.Context, pagedservev1.GenerationServiceClient) (stream, error)) error {
 	opts, err := dialOptions(sec)
 	if err != nil {
 		return err
@@ -132,14 +155,14 @@ func generate(ctx context.Context, target string, sec security, req *pagedservev
 	}
 	defer conn.Close()
 
-	stream, err := pagedservev1.NewGenerationServiceClient(conn).Generate(ctx, req)
+	calls, err := open(ctx, pagedservev1.NewGenerationServiceClient(conn)) // ctx carries the token
 	if err != nil {
 		return err
 	}
 	printed := false
 	var logprobs []*pagedservev1.TokenLogprob
 	for {
-		resp, err := stream.Recv()
+		resp, err := calls.Recv()
 		if err == io.EOF {
 			fmt.Println()
 			printLogprobs(logprobs)

@@ -1,0 +1,81 @@
+"""``pagedserve chat``: an interactive terminal chat with a served model, its replies streamed.
+
+The conversation lives here: every turn sends the whole history to the gateway's Chat RPC, which
+renders the model's chat template. Ctrl-C while a reply streams stops that reply (the call is
+cancelled, so the server frees its blocks at once) and keeps what was shown of it; Ctrl-C or Ctrl-D
+at the prompt ends the chat with status 0. Errors print one line; the chat goes on after a refused
+turn (for instance a conversation grown past the context length) and ends, with status 1, when
+the server cannot chat at all (no chat template, unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from scheduler_svc.client_cli import add_connection_arguments, client_kwargs
+
+PROMPT = "> "
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a served model in the terminal (replies stream)",
+                       description="Chat with the model a gateway serves: type a message, the reply streams "
+                       "back; the conversation is kept and sent whole each turn (the gateway applies the "
+                       "model's chat template). Ctrl-C during a reply stops it; Ctrl-C or Ctrl-D at the "
+                       "prompt exits.")
+    p.add_argument("--system", default=None, help="system message that opens the conversation")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest reply, in tokens (default 512)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's, 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus threshold in (0, 1] (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of each reply's random choices")
+    add_connection_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+
+    import clients  # noqa: F401  (puts pagedserve.* on sys.path)
+    from pagedserve.client import Client, GenerationError, SamplingParams
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
+    fatal = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED}
+    with Client(args.target, **client_kwargs(args)) as client:
+        while True:
+            try:
+                line = input(PROMPT)
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if not line.strip():
+                continue
+            history.append(("user", line))
+            try:
+                history.append(("assistant", _stream_reply(client.chat(history, params, timeout=args.timeout))))
+            except GenerationError as exc:
+                history.pop()  # the turn was refused: the conversation stays as it was
+                print(f"pagedserve chat: {exc.code.name}: {exc.message}", file=sys.stderr, flush=True)
+                if exc.code in fatal:
+                    return 1
+
+
+def _stream_reply(stream) -> str:
+    """Prints the reply as it streams and returns it; Ctrl-C cancels the call and keeps what was shown."""
+    parts: list[str] = []
+    try:
+        for chunk in stream:
+            print(chunk.text, end="", flush=True)
+            parts.append(chunk.text)
+    except KeyboardInterrupt:
+        stream.cancel()
+        print(" [stopped]", end="")
+    print(flush=True)
+    return "".join(parts)

@@ -1,0 +1,161 @@
+"""``pagedserve generate``: one completion from a running gateway, streamed; and the flags that every
+client command (generate, chat) shares: the target, TLS and the bearer token, and argparse types that
+refuse what a request cannot carry (the server checks every value itself)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
+_EARLY_STOPPING = {"false": False, "true": True, "never": "never"}
+
+
+def uint(bits: int, name: str = "an integer"):
+    """An argparse type: a non-negative integer that fits ``bits`` bits (what the request can carry)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not 0 <= value < 2**bits:
+            raise argparse.ArgumentTypeError(f"must be {name} in [0, 2**{bits}), got {value}")
+        return value
+
+    return parse
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="localhost:50051", help="gateway address (default localhost:50051)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
+    tls = p.add_argument_group("gateway security")
+    tls.add_argument("--tls", action="store_true", help="speak TLS (server certificate checked against the system's "
+                     "roots, or --tls-ca)")
+    tls.add_argument("--tls-ca", metavar="PEM", help="trust this CA for the server's certificate (implies --tls)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
+    tls.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
+    tls.add_argument("--token-file", metavar="FILE", help="send 'authorization: Bearer TOKEN', TOKEN being the "
+                     "file's content")
+
+
+def client_kwargs(args) -> dict:
+    """Client(...)'s TLS and token keywords from add_connection_arguments' flags."""
+    kwargs = {"tls": args.tls or bool(args.tls_ca or args.tls_cert), "ca_cert": args.tls_ca,
+              "client_cert": args.tls_cert, "client_key": args.tls_key}
+    if args.token_file:
+        kwargs["token"] = Path(args.token_file).read_text().strip()
+    for name in ("ca_cert", "client_cert", "client_key"):
+        if kwargs[name] is not None:
+            kwargs[name] = Path(kwargs[name]).read_bytes()
+    return kwargs
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="stream one completion from a running gateway",
+                       description="Stream one completion from a pagedserve gateway and print the text as "
+                       "it arrives (several samples or beams print whole, each under a header).")
+    p.add_argument("--prompt", required=True, help="prompt text (with --chat: the user's message)")
+    p.add_argument("--max-tokens", type=uint(32), required=True, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's, 1.0)")
+    p.add_argument("--top-k", type=uint(32), default=0, help="0 disables (default 0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus threshold in (0, 1] (default: 1.0)")
+    p.add_argument("--seed", type=uint(63, "a seed"), default=None, help="per-request seed")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument("--logprobs", type=uint(32), default=None, metavar="N",
+                   help="return each token's log probability and its N most likely alternatives (0 to 20)")
+    p.add_argument("--n", type=uint(32), default=None, help="independent samples of the prompt (default 1)")
+    p.add_argument("--beam-width", type=uint(32), default=0, help="beam search with this many beams (default: off)")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam search length penalty (default 1)")
+    p.add_argument("--early-stopping", choices=tuple(_EARLY_STOPPING), default=None,
+                   help="beam search stopping rule, as transformers' early_stopping (default false)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template (the Chat RPC)")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (token_ids, text, finish_reason, usage, logprobs) at the end instead; "
+                   "with several samples one per line, each with its index")
+    add_connection_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import clients  # noqa: F401  (puts pagedserve.* on sys.path)
+    from pagedserve.client import Client, GenerationError, SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0, n=args.n,
+        beam_width=args.beam_width, length_penalty=args.length_penalty,
+        early_stopping=None if args.early_stopping is None else _EARLY_STOPPING[args.early_stopping],
+    )
+    several = (args.n or 1) > 1 or args.beam_width > 1
+    chunks = []
+    try:
+        with Client(args.target, **client_kwargs(args)) as client:
+            if args.chat:
+                messages = ([("system", args.system)] if args.system is not None else []) + [("user", args.prompt)]
+                stream = client.chat(messages, params, timeout=args.timeout)
+            else:
+                stream = client.generate(args.prompt, params, timeout=args.timeout)
+            for chunk in stream:
+                chunks.append(chunk)
+                if not (args.json or several):
+                    print(chunk.text, end="", flush=True)
+    except (GenerationError, KeyboardInterrupt, OSError) as exc:
+        if chunks and not (args.json or several):
+            print()
+        if isinstance(exc, KeyboardInterrupt):
+            print("pagedserve generate: interrupted", file=sys.stderr)
+            return INTERRUPTED
+        what = f"{exc.code.name}: {exc.message}" if isinstance(exc, GenerationError) else str(exc)
+        print(f"pagedserve generate: {what}", file=sys.stderr)
+        return 1
+    if several:
+        _print_samples(chunks, "beam" if args.beam_width > 1 else "sample", args.json)
+    else:
+        _print_completion(chunks, args.json)
+    return 0
+
+
+def _ending(last) -> dict:
+    """finish_reason and usage of a sample's last chunk, as --json prints them."""
+    usage = last.usage if last is not None else None
+    return {"finish_reason": last.finish_reason if last else None, "usage": None if usage is None else {
+        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+        "cached_prompt_tokens": usage.cached_prompt_tokens,
+    }}
+
+
+def _print_completion(chunks: list, as_json: bool) -> None:
+    """After the streamed text: a newline, and the logprobs when asked (or everything as JSON)."""
+    logprobs = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+                for c in chunks for lp in c.logprobs]
+    if not as_json:
+        print()
+        for lp in logprobs:
+            top = "  ".join(f"{t}:{v:.4f}" for t, v in lp["top"])
+            print(f"token {lp['token_id']}: {lp['logprob']:.4f}" + (f"  top: {top}" if top else ""))
+        return
+    out = {"token_ids": [t for c in chunks for t in c.token_ids], "text": "".join(c.text for c in chunks),
+           **_ending(chunks[-1] if chunks else None)}
+    if logprobs:
+        out["logprobs"] = logprobs
+    print(json.dumps(out, ensure_ascii=False))
+
+
+def _print_samples(chunks: list, kind: str, as_json: bool) -> None:
+    """Several samples (or beams), each whole: a header line and its text, or one JSON line each."""
+    from pagedserve.client import collect
+
+    for c in collect(chunks):
+        if as_json:
+            print(json.dumps(dict({"index": c.index, "token_ids": c.token_ids, "text": c.text},
+                                  **_ending(c)), ensure_ascii=False))
+        else:
+            print(f"--- {kind} {c.index} ({c.finish_reason}, {len(c.token_ids)} tokens) ---")
+            print(c.text)

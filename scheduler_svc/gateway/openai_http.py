@@ -1,0 +1,393 @@
+"""OpenAI-compatible HTTP beside gRPC: GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
+whole or streamed as server-sent events (``data: {...}`` per chunk, ``data: [DONE]`` last).
+
+It runs in the gateway's process and event loop, on aiohttp (asyncio-native, so the server starts as a
+task of the loop that runs grpc.aio: no second loop, no thread, no second server process), and is a
+thin face of GenerationCore like the gRPC servicer: the same validation, the same request log, and the
+same cancellation. A client that goes away cancels its handler (``handler_cancellation``), which
+closes the request's response iterator, which aborts it upstream, so its KV blocks are freed within
+a step. Errors, before the stream starts, are OpenAI's error object with the HTTP status of the gRPC
+code; once a stream has started they come as a last ``data: {"error": ...}`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from aiohttp import web
+
+import clients  # noqa: F401
+from pagedserve.v1 import generation_pb2
+from scheduler_svc import log
+from scheduler_svc.gateway.chat import ChatPrompts
+from scheduler_svc.gateway.generation import GenerationCore, GenerationFailed
+from scheduler_svc.gateway.openai_protocol import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    MAX_TOP_LOGPROBS,
+    ApiError,
+    Choice,
+    LogprobFormat,
+    StreamOptions,
+    Usage,
+    bool_param,
+    chat_messages,
+    check_completion_extras,
+    completion_prompts,
+    finish_reason,
+    int_param,
+    max_tokens_of,
+    sampling_params,
+    stream_options,
+)
+
+MAX_BODY_BYTES = 64 * 2**20  # as the gRPC side's largest message; larger bodies get 413
+Batch = tuple[int, list[generation_pb2.GenerateResponse]]  # (prompt index, responses)
+
+
+async def responses(core: GenerationCore, requests: list[generation_pb2.GenerateRequest]) -> AsyncIterator[Batch]:
+    """The response batches of several requests as they come, tagged with the request's index. Closing
+    this iterator closes every request's (each is aborted upstream if unfinished)."""
+    if len(requests) == 1:
+        async with aclosing(core.generate(requests[0])) as gen:
+            async for batch in gen:
+                yield 0, batch
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, request: generation_pb2.GenerateRequest) -> None:
+        try:
+            async with aclosing(core.generate(request)) as gen:
+                async for batch in gen:
+                    queue.put_nowait((i, batch))
+        except GenerationFailed as exc:
+            queue.put_nowait((i, exc))
+            return
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        for _ in tasks:
+            while True:
+                i, item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, GenerationFailed):
+                    raise item
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Shape:
+    """How one endpoint spells choices, whole and as stream chunks."""
+
+    object_whole = object_chunk = ""
+
+    def __init__(self, fmt: LogprobFormat, logprobs: bool) -> None:
+        self.fmt, self.logprobs = fmt, logprobs
+
+    def absorb(self, resp: generation_pb2.GenerateResponse, c: Choice) -> None:
+        c.text.append(resp.text)
+        if self.logprobs:
+            c.logprobs.append(self._logprobs(resp, c))
+        c.finish_reason = finish_reason(resp.finish_reason) or c.finish_reason
+
+    def _logprobs(self, resp, c: Choice):
+        raise NotImplementedError
+
+    def whole(self, index: int, c: Choice) -> dict:
+        raise NotImplementedError
+
+    def chunks(self, index: int, resp: generation_pb2.GenerateResponse, c: Choice) -> list[dict]:
+        raise NotImplementedError
+
+
+class _CompletionShape(_Shape):
+    object_whole = object_chunk = "text_completion"
+
+    def _logprobs(self, resp, c: Choice) -> dict:
+        return self.fmt.completion_body(resp.logprobs, c)
+
+    def whole(self, index: int, c: Choice) -> dict:
+        return {"index": index, "text": "".join(c.text), "finish_reason": c.finish_reason,
+                "logprobs": self.fmt.merge_completion(c.logprobs) if self.logprobs else None}
+
+    def chunks(self, index: int, resp, c: Choice) -> list[dict]:
+        reason = finish_reason(resp.finish_reason)
+        if not (resp.text or resp.logprobs or reason):
+            return []
+        return [{"index": index, "text": resp.text, "finish_reason": reason,
+                 "logprobs": self._logprobs(resp, c) if self.logprobs else None}]
+
+
+class _ChatShape(_Shape):
+    object_whole, object_chunk = "chat.completion", "chat.completion.chunk"
+
+    def _logprobs(self, resp, c: Choice) -> list[dict]:
+        return self.fmt.chat_entries(resp.logprobs)
+
+    def whole(self, index: int, c: Choice) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": "".join(c.text)},
+                "logprobs": {"content": [e for part in c.logprobs for e in part]} if self.logprobs else None,
+                "finish_reason": c.finish_reason}
+
+    def chunks(self, index: int, resp, c: Choice) -> list[dict]:
+        out = []
+        if not c.started:  # a choice opens with the assistant's role, as OpenAI's streams do
+            c.started = True
+            out.append({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None})
+        reason = finish_reason(resp.finish_reason)
+        if resp.text or resp.logprobs or reason:
+            out.append({"index": index, "delta": {"content": resp.text} if resp.text else {},
+                        "logprobs": {"content": self._logprobs(resp, c)} if self.logprobs else None,
+                        "finish_reason": reason})
+        return out
+
+
+def _sse(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _error_response(exc: ApiError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status)
+
+
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _token_check(token: str):
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler) -> web.StreamResponse:
+        """401 in OpenAI's shape without the gateway's bearer token; /health stays open, as gRPC health."""
+        if request.path != "/health":
+            given = request.headers.get("Authorization")
+            if given is None:
+                raise ApiError(401, "missing credentials: send 'Authorization: Bearer <token>'", None,
+                               "invalid_api_key", "authentication_error")
+            if not hmac.compare_digest(given.encode(), expected):
+                raise ApiError(401, "invalid credentials", None, "invalid_api_key", "authentication_error")
+        return await handler(request)
+
+    return check
+
+
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure in OpenAI's error shape: ours, aiohttp's (unknown route, method, body too large), bugs."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = {404: f"no such route: {request.method} {request.path}",
+                   405: f"method {request.method} is not allowed on {request.path}",
+                   413: f"the request body is larger than {MAX_BODY_BYTES} bytes"}.get(exc.status, exc.reason)
+        return _error_response(ApiError(exc.status, message, None, _HTTP_ERROR_CODES.get(exc.status)))
+    except ConnectionError:  # the client went away while we wrote: nobody to answer
+        raise
+    except Exception as exc:  # a bug: the client still gets an answer in the expected shape
+        log.get_logger().exception("http handler failed", path=request.path)
+        return _error_response(ApiError(500, f"internal error: {exc!r}", None, "internal"))
+
+
+class OpenAIServer:
+    """The HTTP front end of one gateway process."""
+
+    def __init__(self, core: GenerationCore, chat: ChatPrompts, token: str | None = None) -> None:
+        """``token``: the gateway's bearer token (--auth-token-file); every route but /health then needs
+        ``Authorization: Bearer <token>``, as the gRPC API does (and as OpenAI clients send their key)."""
+        self.core, self.chat = core, chat
+        self.created = int(time.time())
+        middlewares = [_errors] + ([_token_check(token)] if token else [])
+        self.app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/v1/models/{model:.+}", self.model)
+        self.app.router.add_post("/v1/completions", self.completions)
+        self.app.router.add_post("/v1/chat/completions", self.chat_completions)
+        self.app.router.add_get("/health", self.health)
+        self.runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int, ssl_context=None, reuse_port: bool = False) -> int:
+        """Listens on host:port (0 picks a free port), with TLS when ``ssl_context`` is given and shared
+        with the other gateways of `serve --gateways N` with ``reuse_port``; returns the port."""
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port).start()
+        return self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    # ---- routes
+
+    def _model_card(self) -> dict:
+        card = {"id": self.core.model_name, "object": "model", "created": self.created, "owned_by": "pagedserve"}
+        if self.core.info is not None:
+            card["max_model_len"] = self.core.info.max_model_len
+        return card
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        self._check_model(request.match_info["model"])
+        return web.json_response(self._model_card())
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok = self.core.info is not None and self.core.engines.connected and not self.core.draining
+        return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        model = self._check_model(body.get("model"))
+        check_completion_extras(body)
+        prompts = completion_prompts(body)
+        logprobs = int_param(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+        max_tokens = max_tokens_of(body)
+        params = sampling_params(body, DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
+                                 logprobs is not None, logprobs or 0)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        requests = []
+        for i, prompt in enumerate(prompts):
+            req = generation_pb2.GenerateRequest(
+                request_id=response_id if len(prompts) == 1 else f"{response_id}-{i}", model=model,
+                sampling_params=params)
+            if isinstance(prompt, str):
+                req.text = prompt
+            else:
+                req.token_ids.ids.extend(_token_ids(prompt))
+            requests.append(req)
+        renames = {"text": "prompt", "token_ids.ids": "prompt", "sampling_params.top_logprobs": "logprobs",
+                   "sampling_params.logprobs": "logprobs"}
+        shape = _CompletionShape(LogprobFormat(self._token_text, chat=False), logprobs is not None)
+        return await self._respond(request, response_id, requests, stream_options(body), renames, shape)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        model = self._check_model(body.get("model"))
+        messages = chat_messages(body)
+        logprobs = bool_param(body, "logprobs")
+        top_logprobs = int_param(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
+        if top_logprobs and not logprobs:
+            raise ApiError.invalid("top_logprobs", "needs logprobs set to true")
+        max_tokens = max_tokens_of(body)
+        params = sampling_params(body, max_tokens, logprobs, top_logprobs)
+        options = stream_options(body)  # checked before the template renders
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        renames = {"sampling_params.max_tokens": "max_completion_tokens" if "max_completion_tokens" in body
+                   else "max_tokens", "token_ids.ids": "messages", "prompt": "messages"}
+        try:
+            req = await self.chat.request(response_id, model, messages, params)
+            if max_tokens is None:  # as OpenAI: up to the context length
+                req.sampling_params.max_tokens = max(self.core.limits.max_model_len - len(req.token_ids.ids), 1)
+        except GenerationFailed as exc:
+            raise ApiError.from_failure(exc, renames) from None
+        shape = _ChatShape(LogprobFormat(self._token_text, chat=True), logprobs)
+        return await self._respond(request, response_id, [req], options, renames, shape)
+
+    # ---- helpers
+
+    def _check_model(self, model) -> str:
+        if model is None or model == "":
+            return ""
+        if not isinstance(model, str):
+            raise ApiError.invalid("model", "must be a string")
+        if model != self.core.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.core.model_name}`.",
+                           "model", "model_not_found")
+        return model
+
+    def _token_text(self, token_id: int) -> str:
+        return self.core.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def _respond(self, request: web.Request, response_id: str, requests: list[generation_pb2.GenerateRequest],
+                       options: StreamOptions, renames: dict[str, str], shape: _Shape) -> web.StreamResponse:
+        """Runs the requests; a failure before the first response is an HTTP error of its own."""
+        n = requests[0].sampling_params.n or 1
+        try:
+            for req in requests if len(requests) > 1 else ():  # no prompt starts unless all are valid
+                await self.core.validate(req)
+            stream = responses(self.core, requests)
+            async with aclosing(stream):
+                first = await anext(stream, None)
+                envelope = {"id": response_id, "created": int(time.time()), "model": self.core.model_name}
+                if options.stream:
+                    return await self._sse(request, envelope, stream, first, n, options, renames, shape)
+                return await self._whole(envelope, stream, first, n, shape)
+        except GenerationFailed as exc:
+            raise ApiError.from_failure(exc, renames) from None
+
+    async def _whole(self, envelope: dict, stream, batch: Batch | None, n: int, shape: _Shape) -> web.Response:
+        choices: dict[int, Choice] = {}
+        usage = Usage()
+        while batch is not None:
+            prompt_index, batch_responses = batch
+            for resp in batch_responses:
+                usage.add(prompt_index, resp)
+                shape.absorb(resp, choices.setdefault(prompt_index * n + resp.index, Choice()))
+            batch = await anext(stream, None)
+        body = dict(envelope, object=shape.object_whole, choices=[shape.whole(i, choices[i]) for i in sorted(choices)],
+                    usage=usage.body(), system_fingerprint=None)
+        return web.json_response(body, dumps=lambda x: json.dumps(x, ensure_ascii=False))
+
+    async def _sse(self, request: web.Request, envelope: dict, stream, batch: Batch | None, n: int,
+                   options: StreamOptions, renames: dict[str, str], shape: _Shape) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        envelope = dict(envelope, object=shape.object_chunk, system_fingerprint=None)
+        if options.include_usage:
+            envelope["usage"] = None
+        choices: dict[int, Choice] = {}
+        usage = Usage()
+        try:
+            while batch is not None:
+                prompt_index, batch_responses = batch
+                events = []
+                for r in batch_responses:
+                    usage.add(prompt_index, r)
+                    index = prompt_index * n + r.index
+                    events += [_sse(dict(envelope, choices=[c]))
+                               for c in shape.chunks(index, r, choices.setdefault(index, Choice()))]
+                await resp.write(b"".join(events))
+                batch = await anext(stream, None)
+        except GenerationFailed as exc:  # the status line is gone: the error is the stream's last event
+            await resp.write(_sse(ApiError.from_failure(exc, renames).body()))
+        else:
+            if options.include_usage:
+                await resp.write(_sse(dict(envelope, choices=[], usage=usage.body())))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+    return body
+
+
+def _token_ids(ids: list[int]) -> list[int]:
+    """Token ids as the proto holds them (uint32); range against the vocabulary is validation's."""
+    bad = next((t for t in ids if not 0 <= t < 2**32), None)
+    if bad is not None:
+        raise ApiError.invalid("prompt", f"token id {bad} is outside the vocabulary")
+    return ids
