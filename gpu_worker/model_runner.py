@@ -29,9 +29,9 @@ from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.input_batch import BlockTableRows, StepInputs, build_inputs
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.sampler import SampleRequest, sample
+from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.staging import HostStaging
 from pagedserve.internal.v1 import worker_pb2
-from scheduler_svc.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # token id of a sampled token not read back yet
 
@@ -75,7 +75,7 @@ class ModelRunner:
         max_num_seqs: int = 256,
         use_cuda_graphs: bool = True,
     ) -> None:
-        if device.type == "cpu":
+        if device.type == "cpu" and isinstance(model, torch.nn.Module):  # (unit tests pass stand-ins)
             pack_linears(model)  # oneDNN with prepacked weights: much faster than MKL at decode sizes
         self.model = model
         self.model_config = model_config

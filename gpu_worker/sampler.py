@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler_svc.sampling_params import SamplingParams
+from gpu_worker.sampling_params import SamplingParams
 
 _SEED_STRIDE = 1_000_003
 

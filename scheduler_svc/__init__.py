@@ -1,7 +1,7 @@
 """pagedserve's scheduler side: gateway, scheduler, block pool and KV cache manager, CLI, launcher."""
 
 import clients  # noqa: F401  (generated stubs on sys.path)
-from scheduler_svc.sampling_params import InvalidField, SamplingParams
+from gpu_worker.sampling_params import InvalidField, SamplingParams
 
 
 def __getattr__(name: str):

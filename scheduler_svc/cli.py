@@ -47,8 +47,8 @@ def _add_offline(sub) -> None:
 
 
 def _run_offline(args) -> int:
+    from gpu_worker.sampling_params import SamplingParams
     from scheduler_svc.llm import LLM
-    from scheduler_svc.sampling_params import SamplingParams
 
     if args.prompt_ids:
         with open(args.prompt_ids) as f:

@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import clients  # noqa: F401
+from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.request import FinishReason, QueueFull, SeqOutput, SeqStatus
-from scheduler_svc.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.step_plan import decode_result, encode_step
 from scheduler_svc.worker_group import WorkerFailure, WorkerGroup

@@ -24,6 +24,7 @@ import grpc
 import clients  # noqa: F401
 from gpu_worker.engine_args import EngineArgs
 from gpu_worker.model_files import resolve_model
+from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from pagedserve.v1 import generation_pb2
 from scheduler_svc import finish_reason
@@ -32,7 +33,6 @@ from scheduler_svc.gateway.response_stream import SampleStream, stop_token_ids
 from scheduler_svc.gateway.tokenizer import Tokenizer, has_tokenizer
 from scheduler_svc.gateway.validation import ModelLimits, text_prompt, token_prompt
 from scheduler_svc.launcher import ProcessGroup, engine_commands
-from scheduler_svc.sampling_params import InvalidField, SamplingParams
 
 _NO_USAGE = generation_pb2.Usage()  # SampleStream reports usage; the offline results do not carry it
 

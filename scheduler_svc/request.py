@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import clients  # noqa: F401
+from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
-from scheduler_svc.sampling_params import InvalidField, SamplingParams
 
 if TYPE_CHECKING:
     from scheduler_svc.beam_search import BeamSearch

@@ -26,6 +26,7 @@ import bisect
 from collections import deque
 from itertools import chain
 
+from gpu_worker.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.kv_cache_manager import KVCacheManager
@@ -41,7 +42,6 @@ from scheduler_svc.request import (
     arrival_order,
     validate_request,
 )
-from scheduler_svc.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.scheduler_stats import SchedulerStats
 from scheduler_svc.sequence_groups import SequenceGroups
 from scheduler_svc.step_budget import Pick, StepBudget

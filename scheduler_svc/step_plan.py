@@ -7,10 +7,10 @@ import functools
 from dataclasses import dataclass, field
 
 import clients  # noqa: F401
+from gpu_worker.sampling_params import SamplingParams
 from pagedserve.internal.v1 import worker_pb2
 from scheduler_svc.kv_cache_manager import SlotAllocation
 from scheduler_svc.request import Sequence
-from scheduler_svc.sampling_params import SamplingParams
 
 # A request's parameters are encoded once, not per sequence that sends them (new sequences, forks).
 # Callers copy the result into the plan and never change it.

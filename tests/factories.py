@@ -130,15 +130,24 @@ def make_trained_checkpoint(
     loss_value = loss.item()  # waits for the device
     seconds = time.perf_counter() - start
     model.to("cpu").save_pretrained(path)
-    del model, optim, ids, logits, loss
+    del model, optim, ids, logits, loss, data_dev
     if layout() != before or any((path / n).read_bytes() != b for n, b in configs.items()):
         raise AssertionError(f"{arch}: save_pretrained changed the checkpoint's layout or config")
 
+    return _measure_saved(path, data, device, batch, loss=loss_value, train_seconds=seconds)
+
+
+def _measure_saved(path: Path, data: torch.Tensor, device: torch.device, batch: int, **trained) -> TrainedCheckpoint:
+    """Reloads the checkpoint as saved and measures how well it continues each passage (top-1 accuracy
+    and the top-1/top-2 logit margins)."""
+    from transformers import AutoModelForCausalLM
+
+    data_dev = data.to(device)
     saved = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     saved.to(device).eval()
     with torch.inference_mode():
         logits = torch.cat([saved(input_ids=data_dev[i: i + batch]).logits[:, :-1].float().cpu()
-                            for i in range(0, num_passages, batch)])
+                            for i in range(0, len(data), batch)])
     del saved, data_dev
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the engine's worker sizes its KV pool from the GPU's free memory
@@ -152,8 +161,7 @@ def make_trained_checkpoint(
         accuracy=hit.float().mean().item(),
         median_margin=margin.median().item(),
         min_margin=margin[hit].min().item() if hit.any() else 0.0,
-        loss=loss_value,
-        train_seconds=seconds,
+        **trained,
     )
 
 

@@ -100,8 +100,8 @@ class StepStats:
 
 def simulate(trace: Trace, block_size: int, n: int = 1, beam_width: int = 1, utilization: bool = False) -> StepStats:
     """Runs the trace through the scheduler with a simulated worker; all requests arrive at once."""
+    from gpu_worker.sampling_params import SamplingParams
     from scheduler_svc.config import SchedulerConfig
-    from scheduler_svc.sampling_params import SamplingParams
     from scheduler_svc.scheduler import Scheduler
 
     # Room for every sequence unshared: sharing is measured, never forced by a full pool.
@@ -226,9 +226,9 @@ def prefix_section(args) -> list[str]:
 def _prefix_runs(model, prefix: list[int], batches, caching: bool, args) -> tuple[float, int, int]:
     """Best requests/s over the batches, with that run's engine steps and computed prompt tokens."""
     from gpu_worker.model_config import ModelConfig
+    from gpu_worker.sampling_params import SamplingParams
     from gpu_worker.worker import WorkerConfig
     from scheduler_svc.llm import LLM
-    from scheduler_svc.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     dtype = WorkerConfig(model=str(model), scheduler_address="", device=args.device).torch_dtype

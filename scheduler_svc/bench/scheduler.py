@@ -6,8 +6,8 @@ import statistics
 import time
 
 from gpu_worker.engine_args import DEFAULTS
+from gpu_worker.sampling_params import SamplingParams
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.step_plan import encode_step
 

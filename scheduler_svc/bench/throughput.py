@@ -128,8 +128,8 @@ def run_ours(engine: EngineArgs, work: Workload, warm: Workload) -> Result:
     steps use before the clock starts."""
     from tqdm import tqdm
 
+    from gpu_worker.sampling_params import SamplingParams
     from scheduler_svc.llm import LLM
-    from scheduler_svc.sampling_params import SamplingParams
 
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in work.output_lens]
     with LLM(engine) as llm:

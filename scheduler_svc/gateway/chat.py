@@ -26,10 +26,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 import clients  # noqa: F401
 from gpu_worker.model_files import resolve_model
+from gpu_worker.sampling_params import InvalidField
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.generation import GenerationCore, GenerationFailed
 from scheduler_svc.gateway.validation import token_prompt, validate_messages
-from scheduler_svc.sampling_params import InvalidField
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # The special tokens transformers passes to a template by name (its SPECIAL_TOKENS_ATTRIBUTES).

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 import clients  # noqa: F401
+from gpu_worker.sampling_params import InvalidField
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
 from scheduler_svc import finish_reason, log
@@ -39,7 +40,6 @@ from scheduler_svc.gateway.validation import (
     public_field,
     text_token_ids,
 )
-from scheduler_svc.sampling_params import InvalidField
 
 SHUTDOWN = object()  # queued to requests still running when the drain period is over
 

@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import clients  # noqa: F401
+from gpu_worker.sampling_params import SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
 from scheduler_svc import finish_reason
 from scheduler_svc.gateway.detokenizer import Decode, IncrementalDetokenizer, StopStrings
-from scheduler_svc.sampling_params import SamplingParams
 
 
 def stop_token_ids(params: SamplingParams, eos_token_ids: Iterable[int]) -> frozenset[int]:

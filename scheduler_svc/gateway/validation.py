@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import clients  # noqa: F401
+from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.options import DEFAULT_LIMITS, GatewayLimits
-from scheduler_svc.sampling_params import InvalidField, SamplingParams
 
 MAX_REQUEST_ID_CHARS = 256
 # No token spans more text than this many times its vocabulary entry's UTF-8 length (pre-tokenizers

@@ -171,8 +171,8 @@ def test_generate_cli_prints_logprobs(service, tokenizer, hf_model):
 
 
 def test_offline_llm_returns_top_logprobs(checkpoint, tokenizer, hf_model):
+    from gpu_worker.sampling_params import SamplingParams as OfflineParams
     from scheduler_svc.llm import LLM
-    from scheduler_svc.sampling_params import SamplingParams as OfflineParams
 
     with LLM(checkpoint, kv_cache_memory="16MiB") as llm:
         (result,) = llm.generate("memory block table", OfflineParams(max_tokens=6, temperature=0.0,

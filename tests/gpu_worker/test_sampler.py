@@ -1,7 +1,7 @@
 import torch
 
 from gpu_worker.sampler import SampleRequest, sample
-from scheduler_svc.sampling_params import SamplingParams
+from gpu_worker.sampling_params import SamplingParams
 
 
 def row(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, output_index=0, penalty=1.0, tokens=()):

@@ -9,10 +9,10 @@ import torch
 
 import clients  # noqa: F401
 from gpu_worker.model_runner import ModelRunner
+from gpu_worker.sampling_params import SamplingParams
 from pagedserve.internal.v1 import worker_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.request import SeqStatus
-from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.step_plan import SchedulerOutput, decode_result, encode_step
 

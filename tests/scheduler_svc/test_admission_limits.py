@@ -3,9 +3,9 @@ prompt, or max_tokens), and a full waiting queue raises QueueFull, after the req
 
 import pytest
 
+from gpu_worker.sampling_params import InvalidField
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.request import QueueFull
-from scheduler_svc.sampling_params import InvalidField
 from scheduler_svc.scheduler import Scheduler
 from tests.scheduler_svc.factories import check_invariants, params, scheduler
 

@@ -1,8 +1,8 @@
 import pytest
 
 import clients  # noqa: F401
+from gpu_worker.sampling_params import InvalidField
 from pagedserve.internal.v1 import scheduler_pb2, worker_pb2
-from scheduler_svc.sampling_params import InvalidField
 from scheduler_svc.step_plan import encode_step
 from tests.scheduler_svc.factories import check_invariants, params, sampled_for, scheduler, step
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from scheduler_svc.sampling_params import InvalidField
+from gpu_worker.sampling_params import InvalidField
 from tests.scheduler_svc.factories import (
     ToyWorker,
     check_invariants,

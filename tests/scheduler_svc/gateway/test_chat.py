@@ -14,13 +14,13 @@ import clients  # noqa: F401
 
 # isort: split
 from gpu_worker.demo_model import TRAINED_GGUF, trained_gguf_path
+from gpu_worker.sampling_params import InvalidField
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.chat import CHAT_TEMPLATE_FILE, ChatPrompts, ChatTemplate
 from scheduler_svc.gateway.generation import GenerationFailed
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from scheduler_svc.gateway.validation import ModelLimits
-from scheduler_svc.sampling_params import InvalidField
 from tests.factories import make_checkpoint
 
 # ChatML, the format of SmolLM2 and Qwen: a default system turn when the conversation has none.

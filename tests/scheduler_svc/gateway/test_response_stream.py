@@ -4,10 +4,10 @@ strings cut the text and drop later tokens, finish reasons and usage on the last
 import clients  # noqa: F401
 
 # isort: split
+from gpu_worker.sampling_params import SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.response_stream import SampleStream
-from scheduler_svc.sampling_params import SamplingParams
 
 EOS = 1
 USAGE = generation_pb2.Usage(prompt_tokens=3)

@@ -8,9 +8,9 @@ import pytest
 import clients  # noqa: F401
 
 # isort: split
+from gpu_worker.sampling_params import InvalidField
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.validation import ModelLimits, public_field, validate, validate_messages
-from scheduler_svc.sampling_params import InvalidField
 
 LIMITS = ModelLimits(name="demo", vocab_size=100, max_model_len=32)
 
