@@ -26,8 +26,8 @@ from scheduler_svc.bench import load_clients, process_profile, routing
 from scheduler_svc.bench.service_model import vocab_size, write_placeholder_tokenizer
 from scheduler_svc.bench.throughput import (
     BENCH_DEFAULTS,
-    SHAPES,
     WORKLOADS,
+    add_workload_args,
     make_workload,
     run_ours,
     write_shape_config,
@@ -254,13 +254,7 @@ def add_parser(bench) -> None:
                          "--target) from several client processes and report throughput, time to first token "
                          "and inter-token latency, at one request rate or a sweep of them.")
     p.add_argument("--target", help="a running gateway HOST:PORT (default: start `pagedserve serve` here)")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="random-weight model of this shape")
-    p.add_argument("--model", help="checkpoint directory")
-    p.add_argument("--workload", choices=sorted(WORKLOADS), help="preset: shape, prompts and lengths")
-    p.add_argument("--num-prompts", type=int)
-    p.add_argument("--input-len", help="N or A-B")
-    p.add_argument("--output-len", help="N or A-B")
-    p.add_argument("--seed", type=int, default=0)
+    add_workload_args(p)
     p.add_argument("--concurrency", type=int, help="requests in flight at most (default: all)")
     p.add_argument("--request-rate", type=float, help="Poisson arrivals per second (default: all at once)")
     p.add_argument("--request-rates", help="a sweep: comma-separated rates per second, 'inf' for all at once "

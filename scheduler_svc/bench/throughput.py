@@ -397,19 +397,24 @@ def _print_table(results: list[Result], roof_tok_s: float, roof_s: float) -> Non
 BENCH_DEFAULTS = {"device": "cuda", "max_num_batched_tokens": 8192}
 
 
-def add_parser(bench) -> None:
-    p = bench.add_parser("throughput", help="offline throughput beside transformers and the roofline",
-                         description="Offline throughput (output tokens/s) of pagedserve, optionally beside "
-                         "transformers generate (static batches) and its continuous batching, on the same "
-                         "prompts in the same run; the roofline comes from ceilings measured at the start. "
-                         "--max-num-seqs defaults to the number of prompts (at most 1024).")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="random-weight model of this shape (built on the GPU)")
+def add_workload_args(p) -> None:
+    """The model and workload flags that `bench throughput` and `bench serving` share."""
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random-weight model of this shape")
     p.add_argument("--model", help="checkpoint directory instead of --shape")
     p.add_argument("--workload", choices=sorted(WORKLOADS), help="preset: shape, prompts and lengths")
     p.add_argument("--num-prompts", type=int)
     p.add_argument("--input-len", help="tokens per prompt, N or A-B (uniform, seeded)")
     p.add_argument("--output-len", help="tokens generated per prompt, N or A-B (uniform, seeded)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts and lengths (default 0)")
+
+
+def add_parser(bench) -> None:
+    p = bench.add_parser("throughput", help="offline throughput beside transformers and the roofline",
+                         description="Offline throughput (output tokens/s) of pagedserve, optionally beside "
+                         "transformers generate (static batches) and its continuous batching, on the same "
+                         "prompts in the same run; the roofline comes from ceilings measured at the start. "
+                         "--max-num-seqs defaults to the number of prompts (at most 1024).")
+    add_workload_args(p)
     p.add_argument("--compare", default="", help="comma-separated: hf-static, hf-cb")
     p.add_argument("--hf-batch-size", type=int, help="batch size of hf-static (default from the workload or 64)")
     p.add_argument("--hf-num-prompts", type=int, default=None,

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from gpu_worker.demo_model import ARCHS
+from tests.e2e.gpu_shapes import MAX_TOKENS, NUM_PROMPTS, PASSAGE_LEN, TRAIN_STEPS, WIDE, WIDE_LLAMA
 from tests.factories import (
     compare_greedy,
     engine_greedy_logprobs,
@@ -31,17 +32,6 @@ from tests.factories import (
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-NUM_PROMPTS, MAX_TOKENS = 16, 64
-# Wider than the CPU demo so head_dim is 64, a size the kernels are tuned for.
-WIDE = {
-    "gpt2": dict(n_embd=256, n_head=4),
-    "gpt_neox": dict(hidden_size=256, num_attention_heads=4, intermediate_size=512),
-    "opt": dict(hidden_size=256, num_attention_heads=4, ffn_dim=512),
-}
-WIDE_LLAMA = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                  intermediate_size=512)
-# The trained checkpoint: one passage per prompt, prompts of 4..192 tokens, then 64 memorized tokens.
-PASSAGE_LEN, TRAIN_STEPS = 256, 150
 
 
 def _hf_greedy(path, prompts, dtype, device="cuda"):

@@ -6,7 +6,6 @@ One service is shared by most tests (module scope); the SIGTERM and killed-worke
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,8 +21,9 @@ import clients  # noqa: F401
 
 # isort: split
 from pagedserve.client import AsyncClient, Client, GenerationError, SamplingParams
-from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc.bench.local_service import LocalService
 from scheduler_svc.gateway.tokenizer import Tokenizer
+from tests.e2e.tp_helpers import kill_mid_stream
 from tests.factories import make_checkpoint
 from tests.protos.proto_helpers import REPO, go_env, require_go
 from tests.waiting import wait_until
@@ -41,68 +41,15 @@ STOP_PROMPTS = range(8, 12)  # these get a stop string taken from their greedy t
 START_TIMEOUT_S = 180
 
 
-class Service:
-    """A `pagedserve serve` launcher process and what it printed (one gateway unless ``extra`` says)."""
+class Service(LocalService):
+    """A `pagedserve serve` launcher process and what it printed (one gateway and a 32 MiB pool unless
+    ``extra`` says otherwise), ready to serve."""
 
     def __init__(self, model: Path, log_dir: Path, *extra: str) -> None:
-        self.log_dir = log_dir
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler_svc.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-             "--port", "0", "--log-dir", str(log_dir), "--kv-cache-memory", "32MiB", "--gateways", "1", *extra],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.target = "127.0.0.1:" + self.wait_for(r"gateway listening on 127\.0\.0\.1:(\d+)")
-        self.pids = {name: int(pid) for name, pid in re.findall(r"(\w+) \(pid (\d+)\)", self.wait_for(r"started (.*)"))}
-        self.scheduler_address = self.wait_for(r"scheduler on (unix://\S+),")
+        super().__init__(model, "--kv-cache-memory", "32MiB", "--gateways", "1", *extra, log_dir=log_dir,
+                         start_timeout_s=START_TIMEOUT_S)
         with Client(self.target) as client:
             client.wait_ready(START_TIMEOUT_S)
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, pattern: str, timeout_s: float = START_TIMEOUT_S) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            exited = self.proc.poll() is not None
-            if exited:
-                self._reader.join(10)  # it ends at EOF: every line the launcher printed is in self.lines
-            for line in list(self.lines):
-                m = re.search(pattern, line)
-                if m:
-                    return m.group(1)
-            if exited:
-                break
-            time.sleep(0.05)
-        logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.log_dir.glob("*.log"))
-        raise AssertionError(f"no {pattern!r} from the launcher:\n" + "\n".join(self.lines) + "\n" + logs)
-
-    def engine_info(self) -> scheduler_pb2.EngineInfo:
-        with grpc.insecure_channel(self.scheduler_address) as channel:
-            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-            return stub.GetEngineInfo(scheduler_pb2.GetEngineInfoRequest(), timeout=10)
-
-    def wait_all_blocks_free(self, timeout_s: float = 15.0) -> scheduler_pb2.EngineInfo:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            info = self.engine_info()
-            if info.stats.num_free_blocks == info.num_blocks and info.stats.num_requests == 0:
-                return info
-            assert time.monotonic() < deadline, f"blocks still held: {info.stats}"
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(90)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -331,19 +278,6 @@ def test_sigterm_drains_in_flight_streams(checkpoint, tmp_path):
 def test_killed_worker_ends_streams_with_unavailable(checkpoint, tmp_path):
     svc = Service(checkpoint, tmp_path)
     try:
-        results: dict = {}
-        firsts = [threading.Event() for _ in range(4)]
-        params = SamplingParams(max_tokens=4000, ignore_eos=True)
-        threads = [_stream_in_thread(svc.target, params, results, i, firsts[i]) for i in range(4)]
-        assert all(e.wait(60) for e in firsts)
-        killed = time.monotonic()
-        os.kill(svc.pids["worker"], signal.SIGKILL)
-        for t in threads:
-            t.join(30)
-        for i in range(4):
-            assert isinstance(results[i], GenerationError), results[i]
-            assert results[i].code == grpc.StatusCode.UNAVAILABLE
-            assert results[f"{i}-end"] - killed < 5.0
-        assert svc.proc.wait(60) != 0
+        kill_mid_stream(svc, "worker", max_tokens=4000)
     finally:
         svc.stop()

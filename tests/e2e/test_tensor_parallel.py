@@ -20,7 +20,7 @@ import torch
 from gpu_worker.demo_model import ARCHS, VOCAB_SIZE
 from gpu_worker.model_config import ModelConfig
 from scheduler_svc import LLM, SamplingParams
-from tests.e2e.tp_helpers import kill_a_rank_mid_stream, serve_two_ranks, stop
+from tests.e2e.tp_helpers import kill_mid_stream, serve_two_ranks
 from tests.factories import hf_greedy, make_checkpoint, random_prompts
 
 pytestmark = pytest.mark.slow
@@ -119,8 +119,8 @@ def test_heads_that_do_not_split_fail_at_start(llama):
 
 
 def test_a_killed_rank_ends_every_stream_unavailable(llama, tmp_path):
-    proc, target, pids = serve_two_ranks(llama, tmp_path)
+    svc = serve_two_ranks(llama, tmp_path)
     try:
-        kill_a_rank_mid_stream(proc, target, pids["worker1"], max_tokens=4000)
+        kill_mid_stream(svc, "worker1", max_tokens=4000)
     finally:
-        stop(proc)
+        svc.stop()

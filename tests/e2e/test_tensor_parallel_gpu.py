@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from gpu_worker.demo_model import ARCHS
-from tests.e2e.tp_helpers import kill_a_rank_mid_stream, serve_two_ranks, stop
+from tests.e2e.gpu_shapes import MAX_TOKENS, NUM_PROMPTS, PASSAGE_LEN, TRAIN_STEPS, WIDE, WIDE_LLAMA
+from tests.e2e.tp_helpers import kill_mid_stream, serve_two_ranks
 from tests.factories import (
     compare_greedy,
     engine_greedy_logprobs,
@@ -30,16 +31,6 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs 2 GPUs"),
 ]
 
-NUM_PROMPTS, MAX_TOKENS = 16, 64
-# test_gpu_matches_hf's shapes: head_dim 64, 4 heads (2 KV heads for the Llama family): 2 per rank
-WIDE = {
-    "gpt2": dict(n_embd=256, n_head=4),
-    "gpt_neox": dict(hidden_size=256, num_attention_heads=4, intermediate_size=512),
-    "opt": dict(hidden_size=256, num_attention_heads=4, ffn_dim=512),
-}
-WIDE_LLAMA = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                  intermediate_size=512)
-PASSAGE_LEN, TRAIN_STEPS = 256, 150
 
 
 def _ours(path, prompts, dtype: str, tensor_parallel_size: int, **kw):
@@ -79,8 +70,8 @@ def test_two_ranks_match_one_rank_bf16(arch, tmp_path):
 
 def test_a_killed_rank_fails_the_engine_on_gpus(tmp_path):
     path = make_checkpoint(tmp_path / "llama", arch="llama", **WIDE_LLAMA)
-    proc, target, pids = serve_two_ranks(path, tmp_path, "--device", "cuda", "--kv-cache-memory", "1GiB")
+    svc = serve_two_ranks(path, tmp_path, "--device", "cuda", "--kv-cache-memory", "1GiB")
     try:
-        kill_a_rank_mid_stream(proc, target, pids["worker1"], max_tokens=900)
+        kill_mid_stream(svc, "worker1", max_tokens=900)
     finally:
-        stop(proc)
+        svc.stop()

@@ -171,13 +171,20 @@ def _pem(value: bytes | str | Path | None) -> bytes | None:
     return Path(value).read_bytes()
 
 
-def _channel_args(tls: bool, ca_cert, client_cert, client_key, token: str | None):
-    """(credentials or None for plaintext, per-call metadata)."""
-    credentials = None
-    if tls or ca_cert is not None or client_cert is not None:
-        credentials = grpc.ssl_channel_credentials(_pem(ca_cert), _pem(client_key), _pem(client_cert))
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    return credentials, metadata
+class _Connection:
+    """The channel, stubs and per-call metadata that Client (``grpc``) and AsyncClient (``grpc.aio``) share."""
+
+    def _connect(self, channels, target: str, options, tls: bool, ca_cert, client_cert, client_key,
+                 token: str | None) -> None:
+        credentials = None
+        if tls or ca_cert is not None or client_cert is not None:
+            credentials = grpc.ssl_channel_credentials(_pem(ca_cert), _pem(client_key), _pem(client_cert))
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = (channels.secure_channel(target, credentials, options=list(options)) if credentials
+                         else channels.insecure_channel(target, options=list(options)))
+        self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._load = load_pb2_grpc.LoadServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
 
 def _request(prompt: str | Sequence[int], params: SamplingParams | None, request_id: str, model: str):
@@ -237,16 +244,11 @@ class GenerateStream(Iterator[GenerateChunk]):
         self._call.cancel()
 
 
-class Client:
+class Client(_Connection):
     def __init__(self, target: str, *, options: Sequence[tuple[str, object]] = (), tls: bool = False,
                  ca_cert: bytes | str | Path | None = None, client_cert: bytes | str | Path | None = None,
                  client_key: bytes | str | Path | None = None, token: str | None = None) -> None:
-        credentials, self._metadata = _channel_args(tls, ca_cert, client_cert, client_key, token)
-        self._channel = (grpc.secure_channel(target, credentials, options=list(options)) if credentials
-                         else grpc.insecure_channel(target, options=list(options)))
-        self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
-        self._load = load_pb2_grpc.LoadServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._connect(grpc, target, options, tls, ca_cert, client_cert, client_key, token)
 
     def generate(
         self,
@@ -367,16 +369,11 @@ class AsyncGenerateStream(AsyncIterator[GenerateChunk]):
         self._call.cancel()
 
 
-class AsyncClient:
+class AsyncClient(_Connection):
     def __init__(self, target: str, *, options: Sequence[tuple[str, object]] = (), tls: bool = False,
                  ca_cert: bytes | str | Path | None = None, client_cert: bytes | str | Path | None = None,
                  client_key: bytes | str | Path | None = None, token: str | None = None) -> None:
-        credentials, self._metadata = _channel_args(tls, ca_cert, client_cert, client_key, token)
-        self._channel = (grpc.aio.secure_channel(target, credentials, options=list(options)) if credentials
-                         else grpc.aio.insecure_channel(target, options=list(options)))
-        self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
-        self._load = load_pb2_grpc.LoadServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._connect(grpc.aio, target, options, tls, ca_cert, client_cert, client_key, token)
 
     def generate(
         self,

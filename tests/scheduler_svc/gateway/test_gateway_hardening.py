@@ -17,14 +17,19 @@ import clients  # noqa: F401
 from google.protobuf import descriptor_pool, message_factory
 
 from pagedserve.client import AsyncClient, GenerationError, SamplingParams
-from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
+from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway import protocol
 from scheduler_svc.gateway.options import GatewayLimits, SecurityConfig
-from scheduler_svc.gateway.server import SERVICE_NAME, Gateway, add_port, make_server
+from scheduler_svc.gateway.server import SERVICE_NAME, add_port, make_server
 from scheduler_svc.gateway.tokenizer_pool import TokenizerBusy, TokenizerPool
 from tests.certs import make_ca, make_cert
-from tests.scheduler_svc.gateway.test_server import FakeScheduler, model_dir, tokenizer  # noqa: F401
+from tests.scheduler_svc.gateway.test_server import (  # noqa: F401
+    FakeScheduler,
+    gateway_stack,
+    model_dir,
+    tokenizer,
+)
 from tests.waiting import wait_until_async
 
 GENERATE = f"/{SERVICE_NAME}/Generate"
@@ -35,25 +40,14 @@ TOKEN = "s3cret-token"
 async def gateway_at(model_dir, fake, limits=None, secure=None, **client_kw):  # noqa: F811
     """The gateway as ``serve`` builds it (make_server, add_port), on loopback; yields (client, target)."""
     limits, secure = limits or GatewayLimits(), secure or SecurityConfig()
-    sched = grpc.aio.server()
-    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(fake, sched)
-    sched_port = sched.add_insecure_port("127.0.0.1:0")
-    await sched.start()
-    gateway = Gateway(model_dir, f"127.0.0.1:{sched_port}", limits=limits)
-    server = make_server(gateway, limits, secure)
-    target = f"localhost:{add_port(server, '127.0.0.1:0', secure)}"
-    watcher = await gateway.start()
-    await server.start()
-    client = AsyncClient(target, **client_kw)
-    try:
+
+    def served(gateway):
+        server = make_server(gateway, limits, secure)
+        return server, f"localhost:{add_port(server, '127.0.0.1:0', secure)}"
+
+    async with gateway_stack(model_dir, fake, served, limits, **client_kw) as (client, gateway, target):
         await wait_until_async(lambda: gateway._serving, 20, what="the gateway to be SERVING")
         yield client, target
-    finally:
-        watcher.cancel()
-        await client.close()
-        await server.stop(None)
-        await gateway.close()
-        await sched.stop(None)
 
 
 def raw_generate(target: str, payload: bytes, timeout: float = 30.0) -> grpc.RpcError:
@@ -144,9 +138,9 @@ def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_tokenizing(
             calls = []
             original = TokenizerPool.encode
 
-            async def counting(self, text):
+            async def counting(self, text, *args, **kwargs):
                 calls.append(len(text))
-                return await original(self, text)
+                return await original(self, text, *args, **kwargs)
 
             monkeypatch.setattr(TokenizerPool, "encode", counting)
             with pytest.raises(GenerationError) as err:
@@ -165,10 +159,10 @@ def test_the_tokenizer_pool_is_bounded():
     release = threading.Event()
 
     class SlowTokenizer:
-        def encode(self, text):
+        def encode(self, text, add_special_tokens=True):
             return [1]
 
-        def encode_releasing_gil(self, text):
+        def encode_releasing_gil(self, text, add_special_tokens=True):
             release.wait(10)
             return [len(text)]
 

@@ -312,7 +312,7 @@ def test_status_codes_of_engine_failures(model_dir):
             assert err.value.status_code == 500 and err.value.body["type"] == "server_error"
             fake.ready = False
             fake.break_streams()  # the gateway loses the scheduler: UNAVAILABLE until it is back
-            await wait_until_async(lambda: not gateway.link.connected, 10, what="the gateway to see the loss")
+            await wait_until_async(lambda: not gateway.engines.connected, 10, what="the gateway to see the loss")
             with pytest.raises(openai.InternalServerError) as err:
                 await client.completions.create(model="demo", prompt="x", max_tokens=2)
             assert err.value.status_code == 503 and err.value.body["code"] == "unavailable"

@@ -108,28 +108,39 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
 
 
 @contextlib.asynccontextmanager
-async def running(model_dir, fake, client_options=()):
+async def gateway_stack(model_dir, fake, build_server, limits=None, **client_kw):
+    """``fake`` served as the scheduler, a Gateway on it, the gRPC server ``build_server(gateway)`` makes
+    (it returns the server and its target), and a client of it; yields (client, gateway, target)."""
     sched = grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(fake, sched)
     sched_port = sched.add_insecure_port("127.0.0.1:0")
     await sched.start()
-    gateway = Gateway(model_dir, f"127.0.0.1:{sched_port}")
-    server = grpc.aio.server()
-    gateway.add_to_server(server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    gateway = Gateway(model_dir, f"127.0.0.1:{sched_port}", **({"limits": limits} if limits is not None else {}))
+    server, target = build_server(gateway)
     watcher = await gateway.start()
     await server.start()
-    client = AsyncClient(f"127.0.0.1:{port}", options=client_options)
+    client = AsyncClient(target, **client_kw)
     try:
-        if fake.ready:
-            await client.wait_ready(timeout=20)
-        yield client, gateway, f"127.0.0.1:{port}"
+        yield client, gateway, target
     finally:
         watcher.cancel()
         await client.close()
         await server.stop(None)
         await gateway.close()
         await sched.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def running(model_dir, fake, client_options=()):
+    def plain_server(gateway):
+        server = grpc.aio.server()
+        gateway.add_to_server(server)
+        return server, f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+
+    async with gateway_stack(model_dir, fake, plain_server, options=client_options) as (client, gateway, target):
+        if fake.ready:
+            await client.wait_ready(timeout=20)
+        yield client, gateway, target
 
 
 def one_token_per_step(tokenizer, text=TEXT):
