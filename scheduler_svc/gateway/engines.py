@@ -44,7 +44,7 @@ class Engine:
     link: SchedulerLink
     info: scheduler_pb2.EngineInfo | None = None  # the last GetEngineInfo answer
     load: scheduler_pb2.EngineLoad | None = None  # the last load reported on the stream
-    num_routed_since_load: int = 0  # requests sent here since that report (which may not count them)
+    in_flight_at_load: int = 0  # this gateway's requests in flight there when that report arrived
     retired: bool = False  # left the DNS answer: no new requests
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task | None = None
@@ -60,12 +60,14 @@ class Engine:
 
     @property
     def num_requests(self) -> int:
-        """Requests running or waiting there, as far as this gateway knows: the last report plus what was
-        sent since and is still in flight, never fewer than this gateway's own requests in flight there."""
+        """Requests running or waiting there, as far as this gateway knows: the last report, corrected by
+        what this gateway sent there and saw end since (a report taken during a burst would otherwise hold
+        an engine that went idle as busy until the next one), never fewer than this gateway's own
+        requests in flight there."""
         load = self.load
         reported = load.num_requests_running + load.num_requests_waiting if load is not None else 0
         in_flight = self.link.num_in_flight
-        return max(reported + min(self.num_routed_since_load, in_flight), in_flight)
+        return max(reported + in_flight - self.in_flight_at_load, in_flight)
 
     @property
     def num_free_blocks(self) -> int | None:
@@ -73,7 +75,7 @@ class Engine:
 
     def on_load(self, load: scheduler_pb2.EngineLoad) -> None:
         self.load = load
-        self.num_routed_since_load = 0
+        self.in_flight_at_load = self.link.num_in_flight
 
 
 def parse_engines(spec: str) -> tuple[list[str], tuple[str, int] | None]:
@@ -159,7 +161,6 @@ class EnginePool:
         engine, reason = self.router.choose(ready, prompt_token_ids, ready[0].info.block_size)
         queue = engine.link.submit(request_id, prompt_token_ids, params)
         self._routes[request_id] = engine
-        engine.num_routed_since_load += 1
         self.metrics.routed(engine.name, reason)
         return queue
 

@@ -3,15 +3,13 @@ service's /metrics) and hits the prefix cache as often as on one engine, round-r
 the metrics count what the clients received; an engine killed with streams in flight fails only its
 own streams, the other engine takes the next requests, and the restarted engine serves again.
 
-With the gateway-speed work's `serve --gateways N` present, the service runs two gateway processes
-behind one port (one consistent /metrics across them); without it, one.
+The service runs two gateway processes behind one port (one consistent /metrics across them).
 """
 
 import asyncio
 import os
 import signal
-import subprocess
-import sys
+import time
 import urllib.request
 
 import grpc
@@ -23,7 +21,8 @@ import clients  # noqa: F401
 # isort: split
 from pagedserve.client import AsyncClient, GenerationError, SamplingParams
 from scheduler_svc.bench.routing import GroupWorkload, drive_groups, make_groups
-from tests.e2e.test_serving import CONTEXT_LEN, REPO, Service
+from scheduler_svc.service import LOAD_IDLE_S
+from tests.e2e.test_serving import CONTEXT_LEN, Service
 from tests.factories import make_checkpoint
 from tests.waiting import wait_until
 
@@ -38,13 +37,6 @@ REQUIRED = (
     "pagedserve_time_to_first_token_seconds_count", "pagedserve_inter_token_latency_seconds_count",
     "pagedserve_e2e_request_latency_seconds_count",
 )
-
-
-def gateway_args() -> list[str]:
-    """Two gateway processes where `serve` has --gateways."""
-    help_text = subprocess.run([sys.executable, "-m", "scheduler_svc.cli", "serve", "--help"], cwd=REPO,
-                               capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
-    return ["--gateways", "2"] if "--gateways" in help_text else []
 
 
 class Fleet(Service):
@@ -97,7 +89,7 @@ def single_engine_hit_rate(checkpoint, workload, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet(checkpoint, tmp_path_factory):
-    svc = Fleet(checkpoint, tmp_path_factory.mktemp("logs2"), *gateway_args())
+    svc = Fleet(checkpoint, tmp_path_factory.mktemp("logs2"), "--gateways", "2")
     yield svc
     assert svc.stop() == 0, "\n".join(svc.lines)
 
@@ -161,6 +153,12 @@ def test_killing_an_engine_fails_only_its_streams(fleet):
         except GenerationError as exc:
             return exc.code
         return "ended"
+
+    # The previous tests' requests have ended and every gateway has the engines' idle reports (an idle
+    # engine's reaches its streams within LOAD_IDLE_S): the four streams split two and two.
+    wait_until(lambda: fleet.total("pagedserve_num_requests_running") + fleet.total("pagedserve_num_requests_waiting")
+               == 0, 30, 0.05, what="the fleet to be idle")
+    time.sleep(2 * LOAD_IDLE_S)
 
     async def scenario():
         async with AsyncClient(fleet.target) as client:

@@ -275,3 +275,25 @@ def test_metrics_count_what_the_clients_received(model_dir):
             assert sample("pagedserve_router_engine_ready", engine="e0") == 1.0
 
     asyncio.run(scenario())
+
+
+def test_a_report_taken_during_a_burst_does_not_hold_an_idle_engine_as_busy():
+    from types import SimpleNamespace
+
+    from scheduler_svc.gateway.engines import Engine
+
+    link = SimpleNamespace(num_in_flight=0)
+    engine = Engine("127.0.0.1:1", link)
+    assert engine.num_requests == 0  # no report yet
+    link.num_in_flight = 8  # this gateway's burst, all of it in the engine's report
+    engine.on_load(scheduler_pb2.EngineLoad(num_requests_running=6, num_requests_waiting=2))
+    assert engine.num_requests == 8
+    link.num_in_flight = 11  # three more sent since: not in the report yet
+    assert engine.num_requests == 11
+    link.num_in_flight = 0  # all ended before the engine's next report
+    assert engine.num_requests == 0
+    # Another gateway's requests count until a report says they ended; this one's own never fewer.
+    engine.on_load(scheduler_pb2.EngineLoad(num_requests_running=5))
+    assert engine.num_requests == 5
+    link.num_in_flight = 2
+    assert engine.num_requests == 7
