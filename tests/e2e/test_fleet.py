@@ -74,8 +74,10 @@ def hit_rate(outcomes) -> float:
     return sum(o.cached_tokens for o in outcomes) / sum(o.prompt_tokens for o in outcomes)
 
 
-def run_groups(target: str, work: GroupWorkload, num_warm: int = 0):
-    return asyncio.run(drive_groups(target, work, concurrency=None, num_warm=num_warm))[1]
+def run_groups(target: str, work: GroupWorkload, num_engines: int = 1):
+    """Each request's outcome, sent once the gateway routes to ``num_engines`` engines (the launcher's
+    "ready" lines come first: a gateway that still sees one engine would send it everything)."""
+    return asyncio.run(drive_groups(target, work, concurrency=None, num_engines=num_engines))[1]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_groups_land_on_one_engine_and_hit_the_cache_as_one_engine_does(fleet, w
     homes = []
     for prompts, lens in zip(workload.groups, workload.output_lens, strict=True):
         before = {e: fleet.total("pagedserve_router_requests_total", engine=e) for e in ENGINES}
-        outcomes += run_groups(fleet.target, GroupWorkload([prompts], [lens]))
+        outcomes += run_groups(fleet.target, GroupWorkload([prompts], [lens]), num_engines=2)
         got = {e: fleet.total("pagedserve_router_requests_total", engine=e) - before[e] for e in ENGINES}
         assert sorted(got.values()) == [0, GROUP_SIZE], got  # the whole group on one engine
         homes.append(max(got, key=got.get))
@@ -208,7 +210,7 @@ def test_killing_an_engine_fails_only_its_streams(fleet):
 def test_round_robin_hits_the_cache_measurably_less(checkpoint, workload, single_engine_hit_rate, tmp_path):
     svc = Fleet(checkpoint, tmp_path / "logs", "--routing", "round-robin")
     try:
-        rate = hit_rate(run_groups(svc.target, workload))
+        rate = hit_rate(run_groups(svc.target, workload, num_engines=2))
     finally:
         assert svc.stop() == 0
     print(f"prefix-cache hit rate: one engine {single_engine_hit_rate:.3f}, two with round-robin {rate:.3f}")
