@@ -278,7 +278,8 @@ class Client(_Connection):
     ) -> GenerateStream:
         """Streams the assistant's next turn after ``messages`` (oldest first), rendered by the gateway
         with the model's chat template; FAILED_PRECONDITION when the model has none."""
-        return GenerateStream(self._stub.Chat(_chat_request(messages, params, request_id, model), timeout=timeout))
+        return GenerateStream(self._stub.Chat(_chat_request(messages, params, request_id, model), timeout=timeout,
+                                              metadata=self._metadata))
 
     def complete_chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
                       **kwargs) -> list[Completion]:
@@ -302,13 +303,14 @@ class Client(_Connection):
     def load(self, *, timeout: float | None = 30.0) -> load_pb2.GetLoadResponse:
         """Each engine's load as the gateway last heard it (running, waiting, KV usage, prefix-cache hits)."""
         try:
-            return self._load.GetLoad(load_pb2.GetLoadRequest(), timeout=timeout)
+            return self._load.GetLoad(load_pb2.GetLoadRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise GenerationError.from_rpc_error(err) from None
 
     def watch_load(self, interval: float = 1.0) -> Iterator[load_pb2.GetLoadResponse]:
         """The load now, then whenever it changed, at most once per ``interval`` seconds, until closed."""
-        call = self._load.WatchLoad(load_pb2.WatchLoadRequest(interval_ms=int(interval * 1000)))
+        call = self._load.WatchLoad(load_pb2.WatchLoadRequest(interval_ms=int(interval * 1000)),
+                                    metadata=self._metadata)
         try:
             yield from call
         except grpc.RpcError as err:
@@ -401,7 +403,7 @@ class AsyncClient(_Connection):
         timeout: float | None = None,
     ) -> AsyncGenerateStream:
         return AsyncGenerateStream(self._stub.Chat(_chat_request(messages, params, request_id, model),
-                                                   timeout=timeout))
+                                                   timeout=timeout, metadata=self._metadata))
 
     async def complete_chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
                             **kwargs) -> list[Completion]:
@@ -424,12 +426,13 @@ class AsyncClient(_Connection):
 
     async def load(self, *, timeout: float | None = 30.0) -> load_pb2.GetLoadResponse:
         try:
-            return await self._load.GetLoad(load_pb2.GetLoadRequest(), timeout=timeout)
+            return await self._load.GetLoad(load_pb2.GetLoadRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise GenerationError.from_rpc_error(err) from None
 
     async def watch_load(self, interval: float = 1.0) -> AsyncIterator[load_pb2.GetLoadResponse]:
-        call = self._load.WatchLoad(load_pb2.WatchLoadRequest(interval_ms=int(interval * 1000)))
+        call = self._load.WatchLoad(load_pb2.WatchLoadRequest(interval_ms=int(interval * 1000)),
+                                    metadata=self._metadata)
         try:
             async for report in call:
                 yield report

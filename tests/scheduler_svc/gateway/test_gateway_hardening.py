@@ -265,6 +265,24 @@ def test_bearer_token(model_dir, pki, client, want):  # noqa: F811
     asyncio.run(scenario())
 
 
+def test_every_client_call_carries_the_token(model_dir, pki):  # noqa: F811
+    fake = FakeScheduler(lambda submit: [[7]])
+
+    async def scenario():
+        secure = SecurityConfig(auth_token_file=pki["token"])
+        async with gateway_at(model_dir, fake, secure=secure) as (_, target):
+            async with AsyncClient(target, token=TOKEN) as client:
+                assert (await client.load()).num_engines_ready == 1
+                watch = client.watch_load(interval=0.05)
+                assert (await watch.__anext__()).num_engines_ready == 1
+                await watch.aclose()
+                with pytest.raises(GenerationError) as err:  # the demo model has no chat template
+                    [c async for c in client.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1))]
+                assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION  # past the token check
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("mutual, client, want", [
     (False, {"ca_cert": "ca"}, "OK"),
     (False, {}, "UNAVAILABLE"),  # plaintext against TLS: no connection
