@@ -29,7 +29,7 @@ from gpu_worker.model_files import resolve_model
 from gpu_worker.sampling_params import InvalidField
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.generation import GenerationCore, GenerationFailed
-from scheduler_svc.gateway.validation import token_prompt, validate_messages
+from scheduler_svc.gateway.validation import check_text, token_prompt, validate_messages
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # The special tokens transformers passes to a template by name (its SPECIAL_TOKENS_ATTRIBUTES).
@@ -204,11 +204,16 @@ class ChatPrompts:
     def prompt_token_ids(self, messages: Sequence[dict]) -> list[int]:
         """The token ids of the rendered conversation, tokenized here, as transformers' apply_chat_template
         does (no special tokens added: the template spells them out)."""
-        return self._checked(self.core.tokenizer.encode(self.render(messages), add_special_tokens=False))
+        return self._checked(token_prompt, self.core.tokenizer.encode(self._text(messages), add_special_tokens=False))
 
-    def _checked(self, ids: list[int]) -> list[int]:
+    def _text(self, messages: Sequence[dict]) -> str:
+        """The rendered conversation, refused before tokenizing when it is longer than any prompt that
+        fits (as Generate refuses a text prompt)."""
+        return self._checked(check_text, self.render(messages))
+
+    def _checked(self, check, value):
         try:
-            return token_prompt(ids, self.core.limits, "messages")
+            return check(value, self.core.limits, "messages")
         except InvalidField as exc:
             raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
 
@@ -216,7 +221,7 @@ class ChatPrompts:
                       sampling_params: generation_pb2.SamplingParams) -> generation_pb2.GenerateRequest:
         """The GenerateRequest of a conversation (its prompt as token ids); a long one is tokenized in
         the gateway's bounded tokenizer pool, off the event loop."""
-        ids = self._checked(await self.core.encode(self.render(messages), add_special_tokens=False))
+        ids = self._checked(token_prompt, await self.core.encode(self._text(messages), add_special_tokens=False))
         request = generation_pb2.GenerateRequest(request_id=request_id, model=model, sampling_params=sampling_params)
         request.token_ids.ids.extend(ids)
         return request

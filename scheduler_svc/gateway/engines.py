@@ -95,7 +95,8 @@ def parse_engines(spec: str) -> tuple[list[str], tuple[str, int] | None]:
 
 
 def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """HOST:PORT, an IPv6 host in brackets (once)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 class EnginePool:

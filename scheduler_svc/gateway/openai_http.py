@@ -13,6 +13,7 @@ code; once a stream has started they come as a last ``data: {"error": ...}`` eve
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import time
@@ -211,6 +212,8 @@ class OpenAIServer:
         ``Authorization: Bearer <token>``, as the gRPC API does (and as OpenAI clients send their key)."""
         self.core, self.chat = core, chat
         self.created = int(time.time())
+        # One token's text, for logprobs (up to 21 a token with top_logprobs): decoded once per token id.
+        self._token_text = functools.lru_cache(maxsize=65536)(self._decode_one)
         middlewares = [_errors] + ([_token_check(token)] if token else [])
         self.app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
         self.app.router.add_get("/v1/models", self.models)
@@ -311,7 +314,7 @@ class OpenAIServer:
                            "model", "model_not_found")
         return model
 
-    def _token_text(self, token_id: int) -> str:
+    def _decode_one(self, token_id: int) -> str:
         return self.core.tokenizer.decode([token_id], skip_special_tokens=False)
 
     async def _respond(self, request: web.Request, response_id: str, requests: list[generation_pb2.GenerateRequest],
@@ -320,7 +323,9 @@ class OpenAIServer:
         n = requests[0].sampling_params.n or 1
         try:
             for req in requests if len(requests) > 1 else ():  # no prompt starts unless all are valid
-                await self.core.validate(req)
+                valid = await self.core.validate(req)
+                if req.WhichOneof("prompt") == "text":  # tokenized once: generate takes the ids
+                    req.token_ids.ids.extend(valid.prompt_token_ids)
             stream = responses(self.core, requests)
             async with aclosing(stream):
                 first = await anext(stream, None)

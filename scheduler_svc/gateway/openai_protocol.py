@@ -18,6 +18,7 @@ import grpc
 
 import clients  # noqa: F401
 from pagedserve.v1 import generation_pb2
+from scheduler_svc.finish_reason import name as finish_reason_name
 from scheduler_svc.gateway.generation import GenerationFailed
 
 UINT32_MAX = 2**32 - 1
@@ -39,11 +40,6 @@ _HTTP = {
     grpc.StatusCode.UNIMPLEMENTED: (501, "server_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
-}
-_FINISH = {
-    generation_pb2.FINISH_REASON_LENGTH: "length",
-    generation_pb2.FINISH_REASON_STOP: "stop",
-    generation_pb2.FINISH_REASON_ABORT: "abort",
 }
 
 
@@ -236,7 +232,8 @@ def chat_messages(body: dict) -> list[dict]:
 
 
 def finish_reason(value: int) -> str | None:
-    return _FINISH.get(value)
+    """The OpenAI finish_reason of a public one; None while the sample runs."""
+    return finish_reason_name(value) or None
 
 
 @dataclass(slots=True)

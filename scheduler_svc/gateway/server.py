@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -36,7 +37,7 @@ from pagedserve.v1 import generation_pb2, generation_pb2_grpc, load_pb2_grpc
 from scheduler_svc import log, metrics
 from scheduler_svc.gateway import load_service, protocol, security
 from scheduler_svc.gateway.chat import ChatPrompts, ChatTemplate
-from scheduler_svc.gateway.engines import EnginePool, parse_engines
+from scheduler_svc.gateway.engines import EnginePool, format_address, parse_engines
 from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, GenerationFailed
 from scheduler_svc.gateway.metrics import GatewayMetrics
 from scheduler_svc.gateway.options import (
@@ -79,9 +80,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
         try:
-            async for batch in self.core.generate(request, cancel_status):
-                for resp in batch:
-                    await context.write(resp)
+            # aclosing: a cancelled call releases its request (and aborts it upstream) at once, not when
+            # the generator is collected.
+            async with contextlib.aclosing(self.core.generate(request, cancel_status)) as batches:
+                async for batch in batches:
+                    for resp in batch:
+                        await context.write(resp)
         except GenerationFailed as exc:
             await _abort(context, exc)
 
@@ -207,10 +211,6 @@ class Gateway:
         self.core.tokenizer_pool.close()
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
 async def _start_http(args: argparse.Namespace, gateway: Gateway, secure: SecurityConfig):
     """The OpenAI-compatible HTTP server on --http-port, in this event loop, with the gRPC port's TLS and
     token; None without the flag."""
@@ -223,7 +223,7 @@ async def _start_http(args: argparse.Namespace, gateway: Gateway, secure: Securi
     port = await http.start(args.host, args.http_port, security.http_ssl_context(secure), args.reuse_port)
     if args.http_port_file:
         _write_atomically(Path(args.http_port_file), port)
-    log.get_logger().info("http listening", address=_format_address(args.host, port), api="openai")
+    log.get_logger().info("http listening", address=format_address(args.host, port), api="openai")
     return http
 
 
@@ -235,7 +235,7 @@ async def serve(args: argparse.Namespace) -> int:
     gateway = Gateway(args.model, args.scheduler, args.model_name, router, args.dns_refresh, limits)
     server = make_server(gateway, limits, secure, args.reuse_port)
     servers = [server]
-    address = _format_address(args.host, args.port)
+    address = format_address(args.host, args.port)
     try:
         port = add_port(server, address, secure)
         if args.local_socket:  # private to the launcher, which asks this very gateway's health here
@@ -244,7 +244,7 @@ async def serve(args: argparse.Namespace) -> int:
             servers.append(health_server := grpc.aio.server(
                 options=[("grpc.so_reuseport", 1 if args.reuse_port else 0)]))
             health_pb2_grpc.add_HealthServicer_to_server(gateway.health, health_server)
-            health_port = health_server.add_insecure_port(_format_address(args.host, secure.health_port))
+            health_port = health_server.add_insecure_port(format_address(args.host, secure.health_port))
     except RuntimeError as exc:  # grpc's "Failed to bind": the port is taken or the address is not ours
         logger.error("cannot listen", address=address, error=str(exc))
         return 1
@@ -259,7 +259,7 @@ async def serve(args: argparse.Namespace) -> int:
         if len(servers) > 1:
             _write_atomically(Path(f"{args.port_file}.health"), health_port)
         _write_atomically(Path(args.port_file), port)  # last: a reader of it finds the health port too
-    logger.info("gateway listening", address=_format_address(args.host, port), model=gateway.model_name,
+    logger.info("gateway listening", address=format_address(args.host, port), model=gateway.model_name,
                 scheduler=args.scheduler, routing=args.routing, tls=secure.tls,
                 mutual_tls=bool(secure.tls_client_ca), token=bool(secure.auth_token_file))
     if args.metrics_port is not None:

@@ -151,6 +151,19 @@ def test_chat_prompts_checks_messages_and_length(base_dir, tmp_path):
         assert (err.value.code, err.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, field)
 
 
+def test_a_conversation_too_long_for_any_prompt_is_refused_before_tokenizing(base_dir, tmp_path, monkeypatch):
+    path = with_template(base_dir, tmp_path, CHATML, "jinja")
+    core = _Core(path)
+    prompts = ChatPrompts(core, ChatTemplate.from_model(path, core.tokenizer.id_to_token))
+    calls = []
+    monkeypatch.setattr(core, "encode", lambda *args, **kwargs: calls.append(args))
+    with pytest.raises(GenerationFailed) as err:
+        asyncio.run(prompts.request("r", "demo", [{"role": "user", "content": "x" * (2**20 + 1)}],
+                                    generation_pb2.SamplingParams(max_tokens=1)))
+    assert (err.value.code, err.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "messages")
+    assert "the limit is 1048576 bytes (--max-prompt-bytes)" in err.value.message and calls == []
+
+
 def test_chat_request_becomes_a_generate_request(base_dir, tmp_path):
     path = with_template(base_dir, tmp_path, CHATML, "jinja")
     core = _Core(path)
