@@ -22,6 +22,17 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+def hf_config(path: str | Path) -> dict:
+    """A checkpoint's Hugging Face config: its config.json, or what transformers reads from a GGUF file
+    (see resolve_model)."""
+    files = resolve_model(path)
+    if files.gguf_file is not None:
+        from gpu_worker.gguf_loader import gguf_hf_config  # imports transformers: only for GGUF
+
+        return gguf_hf_config(files.gguf_file)
+    return json.loads((files.path / "config.json").read_text())
+
+
 def _get(hf: dict, key: str) -> int:
     for name in _ALIASES[key]:
         if hf.get(name) is not None:
@@ -74,11 +85,9 @@ class ModelConfig:
     def from_dir(cls, path: str | Path) -> "ModelConfig":
         """From a Hugging Face directory or a GGUF checkpoint (see resolve_model)."""
         files = resolve_model(path)
+        hf = hf_config(path)
         if files.gguf_file is not None:
-            from gpu_worker.gguf_loader import gguf_hf_config  # imports transformers: only for GGUF
-
-            return cls.from_hf(gguf_hf_config(files.gguf_file), gguf_file=files.gguf_file)
-        hf = json.loads((files.path / "config.json").read_text())
+            return cls.from_hf(hf, gguf_file=files.gguf_file)
         extra_eos = []
         generation_config = files.path / "generation_config.json"
         if generation_config.exists():

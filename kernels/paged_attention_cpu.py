@@ -42,7 +42,7 @@ def paged_attention_sdpa(
         if decode[-1] - decode[0] == num - 1 and starts[decode[-1]] - starts[decode[0]] == num - 1:
             seqs, rows = slice(decode[0], decode[-1] + 1), slice(starts[decode[0]], starts[decode[0]] + num)
         else:
-            seqs = torch.tensor(decode)
+            seqs = torch.tensor(decode, device=q.device)
             rows = query_start_loc[seqs].long()
         slots, allowed = _gather_slots(block_tables[seqs], seq_lens[seqs], max(lens[s] for s in decode),
                                        block_size, sliding_window)  # [B, L]
@@ -69,7 +69,7 @@ def _gather_slots(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot of each (sequence, key position) [B, max_len] int64 and whether the sequence's last token
     may attend to it [B, max_len] bool; positions past a sequence's end take its position 0."""
-    pos = torch.arange(max_len)[None, :]
+    pos = torch.arange(max_len, device=block_tables.device)[None, :]
     lens = seq_lens.long()[:, None]
     inside = pos < lens
     pos = torch.where(inside, pos, 0)
@@ -89,7 +89,7 @@ def _prefill_chunk(
     sliding_window: int | None,
 ) -> torch.Tensor:  # [n, H, D]
     n, num_heads, _ = q.shape
-    pos = torch.arange(seq_len)
+    pos = torch.arange(seq_len, device=block_table.device)
     slots = block_table[: -(-seq_len // block_size)].long().repeat_interleave(block_size)[:seq_len] * block_size \
         + pos % block_size
     k = k_rows.index_select(0, slots).transpose(0, 1)[None]  # [1, H_kv, L, D]

@@ -38,6 +38,7 @@ from kernels.bench.kernels import (
     NUM_KV_HEADS,
     PREFILL_SHAPES,
     GiB,
+    rel_err,
 )
 
 REF_TOL = 2e-2  # relative Frobenius error for bf16, as tests/kernels/conftest.py's TOL
@@ -94,10 +95,6 @@ def config_of(module: ModuleType, batch: int, seq_len: int, num_queries: int, nu
     cfg = module.choose_config(batch * num_queries, batch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE,
                                num_queries, seq_len, num_sms)
     return dataclasses.asdict(cfg)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def timer(fn, graph: bool):

@@ -129,15 +129,15 @@ def run(args) -> int:
 
 def _report(args, results: list[dict], cpu: dict) -> dict:
     total = {k: sum(r[k] for r in results) for k in ("tokens", "responses", "requests", "checked", "mismatches")}
-    itl = sorted(x for r in results for x in r["itl_s"])
-    ttft = sorted(x for r in results for x in r["ttft_s"])
+    itl = [x for r in results for x in r["itl_s"]]
+    ttft = [x for r in results for x in r["ttft_s"]]
     return total | {
         "gateways": args.gateways, "streams": args.streams, "client_processes": len(results),
         "max_tokens": args.max_tokens, "step_ms": args.step_ms, "model": str(args.model or "demo tokenizer"),
         "duration_s": args.duration, "tokens_per_s": total["tokens"] / args.duration,
         "responses_per_s": total["responses"] / args.duration,
         "tokens_per_response": total["tokens"] / max(1, total["responses"]),
-        "itl_ms": _percentiles_ms(itl), "ttft_ms": _percentiles_ms(ttft),
+        "itl_ms": load_clients.percentiles_ms(itl), "ttft_ms": load_clients.percentiles_ms(ttft),
         "load_average": [round(x, 2) for x in os.getloadavg()], "processes": cpu,
     }
 
@@ -154,11 +154,6 @@ def _print_stages(profile_dir: Path, report: dict) -> None:
         print(f"{name} CPU per token by stage ({per_token_us:.1f} us in all):")
         for stage, share in shares.items():
             print(f"  {stage:<42} {share * per_token_us:6.2f} us  {100 * share:5.1f}%")
-
-
-def _percentiles_ms(sorted_s: list[float]) -> dict[str, float]:
-    n = len(sorted_s)
-    return {f"p{q}": 1e3 * sorted_s[min(n - 1, n * q // 100)] if n else float("nan") for q in (50, 90, 99)}
 
 
 def add_parser(bench) -> None:

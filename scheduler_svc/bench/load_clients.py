@@ -291,3 +291,9 @@ def poisson_arrivals(num: int, rate: float | None, seed: int) -> list[float]:
         if rate:
             t += rng.expovariate(rate)
     return out
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    """p50 / p90 / p99 in milliseconds (the value at rank floor(q% of n)); NaN without values."""
+    ordered, n = sorted(seconds), len(seconds)
+    return {f"p{q}": 1e3 * ordered[min(n - 1, n * q // 100)] if n else float("nan") for q in (50, 90, 99)}

@@ -78,16 +78,23 @@ class LocalService:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
             return stub.GetEngineInfo(scheduler_pb2.GetEngineInfoRequest(), timeout=timeout_s)
 
-    def wait_all_blocks_free(self, timeout_s: float = 15.0):
-        """The EngineInfo once every KV block is free and no request is left; AssertionError if never."""
+    def settled_engine_info(self, timeout_s: float = 15.0):
+        """The EngineInfo once every KV block is free and no request is left, or the last one seen after
+        ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
             info = self.engine_info()
-            if info.stats.num_free_blocks == info.num_blocks and info.stats.num_requests == 0:
+            if (info.stats.num_free_blocks == info.num_blocks and info.stats.num_requests == 0) \
+                    or time.monotonic() > deadline:
                 return info
-            if time.monotonic() > deadline:
-                raise AssertionError(f"blocks still held after {timeout_s:g} s: {info.stats}")
             time.sleep(0.05)
+
+    def wait_all_blocks_free(self, timeout_s: float = 15.0):
+        """The EngineInfo once every KV block is free and no request is left; AssertionError if never."""
+        info = self.settled_engine_info(timeout_s)
+        if info.stats.num_free_blocks != info.num_blocks or info.stats.num_requests:
+            raise AssertionError(f"blocks still held after {timeout_s:g} s: {info.stats}")
+        return info
 
     def rss_bytes(self, name: str) -> int:
         """Resident memory of child ``name`` (gateway, scheduler, worker), from /proc."""

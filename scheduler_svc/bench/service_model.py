@@ -3,7 +3,6 @@ and the workload needs the vocabulary size (from the checkpoint, the shape or th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from scheduler_svc.bench.throughput import SHAPES
@@ -24,7 +23,9 @@ def write_placeholder_tokenizer(model_dir: Path, vocab_size: int) -> None:
 
 def vocab_size(args, model_dir: Path) -> int:
     if args.model:
-        return json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        from gpu_worker.model_config import hf_config
+
+        return hf_config(model_dir)["vocab_size"]
     if args.shape:
         return SHAPES[args.shape]["vocab_size"]
     import clients  # noqa: F401

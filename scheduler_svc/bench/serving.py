@@ -26,9 +26,9 @@ from scheduler_svc.bench import load_clients, process_profile, routing
 from scheduler_svc.bench.service_model import vocab_size, write_placeholder_tokenizer
 from scheduler_svc.bench.throughput import (
     BENCH_DEFAULTS,
-    WORKLOADS,
     add_workload_args,
     make_workload,
+    resolve_workload,
     run_ours,
     write_shape_config,
 )
@@ -61,13 +61,6 @@ def _client_pool(target: str, work, rate: float | None, concurrency: int | None,
     return load_clients.ClientPool(jobs, shares)
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q / 100 * len(values)))]
-
-
 def _report(timings: list[load_clients.Timing], seconds: float) -> dict:
     out_tokens = sum(t.num_tokens for t in timings)
     ttft = [t.first - t.start for t in timings if t.first is not None]
@@ -75,8 +68,8 @@ def _report(timings: list[load_clients.Timing], seconds: float) -> dict:
     return {
         "requests": len(timings), "seconds": seconds, "output_tokens": out_tokens,
         "output_tok_s": out_tokens / seconds,
-        "ttft_ms": {f"p{q}": 1e3 * _pct(ttft, q) for q in (50, 90, 99)},
-        "itl_ms": {f"p{q}": 1e3 * _pct(itl, q) for q in (50, 90, 99)},
+        "ttft_ms": load_clients.percentiles_ms(ttft),
+        "itl_ms": load_clients.percentiles_ms(itl),
         "median_itl_ms": 1e3 * statistics.median(itl) if itl else float("nan"),
     }
 
@@ -116,13 +109,10 @@ def _start_service(args, engine: EngineArgs) -> subprocess.Popen:
 def run(args) -> int:
     if routing.wanted(args):  # the shared-prefix workload, and the routing comparison
         return routing.run(args)
-    if args.workload:
-        shape, n, in_len, out_len, _ = WORKLOADS[args.workload]
-        args.shape = args.shape or (None if (args.model or args.target) else shape)
-        args.num_prompts = args.num_prompts or n
-        args.input_len, args.output_len = args.input_len or in_len, args.output_len or out_len
-    if not (args.num_prompts and args.input_len and args.output_len):
-        raise SystemExit("give --workload or all of --num-prompts, --input-len, --output-len")
+    resolve_workload(args, with_shape=not (args.model or args.target))  # a given model keeps its own shape
+    if args.offline_too and args.target and not (args.model or args.shape):
+        raise SystemExit("pagedserve bench serving: --offline-too with --target needs --model or --shape: the "
+                         "offline run starts its own engine of that model")
     try:
         rates = parse_rates(args.request_rates) if args.request_rates else [args.request_rate]
     except ValueError as exc:

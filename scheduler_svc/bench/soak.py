@@ -184,24 +184,13 @@ def run_soak(model: str | Path, streams: int, seconds: float, seed: int = 0, ser
             for n in names:
                 rss[n]["end"] = svc.rss_bytes(n) / 2**20
             report.rss_mib = {n: {k: round(v, 1) for k, v in r.items()} for n, r in rss.items()}
-            info = _settled(svc)
+            info = svc.settled_engine_info(timeout_s=30.0)
             report.num_blocks = info.num_blocks
             report.leaked_blocks = info.num_blocks - info.stats.num_free_blocks
             report.requests_left = info.stats.num_requests + info.stats.num_running + info.stats.num_waiting
         finally:
             svc.stop()
     return report
-
-
-def _settled(svc: LocalService, timeout_s: float = 30.0):
-    """EngineInfo once the scheduler holds nothing (or the last one seen after ``timeout_s``)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = svc.engine_info()
-        s = info.stats
-        if (s.num_free_blocks == info.num_blocks and not s.num_requests) or time.monotonic() > deadline:
-            return info
-        time.sleep(0.1)
 
 
 def failures(report: SoakReport, max_rss_growth_mib: float) -> list[str]:

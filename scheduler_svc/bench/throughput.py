@@ -170,18 +170,6 @@ def step_profile(before, after) -> dict:
     }
 
 
-def model_hf_config(model_dir: Path) -> dict:
-    """The checkpoint's Hugging Face config: its config.json, or what transformers reads from a GGUF file."""
-    from gpu_worker.model_files import resolve_model
-
-    gguf_file = resolve_model(model_dir).gguf_file
-    if gguf_file is None:
-        return json.loads((model_dir / "config.json").read_text())
-    from gpu_worker.gguf_loader import gguf_hf_config
-
-    return gguf_hf_config(gguf_file)
-
-
 def _hf_model(model_dir: Path, device: str, load_format: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -278,14 +266,17 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def resolve_workload(args) -> None:
-    """Fills --num-prompts, --input-len and --output-len (and the shape, hf batch size) from --workload."""
+def resolve_workload(args, with_shape: bool = True) -> None:
+    """Fills --num-prompts, --input-len and --output-len (and, ``with_shape``, the model shape; the hf
+    batch size where the command has one) from --workload."""
     if args.workload:
         shape, n, in_len, out_len, hf_bs = WORKLOADS[args.workload]
-        args.shape = args.shape or shape
+        if with_shape:
+            args.shape = args.shape or shape
         args.num_prompts = args.num_prompts or n
         args.input_len, args.output_len = args.input_len or in_len, args.output_len or out_len
-        args.hf_batch_size = args.hf_batch_size or hf_bs
+        if hasattr(args, "hf_batch_size"):
+            args.hf_batch_size = args.hf_batch_size or hf_bs
     if not (args.num_prompts and args.input_len and args.output_len):
         raise SystemExit("give --workload or all of --num-prompts, --input-len, --output-len")
 
@@ -327,6 +318,8 @@ def run(args) -> int:
     resolve_workload(args)
     args.hf_batch_size = args.hf_batch_size or 64
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
+        from gpu_worker.model_config import hf_config
+
         profile_out = _kernel_profile_out(args, tmp)
         if args.model:
             model_dir, args.load_format = Path(args.model), "auto"
@@ -334,12 +327,17 @@ def run(args) -> int:
             model_dir, args.load_format = Path(tmp) / args.shape, "dummy"
         else:
             raise SystemExit("give --shape or --model")
-        vocab = SHAPES[args.shape]["vocab_size"] if not args.model else model_hf_config(model_dir)["vocab_size"]
+        if not args.model:
+            vocab = SHAPES[args.shape]["vocab_size"]
+        else:
+            cfg = hf_config(model_dir)
+            vocab = cfg["vocab_size"]
         work = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, args.seed)
         warm = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, args.seed + 1)
         if not args.model:
             longest = max(len(p) + n for p, n in zip(work.prompts, work.output_lens, strict=True))
             write_shape_config(args.shape, model_dir, longest)
+            cfg = hf_config(model_dir)
         try:
             # On CPU a larger pool than a CPU worker's default, so that the whole workload can run at once.
             cpu_pool = 2**30 if args.device == "cpu" and args.kv_cache_memory is None else args.kv_cache_memory
@@ -348,7 +346,6 @@ def run(args) -> int:
                                           kv_cache_memory=cpu_pool)
         except ValueError as exc:
             raise SystemExit(f"pagedserve bench throughput: {exc}") from None
-        cfg = model_hf_config(model_dir)
         print(f"workload: {len(work.prompts)} prompts, {work.num_output_tokens} output tokens, "
               f"model {args.shape or args.model} on {args.device}", flush=True)
         ceilings = measure_ceilings(args.device)

@@ -73,6 +73,19 @@ def test_bench_throughput_takes_a_gguf_checkpoint(tmp_path):
     assert [(r["system"], r["output_tokens"]) for r in report["results"]] == [("pagedserve", 6), ("hf-static", 6)]
 
 
+def test_bench_serving_reads_the_vocabulary_of_a_gguf_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from scheduler_svc.bench.service_model import vocab_size
+    from tests.gguf_files import Q, write_gguf
+
+    model_dir = tmp_path / "gguf"
+    checkpoint = make_checkpoint(tmp_path / "m")
+    write_gguf(checkpoint, model_dir / "model.gguf", lambda name: Q.F32)
+    want = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    assert vocab_size(SimpleNamespace(model=str(model_dir)), model_dir) == want
+
+
 @pytest.mark.slow
 def test_bench_serving_on_cpu_reports_latencies(tmp_path):
     import socket
