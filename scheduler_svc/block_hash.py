@@ -20,9 +20,14 @@ def hash_block(parent: int | None, token_ids: list[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def prefix_hashes(token_ids: list[int], block_size: int, max_blocks: int) -> list[int]:
-    """The chained hashes of the first full blocks of ``token_ids``, at most ``max_blocks`` of them."""
-    hashes: list[int] = []
-    for i in range(min(len(token_ids) // block_size, max_blocks)):
+def extend_hashes(hashes: list[int], token_ids: list[int], block_size: int, num_blocks: int) -> list[int]:
+    """``hashes`` (those of the first blocks of ``token_ids``, chained) extended in place to the first
+    ``num_blocks`` full blocks; returns it."""
+    for i in range(len(hashes), num_blocks):
         hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[i * block_size : (i + 1) * block_size]))
     return hashes
+
+
+def prefix_hashes(token_ids: list[int], block_size: int, max_blocks: int) -> list[int]:
+    """The chained hashes of the first full blocks of ``token_ids``, at most ``max_blocks`` of them."""
+    return extend_hashes([], token_ids, block_size, min(len(token_ids) // block_size, max_blocks))

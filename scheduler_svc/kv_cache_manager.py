@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from scheduler_svc.block_hash import hash_block
+from scheduler_svc.block_hash import extend_hashes, hash_block  # noqa: F401 (hash_block: the cache key)
 from scheduler_svc.block_pool import BlockPool, KVBlock
 from scheduler_svc.request import Sequence
 
@@ -102,8 +102,7 @@ class KVCacheManager:
             if first < held and table[first].ref_cnt > 1:
                 needed += 1
             return needed
-        last = (end + bs - 1) // bs
-        return max(0, last - held) + sum(table[i].ref_cnt > 1 for i in range(first, min(held, last)))
+        return self.num_blocks_needed(((seq_id, start, end),))
 
     def num_blocks_needed(self, slots: Iterable[tuple[int, int, int]], cpu: bool = False) -> int:
         """Blocks that ``allocate_slots`` would take for these (seq_id, start, end) writes, in order.
@@ -176,12 +175,7 @@ class KVCacheManager:
 
     def block_hashes(self, seq: Sequence, num_tokens: int) -> list[int]:
         """Hashes of the full blocks among ``seq``'s first ``num_tokens`` tokens (cached on the seq)."""
-        hashes = seq.block_hashes
-        bs = self.block_size
-        tokens = seq.token_ids
-        for i in range(len(hashes), num_tokens // bs):
-            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
-        return hashes
+        return extend_hashes(seq.block_hashes, seq.token_ids, self.block_size, num_tokens // self.block_size)
 
     def cached_prefix(self, seq: Sequence) -> PrefixHit:
         """The cached blocks holding the longest prefix of ``seq``'s tokens, last token excluded."""

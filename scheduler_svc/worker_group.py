@@ -41,9 +41,9 @@ class WorkerGroup:
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
 
-    def _recv(self, timeout_s: float | None, alive: Callable[[], bool] | None = None):
-        """Next (identity, WorkerReply); raises WorkerFailure on disconnect, death or timeout."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    def _recv(self, timeout_s: float | None, deadline: float | None, alive: Callable[[], bool] | None = None):
+        """Next (identity, WorkerReply); raises WorkerFailure on disconnect, death, or no answer by
+        ``deadline`` (monotonic; the end of a whole wait of ``timeout_s``, however many replies it takes)."""
         while True:
             events = dict(self.poller.poll(500))
             if self.monitor in events:
@@ -68,8 +68,9 @@ class WorkerGroup:
         self, timeout_s: float = 600.0, alive: Callable[[], bool] | None = None
     ) -> list[worker_pb2.WorkerHello]:
         hellos: dict[bytes, worker_pb2.WorkerHello] = {}
+        deadline = _deadline(timeout_s)
         while len(hellos) < self.world_size:
-            identity, reply = self._recv(timeout_s, alive)
+            identity, reply = self._recv(timeout_s, deadline, alive)
             if reply.WhichOneof("kind") != "hello" or identity not in self.identities:
                 raise WorkerFailure(f"unexpected first message from {identity!r}")
             hellos[identity] = reply.hello
@@ -80,8 +81,9 @@ class WorkerGroup:
         cmd.init_cache.num_blocks = num_blocks
         cmd.init_cache.num_cpu_blocks = num_cpu_blocks
         self._broadcast(cmd.SerializeToString())
+        deadline = _deadline(timeout_s)
         for _ in range(self.world_size):
-            _, reply = self._recv(timeout_s, alive)
+            _, reply = self._recv(timeout_s, deadline, alive)
             if reply.WhichOneof("kind") != "cache_ready":
                 raise WorkerFailure("expected CacheReady")
 
@@ -98,8 +100,9 @@ class WorkerGroup:
     def recv_step(self, timeout_s: float | None = None, alive=None) -> worker_pb2.StepResult:
         """Every rank's answer to the oldest step in flight; returns rank 0's StepResult."""
         replies = {i: q.popleft() for i, q in self._ahead.items() if q}
+        deadline = _deadline(timeout_s)  # one bound for the whole step, however many ranks answer first
         while len(replies) < self.world_size:
-            identity, reply = self._recv(timeout_s, alive)
+            identity, reply = self._recv(timeout_s, deadline, alive)
             if identity in replies:
                 self._ahead[identity].append(reply)
             else:
@@ -132,3 +135,7 @@ class WorkerGroup:
         self.sock.disable_monitor()
         self.monitor.close(0)
         self.sock.close(0)
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else time.monotonic() + timeout_s

@@ -42,3 +42,42 @@ def test_answers_are_paired_by_step_not_by_arrival(tmp_path):
             sock.close(0)
         group.close()
         ctx.term()
+
+
+def test_a_step_waits_for_a_stuck_rank_no_longer_than_its_timeout(tmp_path):
+    """Replies of the fast rank (to this step and ahead) do not restart the wait for the stuck one."""
+    import threading
+    import time
+
+    ctx = zmq.Context()
+    group = WorkerGroup(f"ipc://{tmp_path}/w.sock", world_size=2, ctx=ctx)
+    ranks = []
+    for r in range(2):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"rank{r}".encode())
+        sock.connect(group.address)
+        ranks.append(sock)
+
+    done = threading.Event()
+
+    def fast_rank():  # answers this step and the next ones, one every 0.6 s; rank 1 never answers
+        step_id = 1
+        while not done.is_set():
+            _answer(ranks[0], 0, step_id)
+            step_id += 1
+            done.wait(0.6)
+
+    sender = threading.Thread(target=fast_rank)
+    try:
+        start = time.monotonic()
+        sender.start()
+        with pytest.raises(WorkerFailure, match="no answer from the workers within 1 s"):
+            group.recv_step(timeout_s=1.0)
+        assert time.monotonic() - start < 1.0 + 0.5 + 0.3  # the timeout, one poll interval, slack
+    finally:
+        done.set()
+        sender.join()
+        for sock in ranks:
+            sock.close(0)
+        group.close()
+        ctx.term()
