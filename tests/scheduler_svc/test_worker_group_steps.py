@@ -16,7 +16,8 @@ def _answer(sock: zmq.Socket, rank: int, step_id: int, error: str = "") -> None:
     sock.send(worker_pb2.WorkerReply(step_result=result).SerializeToString())
 
 
-def test_answers_are_paired_by_step_not_by_arrival(tmp_path):
+def _two_ranks(tmp_path):
+    """A WorkerGroup of two and a DEALER socket in the place of each rank's worker."""
     ctx = zmq.Context()
     group = WorkerGroup(f"ipc://{tmp_path}/w.sock", world_size=2, ctx=ctx)
     ranks = []
@@ -25,6 +26,18 @@ def test_answers_are_paired_by_step_not_by_arrival(tmp_path):
         sock.setsockopt(zmq.IDENTITY, f"rank{r}".encode())
         sock.connect(group.address)
         ranks.append(sock)
+    return ctx, group, ranks
+
+
+def _close(ctx, group, ranks) -> None:
+    for sock in ranks:
+        sock.close(0)
+    group.close()
+    ctx.term()
+
+
+def test_answers_are_paired_by_step_not_by_arrival(tmp_path):
+    ctx, group, ranks = _two_ranks(tmp_path)
     try:
         _answer(ranks[1], 1, 7)
         _answer(ranks[1], 1, 8, error="boom")  # rank 1 is a step ahead
@@ -38,10 +51,7 @@ def test_answers_are_paired_by_step_not_by_arrival(tmp_path):
         with pytest.raises(WorkerFailure, match=r"different steps: \[9, 10\]"):
             group.recv_step(timeout_s=10)
     finally:
-        for sock in ranks:
-            sock.close(0)
-        group.close()
-        ctx.term()
+        _close(ctx, group, ranks)
 
 
 def test_a_step_waits_for_a_stuck_rank_no_longer_than_its_timeout(tmp_path):
@@ -49,14 +59,7 @@ def test_a_step_waits_for_a_stuck_rank_no_longer_than_its_timeout(tmp_path):
     import threading
     import time
 
-    ctx = zmq.Context()
-    group = WorkerGroup(f"ipc://{tmp_path}/w.sock", world_size=2, ctx=ctx)
-    ranks = []
-    for r in range(2):
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"rank{r}".encode())
-        sock.connect(group.address)
-        ranks.append(sock)
+    ctx, group, ranks = _two_ranks(tmp_path)
 
     done = threading.Event()
 
@@ -77,7 +80,4 @@ def test_a_step_waits_for_a_stuck_rank_no_longer_than_its_timeout(tmp_path):
     finally:
         done.set()
         sender.join()
-        for sock in ranks:
-            sock.close(0)
-        group.close()
-        ctx.term()
+        _close(ctx, group, ranks)
