@@ -8,6 +8,7 @@ OUT_DIR/CASE.rankR.pt the tokens run, the logits (every rank has them all) and t
 parameters and of each parameter.
 """
 
+import os
 import sys
 
 import torch
@@ -29,9 +30,14 @@ def main(argv: list[str]) -> None:
         num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
         torch.save({"computed": computed, "logits": logits, "bytes": num_bytes, "shapes": shapes},
                    f"{out_dir}/{case}.rank{rank}.pt")
-    # Leave the group before exiting: gloo's threads torn down by the interpreter's exit while the peer
-    # is still finishing have aborted the process ("terminate called without an active exception").
+    # Every rank done with the group, then leave it. CI saw both ranks of a run abort as they exited
+    # ("terminate called without an active exception": a C++ destructor meeting a gloo thread still
+    # joinable), their records already written; so the process ends without running destructors.
+    torch.distributed.barrier()
     shutdown_tensor_parallel()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
