@@ -94,7 +94,7 @@ class ModelRunner:
     def allocate_kv(self, num_blocks: int, dtype: torch.dtype, num_cpu_blocks: int = 0) -> None:
         cfg = self.model_config
         self.graphs = None
-        self.kv = None
+        self.kv = None  # drop the old pool (and the graphs over it) first: both at once may not fit
         self.kv = KVPool(
             cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim, dtype, self.device,
             num_cpu_blocks=num_cpu_blocks,

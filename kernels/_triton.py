@@ -11,7 +11,6 @@ first launch.
 
 import functools
 import importlib.util
-import os
 
 import torch
 
@@ -22,10 +21,6 @@ def triton_available() -> bool:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):
         return False
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class LazyKernel:
@@ -47,8 +42,6 @@ class LazyKernel:
             import triton
 
             bind_triton(self.fn)
-            if interpreting():
-                _patch_interpreter()
             self._kernel = triton.jit(self.fn, do_not_specialize=self.do_not_specialize)
         return self._kernel[grid]
 
@@ -73,50 +66,6 @@ def bind_triton(fn) -> None:
     for name, value in list(module_globals.items()):
         if isinstance(value, LazyHelper):
             module_globals[name] = triton.jit(value.fn)
-
-
-def _patch_interpreter() -> None:
-    """Three gaps of Triton 3.6's interpreter that the CPU tests hit, patched for the interpreter only:
-    scalar tensors used as loop bounds go through int(array), which NumPy >= 2.4 refuses for 1-element
-    arrays (use .item()); tl.dot multiplies bf16 operands as their raw uint16 bits (widen them to fp32
-    first, which is exact); fp32 -> bf16 casts truncate where GPUs round to nearest even."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_pagedserve_patched", False):
-        return
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def widen(x):
-        if x.dtype.scalar != tl.bfloat16:
-            return x
-        data = (x.data.astype(np.uint32) << 16).view(np.float32)
-        return interpreter.TensorHandle(data, tl.float32)
-
-    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    cast_impl = interpreter.InterpreterBuilder.cast_impl
-
-    def _cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = src.data.astype(np.float32).view(np.uint32)
-            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-            rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
-            return interpreter.TensorHandle(rounded, tl.bfloat16)
-        return cast_impl(self, src, dst_type)
-
-    interpreter._patch_lang_tensor = _patch_lang_tensor
-    interpreter.InterpreterBuilder.create_dot = _create_dot
-    interpreter.InterpreterBuilder.cast_impl = _cast_impl
-    interpreter._pagedserve_patched = True
 
 
 def jit(do_not_specialize: tuple[str, ...] = ()):

@@ -12,23 +12,8 @@ processes keep their defaults).
 
 import os
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
-
-
-# Slow tests in files that other work is rewriting at the moment, marked here rather than in the files
-# to keep those merges simple; each mark belongs in its own file once they have landed. Keys are node
-# ids (a class or function marks everything under it).
-SLOW_TESTS = {
-    "tests/scheduler_svc/test_state_machine.py::TestScheduler": "150 random programs of 60 steps: 3-12 s",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if any(item.nodeid == key or item.nodeid.startswith((key + "::", key + "[")) for key in SLOW_TESTS):
-            item.add_marker(pytest.mark.slow)

@@ -24,13 +24,13 @@ from contextlib import aclosing
 from aiohttp import web
 
 import clients  # noqa: F401
+from gpu_worker.sampling_params import MAX_TOP_LOGPROBS
 from pagedserve.v1 import generation_pb2
 from scheduler_svc import log
 from scheduler_svc.gateway.chat import ChatPrompts
 from scheduler_svc.gateway.generation import GenerationCore, GenerationFailed
 from scheduler_svc.gateway.openai_protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
-    MAX_TOP_LOGPROBS,
     ApiError,
     Choice,
     LogprobFormat,

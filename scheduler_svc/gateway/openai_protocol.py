@@ -23,7 +23,6 @@ from scheduler_svc.gateway.generation import GenerationFailed
 
 UINT32_MAX = 2**32 - 1
 MIN_LOGPROB = -9999.0  # what a log probability of zero is reported as (JSON has no -Infinity)
-MAX_TOP_LOGPROBS = 20
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 # gRPC status -> HTTP status and OpenAI error type.

@@ -24,8 +24,6 @@ TOKEN_BYTES_SLACK = 4
 MAX_CHAT_MESSAGES = 4096
 MAX_ROLE_CHARS = 64
 
-# Scheduler-side error fields (see Scheduler.add_request) by their public path.
-SCHEDULER_FIELDS = {"prompt": "prompt", "request_id": "request_id"}
 
 
 
@@ -68,8 +66,8 @@ class CheckedRequest:
 
 def public_field(scheduler_field: str) -> str:
     """The public field path of a field named in a scheduler-side rejection."""
-    if scheduler_field in SCHEDULER_FIELDS:
-        return SCHEDULER_FIELDS[scheduler_field]
+    # Request-level fields (prompt, request_id) have the same path in both; sampling fields sit one
+    # level down in the public request.
     if scheduler_field in SamplingParams.__dataclass_fields__:
         return f"sampling_params.{scheduler_field}"
     return scheduler_field
@@ -98,17 +96,6 @@ def check_request(request: generation_pb2.GenerateRequest, limits: ModelLimits) 
         raise InvalidField("sampling_params.max_tokens", "is required and must be at least 1")
     params = _sampling_params(request.sampling_params, limits)
     return CheckedRequest(request.request_id or uuid.uuid4().hex, params, text, ids)
-
-
-def validate(
-    request: generation_pb2.GenerateRequest, limits: ModelLimits, encode: Callable[[str], list[int]]
-) -> ValidRequest:
-    """Validates ``request``; ``encode`` tokenizes a text prompt. Raises InvalidField."""
-    checked = check_request(request, limits)
-    ids = checked.prompt_token_ids
-    if checked.text is not None:
-        ids = text_token_ids(encode(checked.text), limits, "text")
-    return ValidRequest(checked.request_id, ids, checked.params)
 
 
 def check_text(text: str, limits: ModelLimits, name: str) -> str:

@@ -11,6 +11,8 @@ import random
 import pytest
 import torch
 
+from tests.kernels.triton_interpreter import patch_interpreter
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -41,6 +43,7 @@ def interpreter() -> torch.device:
             pytest.fail("triton was imported before TRITON_INTERPRET=1 was set")
         pytest.skip("triton was imported compiled before TRITON_INTERPRET=1 was set; "
                     "test_interpreter_suite.py reruns these tests in a fresh process")
+    patch_interpreter()
     return torch.device("cpu")
 
 

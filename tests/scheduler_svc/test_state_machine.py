@@ -5,6 +5,7 @@ the block accounting exact, the workers' state (run by the real plan application
 scheduler's, every computed KV slot holding its token, and nothing leaks once every request has
 ended."""
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -135,6 +136,8 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestScheduler = SchedulerMachine.TestCase
+# 150 random programs of 60 steps: 3-12 s, so out of `make test-fast` (a mark on the generated class).
+TestScheduler = pytest.mark.slow(TestScheduler)
 
 
 def test_machine_reaches_preemption():

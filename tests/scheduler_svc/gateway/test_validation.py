@@ -10,7 +10,14 @@ import clients  # noqa: F401
 # isort: split
 from gpu_worker.sampling_params import InvalidField
 from pagedserve.v1 import generation_pb2
-from scheduler_svc.gateway.validation import ModelLimits, public_field, validate, validate_messages
+from scheduler_svc.gateway.validation import (
+    ModelLimits,
+    ValidRequest,
+    check_request,
+    public_field,
+    text_token_ids,
+    validate_messages,
+)
 
 LIMITS = ModelLimits(name="demo", vocab_size=100, max_model_len=32)
 
@@ -18,6 +25,15 @@ LIMITS = ModelLimits(name="demo", vocab_size=100, max_model_len=32)
 def encode(text: str) -> list[int]:
     """A stand-in tokenizer: one token per character."""
     return [ord(c) % 100 for c in text]
+
+
+def validate(req, limits: ModelLimits, encode) -> ValidRequest:
+    """What the gateway does with a request, its async tokenizer pool replaced by ``encode``."""
+    checked = check_request(req, limits)
+    ids = checked.prompt_token_ids
+    if checked.text is not None:
+        ids = text_token_ids(encode(checked.text), limits, "text")
+    return ValidRequest(checked.request_id, ids, checked.params)
 
 
 def request(prompt="hello", **params) -> generation_pb2.GenerateRequest:
