@@ -30,6 +30,7 @@ from gpu_worker.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.kv_cache_manager import KVCacheManager
+from scheduler_svc.kv_events import KVEventLog
 from scheduler_svc.preemption import PreemptionMixin
 from scheduler_svc.request import (
     FinishReason,
@@ -63,13 +64,14 @@ class Scheduler(PreemptionMixin):
         eos_token_ids: list[int],
         vocab_size: int | None = None,
         num_cpu_blocks: int = 0,
+        kv_events: KVEventLog | None = None,
     ) -> None:
         self.config = config
         self.block_size = config.block_size
         self.max_model_len = min(max_model_len, config.max_model_len or max_model_len)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
-        self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching, events=kv_events)
         self.cpu_pool = BlockPool(num_cpu_blocks) if num_cpu_blocks > 0 else None
         self.kv = KVCacheManager(self.pool, config.block_size, self.cpu_pool)
         self.waiting: deque[Sequence] = deque()  # sorted by arrival_order: new requests append, preempted ones insert

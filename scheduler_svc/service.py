@@ -115,7 +115,8 @@ def serve(
     stop_event = stop_event or threading.Event()
     code = 0
     try:
-        engine = EngineCore(config, workers, alive, on_load=metrics.EngineMetrics(model_name, engine_name).update)
+        engine_metrics = metrics.EngineMetrics(model_name, engine_name, config.block_size)
+        engine = EngineCore(config, workers, alive, on_load=engine_metrics.update)
         engine.info.engine_name = engine_name
         servicer.engine = engine
         stopper = threading.Thread(target=lambda: (stop_event.wait(), engine.stop()), daemon=True)
