@@ -8,7 +8,8 @@ each step and publishes the batch (scheduler_svc.kv_events_publisher: vLLM's msg
 on a ZeroMQ PUB socket). Without a log the pool records nothing and pays nothing.
 
 The records are plain; the wire form (64-bit hashes, the medium, vLLM's field order) is the
-publisher's.
+publisher's. The addressing rules (bind or connect; one address per engine) are here, standard library
+only, for the launcher.
 """
 
 from __future__ import annotations
@@ -60,3 +61,23 @@ class KVEventLog:
     def drain(self) -> list[KVCacheEvent]:
         events, self.events = self.events, []
         return events
+
+
+def binds(endpoint: str) -> bool:
+    """Whether the PUB socket binds ``endpoint`` (vLLM's rule: a wildcard or a local transport) rather
+    than connecting to a subscriber that binds it."""
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+
+
+def engine_endpoint(endpoint: str, index: int) -> str:
+    """Engine ``index``'s address when one launcher runs several: engines connecting to a subscriber share
+    its address; bound ones cannot, so engine i binds tcp port + i (or ``_<i>`` after a local address), as
+    vLLM offsets a data-parallel rank's."""
+    if not index or not binds(endpoint):
+        return endpoint
+    if endpoint.startswith("tcp://"):
+        base, _, port = endpoint.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"--kv-events-endpoint {endpoint}: several engines need a numeric port to offset")
+        return f"{base}:{int(port) + index}"
+    return f"{endpoint}_{index}"

@@ -20,7 +20,8 @@ keys blocks its own way re-hashes from ``token_ids`` and ``parent_block_hash``.
 
 Like vLLM's publisher, the socket binds when the address has a wildcard (``tcp://*:5557``) or is local
 (``ipc://``, ``inproc://``), and otherwise connects to a subscriber that binds (llm-d's endpoint picker
-binds ``tcp://*:5557`` and every pod connects to it). A PUB socket never blocks: with no subscriber, or
+binds ``tcp://*:5557`` and every pod connects to it); several engines of one launcher bind consecutive
+ports (scheduler_svc.kv_events.engine_endpoint). A PUB socket never blocks: with no subscriber, or
 one too slow (past the high-water mark), messages are dropped, and the sequence numbers show it. There
 is no replay socket: a subscriber that missed messages waits for the next ``AllBlocksCleared`` (sent on
 start) or drops this pod's entries.
@@ -33,7 +34,7 @@ import time
 import msgpack
 import zmq
 
-from scheduler_svc.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
+from scheduler_svc.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent, binds
 
 MEDIUM = "GPU"
 _MASK64 = (1 << 64) - 1
@@ -59,11 +60,6 @@ def event_fields(event: KVCacheEvent) -> list:
 
 def encode_batch(events: list[KVCacheEvent], ts: float, data_parallel_rank: int = 0) -> bytes:
     return msgpack.packb([ts, [event_fields(e) for e in events], data_parallel_rank])
-
-
-def binds(endpoint: str) -> bool:
-    """Whether the PUB socket binds ``endpoint`` (vLLM's rule) rather than connecting to it."""
-    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
 
 
 class KVEventPublisher:

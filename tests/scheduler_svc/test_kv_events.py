@@ -12,8 +12,15 @@ zmq = pytest.importorskip("zmq")
 
 from scheduler_svc.block_hash import hash_block  # noqa: E402
 from scheduler_svc.block_pool import BlockPool  # noqa: E402
-from scheduler_svc.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventLog  # noqa: E402
-from scheduler_svc.kv_events_publisher import binds, encode_batch, external_hash  # noqa: E402
+from scheduler_svc.kv_events import (  # noqa: E402
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventLog,
+    binds,
+    engine_endpoint,
+)
+from scheduler_svc.kv_events_publisher import encode_batch, external_hash  # noqa: E402
 from tests.scheduler_svc.test_engine import FakeWorkers, finished, make_engine, run_until, submit  # noqa: E402
 from tests.waiting import wait_until  # noqa: E402
 
@@ -54,6 +61,14 @@ def test_the_wire_shape_is_vllms_tagged_arrays():
     assert wire == [["AllBlocksCleared"], ["BlockStored", [5], None, [1, 2], 2, None, "GPU", None],
                     ["BlockStored", [6], 1, [3, 4], 2, None, "GPU", None], ["BlockRemoved", [9], "GPU"]]
     assert binds("tcp://*:5557") and binds("ipc:///tmp/kv") and not binds("tcp://epp.svc:5557")
+
+
+def test_engines_of_one_launcher_bind_their_own_addresses_and_share_a_subscribers():
+    assert [engine_endpoint("tcp://*:5557", i) for i in range(3)] == ["tcp://*:5557", "tcp://*:5558", "tcp://*:5559"]
+    assert engine_endpoint("ipc:///tmp/kv", 2) == "ipc:///tmp/kv_2"
+    assert engine_endpoint("tcp://epp:5557", 2) == "tcp://epp:5557"
+    with pytest.raises(ValueError, match="numeric port"):
+        engine_endpoint("tcp://*:*", 1)
 
 
 class Subscriber:
