@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from scheduler_svc.eviction import LRUEviction
+from scheduler_svc.eviction import EvictionPolicy, new_policy
 from scheduler_svc.kv_events import KVEventLog
 
 
@@ -37,14 +37,14 @@ class KVBlock:
 class BlockPool:
     """All physical blocks, preallocated as records at start."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = False, eviction: LRUEviction | None = None,
+    def __init__(self, num_blocks: int, enable_caching: bool = False, eviction: EvictionPolicy | None = None,
                  events: KVEventLog | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self.eviction = eviction if eviction is not None else LRUEviction()
+        self.eviction = eviction if eviction is not None else new_policy()
         for block in self.blocks:
             self.eviction.push(block)
         # block_hash -> block holding those tokens (full blocks only).

@@ -3,7 +3,8 @@
 A free block that still carries a ``block_hash`` is a prefix-cache entry; taking it for new data evicts
 that entry. So the order in which free blocks are reused *is* the prefix cache's eviction policy. It
 lives here, whole, and reaches the block pool as an object (``BlockPool(..., eviction=...)``): changing
-the policy is this file and its test (tests/scheduler_svc/test_eviction.py).
+the policy is this file and its test (tests/scheduler_svc/test_eviction.py): a class with the
+``EvictionPolicy`` methods, returned by ``new_policy``.
 
 The policy below (vLLM's): least recently freed first, and a table's tail before its prefix. Freed
 blocks join the tail of a doubly linked list and blocks are taken from its head; a table is freed in
@@ -27,6 +28,19 @@ class FreeListNode(Protocol):
     block_id: int
     prev_free: Any
     next_free: Any
+
+
+class EvictionPolicy(Protocol):
+    """What the block pool asks of a policy."""
+
+    @property
+    def num_free(self) -> int: ...
+
+    def free_order(self, table: Sequence[Any]) -> Iterable[Any]: ...  # the order a table's blocks are released in
+    def push(self, block: Any) -> None: ...  # the block became free
+    def pop(self) -> Any: ...  # the free block to reuse next
+    def remove(self, block: Any) -> None: ...  # a free block is referenced again
+    def block_ids(self) -> list[int]: ...  # free block ids, the next one first
 
 
 class _Sentinel:
@@ -111,3 +125,8 @@ class LRUEviction:
     def block_ids(self) -> list[int]:
         """Free block ids in reuse order, the next one first (for tests and debugging)."""
         return self._queue.block_ids()
+
+
+def new_policy() -> EvictionPolicy:
+    """The policy a block pool uses unless given one."""
+    return LRUEviction()

@@ -41,3 +41,13 @@ def test_remove_takes_a_block_from_the_middle_in_place():
         policy.remove(b[1])
     policy.push(b[1])
     assert policy.block_ids() == [0, 2, 1]
+
+
+def test_a_pool_without_a_policy_gets_new_policys():
+    from scheduler_svc.block_pool import BlockPool
+    from scheduler_svc.eviction import new_policy
+
+    pool = BlockPool(3)
+    assert type(pool.eviction) is type(new_policy())
+    pool.release_table(pool.allocate(3))
+    assert pool.free_block_ids() == [2, 1, 0]
