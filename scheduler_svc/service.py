@@ -25,6 +25,7 @@ from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc import metrics
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.engine import SHUTTING_DOWN, EngineCore
+from scheduler_svc.engine_metrics import EngineMetrics
 from scheduler_svc.worker_group import WorkerGroup
 
 _END = object()
@@ -115,7 +116,7 @@ def serve(
     stop_event = stop_event or threading.Event()
     code = 0
     try:
-        engine_metrics = metrics.EngineMetrics(model_name, engine_name, config.block_size)
+        engine_metrics = EngineMetrics(model_name, engine_name, config.block_size)
         engine = EngineCore(config, workers, alive, on_load=engine_metrics.update)
         engine.info.engine_name = engine_name
         servicer.engine = engine

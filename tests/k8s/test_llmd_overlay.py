@@ -39,7 +39,7 @@ def expand(args: list[str], objs, **own: str) -> list[str]:
 
 
 def test_the_picker_reads_our_gauges_where_the_schedulers_serve_them(objs):
-    from scheduler_svc import metrics
+    from scheduler_svc import engine_metrics as metrics
 
     metrics.EngineMetrics("m", "llmd-test", 16).update(scheduler_pb2.EngineLoad(num_free_blocks=3, num_blocks=4))
     types = {m.name: m.type for m in REGISTRY.collect()}

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2
-from scheduler_svc import metrics
+from scheduler_svc import engine_metrics as metrics
 from tests.scheduler_svc.test_engine import FakeWorkers, finished, make_engine, next_token, run_until, submit
 
 
