@@ -15,10 +15,11 @@ from tests.gguf_files import TEXTS, Q, write_gguf
 pytestmark = pytest.mark.slow  # two interpreters, one of them with torch
 
 REPO = Path(__file__).resolve().parents[3]
-SCHEDULER_SVC = {"scheduler_svc", "scheduler_svc.block_hash", "scheduler_svc.finish_reason", "scheduler_svc.log",
-                 "scheduler_svc.metrics"}  # standard library or prometheus-client, shared by the processes
-GPU_WORKER = {"gpu_worker", "gpu_worker.lifetime", "gpu_worker.model_files", "gpu_worker.sampling_params",
-              "gpu_worker.gguf_tokenizer"}  # no torch: file names, sampling rules, the tokenizer's child
+# Standard library or prometheus-client, shared by the processes.
+SCHEDULER_SVC = {"scheduler_svc", "scheduler_svc.block_hash", "scheduler_svc.finish_reason", "scheduler_svc.metrics"}
+# No torch: logging, file names, sampling rules, the tokenizer's child process.
+GPU_WORKER = {"gpu_worker", "gpu_worker.lifetime", "gpu_worker.log", "gpu_worker.model_files",
+              "gpu_worker.sampling_params", "gpu_worker.gguf_tokenizer"}
 CHILD = """
 import json, sys
 from scheduler_svc.gateway import server
