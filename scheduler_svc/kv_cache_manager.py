@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from scheduler_svc.block_hash import extend_hashes, hash_block  # noqa: F401 (hash_block: the cache key)
+from scheduler_svc.block_hash import extend_hashes
 from scheduler_svc.block_pool import BlockPool, KVBlock
 from scheduler_svc.request import Sequence
 

@@ -2,7 +2,7 @@
 them; admission reuses the longest cached prefix (never the whole prompt); freed blocks stay cached
 and are evicted least recently freed first, tails before prefixes. Exact ids and counts."""
 
-from scheduler_svc.kv_cache_manager import hash_block
+from scheduler_svc.block_hash import hash_block
 from tests.scheduler_svc.factories import (
     ToyWorker,
     check_invariants,
