@@ -188,7 +188,8 @@ def write_trained_demo_model(out_dir: str | Path) -> Path:
     """A directory serving SmolLM2-135M-Instruct: a link to the packaged GGUF, the tokenizer transformers
     converts from its metadata as tokenizer.json (so starts skip the conversion) and its chat template as
     chat_template.jinja. Returns ``out_dir``."""
-    from gpu_worker.gguf_loader import gguf_tokenizer, metadata_value, read_gguf
+    from gpu_worker.gguf_loader import metadata_value, read_gguf
+    from gpu_worker.gguf_tokenizer import gguf_tokenizer
 
     gguf_file = trained_gguf_path()
     out_dir = Path(out_dir)

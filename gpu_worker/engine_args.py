@@ -137,6 +137,15 @@ class EngineArgs:
         "one (every stream ends UNAVAILABLE, the scheduler exits non-zero); the first steps after start get "
         "at least 900 s, for kernel compilation; 0 disables the watchdog (default %(default)s)")
 
+    kv_events_endpoint: str | None = _option(
+        None, "--kv-events-endpoint", type=str, metavar="ZMQ_ADDRESS",
+        help="publish KV-cache events (blocks stored, removed, all cleared; vLLM's msgpack KVEventBatch) on "
+        "a ZeroMQ PUB socket: bound when the address has a wildcard (tcp://*:5557) or is ipc:// or "
+        "inproc://, else connected to a subscriber that binds, as llm-d's endpoint picker does (default: off)")
+    kv_events_topic: str = _option(
+        "", "--kv-events-topic", type=str, metavar="TOPIC",
+        help="the ZeroMQ topic of every KV-event message, e.g. kv@POD_IP@MODEL for llm-d (default: empty)")
+
     def __post_init__(self) -> None:
         if isinstance(self.kv_cache_memory, str):
             object.__setattr__(self, "kv_cache_memory", parse_kv_size(self.kv_cache_memory))
@@ -198,7 +207,8 @@ def _fields(role: str) -> list[Field]:
 # The settings each role takes, in the order of the fields. Processes: scheduler, worker; launchers: serve,
 # offline (the LLM takes every setting as a keyword); benchmarks, whose --seed and --model mean other things.
 _SCHEDULER = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
-              "async_scheduling", "tensor_parallel_size", "max_num_waiting", "step_timeout")
+              "async_scheduling", "tensor_parallel_size", "max_num_waiting", "step_timeout", "kv_events_endpoint",
+              "kv_events_topic")
 _WORKER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
            "max_num_batched_tokens", "swap_space", "enforce_eager", "load_format", "max_num_blocks", "seed",
            "tensor_parallel_size")
@@ -208,7 +218,7 @@ _LAUNCHER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_m
 ROLES: dict[str, tuple[str, ...]] = {
     "scheduler": _SCHEDULER,
     "worker": _WORKER,
-    "serve": (*_LAUNCHER, "seed", "max_num_waiting"),
+    "serve": (*_LAUNCHER, "seed", "max_num_waiting", "kv_events_endpoint", "kv_events_topic"),
     "offline": _LAUNCHER,  # its --seed is the requests' seed
     "bench-throughput": ("device", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
                          "max_num_batched_tokens", "enforce_eager", "async_scheduling", "tensor_parallel_size"),

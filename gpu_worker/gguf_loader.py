@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGUFReader
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from gpu_worker.gguf_dequant import SUPPORTED_TYPES, dequantize
@@ -115,15 +114,6 @@ def gguf_hf_config(path: str | Path) -> dict:
     # llama.cpp writes the output projection only when it is not the token embedding
     hf["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
     return AutoConfig.for_model(model_type, **hf).to_dict()
-
-
-def gguf_tokenizer(path: str | Path) -> Tokenizer:
-    """The ``tokenizers`` tokenizer that transformers builds from the file's metadata (AutoTokenizer
-    with gguf_file): the same ids as transformers by construction."""
-    from transformers import AutoTokenizer
-
-    path = Path(path).resolve()
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).backend_tokenizer
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:

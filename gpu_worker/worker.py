@@ -24,7 +24,7 @@ import torch
 import zmq
 
 import clients  # noqa: F401
-from gpu_worker import lifetime
+from gpu_worker import lifetime, log
 from gpu_worker.distributed import (
     check_tensor_parallel,
     default_init_method,
@@ -262,6 +262,9 @@ class Worker:
         return reply
 
 
+_logger = log.get_logger()
+
+
 class RankFailed(RuntimeError):
     """A step failed on this rank of several: its peers may wait for it in a collective it will never
     join, so the rank cannot go on; it reports a fatal error and exits, and the engine fails."""
@@ -281,12 +284,15 @@ def serve(config: WorkerConfig) -> int:
         # one profile per engine: rank 0's (the ranks run the same kernels on the same shapes)
         profiler = StepProfiler.from_env() if config.device != "cpu" and config.rank == 0 else None
         worker = Worker(config)
-        sock.send(worker.hello().SerializeToString())
+        hello = worker.hello()
+        sock.send(hello.SerializeToString())
+        _logger.info("model loaded", rank=config.rank, device=config.device, num_blocks=hello.hello.num_blocks,
+                     scheduler=config.scheduler_address)
         code = _serve_steps(worker, sock, profiler)
         shutdown_tensor_parallel()  # every rank got Shutdown between steps: no collective is pending
         return code
     except Exception as exc:  # start-up errors, and RankFailed
-        traceback.print_exc()
+        _logger.exception("worker failed", rank=config.rank)
         sock.send(worker_pb2.WorkerReply(fatal_error=f"{type(exc).__name__}: {exc}").SerializeToString())
         time.sleep(0.2)
         return 1
@@ -334,6 +340,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--rank", type=int, default=0, help="tensor-parallel rank (default 0)")
     EngineArgs.add_args(p, "worker")
     lifetime.add_argument(p)
+    log.add_arguments(p)
     p.add_argument("--dist-init-method", default=None,
                    help="rendezvous of the tensor-parallel ranks, e.g. tcp://HOST:PORT or file:///PATH (default: "
                    "from --scheduler: ipc://DIR/X -> file://DIR/torch-dist-init, tcp://HOST:PORT -> tcp://HOST:PORT+1)")
@@ -354,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.exit_with_parent:
         lifetime.exit_with_parent()
+    log.configure("worker", args.log_level, args.log_format)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return serve(config)

@@ -3,19 +3,23 @@
 The pool knows nothing about requests. It is the only code that changes ``ref_cnt``.
 
 Invariants:
-- ``ref_cnt == 0`` means no block table holds the block; such a block is on the free list, and
-  ``ref_cnt > 0`` means it is not.
-- The free list is in eviction order: the head is taken first. Freed blocks join the tail, so the
-  least recently freed block is reused first (LRU). Callers free a table's blocks in reverse, so a
-  sequence's tail blocks are evicted before its prefix, which other requests are likelier to share.
+- ``ref_cnt == 0`` means no block table holds the block; such a block is free (in the eviction
+  policy's order), and ``ref_cnt > 0`` means it is not.
+- Which free block is taken next, and in which order a table's blocks are released, is the eviction
+  policy's (scheduler_svc.eviction, passed in): the pool asks it and never orders blocks itself.
 - A block with a ``block_hash`` holds a full block of known tokens; while free it stays findable
   through the hash map (automatic prefix caching) until it is taken for new data.
+- Where a block is indexed under a hash or loses it, and only there, the pool records a KV-cache event
+  when given a log (scheduler_svc.kv_events).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from scheduler_svc.eviction import EvictionPolicy, new_policy
+from scheduler_svc.kv_events import KVEventLog
 
 
 @dataclass(slots=True, eq=False)
@@ -25,131 +29,121 @@ class KVBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: int | None = None
-    # Neighbours in the free list; both None when the block is not free (or is the only one).
+    # Neighbours in the eviction policy's free list; both None while the block is not free.
     prev_free: KVBlock | None = None
     next_free: KVBlock | None = None
-
-
-class FreeBlockQueue:
-    """Doubly linked list of free blocks with O(1) append, pop from the head and removal anywhere."""
-
-    def __init__(self, blocks: list[KVBlock]) -> None:
-        # Sentinels keep every real node's neighbours non-None while it is queued.
-        self._head = KVBlock(-1)
-        self._tail = KVBlock(-1)
-        self._head.next_free = self._tail
-        self._tail.prev_free = self._head
-        self.num_free = 0
-        for block in blocks:
-            self.append(block)
-
-    def append(self, block: KVBlock) -> None:
-        last = self._tail.prev_free
-        assert last is not None
-        last.next_free = block
-        block.prev_free = last
-        block.next_free = self._tail
-        self._tail.prev_free = block
-        self.num_free += 1
-
-    def popleft(self) -> KVBlock:
-        block = self._head.next_free
-        if block is None or block is self._tail:
-            raise IndexError("no free blocks")
-        self.remove(block)
-        return block
-
-    def remove(self, block: KVBlock) -> None:
-        prev, nxt = block.prev_free, block.next_free
-        if prev is None or nxt is None:
-            raise ValueError(f"block {block.block_id} is not in the free list")
-        prev.next_free = nxt
-        nxt.prev_free = prev
-        block.prev_free = block.next_free = None
-        self.num_free -= 1
-
-    def block_ids(self) -> list[int]:
-        """Free block ids in eviction order (for tests and debugging)."""
-        ids = []
-        node = self._head.next_free
-        while node is not None and node is not self._tail:
-            ids.append(node.block_id)
-            node = node.next_free
-        return ids
 
 
 class BlockPool:
     """All physical blocks, preallocated as records at start."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = False) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = False, eviction: EvictionPolicy | None = None,
+                 events: KVEventLog | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self.free_queue = FreeBlockQueue(self.blocks)
+        self.eviction = eviction if eviction is not None else new_policy()
+        for block in self.blocks:
+            self.eviction.push(block)
         # block_hash -> block holding those tokens (full blocks only).
         self.cached_blocks: dict[int, KVBlock] = {}
         self.num_evictions = 0
+        self.events = events
+        if events is not None:
+            events.cleared()  # a fresh pool caches nothing, whatever an earlier process here announced
 
     @property
     def num_free_blocks(self) -> int:
-        return self.free_queue.num_free
+        return self.eviction.num_free
+
+    def free_block_ids(self) -> list[int]:
+        """Free block ids in the order they will be reused (for tests and debugging)."""
+        return self.eviction.block_ids()
 
     def allocate(self, num_blocks: int) -> list[KVBlock]:
-        """Takes ``num_blocks`` blocks from the head of the free list, each with ref_cnt 1."""
-        if num_blocks > self.free_queue.num_free:
-            raise ValueError(f"asked for {num_blocks} blocks, {self.free_queue.num_free} free")
+        """Takes ``num_blocks`` blocks in the eviction policy's order, each with ref_cnt 1."""
+        if num_blocks > self.eviction.num_free:
+            raise ValueError(f"asked for {num_blocks} blocks, {self.eviction.num_free} free")
         taken = []
+        evicted: list[int] = []
         for _ in range(num_blocks):
-            block = self.free_queue.popleft()
+            block = self.eviction.pop()
             if block.block_hash is not None:
                 # Reusing a cached block for new data evicts its cached contents.
                 del self.cached_blocks[block.block_hash]
+                evicted.append(block.block_hash)
                 block.block_hash = None
-                self.num_evictions += 1
             block.ref_cnt = 1
             taken.append(block)
+        if evicted:
+            self.num_evictions += len(evicted)
+            if self.events is not None:
+                self.events.removed(evicted)
         return taken
 
     def acquire(self, blocks: Iterable[KVBlock]) -> None:
         """Adds a reference to blocks that are already held or cached (fork, prefix hit)."""
         for block in blocks:
             if block.ref_cnt == 0:
-                self.free_queue.remove(block)
+                self.eviction.remove(block)
             block.ref_cnt += 1
 
     def release(self, blocks: Iterable[KVBlock]) -> None:
-        """Drops one reference from each block, in the order given; blocks reaching 0 join the tail."""
+        """Drops one reference from each block, in the order given; blocks reaching 0 become free."""
         for block in blocks:
             if block.ref_cnt <= 0:
                 raise ValueError(f"block {block.block_id} released with ref_cnt {block.ref_cnt}")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                if block.block_hash is not None and not self.enable_caching:
-                    block.block_hash = None
-                self.free_queue.append(block)
+                self.eviction.push(block)
+
+    def release_table(self, table: Sequence[KVBlock]) -> None:
+        """Drops a whole table's references, in the order the eviction policy frees a table."""
+        self.release(self.eviction.free_order(table))
 
     def lookup(self, block_hash: int) -> KVBlock | None:
         """The block caching ``block_hash``, if any (held or free)."""
         return self.cached_blocks.get(block_hash)
 
-    def set_hash(self, block: KVBlock, block_hash: int) -> None:
-        """Indexes a full, held block under its hash (first writer wins)."""
-        if not self.enable_caching or block.block_hash is not None:
+    def cache_blocks(self, blocks: Sequence[KVBlock], block_hashes: Sequence[int], parent_hash: int | None = None,
+                     token_ids: Sequence[int] = ()) -> None:
+        """Indexes full, held blocks (consecutive in one table) under their chained hashes; the first
+        writer of a hash wins. ``parent_hash``: the hash of the block before ``blocks[0]``;
+        ``token_ids``: the blocks' tokens (for the stored-blocks event)."""
+        if not self.enable_caching:
             return
-        if block_hash in self.cached_blocks:
+        run: list[int] = []  # a run of newly indexed blocks, announced in one event
+        run_start = 0
+        for i, (block, block_hash) in enumerate(zip(blocks, block_hashes, strict=True)):
+            if block.block_hash is None and block_hash not in self.cached_blocks:
+                block.block_hash = block_hash
+                self.cached_blocks[block_hash] = block
+                if not run:
+                    run_start = i
+                run.append(block_hash)
+            elif run:
+                self._announce(run, block_hashes, run_start, parent_hash, token_ids)
+                run = []
+        if run:
+            self._announce(run, block_hashes, run_start, parent_hash, token_ids)
+
+    def _announce(self, run: list[int], hashes: Sequence[int], start: int, parent_hash: int | None,
+                  token_ids: Sequence[int]) -> None:
+        if self.events is None:
             return
-        block.block_hash = block_hash
-        self.cached_blocks[block_hash] = block
+        bs = self.events.block_size
+        parent = hashes[start - 1] if start else parent_hash
+        self.events.stored(run, parent, list(token_ids[start * bs : (start + len(run)) * bs]))
 
     def check_invariants(self, held: dict[int, int]) -> None:
         """Raises AssertionError unless ``held`` (block_id -> references the block tables hold) equals
         every block's ref_cnt, the free list holds exactly the blocks with ref_cnt 0, and the hash map
         indexes exactly the blocks that carry a hash. For tests and debugging."""
-        free = self.free_queue.block_ids()
-        if len(free) != self.free_queue.num_free or len(set(free)) != len(free):
-            raise AssertionError(f"free list {free} does not match its count {self.free_queue.num_free}")
+        free = self.eviction.block_ids()
+        if len(free) != self.eviction.num_free or len(set(free)) != len(free):
+            raise AssertionError(f"free list {free} does not match its count {self.eviction.num_free}")
         free_ids = set(free)
         for block in self.blocks:
             if block.ref_cnt != held.get(block.block_id, 0):

@@ -23,6 +23,8 @@ class SchedulerConfig:
     async_scheduling: bool = DEFAULTS.async_scheduling  # plan step N+1 while the workers run step N, where possible
     max_num_waiting: int = DEFAULTS.max_num_waiting  # sequences waiting for admission at most; 0: unbounded
     step_timeout: float = DEFAULTS.step_timeout  # seconds a step may take on the workers; 0: no watchdog
+    kv_events_endpoint: str | None = None  # ZeroMQ address of the KV-event PUB socket; None: no events
+    kv_events_topic: str = ""
 
     def __post_init__(self) -> None:
         check(self, ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_num_waiting",
@@ -41,4 +43,6 @@ class SchedulerConfig:
             async_scheduling=engine.async_scheduling,
             max_num_waiting=engine.max_num_waiting,
             step_timeout=engine.step_timeout,
+            kv_events_endpoint=engine.kv_events_endpoint,
+            kv_events_topic=engine.kv_events_topic,
         )

@@ -31,6 +31,7 @@ import clients  # noqa: F401
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
 from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.kv_events import KVEventLog
 from scheduler_svc.request import FinishReason, QueueFull, SeqOutput, SeqStatus
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.step_plan import decode_result, encode_step
@@ -80,9 +81,16 @@ class EngineCore:
         num_cpu_blocks = min(h.num_cpu_blocks for h in hellos)
         workers.init_cache(num_blocks, startup_timeout_s, alive, num_cpu_blocks=num_cpu_blocks)
         first = hellos[0]
+        self.kv_events = None
+        if config.kv_events_endpoint:
+            # Imported only here: msgpack is needed only where events are on.
+            from scheduler_svc.kv_events_publisher import KVEventPublisher
+
+            self.kv_events = KVEventPublisher(config.kv_events_endpoint, config.kv_events_topic)
         self.scheduler = Scheduler(
             config, num_blocks, min(h.max_model_len for h in hellos), list(first.eos_token_ids),
             vocab_size=first.vocab_size, num_cpu_blocks=num_cpu_blocks,
+            kv_events=KVEventLog(config.block_size) if self.kv_events is not None else None,
         )
         self.info = scheduler_pb2.EngineInfo(
             architecture=first.architecture,
@@ -171,6 +179,7 @@ class EngineCore:
         After stop(), requests still running end with UNAVAILABLE ("shutting down")."""
         if self.on_load is not None:
             self.on_load(self.load)  # the idle engine's, before anything changes it
+        self._publish_kv_events()  # AllBlocksCleared: the fresh pool
         try:
             while not self.stopped.is_set():
                 busy = self.scheduler.has_work() or bool(self._in_flight)
@@ -195,6 +204,8 @@ class EngineCore:
             self._fail(exc)
             raise
         finally:
+            if self.kv_events is not None:
+                self.kv_events.close()
             self.stopped.set()
             self.done.set()
 
@@ -238,6 +249,12 @@ class EngineCore:
             decoded = decode_result(result)
             outputs = self.scheduler.update(out, decoded.sampled, decoded.logprobs, decoded.top)
         self._unpublished = (out.step_id, outputs)
+        self._publish_kv_events()
+
+    def _publish_kv_events(self) -> None:
+        """Sends what the prefix cache stored and evicted since the last call (scheduling and results)."""
+        if self.kv_events is not None:
+            self.kv_events.publish(self.scheduler.pool.events.drain())
 
     def _take_load(self) -> None:
         s = self.scheduler

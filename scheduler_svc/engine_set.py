@@ -11,10 +11,11 @@ ever ready (a bad model, a bad flag) still stops the service.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gpu_worker.engine_args import EngineArgs
+from scheduler_svc.kv_events import engine_endpoint
 from scheduler_svc.launcher import Child, ProcessGroup, engine_commands
 
 FIRST_BACKOFF_S = 1.0
@@ -75,7 +76,9 @@ class EngineSet:
             sched = f"unix://{tmp}/{'scheduler' if single else f'engine{i}'}.sock"
             workers = f"ipc://{tmp}/{'workers' if single else f'engine{i}-workers'}.sock"
             extra = ["--engine-name", f"engine{i}", "--model-name", model_name]
-            commands = engine_commands(engine, sched, workers, None if single else i, extra)
+            own = engine if single or not engine.kv_events_endpoint else replace(
+                engine, kv_events_endpoint=engine_endpoint(engine.kv_events_endpoint, i))
+            commands = engine_commands(own, sched, workers, None if single else i, extra)
             self.engines.append(EngineProcs(f"engine{i}", sched, workers, commands))
         self._probes: dict[str, _ReadyProbe] = {}
 

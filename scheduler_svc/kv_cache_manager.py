@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from scheduler_svc.block_hash import extend_hashes, hash_block  # noqa: F401 (hash_block: the cache key)
+from scheduler_svc.block_hash import extend_hashes
 from scheduler_svc.block_pool import BlockPool, KVBlock
 from scheduler_svc.request import Sequence
 
@@ -205,9 +205,9 @@ class KVCacheManager:
         if full <= seq.num_hashed_blocks or not self.enable_caching:
             return
         hashes = self.block_hashes(seq, seq.num_computed_tokens)
-        table = self._tables[seq.seq_id]
-        for i in range(seq.num_hashed_blocks, full):
-            self.pool.set_hash(table[i], hashes[i])
+        first, bs = seq.num_hashed_blocks, self.block_size
+        self.pool.cache_blocks(self._tables[seq.seq_id][first:full], hashes[first:full],
+                               hashes[first - 1] if first else None, seq.token_ids[first * bs : full * bs])
         seq.num_hashed_blocks = full
 
     # ---- swapping
@@ -251,20 +251,20 @@ class KVCacheManager:
                 table.append(dst)
             dst_tables[seq_id] = table
         for seq_id in seq_ids:
-            src_pool.release(reversed(src_tables.pop(seq_id)))
+            src_pool.release_table(src_tables.pop(seq_id))
         return pairs
 
     # ---- freeing
 
     def free(self, seq_id: int) -> None:
-        """Releases the sequence's blocks, tail first, so tails are evicted before shared prefixes."""
+        """Releases the sequence's blocks, in the order the eviction policy frees a table."""
         table = self._tables.pop(seq_id, None)
         if table:
-            self.pool.release(reversed(table))
+            self.pool.release_table(table)
         cpu_table = self._cpu_tables.pop(seq_id, None)
         if cpu_table:
             assert self.cpu_pool is not None
-            self.cpu_pool.release(reversed(cpu_table))
+            self.cpu_pool.release_table(cpu_table)
 
     # ---- introspection (tests, debugging)
 

@@ -2,11 +2,12 @@
 
 Each step has two phases. First the running sequences are picked, decodes first, then prefill
 chunks in progress, oldest first, under the token budget and the sequence cap; when the free blocks
-cannot cover a pick, the latest-arriving group is preempted (scheduler_svc.preemption: swapped out or
-recomputed later). Then the picks take their blocks from the KV cache manager (copy-on-write where
-they write into shared ones). If nothing was preempted, swapped groups come back first, then waiting
-sequences are admitted first-come-first-served (reusing cached prefix blocks) while the budget, the
-cap and the free blocks last: the head of the queue waits for blocks, nobody overtakes it.
+cannot cover a pick, a victim group is preempted (scheduler_svc.preemption's Preemptor: the latest
+arrival, swapped out or recomputed later). Then the picks take their blocks from the KV cache manager
+(copy-on-write where they write into shared ones). If nothing was preempted, swapped groups come back
+first, then waiting sequences are admitted first-come-first-served (reusing cached prefix blocks) while
+the budget, the cap and the free blocks last: the head of the queue waits for blocks, nobody overtakes
+it.
 
 A request is a sequence group (scheduler_svc.sequence_groups): n parallel samples fork from the first
 once it has computed prompt[:-1]; beams are re-selected after every step and always step together.
@@ -30,7 +31,8 @@ from gpu_worker.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.kv_cache_manager import KVCacheManager
-from scheduler_svc.preemption import PreemptionMixin
+from scheduler_svc.kv_events import KVEventLog
+from scheduler_svc.preemption import Preemptor, SeqQueues
 from scheduler_svc.request import (
     FinishReason,
     QueueFull,
@@ -54,7 +56,7 @@ _LENGTH = int(FinishReason.FINISH_REASON_LENGTH)
 _NOT_FINISHED = int(FinishReason.FINISH_REASON_UNSPECIFIED)
 
 
-class Scheduler(PreemptionMixin):
+class Scheduler:
     def __init__(
         self,
         config: SchedulerConfig,
@@ -63,18 +65,21 @@ class Scheduler(PreemptionMixin):
         eos_token_ids: list[int],
         vocab_size: int | None = None,
         num_cpu_blocks: int = 0,
+        kv_events: KVEventLog | None = None,
     ) -> None:
         self.config = config
         self.block_size = config.block_size
         self.max_model_len = min(max_model_len, config.max_model_len or max_model_len)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
-        self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching, events=kv_events)
         self.cpu_pool = BlockPool(num_cpu_blocks) if num_cpu_blocks > 0 else None
         self.kv = KVCacheManager(self.pool, config.block_size, self.cpu_pool)
-        self.waiting: deque[Sequence] = deque()  # sorted by arrival_order: new requests append, preempted ones insert
-        self.running: list[Sequence] = []  # sorted by arrival_order
-        self.swapped: list[Sequence] = []  # sorted by arrival_order
+        # Sorted by arrival_order (waiting: new requests append, preempted ones insert); shared with the preemptor.
+        self.queues = SeqQueues()
+        self.waiting: deque[Sequence] = self.queues.waiting
+        self.running: list[Sequence] = self.queues.running
+        self.swapped: list[Sequence] = self.queues.swapped
         self.requests: dict[tuple[int, str], Request] = {}
         self.stats = SchedulerStats()
         self.limits = RequestLimits(self.max_model_len, config.block_size, num_blocks,
@@ -83,9 +88,10 @@ class Scheduler(PreemptionMixin):
         self._next_arrival = 0
         self._next_seq_id = 0
         self._next_step_id = 0
-        self._dropped_seq_ids: list[int] = []  # workers drop these before the next step
         self._pending_outputs: list[SeqOutput] = []  # failures found while scheduling
         self.groups = SequenceGroups(self.kv, self.running, self._retire, self._new_seq_id)
+        self.preemptor = Preemptor(self.kv, self.queues, self.stats, config.max_num_seqs, self._watermark_blocks,
+                                   self._fail, self._start)
 
     # ---- requests in and out
 
@@ -144,14 +150,13 @@ class Scheduler(PreemptionMixin):
         self._pick_running(step, out)
         self._place(step.picks, out)
         if not out.preempted:
-            self._swap_in(step, out)
+            self.preemptor.swap_in(step, out)
             if not self.swapped:
                 self._admit(step, out)
         if out.is_empty and not out.preempted and self.has_work():
             self._fail_stuck()
         self.groups.take_pending(out)
-        out.finished_seq_ids = self._dropped_seq_ids
-        self._dropped_seq_ids = []
+        out.finished_seq_ids = self.queues.take_dropped()
         self.stats.num_steps += 1
         return out
 
@@ -187,8 +192,7 @@ class Scheduler(PreemptionMixin):
         if out.is_empty:
             return None
         self._next_step_id += 1
-        out.finished_seq_ids = self._dropped_seq_ids
-        self._dropped_seq_ids = []
+        out.finished_seq_ids = self.queues.take_dropped()
         self.stats.num_steps += 1
         self.stats.num_ahead_steps += 1
         return out
@@ -254,7 +258,7 @@ class Scheduler(PreemptionMixin):
                 grouped.add(id(pick.request))
             # Picks so far fit the free blocks, so a pick that takes none fits too.
             if pick.num_blocks and kv.num_free_blocks - step.num_reserved_blocks < pick.num_blocks and not (
-                self._make_room(pick, step, out)
+                self.preemptor.make_room(pick, step, out)
             ):
                 continue
             step.picks.append(pick)
@@ -478,7 +482,7 @@ class Scheduler(PreemptionMixin):
         """Ends a running sequence: the workers drop it, its blocks are freed."""
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
-        self._dropped_seq_ids.append(seq.seq_id)
+        self.queues.dropped_seq_ids.append(seq.seq_id)
         seq.status = SeqStatus.FINISHED
 
     def _new_seq_id(self) -> int:

@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from gpu_worker import log
 from gpu_worker.engine_args import EngineArgs
 from gpu_worker.model_files import resolve_model
 from scheduler_svc.engine_set import EngineSet
@@ -38,8 +39,11 @@ from scheduler_svc.launcher import Child, ProcessGroup
 POLL_S = 0.1
 
 
+_logger = log.get_logger()
+
+
 def _say(message: str) -> None:
-    print(f"pagedserve: {message}", flush=True)
+    _logger.info(message)
 
 
 def _gateway_argv(args: argparse.Namespace, scheduler_address: str, http_port_file: Path) -> list[str]:
@@ -99,6 +103,7 @@ class Launcher:
                   file=sys.stderr, flush=True)
             shutil.rmtree(self.tmp, ignore_errors=True)
             return 1
+        log.configure("launcher", self.args.log_level)  # once nothing can fail as a one-line CLI error
         try:
             self._start()
             return self._supervise()
@@ -161,10 +166,7 @@ class Launcher:
 
     def _failed(self, dead: Child, message: str | None = None) -> int:
         message = message or f"the {dead.name} process exited with code {dead.popen.returncode}"
-        print(f"pagedserve: {message}; stopping the service", file=sys.stderr, flush=True)
-        tail = self.group.log_tail(dead)
-        if tail:
-            print(tail, file=sys.stderr, flush=True)
+        _logger.error(f"{message}; stopping the service", log_tail=self.group.log_tail(dead) or None)
         return 1
 
     def _drain(self) -> int:
@@ -210,7 +212,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running streams get to finish after SIGINT/SIGTERM (default 30)")
     p.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log (default: stderr)")
-    p.add_argument("--log-level", default="info", help="gateway log level (default info)")
+    p.add_argument("--log-level", default="info", help="log level of the launcher and the gateways (default info)")
     add_limit_arguments(p.add_argument_group("gateway limits (checked before any work is done on a request)"))
     add_security_arguments(p.add_argument_group("gateway security (all off by default)"))
 

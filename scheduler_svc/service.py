@@ -19,16 +19,18 @@ from concurrent import futures
 import grpc
 
 import clients  # noqa: F401
-from gpu_worker import lifetime
+from gpu_worker import lifetime, log
 from gpu_worker.engine_args import EngineArgs
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc import metrics
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.engine import SHUTTING_DOWN, EngineCore
+from scheduler_svc.engine_metrics import EngineMetrics
 from scheduler_svc.worker_group import WorkerGroup
 
 _END = object()
 LOAD_IDLE_S = 0.25
+_logger = log.get_logger()
 # The gateways ping idle Connect streams (keepalive) to notice an engine whose host vanished.
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 2**20),
@@ -115,7 +117,8 @@ def serve(
     stop_event = stop_event or threading.Event()
     code = 0
     try:
-        engine = EngineCore(config, workers, alive, on_load=metrics.EngineMetrics(model_name, engine_name).update)
+        engine_metrics = EngineMetrics(model_name, engine_name, config.block_size)
+        engine = EngineCore(config, workers, alive, on_load=engine_metrics.update)
         engine.info.engine_name = engine_name
         servicer.engine = engine
         stopper = threading.Thread(target=lambda: (stop_event.wait(), engine.stop()), daemon=True)
@@ -123,7 +126,7 @@ def serve(
         engine.run()
     except Exception as exc:
         servicer.error = str(exc)
-        print(f"scheduler: {type(exc).__name__}: {exc}", flush=True)
+        _logger.error("scheduler failed", error=f"{type(exc).__name__}: {exc}")
         code = 1
     finally:
         workers.shutdown()
@@ -148,6 +151,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     metrics.add_arguments(p)
     EngineArgs.add_args(p, "scheduler")
     lifetime.add_argument(p)
+    log.add_arguments(p)
     return p
 
 
@@ -164,14 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.exit_with_parent:
         lifetime.exit_with_parent()
+    log.configure("scheduler", args.log_level, args.log_format)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
     def listening(port: int, worker_address: str) -> None:
-        print(f"scheduler: gRPC on {args.listen} (port {port}), workers on {worker_address}", flush=True)
+        _logger.info("listening", grpc=args.listen, port=port, workers=worker_address)
         if args.metrics_port is not None:
-            print(f"scheduler: metrics on port {metrics.serve_metrics(args.metrics_port)}", flush=True)
+            _logger.info("serving metrics", metrics_port=metrics.serve_metrics(args.metrics_port))
 
     return serve(SchedulerConfig.from_engine_args(engine), args.listen, args.workers, engine.tensor_parallel_size,
                  on_listening=listening, stop_event=stop, engine_name=args.engine_name, model_name=args.model_name)

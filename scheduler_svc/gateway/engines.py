@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import grpc
 
 import clients  # noqa: F401
+from gpu_worker import log
 from pagedserve.internal.v1 import scheduler_pb2
-from scheduler_svc import log
 from scheduler_svc.gateway.metrics import GatewayMetrics
 from scheduler_svc.gateway.router import Router
 from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, SchedulerLink

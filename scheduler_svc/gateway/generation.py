@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import grpc
 
 import clients  # noqa: F401
+from gpu_worker import log
 from gpu_worker.sampling_params import InvalidField
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
-from scheduler_svc import finish_reason, log
+from scheduler_svc import finish_reason
 from scheduler_svc.gateway.detokenizer import byte_fallback_ids
 from scheduler_svc.gateway.engines import EnginePool
 from scheduler_svc.gateway.metrics import GatewayMetrics

@@ -24,9 +24,9 @@ from contextlib import aclosing
 from aiohttp import web
 
 import clients  # noqa: F401
+from gpu_worker import log
 from gpu_worker.sampling_params import MAX_TOP_LOGPROBS
 from pagedserve.v1 import generation_pb2
-from scheduler_svc import log
 from scheduler_svc.gateway.chat import ChatPrompts
 from scheduler_svc.gateway.generation import GenerationCore, GenerationFailed
 from scheduler_svc.gateway.openai_protocol import (

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import grpc
 
 import clients  # noqa: F401
+from gpu_worker import log
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
-from scheduler_svc import log
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 2**20),

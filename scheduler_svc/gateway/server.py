@@ -32,9 +32,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 import clients  # noqa: F401
-from gpu_worker import lifetime
+from gpu_worker import lifetime, log
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc, load_pb2_grpc
-from scheduler_svc import log, metrics
+from scheduler_svc import metrics
 from scheduler_svc.gateway import load_service, protocol, security
 from scheduler_svc.gateway.chat import ChatPrompts, ChatTemplate
 from scheduler_svc.gateway.engines import EnginePool, format_address, parse_engines
@@ -334,9 +334,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    "/v1/models) on this port; 0 picks a free one (default: off)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running streams get to finish after SIGTERM (default 30)")
-    p.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
-    p.add_argument("--log-format", default="auto", choices=log.FORMATS,
-                   help="auto: JSON unless stderr is a terminal (default auto)")
+    log.add_arguments(p)
     p.add_argument("--reuse-port", action="store_true",
                    help="share the port with other gateways (SO_REUSEPORT; the kernel spreads connections)")
     p.add_argument("--port-file", default=None, help=argparse.SUPPRESS)  # the launcher learns the port here

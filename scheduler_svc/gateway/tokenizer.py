@@ -2,9 +2,10 @@
 
 A Hugging Face directory brings a ``tokenizer.json``. A GGUF checkpoint brings its vocabulary and merges
 as metadata, which transformers converts into a ``tokenizers`` tokenizer (``AutoTokenizer`` with
-``gguf_file``); we keep that tokenizer, so ids are transformers' by construction. The conversion reads
-the whole metadata and takes seconds, so a directory holding a GGUF file and a ``tokenizer.json`` (what
-``pagedserve demo-model --trained`` writes) uses the ``tokenizer.json``.
+``gguf_file``); we keep that tokenizer, so ids are transformers' by construction. Transformers imports
+torch, which the gateway must not: the conversion runs in a child process (gpu_worker.gguf_tokenizer).
+It reads the whole metadata and takes seconds, so a directory holding a GGUF file and a
+``tokenizer.json`` (what ``pagedserve demo-model --trained`` writes) uses the ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ class Tokenizer:
         if path is not None:
             self._tok = _HFTokenizer.from_file(str(path))
         elif (gguf_file := resolve_model(model).gguf_file) is not None:
-            from gpu_worker.gguf_loader import gguf_tokenizer  # torch and transformers: only for GGUF
+            from gpu_worker.gguf_tokenizer import load_gguf_tokenizer  # transformers: in a child process
 
-            self._tok = gguf_tokenizer(gguf_file)
+            self._tok = load_gguf_tokenizer(gguf_file)
         else:
             raise FileNotFoundError(f"{Path(model) / 'tokenizer.json'} not found: the model directory needs a "
                                     "tokenizer.json")

@@ -44,7 +44,7 @@ class Fleet(Service):
 
     def __init__(self, model, log_dir, *extra):
         super().__init__(model, log_dir, "--engines", "2", "--metrics-port", "0", *extra)
-        self.metrics_url = self.wait_for(r"metrics on (http://\S+)").replace("0.0.0.0", "127.0.0.1")
+        self.metrics_url = self.wait_for(r"metrics on (http://[^\s\"]+)").replace("0.0.0.0", "127.0.0.1")
         for e in ENGINES:
             self.wait_for(rf"({e}) ready")
 

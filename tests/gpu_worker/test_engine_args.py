@@ -15,6 +15,7 @@ CHANGED = dict(
     gpu_memory_utilization=0.5, max_num_seqs=7, max_num_batched_tokens=300, max_model_len=1000,
     enable_prefix_caching=False, async_scheduling=False, swap_space=0.25, enforce_eager=True,
     load_format="dummy", max_num_blocks=40, seed=9, tensor_parallel_size=2, max_num_waiting=5, step_timeout=2.5,
+    kv_events_endpoint="tcp://*:5599", kv_events_topic="kv@10.0.0.1@m",
 )
 
 
@@ -71,7 +72,8 @@ def test_process_configs_share_the_defaults_and_rules():
         DEFAULTS.block_size, DEFAULTS.max_num_seqs, DEFAULTS.max_num_batched_tokens)
     assert SchedulerConfig.from_engine_args(EngineArgs(**CHANGED)) == SchedulerConfig(
         block_size=32, max_num_seqs=7, max_num_batched_tokens=300, max_model_len=1000,
-        enable_prefix_caching=False, async_scheduling=False, max_num_waiting=5, step_timeout=2.5)
+        enable_prefix_caching=False, async_scheduling=False, max_num_waiting=5, step_timeout=2.5,
+        kv_events_endpoint="tcp://*:5599", kv_events_topic="kv@10.0.0.1@m")
     with pytest.raises(ValueError, match="^block_size must be a power of two"):
         SchedulerConfig(block_size=3)
     worker = WorkerConfig.from_engine_args(EngineArgs(**CHANGED), "ipc://x", rank=1)

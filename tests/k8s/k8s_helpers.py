@@ -17,7 +17,7 @@ from tests.protos.proto_helpers import require
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-OVERLAYS = ("cpu-demo", "gpu", "gpu-tp", "gpu-autoscale")
+OVERLAYS = ("cpu-demo", "gpu", "gpu-tp", "gpu-autoscale", "llm-d")
 
 
 def kubectl() -> str:

@@ -83,7 +83,7 @@ def test_addresses_and_ports_line_up():
 
 
 def test_metrics_ports_match_the_scrape_annotations():
-    from scheduler_svc import metrics as engine_metrics
+    from scheduler_svc import engine_metrics
     from scheduler_svc.gateway import metrics as gateway_metrics
 
     objs = base_objects()

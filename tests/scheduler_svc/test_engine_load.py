@@ -4,11 +4,12 @@ metrics made from it, against the in-process fake workers of test_engine."""
 import threading
 import time
 
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2
-from scheduler_svc import metrics
+from scheduler_svc import engine_metrics as metrics
 from tests.scheduler_svc.test_engine import FakeWorkers, finished, make_engine, next_token, run_until, submit
 
 
@@ -63,7 +64,7 @@ def test_load_counts_requests_running_and_waiting():
 
 
 def test_engine_metrics_follow_the_snapshots():
-    m = metrics.EngineMetrics("m", "engine-test")
+    m = metrics.EngineMetrics("m", "engine-test", 16)
 
     def value(name):
         return REGISTRY.get_sample_value(name, {"model": "m", "engine": "engine-test"})
@@ -77,3 +78,25 @@ def test_engine_metrics_follow_the_snapshots():
     assert value("pagedserve_prefix_cache_queries_total") == 100
     assert value("pagedserve_prefix_cache_hits_total") == 30
     assert value("pagedserve_num_preemptions_total") == 1
+
+
+def test_the_endpoint_pickers_metrics_have_its_types_and_meanings():
+    """What llm-d's endpoint picker scrapes (the model-server protocol), read back from the exposition text
+    as a scraper does: waiting and running requests and KV usage (0-1) are gauges, and cache_config_info is
+    a gauge of 1 labelled with block_size and num_gpu_blocks."""
+    m = metrics.EngineMetrics("llm", "pod-7", 16)
+    m.update(scheduler_pb2.EngineLoad(num_requests_running=3, num_requests_waiting=5, num_free_blocks=150,
+                                      num_blocks=200))
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(REGISTRY).decode())}
+
+    def sample(name):
+        family = families[name]
+        (s,) = [s for s in family.samples if s.labels.get("engine") == "pod-7"]
+        return family.type, s.labels, s.value
+
+    labels = {"model": "llm", "engine": "pod-7"}
+    assert sample("pagedserve_num_requests_waiting") == ("gauge", labels, 5)
+    assert sample("pagedserve_num_requests_running") == ("gauge", labels, 3)
+    assert sample("pagedserve_kv_cache_usage_ratio") == ("gauge", labels, 0.25)
+    assert sample("pagedserve_cache_config_info") == ("gauge", {**labels, "block_size": "16", "num_gpu_blocks": "200"},
+                                                      1)

@@ -36,7 +36,7 @@ def test_free_releases_tail_first():
     kv.allocate_slots(1, 0, 3)  # 0 1 2
     kv.allocate_slots(2, 0, 2)  # 3 4
     kv.free(1)
-    assert kv.pool.free_queue.block_ids() == [5, 2, 1, 0]
+    assert kv.pool.free_block_ids() == [5, 2, 1, 0]
     assert kv.tables() == {2: [3, 4]}
     kv.free(1)  # freeing an unknown sequence is a no-op
     assert kv.num_free_blocks == 4

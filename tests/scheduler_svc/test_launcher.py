@@ -61,3 +61,17 @@ def test_engine_set_names_sockets_and_refuses_a_numbered_gpu(tmp_path):
     assert [[n for n, _ in e.commands] for e in two.engines] == [["scheduler0", "worker0"], ["scheduler1", "worker1"]]
     with pytest.raises(ValueError, match="--device cuda"):
         EngineSet(EngineArgs(model="/m", device="cuda:1"), 2, tmp_path, "m")
+
+
+def test_engine_set_gives_each_engine_its_kv_events_address(tmp_path):
+    from scheduler_svc.engine_set import EngineSet
+
+    def endpoints(engine_args, n):
+        commands = [dict(e.commands)[f"scheduler{i if n > 1 else ''}"] for i, e in enumerate(
+            EngineSet(engine_args, n, tmp_path, "m").engines)]
+        return [c[c.index("--kv-events-endpoint") + 1] for c in commands]
+
+    bound = EngineArgs(model="/m", kv_events_endpoint="tcp://*:6000")
+    assert endpoints(bound, 2) == ["tcp://*:6000", "tcp://*:6001"]
+    assert endpoints(bound, 1) == ["tcp://*:6000"]
+    assert endpoints(EngineArgs(model="/m", kv_events_endpoint="tcp://epp:5557"), 2) == ["tcp://epp:5557"] * 2

@@ -2,7 +2,7 @@
 them; admission reuses the longest cached prefix (never the whole prompt); freed blocks stay cached
 and are evicted least recently freed first, tails before prefixes. Exact ids and counts."""
 
-from scheduler_svc.kv_cache_manager import hash_block
+from scheduler_svc.block_hash import hash_block
 from tests.scheduler_svc.factories import (
     ToyWorker,
     check_invariants,
@@ -58,12 +58,12 @@ def test_freed_blocks_stay_cached_until_reused_lru_tails_first():
     s = scheduler(num_blocks=6, block_size=4)
     s.add_request(0, "a", PROMPT, params(max_tokens=2))  # blocks 0 1 2 (2 is the partial tail)
     finish_all(s)
-    assert s.pool.free_queue.block_ids() == [3, 4, 5, 2, 1, 0]  # freed tail first
+    assert s.pool.free_block_ids() == [3, 4, 5, 2, 1, 0]  # freed tail first
     assert len(s.pool.cached_blocks) == 2  # 11 tokens computed (not the last sampled): two full blocks
     s.add_request(0, "c", [50, 51, 52, 53, 54], params(max_tokens=1))
     out, _ = step(s)
     assert out.new_seqs[0].block_table == [3, 4]  # never-used blocks first
-    assert s.pool.free_queue.block_ids() == [5, 2, 1, 0, 4, 3]
+    assert s.pool.free_block_ids() == [5, 2, 1, 0, 4, 3]
     s.add_request(0, "d", [60, 61, 62, 63, 64], params(max_tokens=1))
     out, _ = step(s)
     assert out.new_seqs[0].block_table == [5, 2] and s.pool.num_evictions == 0  # a's uncached tail went first

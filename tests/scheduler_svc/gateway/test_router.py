@@ -29,10 +29,13 @@ def prompt(seed: int, length: int) -> list[int]:
 
 
 def test_prefix_hashes_are_the_prefix_cache_hashes():
-    from scheduler_svc.kv_cache_manager import hash_block as cache_hash
+    from scheduler_svc.block_pool import BlockPool
+    from scheduler_svc.kv_cache_manager import KVCacheManager
+    from scheduler_svc.request import Sequence
 
-    assert cache_hash is hash_block
     ids = prompt(0, 70)
+    cache = KVCacheManager(BlockPool(8, enable_caching=True), BLOCK)
+    assert cache.block_hashes(Sequence(0, None, list(ids)), len(ids)) == prefix_hashes(ids, BLOCK, 8)
     want, parent = [], None
     for i in range(4):
         parent = hash_block(parent, ids[i * BLOCK : (i + 1) * BLOCK])

@@ -1,10 +1,12 @@
-"""Structured logs for the service's processes (structlog).
+"""Structured logs for every process of the service (structlog): gateway, scheduler, worker, launcher.
 
 One line per event, to stderr: JSON when stderr is not a terminal (containers, files, CI), coloured
-key=value when it is. Every line carries ``component`` (gateway, launcher, ...); lines about a request
-carry ``request_id`` because the code logs them through ``log.bind(request_id=...)``.
+key=value when it is. Every line carries ``component`` (gateway, scheduler, worker, launcher); lines
+about a request carry ``request_id`` because the code logs them through ``log.bind(request_id=...)``.
+It lives at the bottom of the house (structlog and the standard library only) because every role uses
+it, the worker included, which must not import the scheduler side.
 
-    from scheduler_svc import log
+    from gpu_worker import log
     log.configure("gateway")
     logger = log.get_logger()
     logger.info("request finished", request_id="r1", prompt_tokens=5)
@@ -55,3 +57,10 @@ def configure(component: str, level: str = "info", fmt: str = "auto") -> None:
 
 def get_logger(**initial_values: Any) -> Any:
     return structlog.get_logger(**initial_values)
+
+
+def add_arguments(p) -> None:
+    """The logging flags every process role takes."""
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
+    p.add_argument("--log-format", default="auto", choices=FORMATS,
+                   help="auto: JSON unless stderr is a terminal (default auto)")
