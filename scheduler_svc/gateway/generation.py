@@ -132,7 +132,7 @@ class GenerationCore:
             valid = await self.validate(request)
             request_id = summary.request_id = valid.request_id
             summary.prompt_tokens = len(valid.prompt_token_ids)
-            new_sample = self._sample_factory(valid.params)
+            new_sample = self._sample_factory(valid.params, valid.prompt_token_ids)
             # n samples stream side by side; beams join as the search reports them (all in its last step).
             samples = {i: new_sample(i) for i in range(valid.params.n)}
             queue = self._submit(valid)
@@ -177,12 +177,12 @@ class GenerationCore:
             raise GenerationFailed(grpc.StatusCode.ALREADY_EXISTS,
                                    f"request {valid.request_id!r} is already running") from None
 
-    def _sample_factory(self, params) -> Callable[[int], SampleStream]:
+    def _sample_factory(self, params, prompt_token_ids: list[int]) -> Callable[[int], SampleStream]:
         assert self.info is not None
         stop_ids = stop_token_ids(params, self.info.eos_token_ids)
         backend = getattr(self.tokenizer, "backend", None)  # without one: the window decoder
         return lambda index: SampleStream(index, params, self.tokenizer.decode, stop_ids, self.byte_token_ids,
-                                          backend)
+                                          backend, prompt_token_ids=prompt_token_ids)
 
     def _apply(self, item, samples: dict[int, SampleStream], usage: generation_pb2.Usage, new_beam=None) -> None:
         if isinstance(item, LinkLost):
