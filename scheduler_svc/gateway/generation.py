@@ -27,7 +27,7 @@ from scheduler_svc.gateway.detokenizer import byte_fallback_ids
 from scheduler_svc.gateway.engines import EnginePool
 from scheduler_svc.gateway.metrics import GatewayMetrics
 from scheduler_svc.gateway.options import DEFAULT_LIMITS, GatewayLimits
-from scheduler_svc.gateway.response_stream import SampleStream, stop_token_ids
+from scheduler_svc.gateway.response_stream import SampleStream, prompt_token_logprobs, stop_token_ids
 from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, LinkLost
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from scheduler_svc.gateway.tokenizer_pool import RETRY_AFTER_S, TokenizerBusy, TokenizerPool
@@ -201,6 +201,10 @@ class GenerationCore:
                 return
             sample = samples[item.index] = new_beam(item.index)
         usage.cached_prompt_tokens = item.num_cached_tokens
+        if item.HasField("prompt_logprobs"):  # index 0 computes the prompt for all: every sample returns it
+            lps = prompt_token_logprobs(item.prompt_logprobs, sample.prompt_token_ids)
+            for s in samples.values():
+                s.prompt_logprobs += lps
         sample.feed(item)
 
     def _summarize(self, summary: RequestSummary, start: float, samples: dict[int, SampleStream]) -> None:

@@ -33,8 +33,8 @@ class SampleStream:
     decode: Decode
     stop_token_ids: frozenset[int]  # stop_token_ids, plus the model's EOS unless ignore_eos
     byte_token_ids: frozenset[int] = frozenset()  # byte-fallback tokens of the vocabulary
-    prompt_token_ids: list[int] = field(default_factory=list)  # for prompt logprobs (params.prompt_logprobs)
     backend: object = None  # the tokenizers.Tokenizer behind ``decode``: streaming detokenization in Rust
+    prompt_token_ids: list[int] = field(default_factory=list)  # for prompt logprobs (params.prompt_logprobs)
     num_tokens: int = 0
     finish_reason: int = generation_pb2.FINISH_REASON_UNSPECIFIED
     upstream_finished: bool = False  # the scheduler reported the end (else it must be told: Abort)
@@ -60,8 +60,6 @@ class SampleStream:
         reason = out.finish_reason
         if reason:
             self.upstream_finished = True
-        if out.HasField("prompt_logprobs"):
-            self.prompt_logprobs += prompt_token_logprobs(out.prompt_logprobs, self.prompt_token_ids)
         if self.finish_reason:  # ended here by a stop string or stop token; later tokens are dropped
             return
         beam = self.params.beam_width > 1

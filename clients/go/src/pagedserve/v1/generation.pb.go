@@ -816,8 +816,8 @@ type GenerateResponse struct {
 	// Set on the last response of a sample.
 	Usage *Usage `protobuf:"bytes,7,opt,name=usage,proto3" json:"usage,omitempty"`
 	// With sampling_params.prompt_logprobs: the log probability of each prompt token from the second on
-	// (entry i is prompt token i + 1; the first token has none), with its alternatives. Sent once, in
-	// the first response of index 0.
+	// (entry i is prompt token i + 1; the first token has none), with its alternatives. Sent once per
+	// sample, in its first response.
 	PromptLogprobs []*TokenLogprob `protobuf:"bytes,8,rep,name=prompt_logprobs,json=promptLogprobs,proto3" json:"prompt_logprobs,omitempty"`
 }
 
