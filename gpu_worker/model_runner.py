@@ -131,7 +131,8 @@ class ModelRunner:
         seqs = self.seqs
         for seq_id in plan.running_seq_ids:
             state = seqs.get(seq_id)
-            if state is None or state.params.logprobs or not _plain_greedy(state.params) or _wants_prompt_logprobs(state):
+            if (state is None or state.params.logprobs or not _plain_greedy(state.params)
+                    or _wants_prompt_logprobs(state)):
                 return False
         for new in plan.new_seqs:
             p = new.sampling_params  # proto: unset repetition_penalty reads 0, i.e. 1.0

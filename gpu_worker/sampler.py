@@ -109,7 +109,8 @@ def adjust_logits(logits: torch.Tensor, rows: list[SampleRequest], eos_token_ids
             # OpenAI: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty.
             outputs = row.token_ids[len(row.token_ids) - row.output_index:]
             counts = torch.bincount(torch.tensor(outputs, device=device, dtype=torch.long), minlength=vocab)[:vocab]
-            logits[i] -= counts.to(logits.dtype) * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
+            counts = counts.to(logits.dtype)
+            logits[i] -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
     return logits
 
 

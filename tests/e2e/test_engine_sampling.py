@@ -212,7 +212,8 @@ def test_prompt_logprobs_equal_transformers(service, hf, tok, cached):
     check_prompt_logprobs(want, ids, lp["token_logprobs"][1:], None, k)
     for i, top in enumerate(lp["top_logprobs"][1:]):  # keyed by token text, as OpenAI's
         values, indices = want[i].topk(k)
-        expected = {tok.decode([int(t)], skip_special_tokens=False): float(v) for t, v in zip(indices, values)}
+        expected = {tok.decode([int(t)], skip_special_tokens=False): float(v)
+                    for t, v in zip(indices, values, strict=True)}
         assert top.keys() == expected.keys()
         assert all(abs(top[s] - expected[s]) < TOL for s in top)
     # vLLM: prompt_logprobs beside a generated completion.

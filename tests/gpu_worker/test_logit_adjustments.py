@@ -5,10 +5,10 @@ the parameters' validation and their refusal with beam search."""
 import pytest
 import torch
 
+from gpu_worker.model_runner import SeqState
 from gpu_worker.prompt_logprobs import prompt_logprob_rows
 from gpu_worker.sampler import SampleRequest, adjust_logits, sample
 from gpu_worker.sampling_params import InvalidField, SamplingParams
-from gpu_worker.model_runner import SeqState
 
 EOS = 2
 
