@@ -5,6 +5,8 @@ logprobs (echo + logprobs + max_tokens 0, vLLM's prompt_logprobs, gRPC's prompt_
 log-softmax of transformers' teacher-forced logits, with and without a prefix-cache hit, across
 chunked prefill."""
 
+import json
+
 import pytest
 import requests
 import torch
@@ -234,3 +236,24 @@ def test_prompt_logprobs_equal_transformers(service, hf, tok, cached):
                           [dict(p.top) for p in c.prompt_logprobs], k)
     if cached:
         assert c.usage.cached_prompt_tokens == 0, "prompt logprobs are computed, not served from the cache"
+
+
+def test_generate_cli_takes_the_parameters(service, hf, tok):
+    """`pagedserve generate` passes --min-tokens, --logit-bias, the penalties and --prompt-logprobs."""
+    from tests.e2e.test_chat_serving import cli
+
+    text = "Hello, paged world"
+    ids = tok(text).input_ids
+    eos = tok.eos_token_id
+    proc = cli("generate", "--target", service.target, "--prompt", text, "--max-tokens", "8", "--temperature", "0",
+               "--min-tokens", "5", "--logit-bias", f"{eos}=100", "--presence-penalty", "0.5",
+               "--frequency-penalty", "0.25", "--prompt-logprobs", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    want = reference(hf, ids, 8, presence=0.5, frequency=0.25, bias={eos: 100.0}, banned_until=(5, {eos}),
+                     stop={eos})
+    assert out["token_ids"] == want and len(want) == 6 and out["finish_reason"] == "stop"
+    lps = hf_logprobs(hf, ids)
+    assert [p["token_id"] for p in out["prompt_logprobs"]] == ids[1:]
+    assert all(abs(p["logprob"] - float(lps[i, t])) < TOL for i, (p, t) in enumerate(zip(out["prompt_logprobs"],
+                                                                                          ids[1:], strict=True)))
