@@ -257,3 +257,29 @@ def test_generate_cli_takes_the_parameters(service, hf, tok):
     assert [p["token_id"] for p in out["prompt_logprobs"]] == ids[1:]
     assert all(abs(p["logprob"] - float(lps[i, t])) < TOL for i, (p, t) in enumerate(zip(out["prompt_logprobs"],
                                                                                           ids[1:], strict=True)))
+
+
+def test_echo_streamed_and_with_several_samples(service, hf, tok):
+    """A streamed echo opens each choice with the prompt (text and logprobs), then the completion, the
+    same as the whole response; with n = 2 every choice echoes the prompt."""
+    ids = random_prompts([30], hf.config.vocab_size, seed=5)[0]
+    body = {"model": "llama", "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 3, "temperature": 0}
+    url = f"{service.http_base}/completions"
+    whole = requests.post(url, json=body, timeout=60).json()["choices"][0]
+    r = requests.post(url, json=dict(body, stream=True), timeout=60, stream=True)
+    chunks = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
+              if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    tokens = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+    lps = [x for c in chunks for x in c["choices"][0]["logprobs"]["token_logprobs"]]
+    assert text == whole["text"] and text.startswith(tok.decode(ids, skip_special_tokens=False))
+    assert tokens == whole["logprobs"]["tokens"] and len(tokens) == len(ids) + 3
+    assert lps[0] is None and lps[1:] == pytest.approx(whole["logprobs"]["token_logprobs"][1:], abs=1e-5)
+    want = hf_logprobs(hf, ids)
+    assert lps[len(ids) - 1] == pytest.approx(float(want[len(ids) - 2, ids[-1]]), abs=TOL)
+    two = requests.post(url, json=dict(body, n=2, temperature=1.0, seed=3), timeout=60).json()["choices"]
+    assert len(two) == 2
+    for choice in two:
+        assert choice["logprobs"]["tokens"][:len(ids)] == whole["logprobs"]["tokens"][:len(ids)]
+        assert choice["logprobs"]["token_logprobs"][1:len(ids)] == pytest.approx(
+            whole["logprobs"]["token_logprobs"][1:len(ids)], abs=1e-5)
