@@ -28,6 +28,7 @@ from gpu_worker.cpu_linears import pack_linears
 from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.input_batch import BlockTableRows, StepInputs, build_inputs
 from gpu_worker.kv_pool import KVPool
+from gpu_worker.prompt_logprobs import prompt_logprob_rows
 from gpu_worker.sampler import SampleRequest, sample
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.staging import HostStaging
@@ -90,6 +91,8 @@ class ModelRunner:
         self.staging = HostStaging(device)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(0)
+        # min_tokens holds these back (unit tests' stand-in configs may have none).
+        self.eos_token_ids = tuple(getattr(model_config, "eos_token_ids", ()) or ())
 
     def allocate_kv(self, num_blocks: int, dtype: torch.dtype, num_cpu_blocks: int = 0) -> None:
         cfg = self.model_config
@@ -128,11 +131,14 @@ class ModelRunner:
         seqs = self.seqs
         for seq_id in plan.running_seq_ids:
             state = seqs.get(seq_id)
-            if state is None or state.params.logprobs or not _plain_greedy(state.params):
+            if (state is None or state.params.logprobs or not _plain_greedy(state.params)
+                    or _wants_prompt_logprobs(state)):
                 return False
         for new in plan.new_seqs:
             p = new.sampling_params  # proto: unset repetition_penalty reads 0, i.e. 1.0
-            if p.temperature != 0 or p.repetition_penalty not in (0.0, 1.0) or p.logprobs or p.top_logprobs:
+            if (p.temperature != 0 or p.repetition_penalty not in (0.0, 1.0) or p.logprobs or p.top_logprobs
+                    or p.min_tokens or p.presence_penalty or p.frequency_penalty or p.logit_bias_token_ids
+                    or p.HasField("prompt_logprobs")):
                 return False
         return True
 
@@ -150,9 +156,13 @@ class ModelRunner:
             return result
         assert self.kv is not None, "step before InitCache"
         fixups = self._fixups(batch, prev)
+        prompt_rows = prompt_logprob_rows(batch)  # before build_inputs advances num_computed_tokens
         inputs = build_inputs(batch, self.rows, self.block_size)
         t1 = time.perf_counter_ns()
-        if self.graphs is not None and self.graphs.fits(inputs):
+        prompt_logits = None
+        if prompt_rows:
+            logits, prompt_logits = self._forward_eager(inputs, fixups, prompt_rows.indices)
+        elif self.graphs is not None and self.graphs.fits(inputs):
             logits = self.graphs.run(inputs, fixups)
             if len(inputs.logits_indices) != inputs.num_seqs:
                 (logits_indices,) = self.staging.to_device(inputs.logits_indices)
@@ -164,7 +174,13 @@ class ModelRunner:
         want_logprobs = plan.num_top_logprobs > 0 or any(s.params.logprobs for s in states)
         result.timings.prepare_ns = t1 - t0
         result.timings.forward_ns = t2 - t1
-        if not want_logprobs and all(_plain_greedy(s.params) for s in states):  # the common fast path
+        if prompt_logits is not None:
+            prompt_rows.add_to(result, prompt_logits)
+            if not states:  # prefill chunks only: nothing to sample
+                result.timings.total_ns = time.perf_counter_ns() - t0
+                return result
+        if not want_logprobs and all(_plain_greedy(s.params) for s in states) and not prompt_rows:
+            # the common fast path
             device_tokens = logits.argmax(dim=-1)
             on_cuda = device_tokens.is_cuda
             host_tokens = torch.empty(device_tokens.shape, dtype=torch.int64, pin_memory=on_cuda)
@@ -181,7 +197,7 @@ class ModelRunner:
         if prev is not None:
             raise RuntimeError("a step that samples on the host cannot follow an unfinished step")
         sampled = sample(logits, [self._sample_request(s) for s in states], plan.num_top_logprobs,
-                         self.generator, want_logprobs=want_logprobs)
+                         self.generator, want_logprobs=want_logprobs, eos_token_ids=self.eos_token_ids)
         for state, token in zip(states, sampled.token_ids, strict=True):
             state.token_ids.append(token)
         t3 = time.perf_counter_ns()
@@ -232,7 +248,9 @@ class ModelRunner:
                                                    np.asarray(sources, dtype=np.int64))
         return rows_d, prev.device_tokens[sources_d]
 
-    def _forward_eager(self, inputs: StepInputs, fixups=None) -> torch.Tensor:
+    def _forward_eager(self, inputs: StepInputs, fixups=None, prompt_indices: list[int] | None = None):
+        """The sampling rows' logits; with ``prompt_indices`` (flattened token indices) also theirs, as
+        (logits, prompt_logits)."""
         slot_mapping, block_tables, seq_lens, query_start_loc, input_ids, positions, logits_indices = (
             self.staging.to_device(inputs.slot_mapping, inputs.block_tables, inputs.seq_lens,
                                    inputs.query_start_loc, inputs.input_ids, inputs.positions,
@@ -248,7 +266,12 @@ class ModelRunner:
         if fixups is not None:
             input_ids[fixups[0]] = fixups[1]
         hidden = self.model(input_ids, positions, self.kv.caches, meta)
-        return self.model.compute_logits(hidden[logits_indices])
+        if prompt_indices is None:
+            return self.model.compute_logits(hidden[logits_indices])
+        extra = torch.tensor(prompt_indices, device=hidden.device, dtype=torch.long)
+        logits = self.model.compute_logits(torch.cat([hidden[logits_indices], hidden[extra]]))
+        num_sampled = len(inputs.logits_indices)
+        return logits[:num_sampled], logits[num_sampled:]
 
     def _apply_plan(self, plan: worker_pb2.StepPlan) -> list[tuple[SeqState, int]]:
         """Updates per-sequence state from the plan and runs its block operations; returns
@@ -328,4 +351,10 @@ class ModelRunner:
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
-    return p.temperature == 0 and p.repetition_penalty == 1.0
+    """A plain argmax of the raw logits: greedy, with nothing that changes the logits first."""
+    return p.temperature == 0 and not p.penalized
+
+
+def _wants_prompt_logprobs(state: SeqState) -> bool:
+    """Whether the sequence still has prompt positions whose logprobs it asked for to compute."""
+    return state.params.prompt_logprobs is not None and state.num_computed_tokens < state.num_prompt_tokens - 1

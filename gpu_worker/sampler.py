@@ -1,5 +1,10 @@
-"""Token sampling on the worker's device: greedy, temperature, top-k, top-p, min-p, repetition
-penalty, and per-request seeds.
+"""Token sampling on the worker's device: greedy, temperature, top-k, top-p, min-p, the logit
+adjustments (logit bias, min_tokens, repetition, frequency and presence penalties), and per-request
+seeds.
+
+The adjustments follow vLLM's order: logit bias and min_tokens first, then the repetition penalty
+(transformers': over prompt and output), then the frequency and presence penalties (OpenAI's: over the
+output only). Log probabilities are always those of the raw logits, before any of them.
 
 A seeded sequence draws its token at output position i from a generator seeded with (seed, i), so its
 output does not depend on batch composition or preemption.
@@ -40,11 +45,13 @@ def sample(
     num_top_logprobs: int = 0,
     generator: torch.Generator | None = None,
     want_logprobs: bool = True,
+    eos_token_ids: tuple[int, ...] = (),
 ) -> SampleResult:
-    """Chooses one token per row on the logits' device; the host reads back only the results."""
+    """Chooses one token per row on the logits' device; the host reads back only the results.
+    ``eos_token_ids``: the model's, which min_tokens holds back (unless the row ignores EOS)."""
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs or num_top_logprobs else None
-    logits = _apply_repetition_penalty(logits, rows)
+    logits = adjust_logits(logits, rows, eos_token_ids)
     chosen = torch.argmax(logits, dim=-1)
     random_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0]
     if random_rows:
@@ -72,17 +79,38 @@ def sample(
     return SampleResult(token_ids, token_lp, top_ids, top_lps)
 
 
-def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
-    """As in transformers: seen tokens' positive logits are divided by the penalty, negative multiplied."""
-    penalized = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+def adjust_logits(logits: torch.Tensor, rows: list[SampleRequest], eos_token_ids: tuple[int, ...] = ()
+                  ) -> torch.Tensor:
+    """The logits the choice is made from: a copy, with every row's adjustments applied (see the module
+    docstring for the order); ``logits`` itself when no row has any."""
+    penalized = [i for i, r in enumerate(rows) if r.params.penalized]
     if not penalized:
         return logits
     logits = logits.clone()
+    vocab = logits.shape[-1]
+    device = logits.device
     for i in penalized:
-        seen = torch.tensor(sorted(set(rows[i].token_ids)), device=logits.device, dtype=torch.long)
-        vals = logits[i, seen]
-        p = rows[i].params.repetition_penalty
-        logits[i, seen] = torch.where(vals > 0, vals / p, vals * p)
+        row, p = rows[i], rows[i].params
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias if t < vocab], device=device, dtype=torch.long)
+            bias = torch.tensor([b for t, b in p.logit_bias if t < vocab], device=device, dtype=logits.dtype)
+            logits[i, ids] += bias
+        if p.min_tokens and row.output_index < p.min_tokens:
+            # As vLLM: nothing that would end the sequence may be chosen before min_tokens outputs.
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+            banned_ids = [t for t in banned if t < vocab]
+            if banned_ids:
+                logits[i, torch.tensor(banned_ids, device=device, dtype=torch.long)] = -float("inf")
+        if p.repetition_penalty != 1.0:  # transformers': positive logits divided, negative multiplied
+            seen = torch.tensor(sorted(set(row.token_ids)), device=device, dtype=torch.long)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and row.output_index:
+            # OpenAI: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty.
+            outputs = row.token_ids[len(row.token_ids) - row.output_index:]
+            counts = torch.bincount(torch.tensor(outputs, device=device, dtype=torch.long), minlength=vocab)[:vocab]
+            counts = counts.to(logits.dtype)
+            logits[i] -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
     return logits
 
 

@@ -16,6 +16,9 @@ from pagedserve.internal.v1 import scheduler_pb2
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound: -100 bans a token, 100 makes it the only choice
+MAX_PENALTY = 2.0  # OpenAI's bound on presence_penalty and frequency_penalty
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +41,22 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     repetition_penalty: float = 1.0
+    min_tokens: int = 0  # EOS, stop tokens and stop strings end nothing before this many outputs
+    presence_penalty: float = 0.0  # OpenAI's, over the output tokens
+    frequency_penalty: float = 0.0  # OpenAI's, over the output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by token id
+    prompt_logprobs: int | None = None  # alternatives per prompt position; None: no prompt logprobs
 
     def __post_init__(self) -> None:
         # Sequences given as lists become tuples: the parameters stay immutable and hashable.
         for name in ("stop", "stop_token_ids"):
             if not isinstance(getattr(self, name), tuple):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.logit_bias:  # a dict or (token id, bias) pairs, kept sorted by token id
+            bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+            object.__setattr__(self, "logit_bias", tuple(sorted(tuple(x) for x in bias)))
+        elif not isinstance(self.logit_bias, tuple):
+            object.__setattr__(self, "logit_bias", ())
         if self.top_logprobs and not self.logprobs:  # alternatives come with the sampled token's own
             object.__setattr__(self, "logprobs", True)
         # Messages are formatted only on failure: the worker and the scheduler construct these per
@@ -71,8 +84,35 @@ class SamplingParams:
         _check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
                f"must be in [0, {MAX_TOP_LOGPROBS}], got {{}}", self.top_logprobs)
         _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0, got {}", self.repetition_penalty)
+        self._check_openai_params()
         if self.beam_width > 1:
             self._check_beam_search()
+
+    def _check_openai_params(self) -> None:
+        """min_tokens, the OpenAI penalties, logit_bias and prompt_logprobs (vLLM's ranges)."""
+        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+               "must be an integer in [0, max_tokens], got {!r}", self.min_tokens)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(-MAX_PENALTY <= value <= MAX_PENALTY, name, f"must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {{}}",
+                   value)
+        bias = self.logit_bias
+        _check(len(bias) <= MAX_LOGIT_BIAS_ENTRIES, "logit_bias",
+               f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {{}}", len(bias))
+        _check(all(isinstance(t, int) and t >= 0 for t, _ in bias), "logit_bias", "keys must be token ids (>= 0)")
+        _check(all(-MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for _, b in bias), "logit_bias",
+               f"values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        _check(len({t for t, _ in bias}) == len(bias), "logit_bias", "names a token id twice")
+        k = self.prompt_logprobs
+        _check(k is None or (isinstance(k, int) and 0 <= k <= MAX_TOP_LOGPROBS), "prompt_logprobs",
+               f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {{!r}}", k)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits change before sampling (repetition, presence, frequency penalty, bias,
+        min_tokens): such rows are sampled on the host path, never by a plain argmax."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias) or self.min_tokens > 0)
 
     def _check_beam_search(self) -> None:
         """Beam search scores the model's own log probabilities and returns whole beams: refuse what it
@@ -85,6 +125,10 @@ class SamplingParams:
                    "got {}", getattr(self, name))
         _check(not self.logprobs, "top_logprobs" if self.top_logprobs else "logprobs",
                "not returned with beam search (beams are chosen from the top candidates of every step)")
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("logit_bias", ()),
+                              ("min_tokens", 0)):
+            _check(getattr(self, name) == neutral, name, f"is not supported with beam search ({why})")
+        _check(self.prompt_logprobs is None, "prompt_logprobs", "is not supported with beam search")
 
     @property
     def greedy(self) -> bool:
@@ -111,6 +155,11 @@ class SamplingParams:
             logprobs=p.logprobs,
             top_logprobs=p.top_logprobs,
             repetition_penalty=p.repetition_penalty or 1.0,
+            min_tokens=p.min_tokens,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            logit_bias=tuple(zip(p.logit_bias_token_ids, p.logit_bias_values, strict=True)),
+            prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
         )
 
     def to_proto(self) -> scheduler_pb2.SamplingParams:
@@ -131,6 +180,12 @@ class SamplingParams:
             top_logprobs=self.top_logprobs,
             repetition_penalty=self.repetition_penalty,
             early_stopping=_EARLY_STOPPING[self.early_stopping],
+            min_tokens=self.min_tokens,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias_token_ids=[t for t, _ in self.logit_bias],
+            logit_bias_values=[b for _, b in self.logit_bias],
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 

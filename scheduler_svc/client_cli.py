@@ -67,6 +67,13 @@ def add_parser(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument("--logprobs", type=uint(32), default=None, metavar="N",
                    help="return each token's log probability and its N most likely alternatives (0 to 20)")
+    p.add_argument("--min-tokens", type=uint(32), default=0, help="no stop before this many tokens (default 0)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's presence penalty, -2 to 2")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's frequency penalty, -2 to 2")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (-100 to 100) to token ID's logit (repeatable)")
+    p.add_argument("--prompt-logprobs", type=uint(32), default=None, metavar="N",
+                   help="return each prompt token's log probability and its N most likely alternatives")
     p.add_argument("--n", type=uint(32), default=None, help="independent samples of the prompt (default 1)")
     p.add_argument("--beam-width", type=uint(32), default=0, help="beam search with this many beams (default: off)")
     p.add_argument("--length-penalty", type=float, default=None, help="beam search length penalty (default 1)")
@@ -92,6 +99,8 @@ def run(args) -> int:
         logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0, n=args.n,
         beam_width=args.beam_width, length_penalty=args.length_penalty,
         early_stopping=None if args.early_stopping is None else _EARLY_STOPPING[args.early_stopping],
+        min_tokens=args.min_tokens, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        logit_bias=_logit_bias(args.logit_bias), prompt_logprobs=args.prompt_logprobs,
     )
     several = (args.n or 1) > 1 or args.beam_width > 1
     chunks = []
@@ -135,8 +144,13 @@ def _print_completion(chunks: list, as_json: bool) -> None:
     """After the streamed text: a newline, and the logprobs when asked (or everything as JSON)."""
     logprobs = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
                 for c in chunks for lp in c.logprobs]
+    prompt_logprobs = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+                       for c in chunks for lp in c.prompt_logprobs]
     if not as_json:
         print()
+        for lp in prompt_logprobs:
+            top = "  ".join(f"{t}:{v:.4f}" for t, v in lp["top"])
+            print(f"prompt token {lp['token_id']}: {lp['logprob']:.4f}" + (f"  top: {top}" if top else ""))
         for lp in logprobs:
             top = "  ".join(f"{t}:{v:.4f}" for t, v in lp["top"])
             print(f"token {lp['token_id']}: {lp['logprob']:.4f}" + (f"  top: {top}" if top else ""))
@@ -145,7 +159,23 @@ def _print_completion(chunks: list, as_json: bool) -> None:
            **_ending(chunks[-1] if chunks else None)}
     if logprobs:
         out["logprobs"] = logprobs
+    if prompt_logprobs:
+        out["prompt_logprobs"] = prompt_logprobs  # prompt tokens from the second on
     print(json.dumps(out, ensure_ascii=False))
+
+
+def _logit_bias(pairs: list[str]) -> dict[int, float]:
+    """--logit-bias ID=BIAS values (the server checks the ranges and names the field)."""
+    out = {}
+    for pair in pairs:
+        token_id, sep, bias = pair.partition("=")
+        try:
+            out[int(token_id)] = float(bias)
+        except ValueError:
+            raise SystemExit(f"pagedserve generate: --logit-bias takes ID=BIAS, got {pair!r}") from None
+        if not sep:
+            raise SystemExit(f"pagedserve generate: --logit-bias takes ID=BIAS, got {pair!r}")
+    return out
 
 
 def _print_samples(chunks: list, kind: str, as_json: bool) -> None:

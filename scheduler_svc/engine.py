@@ -247,7 +247,8 @@ class EngineCore:
                        for s in out.new_seqs + out.running if s.seq.status is not SeqStatus.FINISHED]
         else:
             decoded = decode_result(result)
-            outputs = self.scheduler.update(out, decoded.sampled, decoded.logprobs, decoded.top)
+            outputs = self.scheduler.update(out, decoded.sampled, decoded.logprobs, decoded.top,
+                                            decoded.prompt_logprobs)
         self._unpublished = (out.step_id, outputs)
         self._publish_kv_events()
 
@@ -383,6 +384,8 @@ class EngineCore:
                 final_token_ids=o.final_token_ids,
                 status_code=o.status_code,
             )
+            if o.prompt_logprobs is not None:
+                by_stream[request.stream_id].outputs[-1].prompt_logprobs.CopyFrom(o.prompt_logprobs)
             if o.top_logprobs:
                 top = by_stream[request.stream_id].outputs[-1].top_logprobs
                 for ids, lps in o.top_logprobs:

@@ -56,6 +56,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # With SamplingParams.prompt_logprobs: per prompt token its log probability (None for the first)
+    # and its alternatives (token id, log probability), best first.
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -211,6 +215,8 @@ class LLM:
                             raise InvalidField(o.error_field, o.error.removeprefix(f"{o.error_field}: "))
                         raise RuntimeError(o.error)
                     r.result.num_cached_tokens = o.num_cached_tokens
+                    if o.HasField("prompt_logprobs"):
+                        _add_prompt_logprobs(r.result, o.prompt_logprobs)
                     r.samples[o.index].feed(o)
                     r.take(o.request_id, o.index)
                     if all(s.finished for s in r.samples):
@@ -252,3 +258,13 @@ class LLM:
 def _no_text(token_ids: list[int]) -> str:
     """The decoder of a model without tokenizer.json: its completions are token ids only."""
     return ""
+
+
+def _add_prompt_logprobs(result: RequestOutput, p: scheduler_pb2.PromptLogprobs) -> None:
+    if not result.prompt_logprobs:
+        result.prompt_logprobs.append(None)  # the first prompt token has no logprob
+        result.prompt_top_logprobs.append([])
+    result.prompt_logprobs.extend(p.logprobs)
+    for j in range(len(p.logprobs)):
+        top = p.top[j] if j < len(p.top) else None
+        result.prompt_top_logprobs.append(list(zip(top.token_ids, top.logprobs, strict=True)) if top else [])

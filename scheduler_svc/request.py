@@ -50,10 +50,19 @@ class Request:
     # Top candidates the workers return for each of the group's sampled tokens: the requested
     # top_logprobs, or for beam search the candidates the re-selection needs.
     num_top_logprobs: int = field(init=False)
+    # Prompt logprobs (params.prompt_logprobs set): the next prompt position to report, from 1. A
+    # recomputed prompt (preemption) reports each position once; once all are reported the prefix
+    # cache may serve this request's prompt again.
+    next_prompt_logprob: int = 1
 
     def __post_init__(self) -> None:
         self.max_tokens = self.params.max_tokens
         self.num_top_logprobs = self.params.top_logprobs
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Whether prompt positions whose logprobs were asked for are still to be computed."""
+        return self.params.prompt_logprobs is not None and self.next_prompt_logprob < len(self.prompt_token_ids)
 
     @property
     def max_num_seqs(self) -> int:
@@ -126,6 +135,7 @@ class SeqOutput:
     # Alternatives per entry of token_ids (requests asking for top_logprobs): (token ids, logprobs).
     top_logprobs: list[tuple[list[int], list[float]]] = field(default_factory=list)
     status_code: int = 0  # google.rpc.Code of an error (0: decided by error_field)
+    prompt_logprobs: scheduler_pb2.PromptLogprobs | None = None  # prompt positions computed this step
 
 
 def arrival_order(seq: Sequence) -> tuple[int, int]:
@@ -147,6 +157,29 @@ def beam_params(params: SamplingParams) -> SamplingParams:
     beams."""
     return replace(params, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None,
                    logprobs=False, top_logprobs=0)
+
+
+def take_prompt_logprobs(seq: Sequence, by_seq: dict) -> scheduler_pb2.PromptLogprobs | None:
+    """The prompt logprobs a step returned for ``seq`` that were not reported before (a recomputed prompt
+    returns them again), or None; advances the request's next_prompt_logprob."""
+    entry = by_seq.get(seq.seq_id)
+    request = seq.request
+    if entry is None:
+        return None
+    skip = request.next_prompt_logprob - entry.first_position
+    if skip >= len(entry.logprobs):
+        return None
+    if skip > 0:
+        trimmed = type(entry)(first_position=request.next_prompt_logprob, logprobs=entry.logprobs[skip:],
+                              ranks=entry.ranks[skip:])
+        trimmed.top.extend(entry.top[skip:])
+        entry = trimmed
+    elif skip < 0:
+        raise RuntimeError(f"sequence {seq.seq_id}: prompt logprobs from {entry.first_position}, expected "
+                           f"{request.next_prompt_logprob}")
+    entry.seq_id = 0
+    request.next_prompt_logprob = entry.first_position + len(entry.logprobs)
+    return entry
 
 
 class QueueFull(Exception):
@@ -180,6 +213,9 @@ def validate_request(
     if vocab is not None and not all(0 <= t < vocab for t in prompt_token_ids):
         bad = next(t for t in prompt_token_ids if not 0 <= t < vocab)
         raise InvalidField("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
+    if vocab is not None and any(t >= vocab for t, _ in params.logit_bias):
+        bad = next(t for t, _ in params.logit_bias if t >= vocab)
+        raise InvalidField("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab})")
     if len(prompt_token_ids) >= limits.max_model_len:
         raise InvalidField(
             "prompt",

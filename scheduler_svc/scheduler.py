@@ -30,7 +30,7 @@ from itertools import chain
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.kv_cache_manager import KVCacheManager
+from scheduler_svc.kv_cache_manager import KVCacheManager, PrefixHit
 from scheduler_svc.kv_events import KVEventLog
 from scheduler_svc.preemption import Preemptor, SeqQueues
 from scheduler_svc.request import (
@@ -42,6 +42,7 @@ from scheduler_svc.request import (
     SeqStatus,
     Sequence,
     arrival_order,
+    take_prompt_logprobs,
     validate_request,
 )
 from scheduler_svc.scheduler_stats import SchedulerStats
@@ -336,7 +337,8 @@ class Scheduler:
         seats = request.max_num_seqs - sum(s.status is _RUNNING for s in request.seqs)
         if len(self.running) + seats > self.config.max_num_seqs:
             return False
-        hit = self.kv.cached_prefix(seq)
+        # Prompt logprobs are computed, never served from the cache (the cache holds KV, not logits).
+        hit = PrefixHit([], self.kv.block_size) if request.prompt_logprobs_pending else self.kv.cached_prefix(seq)
         num_cached = hit.num_tokens
         fork_now = request.num_pending_forks > 0 and num_cached == seq.num_tokens - 1
         if fork_now:
@@ -400,6 +402,7 @@ class Scheduler:
         sampled: dict[int, int],
         logprobs: dict[int, float] | None = None,
         top: dict[int, tuple[list[int], list[float]]] | None = None,
+        prompt_logprobs: dict | None = None,
     ) -> list[SeqOutput]:
         """Applies a step's result: ``sampled`` maps seq_id -> token for sequences that sampled;
         ``top`` their top candidates (needed by beam search)."""
@@ -418,9 +421,12 @@ class Scheduler:
             seq.num_computed_tokens += sched.num_scheduled_tokens
             if caching:
                 self.kv.cache_full_blocks(seq)
+            prompt_lp = take_prompt_logprobs(seq, prompt_logprobs) if prompt_logprobs else None
             if seq.num_computed_tokens < seq.num_tokens:
                 if seq.seq_id in sampled:
                     raise RuntimeError(f"worker sampled for sequence {seq.seq_id} mid-prefill")
+                if prompt_lp is not None:
+                    results.append(SeqOutput(seq, [], [], prompt_logprobs=prompt_lp))
                 continue
             token = sampled.get(seq.seq_id)
             if token is None:
@@ -436,6 +442,7 @@ class Scheduler:
             # A batch returns logprobs when any of its requests asks: pass on only what this one asked for.
             lp = [logprobs[seq.seq_id]] if logprobs and request.params.logprobs and seq.seq_id in logprobs else []
             output = self.finish(seq, reason, [token], lp) if reason else SeqOutput(seq, [token], lp)
+            output.prompt_logprobs = prompt_lp
             k = request.num_top_logprobs
             if k and top is not None and seq.seq_id in top:
                 ids, lps = top[seq.seq_id]
@@ -449,9 +456,10 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token: int) -> int:
         request = seq.request
-        if token in request.stop_token_ids:
-            return _STOP
         num_tokens = len(seq.token_ids)
+        # min_tokens: the workers do not sample a stop token before then; this guards the rule anyway.
+        if token in request.stop_token_ids and num_tokens - len(request.prompt_token_ids) >= request.params.min_tokens:
+            return _STOP
         if num_tokens - len(request.prompt_token_ids) >= request.max_tokens or num_tokens >= self.max_model_len:
             return _LENGTH
         return _NOT_FINISHED
@@ -488,3 +496,4 @@ class Scheduler:
     def _new_seq_id(self) -> int:
         self._next_seq_id += 1
         return self._next_seq_id - 1
+

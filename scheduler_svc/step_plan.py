@@ -142,6 +142,7 @@ class DecodedResult:
     timings: worker_pb2.StepTimings
     error: str
     top: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # seq_id -> candidates
+    prompt_logprobs: dict[int, object] = field(default_factory=dict)  # seq_id -> scheduler_pb2.PromptLogprobs
 
 
 def decode_result(result: worker_pb2.StepResult) -> DecodedResult:
@@ -151,4 +152,5 @@ def decode_result(result: worker_pb2.StepResult) -> DecodedResult:
         seq_id: (list(t.token_ids), list(t.logprobs))
         for seq_id, t in zip(result.seq_ids, result.top_logprobs, strict=False)
     }
-    return DecodedResult(result.step_id, sampled, logprobs, result.timings, result.error, top)
+    prompt = {p.seq_id: p for p in result.prompt_logprobs}
+    return DecodedResult(result.step_id, sampled, logprobs, result.timings, result.error, top, prompt)

@@ -28,7 +28,7 @@ from scheduler_svc.gateway.detokenizer import byte_fallback_ids
 from scheduler_svc.gateway.engines import EnginePool
 from scheduler_svc.gateway.metrics import GatewayMetrics
 from scheduler_svc.gateway.options import DEFAULT_LIMITS, GatewayLimits
-from scheduler_svc.gateway.response_stream import SampleStream, stop_token_ids
+from scheduler_svc.gateway.response_stream import SampleStream, prompt_token_logprobs, stop_token_ids
 from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, LinkLost
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from scheduler_svc.gateway.tokenizer_pool import RETRY_AFTER_S, TokenizerBusy, TokenizerPool
@@ -133,7 +133,7 @@ class GenerationCore:
             valid = await self.validate(request)
             request_id = summary.request_id = valid.request_id
             summary.prompt_tokens = len(valid.prompt_token_ids)
-            new_sample = self._sample_factory(valid.params)
+            new_sample = self._sample_factory(valid.params, valid.prompt_token_ids)
             # n samples stream side by side; beams join as the search reports them (all in its last step).
             samples = {i: new_sample(i) for i in range(valid.params.n)}
             queue = self._submit(valid)
@@ -178,12 +178,12 @@ class GenerationCore:
             raise GenerationFailed(grpc.StatusCode.ALREADY_EXISTS,
                                    f"request {valid.request_id!r} is already running") from None
 
-    def _sample_factory(self, params) -> Callable[[int], SampleStream]:
+    def _sample_factory(self, params, prompt_token_ids: list[int]) -> Callable[[int], SampleStream]:
         assert self.info is not None
         stop_ids = stop_token_ids(params, self.info.eos_token_ids)
         backend = getattr(self.tokenizer, "backend", None)  # without one: the window decoder
         return lambda index: SampleStream(index, params, self.tokenizer.decode, stop_ids, self.byte_token_ids,
-                                          backend)
+                                          backend, prompt_token_ids=prompt_token_ids)
 
     def _apply(self, item, samples: dict[int, SampleStream], usage: generation_pb2.Usage, new_beam=None) -> None:
         if isinstance(item, LinkLost):
@@ -202,6 +202,10 @@ class GenerationCore:
                 return
             sample = samples[item.index] = new_beam(item.index)
         usage.cached_prompt_tokens = item.num_cached_tokens
+        if item.HasField("prompt_logprobs"):  # index 0 computes the prompt for all: every sample returns it
+            lps = prompt_token_logprobs(item.prompt_logprobs, sample.prompt_token_ids)
+            for s in samples.values():
+                s.prompt_logprobs += lps
         sample.feed(item)
 
     def _summarize(self, summary: RequestSummary, start: float, samples: dict[int, SampleStream]) -> None:

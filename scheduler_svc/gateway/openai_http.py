@@ -46,6 +46,7 @@ from scheduler_svc.gateway.openai_protocol import (
     sampling_params,
     stream_options,
 )
+from scheduler_svc.gateway.openai_sampling import EchoShape, engine_params, generation_free
 
 MAX_BODY_BYTES = 64 * 2**20  # as the gRPC side's largest message; larger bodies get 413
 Batch = tuple[int, list[generation_pb2.GenerateResponse]]  # (prompt index, responses)
@@ -95,7 +96,10 @@ class _Shape:
     def __init__(self, fmt: LogprobFormat, logprobs: bool) -> None:
         self.fmt, self.logprobs = fmt, logprobs
 
-    def absorb(self, resp: generation_pb2.GenerateResponse, c: Choice) -> None:
+    def prepare(self, resp: generation_pb2.GenerateResponse) -> None:
+        """Adjusts a response before it is counted and shaped (echo without generation drops the token)."""
+
+    def absorb(self, resp: generation_pb2.GenerateResponse, c: Choice, index: int = 0) -> None:
         c.text.append(resp.text)
         if self.logprobs:
             c.logprobs.append(self._logprobs(resp, c))
@@ -261,8 +265,14 @@ class OpenAIServer:
         prompts = completion_prompts(body)
         logprobs = int_param(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         max_tokens = max_tokens_of(body)
-        params = sampling_params(body, DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
-                                 logprobs is not None, logprobs or 0)
+        echo = bool_param(body, "echo")
+        prompt_only = generation_free(body, max_tokens, echo)  # max_tokens 0: generate one, return none
+        params = sampling_params(body, 1 if prompt_only else DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None
+                                 else max_tokens, logprobs is not None, logprobs or 0)
+        engine_params(body, params)
+        vllm_k = params.prompt_logprobs if params.HasField("prompt_logprobs") else None
+        if echo and logprobs is not None:  # the echoed prompt's tokens come with their logprobs
+            params.prompt_logprobs = max(logprobs, vllm_k or 0)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         requests = []
         for i, prompt in enumerate(prompts):
@@ -276,8 +286,29 @@ class OpenAIServer:
             requests.append(req)
         renames = {"text": "prompt", "token_ids.ids": "prompt", "sampling_params.top_logprobs": "logprobs",
                    "sampling_params.logprobs": "logprobs"}
-        shape = _CompletionShape(LogprobFormat(self._token_text, chat=False), logprobs is not None)
+        fmt = LogprobFormat(self._token_text, chat=False)
+        if echo or params.HasField("prompt_logprobs") or prompt_only:
+            echoed = await self._echoed_prompts(requests, prompts, renames) if echo else []
+            shape = EchoShape(fmt, logprobs, echoed, requests[0].sampling_params.n or 1, prompt_only, vllm_k)
+        else:
+            shape = _CompletionShape(fmt, logprobs is not None)
         return await self._respond(request, response_id, requests, stream_options(body), renames, shape)
+
+    async def _echoed_prompts(self, requests, prompts, renames) -> list[tuple[str, list[int]]]:
+        """(text, token ids) of each prompt, for echo: text prompts tokenized here, once (the request then
+        carries the ids)."""
+        out = []
+        for req, prompt in zip(requests, prompts, strict=True):
+            if isinstance(prompt, str):
+                try:
+                    ids = (await self.core.validate(req)).prompt_token_ids
+                except GenerationFailed as exc:
+                    raise ApiError.from_failure(exc, renames) from None
+                req.token_ids.ids.extend(ids)
+                out.append((prompt, ids))
+            else:
+                out.append((self.core.tokenizer.decode(list(prompt), skip_special_tokens=False), list(prompt)))
+        return out
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
@@ -289,6 +320,9 @@ class OpenAIServer:
             raise ApiError.invalid("top_logprobs", "needs logprobs set to true")
         max_tokens = max_tokens_of(body)
         params = sampling_params(body, max_tokens, logprobs, top_logprobs)
+        if body.get("prompt_logprobs") is not None:
+            raise ApiError.invalid("prompt_logprobs", "is supported on /v1/completions only")
+        engine_params(body, params)
         options = stream_options(body)  # checked before the template renders
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         renames = {"sampling_params.max_tokens": "max_completion_tokens" if "max_completion_tokens" in body
@@ -342,8 +376,10 @@ class OpenAIServer:
         while batch is not None:
             prompt_index, batch_responses = batch
             for resp in batch_responses:
+                shape.prepare(resp)
                 usage.add(prompt_index, resp)
-                shape.absorb(resp, choices.setdefault(prompt_index * n + resp.index, Choice()))
+                index = prompt_index * n + resp.index
+                shape.absorb(resp, choices.setdefault(index, Choice()), index)
             batch = await anext(stream, None)
         body = dict(envelope, object=shape.object_whole, choices=[shape.whole(i, choices[i]) for i in sorted(choices)],
                     usage=usage.body(), system_fingerprint=None)
@@ -364,6 +400,7 @@ class OpenAIServer:
                 prompt_index, batch_responses = batch
                 events = []
                 for r in batch_responses:
+                    shape.prepare(r)
                     usage.add(prompt_index, r)
                     index = prompt_index * n + r.index
                     events += [_sse(dict(envelope, choices=[c]))

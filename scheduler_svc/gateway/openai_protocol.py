@@ -3,9 +3,9 @@ SamplingParams, GenerateResponses turned into completion and chat choices (whole
 and failures into OpenAI's error object with its HTTP status.
 
 Field names follow OpenAI's API reference. Beyond it we take vLLM's common extensions (top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids). What we cannot honour is refused with 400 rather than
-ignored: echo, suffix, best_of other than n, logit_bias, presence/frequency penalties, tools, and a
-response_format other than text.
+repetition_penalty, ignore_eos, stop_token_ids; min_tokens, the penalties, logit_bias, prompt_logprobs
+and echo are in openai_sampling). What we cannot honour is refused with 400 rather than ignored: suffix,
+best_of other than n, tools, and a response_format other than text.
 """
 
 from __future__ import annotations
@@ -118,11 +118,6 @@ def _stop(body: dict) -> list[str]:
 
 
 def _refuse_unsupported(body: dict) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if float_param(body, name):
-            raise ApiError.invalid(name, "is not supported (use repetition_penalty)")
-    if body.get("logit_bias"):
-        raise ApiError.invalid("logit_bias", "is not supported")
     if body.get("tools") or body.get("functions"):
         raise ApiError.invalid("tools", "tool calling is not supported")
     fmt = body.get("response_format")
@@ -201,8 +196,6 @@ def completion_prompts(body: dict) -> list[str | list[int]]:
 
 
 def check_completion_extras(body: dict) -> None:
-    if bool_param(body, "echo"):
-        raise ApiError.invalid("echo", "is not supported")
     if body.get("suffix"):
         raise ApiError.invalid("suffix", "is not supported")
     best_of = int_param(body, "best_of", 1)

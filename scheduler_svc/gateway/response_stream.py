@@ -34,6 +34,7 @@ class SampleStream:
     stop_token_ids: frozenset[int]  # stop_token_ids, plus the model's EOS unless ignore_eos
     byte_token_ids: frozenset[int] = frozenset()  # byte-fallback tokens of the vocabulary
     backend: object = None  # the tokenizers.Tokenizer behind ``decode``: streaming detokenization in Rust
+    prompt_token_ids: list[int] = field(default_factory=list)  # for prompt logprobs (params.prompt_logprobs)
     num_tokens: int = 0
     finish_reason: int = generation_pb2.FINISH_REASON_UNSPECIFIED
     upstream_finished: bool = False  # the scheduler reported the end (else it must be told: Abort)
@@ -44,6 +45,7 @@ class SampleStream:
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     logprobs: list[generation_pb2.TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[generation_pb2.TokenLogprob] = field(default_factory=list)  # sent with the first
 
     def __post_init__(self) -> None:
         self.detok = IncrementalDetokenizer(self.decode, self.byte_token_ids, self.backend)
@@ -69,11 +71,13 @@ class SampleStream:
             self.token_ids.append(token_id)
             if i < num_logprobs:
                 self.logprobs.append(_token_logprob(out, i))
-            if token_id in self.stop_token_ids:  # counted, but its text is not emitted
+            # As vLLM: stop tokens end a sample from min_tokens outputs on, stop strings after that many.
+            min_tokens = self.params.min_tokens
+            if token_id in self.stop_token_ids and self.num_tokens >= min_tokens:  # counted, text not emitted
                 self.finish(generation_pb2.FINISH_REASON_STOP)
                 return
             text = self.detok.add(token_id)
-            if stops is not None:
+            if stops is not None and self.num_tokens > min_tokens:
                 text, hit = stops.add(text)
                 if hit:
                     self.text.append(text)
@@ -100,10 +104,12 @@ class SampleStream:
         text = "".join(self.text)
         final = self.finished and not self.sent_final
         if not (self.token_ids or text or final):
-            return None
+            return None  # prompt logprobs wait for the first token: they are complete by then
         resp = generation_pb2.GenerateResponse(
             request_id=request_id, index=self.index, token_ids=self.token_ids, text=text, logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
+        self.prompt_logprobs = []
         if final:
             resp.finish_reason = self.finish_reason
             resp.usage.CopyFrom(usage)
@@ -120,3 +126,16 @@ def _token_logprob(out: scheduler_pb2.RequestOutput, i: int) -> generation_pb2.T
         for token_id, logprob in zip(top.token_ids, top.logprobs, strict=False):
             lp.top.add(token_id=token_id, logprob=logprob)
     return lp
+
+
+def prompt_token_logprobs(p: scheduler_pb2.PromptLogprobs, prompt_token_ids: list[int]
+                          ) -> list[generation_pb2.TokenLogprob]:
+    """The public form of prompt positions first_position.. (token ids from the prompt)."""
+    out = []
+    for j, (logprob, rank) in enumerate(zip(p.logprobs, p.ranks, strict=True)):
+        lp = generation_pb2.TokenLogprob(token_id=prompt_token_ids[p.first_position + j], logprob=logprob, rank=rank)
+        if j < len(p.top):
+            for token_id, top_lp in zip(p.top[j].token_ids, p.top[j].logprobs, strict=False):
+                lp.top.add(token_id=token_id, logprob=top_lp)
+        out.append(lp)
+    return out

@@ -198,6 +198,8 @@ def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> S
         "min_p": p.min_p,
         "length_penalty": opt("length_penalty", 1.0),
         "repetition_penalty": opt("repetition_penalty", 1.0),
+        "presence_penalty": p.presence_penalty,
+        "frequency_penalty": p.frequency_penalty,
     }
     for name, value in floats.items():
         if not math.isfinite(value):
@@ -215,9 +217,18 @@ def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> S
     if bad is not None:
         raise InvalidField("sampling_params.stop_token_ids",
                            f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+    bad = next((e.token_id for e in p.logit_bias if e.token_id >= limits.vocab_size), None)
+    if bad is not None:
+        raise InvalidField("sampling_params.logit_bias",
+                           f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+    if not all(math.isfinite(e.bias) for e in p.logit_bias):
+        raise InvalidField("sampling_params.logit_bias", "biases must be finite numbers")
     try:
         params = SamplingParams(
             max_tokens=p.max_tokens,
+            min_tokens=p.min_tokens,
+            logit_bias=tuple((e.token_id, e.bias) for e in p.logit_bias),
+            prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
             top_k=p.top_k,
             seed=p.seed if p.HasField("seed") else None,
             stop=tuple(p.stop),

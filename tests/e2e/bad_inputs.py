@@ -120,6 +120,16 @@ CASES = [
          "sampling_params.repetition_penalty", params(repetition_penalty=-1.0)),
     Case("length_penalty NaN", INVALID, "sampling_params.length_penalty: must be a finite number, got nan",
          "sampling_params.length_penalty", params(length_penalty=math.nan)),
+    Case("min_tokens above max_tokens", INVALID, "sampling_params.min_tokens: must be an integer in [0, max_tokens], "
+         "got 5", "sampling_params.min_tokens", params(min_tokens=5)),
+    Case("presence_penalty above 2", INVALID, "sampling_params.presence_penalty: must be in [-2.0, 2.0], got 3.0",
+         "sampling_params.presence_penalty", params(presence_penalty=3.0)),
+    Case("logit_bias outside the vocabulary", INVALID, "sampling_params.logit_bias: token id 999999 is outside the "
+         "vocabulary [0, …)", "sampling_params.logit_bias", params(logit_bias=[{"token_id": 999999, "bias": 1.0}])),
+    Case("logit_bias above 100", INVALID, "sampling_params.logit_bias: values must be in [-100, 100]",
+         "sampling_params.logit_bias", params(logit_bias=[{"token_id": 5, "bias": 101.0}])),
+    Case("prompt_logprobs 21", INVALID, "sampling_params.prompt_logprobs: must be an integer in [0, 20], got 21",
+         "sampling_params.prompt_logprobs", params(prompt_logprobs=21)),
     Case("seed 2**63", INVALID, "sampling_params.seed: must be an integer in [0, 2**63), got 9223372036854775808",
          "sampling_params.seed", params(seed=2**63)),
     Case("n 0", INVALID, "sampling_params.n: must be an integer in [1, 16], got 0", "sampling_params.n", params(n=0)),

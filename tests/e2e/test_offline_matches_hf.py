@@ -125,3 +125,33 @@ def test_offline_cli_prints_one_json_object_per_prompt(checkpoint, prompts, hf_g
         (out,) = line["outputs"]
         assert out["token_ids"] == want
         assert out["finish_reason"] in ("length", "stop") and isinstance(out["text"], str)
+
+
+def test_prompt_logprobs_survive_preemption(checkpoint, prompts, hf_greedy):
+    """Prompt logprobs through the offline API equal transformers' teacher-forced log-softmax, each
+    position reported once although preemption recomputes prompts; generation is unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from gpu_worker.model_config import ModelConfig
+
+    cfg = ModelConfig.from_dir(checkpoint)
+    kv_bytes = 48 * 16 * cfg.kv_bytes_per_token(torch.float32)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, prompt_logprobs=2)
+    with LLM(checkpoint, block_size=16, kv_cache_memory=kv_bytes) as llm:
+        results = llm.generate(prompts, params)
+        assert llm.stats().num_preemptions > 0, "the pool was meant to force preemption"
+        _check_equal(results, hf_greedy, set(llm.info.eos_token_ids))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    for r, ids in zip(results, prompts, strict=True):
+        with torch.inference_mode():
+            want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        assert len(r.prompt_logprobs) == (len(ids) if len(ids) > 1 else 0)
+        if len(ids) == 1:
+            continue
+        assert r.prompt_logprobs[0] is None
+        expected = want[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert torch.allclose(torch.tensor(r.prompt_logprobs[1:]), expected, atol=1e-4, rtol=0)
+        for i, top in enumerate(r.prompt_top_logprobs[1:]):
+            values, indices = want[i].topk(2)
+            assert [t for t, _ in top] == indices.tolist()
+            assert torch.allclose(torch.tensor([v for _, v in top]), values, atol=1e-4, rtol=0)

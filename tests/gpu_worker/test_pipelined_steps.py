@@ -24,7 +24,8 @@ def plan_of(out) -> worker_pb2.StepPlan:
     return worker_pb2.WorkerCommand.FromString(encode_step(out)).step
 
 
-def run(path, device: str, pipelined: bool):
+def run(path, device: str, pipelined: bool, odd_params: dict | None = None):
+    """``odd_params``: extra sampling parameters of every other request."""
     worker = Worker(WorkerConfig(model=str(path), scheduler_address="inproc://unused", device=device,
                                  kv_cache_memory=2**22, max_num_seqs=16, dtype="float32"))
     num_blocks = 128
@@ -38,7 +39,7 @@ def run(path, device: str, pipelined: bool):
                       worker.model_config.max_model_len, worker.model_config.eos_token_ids, vocab_size=1000)
     prompts = random_prompts([1, 7, 16, 17, 40, 90, 130, 33], 1000, seed=3)
     for i, prompt in enumerate(prompts):  # EOS on: sequences that end early take the extra-token path
-        sched.add_request(0, f"r{i}", prompt, params(max_tokens=5 + 7 * i))
+        sched.add_request(0, f"r{i}", prompt, params(max_tokens=5 + 7 * i, **((odd_params or {}) if i % 2 else {})))
     tokens: dict[str, list[int]] = {}
     replies: deque = deque()
     in_flight: deque = deque()
@@ -74,3 +75,23 @@ def test_steps_launched_ahead_give_the_tokens_of_one_step_at_a_time(tmp_path, de
     assert sum(follows) >= 10, f"only {sum(follows)} of {len(follows)} steps followed an unfinished one"
     assert pipelined == sequential
     assert len(sequential) == 8 and all(sequential.values())
+
+
+@pytest.mark.parametrize("odd_params", [
+    {"min_tokens": 4}, {"logit_bias": {7: 3.0}}, {"presence_penalty": 0.5, "frequency_penalty": 0.5},
+    {"prompt_logprobs": 2},
+], ids=["min_tokens", "logit_bias", "penalties", "prompt_logprobs"])
+def test_greedy_requests_with_logit_adjustments_are_never_argmaxed_ahead(tmp_path, odd_params):
+    """Greedy requests whose logits change before the argmax (or that need prompt logprobs) take the host
+    path: pipelined steps still give the tokens of one step at a time, and they differ from plain greedy."""
+    path = make_checkpoint(tmp_path / "llama")
+    sequential, _ = run(path, "cpu", pipelined=False, odd_params=odd_params)
+    pipelined, follows = run(path, "cpu", pipelined=True, odd_params=odd_params)
+    assert pipelined == sequential
+    if "prompt_logprobs" in odd_params:  # needed during prefill only: decode steps still follow
+        assert any(follows)
+    plain, _ = run(path, "cpu", pipelined=False)
+    changed = [r for r in sequential if sequential[r] != plain[r]]
+    assert all(int(r[1:]) % 2 for r in changed)  # only the odd requests can change
+    if "logit_bias" in odd_params or "presence_penalty" in odd_params:  # (min_tokens: no early EOS here)
+        assert changed, "the parameter must change some greedy output"

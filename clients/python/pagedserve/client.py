@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -68,13 +68,22 @@ class SamplingParams:
     top_logprobs: int = 0
     repetition_penalty: float | None = None
     early_stopping: bool | str | None = None  # beam search, as transformers: False, True or "never"; server: False
+    min_tokens: int = 0  # no stop (EOS, stop token or string) before this many tokens
+    presence_penalty: float = 0.0  # OpenAI's, over the generated tokens
+    frequency_penalty: float = 0.0  # OpenAI's, over the generated tokens
+    logit_bias: Mapping[int, float] | None = None  # token id -> bias in [-100, 100]
+    prompt_logprobs: int | None = None  # alternatives per prompt token; None: no prompt logprobs
 
     def to_proto(self) -> generation_pb2.SamplingParams:
         p = generation_pb2.SamplingParams(
             max_tokens=self.max_tokens, top_k=self.top_k, min_p=self.min_p, stop=list(self.stop),
             stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, beam_width=self.beam_width,
-            logprobs=self.logprobs, top_logprobs=self.top_logprobs,
+            logprobs=self.logprobs, top_logprobs=self.top_logprobs, min_tokens=self.min_tokens,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            logit_bias=[generation_pb2.LogitBias(token_id=t, bias=b) for t, b in (self.logit_bias or {}).items()],
         )
+        if self.prompt_logprobs is not None:
+            p.prompt_logprobs = self.prompt_logprobs
         if self.early_stopping is not None:
             if self.early_stopping not in _EARLY_STOPPING:
                 raise ValueError(f"early_stopping must be False, True or 'never', got {self.early_stopping!r}")
@@ -112,6 +121,8 @@ class GenerateChunk:
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None
     usage: Usage | None = None
+    # With prompt_logprobs, in a sample's first chunk: prompt tokens 1.. (the first has none).
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
     @classmethod
     def from_proto(cls, r: generation_pb2.GenerateResponse) -> GenerateChunk:
@@ -127,6 +138,10 @@ class GenerateChunk:
             finish_reason=_FINISH.get(r.finish_reason),
             usage=Usage(r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_prompt_tokens)
             if r.HasField("usage") else None,
+            prompt_logprobs=tuple(
+                TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+                for lp in r.prompt_logprobs
+            ),
         )
 
 
@@ -140,6 +155,7 @@ class Completion:
     finish_reason: str | None
     usage: Usage | None
     logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., when asked
 
 
 class GenerationError(Exception):
@@ -216,6 +232,7 @@ def collect(chunks: list[GenerateChunk]) -> list[Completion]:
         comp.token_ids += c.token_ids
         comp.text += c.text
         comp.logprobs += c.logprobs
+        comp.prompt_logprobs += c.prompt_logprobs
         if c.finish_reason is not None:
             comp.finish_reason, comp.usage = c.finish_reason, c.usage
     return [out[i] for i in sorted(out)]

@@ -124,3 +124,18 @@ def test_a_beam_arrives_whole_when_the_search_ends():
     assert (list(resp.token_ids), resp.text) == (ids("abc"), "ab")
     assert resp.finish_reason == generation_pb2.FINISH_REASON_STOP
     assert s.upstream_finished
+
+
+def test_min_tokens_holds_back_stop_tokens_and_strings():
+    """As vLLM: stop tokens end the sample from min_tokens outputs on, stop strings after min_tokens."""
+    s = sample(min_tokens=3, stop=("b",))
+    s.feed(output(ids("ab") + [EOS]))  # EOS as the 3rd output: it stops (3 >= min_tokens)
+    resp = s.take_response("r", USAGE)
+    assert (resp.text, resp.finish_reason) == ("ab", generation_pb2.FINISH_REASON_STOP)
+    s = sample(min_tokens=3, stop=("b",))
+    s.feed(output(ids("abcb")))  # the first "b" is within min_tokens; the second ends it
+    resp = s.take_response("r", USAGE)
+    assert (resp.text, resp.finish_reason) == ("abc", generation_pb2.FINISH_REASON_STOP)
+    s = sample(min_tokens=3)
+    s.feed(output([EOS] + ids("a")))  # (never sampled: the worker bans it) does not stop early
+    assert not s.finished

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&pagedserve/internal/v1/scheduler.proto\x12\x16pagedserve.internal.v1\"\xec\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x10\n\x08has_seed\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\t\n\x01n\x18\n \x01(\r\x12\x12\n\nbeam_width\x18\x0b \x01(\r\x12\x16\n\x0elength_penalty\x18\x0c \x01(\x02\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x0f \x01(\x02\x12=\n\x0e\x65\x61rly_stopping\x18\x10 \x01(\x0e\x32%.pagedserve.internal.v1.EarlyStopping\"z\n\x0eGatewayMessage\x12\x30\n\x06submit\x18\x01 \x01(\x0b\x32\x1e.pagedserve.internal.v1.SubmitH\x00\x12.\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1d.pagedserve.internal.v1.AbortH\x00\x42\x06\n\x04kind\"w\n\x06Submit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12?\n\x0fsampling_params\x18\x03 \x01(\x0b\x32&.pagedserve.internal.v1.SamplingParams\"\x1b\n\x05\x41\x62ort\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xef\x02\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x39\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32#.pagedserve.internal.v1.TopLogprobs\x12;\n\rfinish_reason\x18\x06 \x01(\x0e\x32$.pagedserve.internal.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x13\n\x0b\x65rror_field\x18\n \x01(\t\x12\x17\n\x0f\x66inal_token_ids\x18\x0b \x03(\r\x12\x13\n\x0bstatus_code\x18\x0c \x01(\r\x12\x16\n\x0eretry_after_ms\x18\r \x01(\r\"\x8b\x01\n\x0eSchedulerEvent\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x36\n\x07outputs\x18\x02 \x03(\x0b\x32%.pagedserve.internal.v1.RequestOutput\x12\x30\n\x04load\x18\x03 \x01(\x0b\x32\".pagedserve.internal.v1.EngineLoad\"\xe5\x01\n\nEngineLoad\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x05 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\x12\x1c\n\x14num_requests_swapped\x18\x08 \x01(\r\"\x16\n\x14GetEngineInfoRequest\"\xbe\x02\n\nEngineInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x12\n\nworld_size\x18\t \x01(\r\x12\x32\n\x05stats\x18\n \x01(\x0b\x32#.pagedserve.internal.v1.EngineStats\x12\x16\n\x0enum_cpu_blocks\x18\x0b \x01(\r\x12\x1d\n\x15\x65nable_prefix_caching\x18\x0c \x01(\x08\x12\x13\n\x0b\x65ngine_name\x18\r \x01(\t\"\x94\x04\n\x0b\x45ngineStats\x12\x11\n\tnum_steps\x18\x01 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x02 \x01(\x04\x12\"\n\x1anum_computed_prompt_tokens\x18\x03 \x01(\x04\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x14\n\x0cnum_requests\x18\x07 \x01(\r\x12 \n\x18num_cached_prompt_tokens\x18\x08 \x01(\x04\x12\x13\n\x0bnum_swapped\x18\t \x01(\r\x12\x1c\n\x14num_swap_preemptions\x18\n \x01(\x04\x12\x15\n\rnum_evictions\x18\x0b \x01(\x04\x12\x14\n\x0cstep_wall_ns\x18\x0c \x01(\x04\x12\x17\n\x0fworker_total_ns\x18\r \x01(\x04\x12\x19\n\x11worker_forward_ns\x18\x0e \x01(\x04\x12\x18\n\x10worker_sample_ns\x18\x0f \x01(\x04\x12\x19\n\x11worker_prepare_ns\x18\x10 \x01(\x04\x12\x18\n\x10num_decode_steps\x18\x11 \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_step_wall_ns\x18\x12 \x01(\x04\x12\x17\n\x0fnum_ahead_steps\x18\x13 \x01(\x04\x12!\n\x19num_queried_prompt_tokens\x18\x14 \x01(\x04*\x83\x01\n\rEarlyStopping\x12\x1e\n\x1a\x45\x41RLY_STOPPING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45\x41RLY_STOPPING_HEURISTIC\x10\x01\x12\x1a\n\x16\x45\x41RLY_STOPPING_ON_FULL\x10\x02\x12\x18\n\x14\x45\x41RLY_STOPPING_NEVER\x10\x03*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xd4\x01\n\x10SchedulerService\x12]\n\x07\x43onnect\x12&.pagedserve.internal.v1.GatewayMessage\x1a&.pagedserve.internal.v1.SchedulerEvent(\x01\x30\x01\x12\x61\n\rGetEngineInfo\x12,.pagedserve.internal.v1.GetEngineInfoRequest\x1a\".pagedserve.internal.v1.EngineInfoB#Z!pagedserve/internal/v1;internalv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&pagedserve/internal/v1/scheduler.proto\x12\x16pagedserve.internal.v1\"\xa0\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x10\n\x08has_seed\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\t\n\x01n\x18\n \x01(\r\x12\x12\n\nbeam_width\x18\x0b \x01(\r\x12\x16\n\x0elength_penalty\x18\x0c \x01(\x02\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x0f \x01(\x02\x12=\n\x0e\x65\x61rly_stopping\x18\x10 \x01(\x0e\x32%.pagedserve.internal.v1.EarlyStopping\x12\x12\n\nmin_tokens\x18( \x01(\r\x12\x18\n\x10presence_penalty\x18) \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18* \x01(\x02\x12\x1c\n\x14logit_bias_token_ids\x18+ \x03(\r\x12\x19\n\x11logit_bias_values\x18, \x03(\x02\x12\x1c\n\x0fprompt_logprobs\x18- \x01(\rH\x00\x88\x01\x01\x42\x12\n\x10_prompt_logprobs\"z\n\x0eGatewayMessage\x12\x30\n\x06submit\x18\x01 \x01(\x0b\x32\x1e.pagedserve.internal.v1.SubmitH\x00\x12.\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1d.pagedserve.internal.v1.AbortH\x00\x42\x06\n\x04kind\"w\n\x06Submit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12?\n\x0fsampling_params\x18\x03 \x01(\x0b\x32&.pagedserve.internal.v1.SamplingParams\"\x1b\n\x05\x41\x62ort\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xb0\x03\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x39\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32#.pagedserve.internal.v1.TopLogprobs\x12;\n\rfinish_reason\x18\x06 \x01(\x0e\x32$.pagedserve.internal.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x13\n\x0b\x65rror_field\x18\n \x01(\t\x12\x17\n\x0f\x66inal_token_ids\x18\x0b \x03(\r\x12\x13\n\x0bstatus_code\x18\x0c \x01(\r\x12\x16\n\x0eretry_after_ms\x18\r \x01(\r\x12?\n\x0fprompt_logprobs\x18( \x01(\x0b\x32&.pagedserve.internal.v1.PromptLogprobs\"\x8b\x01\n\x0ePromptLogprobs\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x66irst_position\x18\x02 \x01(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\r\n\x05ranks\x18\x04 \x03(\r\x12\x30\n\x03top\x18\x05 \x03(\x0b\x32#.pagedserve.internal.v1.TopLogprobs\"\x8b\x01\n\x0eSchedulerEvent\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x36\n\x07outputs\x18\x02 \x03(\x0b\x32%.pagedserve.internal.v1.RequestOutput\x12\x30\n\x04load\x18\x03 \x01(\x0b\x32\".pagedserve.internal.v1.EngineLoad\"\xe5\x01\n\nEngineLoad\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x05 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\x12\x1c\n\x14num_requests_swapped\x18\x08 \x01(\r\"\x16\n\x14GetEngineInfoRequest\"\xbe\x02\n\nEngineInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x12\n\nworld_size\x18\t \x01(\r\x12\x32\n\x05stats\x18\n \x01(\x0b\x32#.pagedserve.internal.v1.EngineStats\x12\x16\n\x0enum_cpu_blocks\x18\x0b \x01(\r\x12\x1d\n\x15\x65nable_prefix_caching\x18\x0c \x01(\x08\x12\x13\n\x0b\x65ngine_name\x18\r \x01(\t\"\x94\x04\n\x0b\x45ngineStats\x12\x11\n\tnum_steps\x18\x01 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x02 \x01(\x04\x12\"\n\x1anum_computed_prompt_tokens\x18\x03 \x01(\x04\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x14\n\x0cnum_requests\x18\x07 \x01(\r\x12 \n\x18num_cached_prompt_tokens\x18\x08 \x01(\x04\x12\x13\n\x0bnum_swapped\x18\t \x01(\r\x12\x1c\n\x14num_swap_preemptions\x18\n \x01(\x04\x12\x15\n\rnum_evictions\x18\x0b \x01(\x04\x12\x14\n\x0cstep_wall_ns\x18\x0c \x01(\x04\x12\x17\n\x0fworker_total_ns\x18\r \x01(\x04\x12\x19\n\x11worker_forward_ns\x18\x0e \x01(\x04\x12\x18\n\x10worker_sample_ns\x18\x0f \x01(\x04\x12\x19\n\x11worker_prepare_ns\x18\x10 \x01(\x04\x12\x18\n\x10num_decode_steps\x18\x11 \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_step_wall_ns\x18\x12 \x01(\x04\x12\x17\n\x0fnum_ahead_steps\x18\x13 \x01(\x04\x12!\n\x19num_queried_prompt_tokens\x18\x14 \x01(\x04*\x83\x01\n\rEarlyStopping\x12\x1e\n\x1a\x45\x41RLY_STOPPING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45\x41RLY_STOPPING_HEURISTIC\x10\x01\x12\x1a\n\x16\x45\x41RLY_STOPPING_ON_FULL\x10\x02\x12\x18\n\x14\x45\x41RLY_STOPPING_NEVER\x10\x03*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xd4\x01\n\x10SchedulerService\x12]\n\x07\x43onnect\x12&.pagedserve.internal.v1.GatewayMessage\x1a&.pagedserve.internal.v1.SchedulerEvent(\x01\x30\x01\x12\x61\n\rGetEngineInfo\x12,.pagedserve.internal.v1.GetEngineInfoRequest\x1a\".pagedserve.internal.v1.EngineInfoB#Z!pagedserve/internal/v1;internalv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,32 +32,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.internal.v1.sche
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z!pagedserve/internal/v1;internalv1'
-  _globals['_EARLYSTOPPING']._serialized_start=2384
-  _globals['_EARLYSTOPPING']._serialized_end=2515
-  _globals['_FINISHREASON']._serialized_start=2518
-  _globals['_FINISHREASON']._serialized_end=2663
+  _globals['_EARLYSTOPPING']._serialized_start=2771
+  _globals['_EARLYSTOPPING']._serialized_end=2902
+  _globals['_FINISHREASON']._serialized_start=2905
+  _globals['_FINISHREASON']._serialized_end=3050
   _globals['_SAMPLINGPARAMS']._serialized_start=67
-  _globals['_SAMPLINGPARAMS']._serialized_end=431
-  _globals['_GATEWAYMESSAGE']._serialized_start=433
-  _globals['_GATEWAYMESSAGE']._serialized_end=555
-  _globals['_SUBMIT']._serialized_start=557
-  _globals['_SUBMIT']._serialized_end=676
-  _globals['_ABORT']._serialized_start=678
-  _globals['_ABORT']._serialized_end=705
-  _globals['_TOPLOGPROBS']._serialized_start=707
-  _globals['_TOPLOGPROBS']._serialized_end=757
-  _globals['_REQUESTOUTPUT']._serialized_start=760
-  _globals['_REQUESTOUTPUT']._serialized_end=1127
-  _globals['_SCHEDULEREVENT']._serialized_start=1130
-  _globals['_SCHEDULEREVENT']._serialized_end=1269
-  _globals['_ENGINELOAD']._serialized_start=1272
-  _globals['_ENGINELOAD']._serialized_end=1501
-  _globals['_GETENGINEINFOREQUEST']._serialized_start=1503
-  _globals['_GETENGINEINFOREQUEST']._serialized_end=1525
-  _globals['_ENGINEINFO']._serialized_start=1528
-  _globals['_ENGINEINFO']._serialized_end=1846
-  _globals['_ENGINESTATS']._serialized_start=1849
-  _globals['_ENGINESTATS']._serialized_end=2381
-  _globals['_SCHEDULERSERVICE']._serialized_start=2666
-  _globals['_SCHEDULERSERVICE']._serialized_end=2878
+  _globals['_SAMPLINGPARAMS']._serialized_end=611
+  _globals['_GATEWAYMESSAGE']._serialized_start=613
+  _globals['_GATEWAYMESSAGE']._serialized_end=735
+  _globals['_SUBMIT']._serialized_start=737
+  _globals['_SUBMIT']._serialized_end=856
+  _globals['_ABORT']._serialized_start=858
+  _globals['_ABORT']._serialized_end=885
+  _globals['_TOPLOGPROBS']._serialized_start=887
+  _globals['_TOPLOGPROBS']._serialized_end=937
+  _globals['_REQUESTOUTPUT']._serialized_start=940
+  _globals['_REQUESTOUTPUT']._serialized_end=1372
+  _globals['_PROMPTLOGPROBS']._serialized_start=1375
+  _globals['_PROMPTLOGPROBS']._serialized_end=1514
+  _globals['_SCHEDULEREVENT']._serialized_start=1517
+  _globals['_SCHEDULEREVENT']._serialized_end=1656
+  _globals['_ENGINELOAD']._serialized_start=1659
+  _globals['_ENGINELOAD']._serialized_end=1888
+  _globals['_GETENGINEINFOREQUEST']._serialized_start=1890
+  _globals['_GETENGINEINFOREQUEST']._serialized_end=1912
+  _globals['_ENGINEINFO']._serialized_start=1915
+  _globals['_ENGINEINFO']._serialized_end=2233
+  _globals['_ENGINESTATS']._serialized_start=2236
+  _globals['_ENGINESTATS']._serialized_end=2768
+  _globals['_SCHEDULERSERVICE']._serialized_start=3053
+  _globals['_SCHEDULERSERVICE']._serialized_end=3265
 # @@protoc_insertion_point(module_scope)

@@ -53,13 +53,24 @@ func main() {
 	flag.StringVar(&sec.tokenFile, "token-file", "", "file holding the bearer token to send")
 	chat := flag.Bool("chat", false, "send the prompt as a user message through the model's chat template")
 	system := flag.String("system", "", "with -chat: a system message before the prompt")
+	minTokens := flag.Uint("min-tokens", 0, "generate at least this many tokens before a stop may end the sample")
+	presence := flag.Float64("presence-penalty", 0, "OpenAI's presence penalty over the generated tokens, -2 to 2")
+	frequency := flag.Float64("frequency-penalty", 0, "OpenAI's frequency penalty over the generated tokens, -2 to 2")
+	bias := biasFlag{}
+	flag.Var(&bias, "logit-bias", "ID=BIAS: add BIAS (-100 to 100) to token ID's logit (repeatable)")
 	flag.Parse()
 
 	// temperature, seed and logprobs are sent only when given on the command line, so that the
 	// server's defaults apply otherwise.
 	given := map[string]bool{}
 	flag.Visit(func(f *flag.Flag) { given[f.Name] = true })
-	params := &pagedservev1.SamplingParams{MaxTokens: uint32(*maxTokens)}
+	params := &pagedservev1.SamplingParams{
+		MaxTokens:        uint32(*maxTokens),
+		MinTokens:        uint32(*minTokens),
+		PresencePenalty:  float32(*presence),
+		FrequencyPenalty: float32(*frequency),
+		LogitBias:        bias,
+	}
 	if given["temperature"] {
 		t := float32(*temperature)
 		params.Temperature = &t
@@ -193,4 +204,19 @@ func printLogprobs(logprobs []*pagedservev1.TokenLogprob) {
 		}
 		fmt.Println(line)
 	}
+}
+
+// biasFlag collects -logit-bias ID=BIAS values.
+type biasFlag []*pagedservev1.LogitBias
+
+func (b *biasFlag) String() string { return fmt.Sprint(len(*b), " entries") }
+
+func (b *biasFlag) Set(value string) error {
+	var id uint32
+	var v float32
+	if _, err := fmt.Sscanf(value, "%d=%g", &id, &v); err != nil {
+		return fmt.Errorf("want ID=BIAS, got %q", value)
+	}
+	*b = append(*b, &pagedservev1.LogitBias{TokenId: id, Bias: v})
+	return nil
 }
