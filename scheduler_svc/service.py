@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     def listening(port: int, worker_address: str) -> None:
         print(f"scheduler: gRPC on {args.listen} (port {port}), workers on {worker_address}", flush=True)
         if args.metrics_port is not None:
-            print(f"scheduler: metrics on port {metrics.serve_metrics(args.metrics_port)}", flush=True)
+            port = metrics.serve_metrics(args.metrics_port, args.metrics_host)
+            print(f"scheduler: metrics on {args.metrics_host} port {port}", flush=True)
 
     return serve(SchedulerConfig.from_engine_args(engine), args.listen, args.workers, engine.tensor_parallel_size,
                  on_listening=listening, stop_event=stop, engine_name=args.engine_name, model_name=args.model_name)
