@@ -109,6 +109,17 @@ def check_sequences(num_prompts: int, n: int, limits: HttpLimits) -> None:
                                f"is {cap} per request (--max-sequences-per-request)")
 
 
+def check_prompt_count(prompt, max_model_len: int, limits: HttpLimits) -> None:
+    """A ``prompt`` list too long to be either one prompt (token ids within the context) or a list of
+    prompts (within --max-sequences-per-request) is refused by its length alone, before the checks that
+    look at each item: those run on the event loop, and a 4 MiB body holds 700,000 numbers."""
+    bound = max(max_model_len, limits.max_sequences_per_request)
+    if isinstance(prompt, list) and len(prompt) > bound:
+        raise ApiError.invalid("prompt", f"a list of {len(prompt)} items is longer than a prompt of the context "
+                               f"length ({max_model_len} tokens) and than --max-sequences-per-request "
+                               f"({limits.max_sequences_per_request} prompts)")
+
+
 # ---- connections
 
 

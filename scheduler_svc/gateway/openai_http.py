@@ -30,6 +30,7 @@ from scheduler_svc.gateway.generation import GenerationCore, GenerationFailed
 from scheduler_svc.gateway.http_limits import (
     ConnectionGuard,
     GuardedSite,
+    check_prompt_count,
     check_sequences,
     client_error_logger,
     read_json,
@@ -277,6 +278,8 @@ class OpenAIServer:
         body = await self._body(request)
         model = self._check_model(body.get("model"))
         check_completion_extras(body)
+        if self.core.info is not None:  # else: UNAVAILABLE, below
+            check_prompt_count(body.get("prompt"), self.core.info.max_model_len, self.limits)
         prompts = completion_prompts(body)
         logprobs = int_param(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         max_tokens = max_tokens_of(body)
