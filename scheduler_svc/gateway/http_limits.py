@@ -95,8 +95,8 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float) -> d
 
 
 def too_large(max_bytes: int, size: int | None) -> ApiError:
-    what = f"is {size} bytes" if size is not None else "is larger than that"
-    return ApiError(413, f"body: {what}; the limit is {max_bytes} bytes (--max-request-bytes)", "body",
+    what = f"is {size} bytes, more than" if size is not None else "is more than"
+    return ApiError(413, f"body: {what} the limit of {max_bytes} bytes (--max-request-bytes)", "body",
                     "request_too_large")
 
 
