@@ -72,6 +72,8 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
+# A request whose connection closes after its response (aiohttp 3.13+ wants typed keys; 3.9 has none).
+_CLOSE = web.RequestKey("close_connection", bool) if hasattr(web, "RequestKey") else "close_connection"
 _PARSER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-json")  # one large body at a time
 
 
@@ -84,7 +86,7 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float) -> d
         async with asyncio.timeout(timeout_s):
             raw = await request.read()
     except TimeoutError:
-        request["close_connection"] = True  # what is left of the body will not be read
+        request[_CLOSE] = True  # what is left of the body will not be read
         raise ApiError(408, f"body: not received within {timeout_s:g} s (--http-body-timeout)", "body",
                        "request_timeout") from None
     except web.HTTPRequestEntityTooLarge:
@@ -235,7 +237,7 @@ class ConnectionGuard:
                 conn.request_started()
             try:
                 response = await handler(request)
-                if request.get("close_connection"):
+                if request.get(_CLOSE):
                     response.force_close()
                 return response
             finally:

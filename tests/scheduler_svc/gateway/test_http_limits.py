@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl
 import time
 
 import aiohttp
@@ -23,8 +24,9 @@ from scheduler_svc.gateway.http_limits import HugeNumber, parse_json
 from scheduler_svc.gateway.http_options import HttpLimits
 from scheduler_svc.gateway.openai_http import OpenAIServer
 from scheduler_svc.gateway.openai_protocol import ApiError
-from scheduler_svc.gateway.options import GatewayLimits
-from scheduler_svc.gateway.security import bearer_matches
+from scheduler_svc.gateway.options import GatewayLimits, SecurityConfig
+from scheduler_svc.gateway.security import bearer_matches, http_ssl_context
+from tests.certs import make_ca, make_cert
 from tests.factories import make_checkpoint
 from tests.scheduler_svc.gateway.test_chat import CHATML
 from tests.scheduler_svc.gateway.test_server import FakeScheduler, gateway_stack
@@ -41,7 +43,7 @@ def model_dir(tmp_path_factory):
 
 
 @contextlib.asynccontextmanager
-async def serving(model_dir, fake=None, limits=None, gateway_limits=None, token=None):
+async def serving(model_dir, fake=None, limits=None, gateway_limits=None, token=None, ssl_context=None):
     """(base URL, port, OpenAIServer, gRPC client) of a gateway with its HTTP port on a free port."""
     fake = fake or FakeScheduler(lambda submit: [[7], [8]])
 
@@ -53,9 +55,9 @@ async def serving(model_dir, fake=None, limits=None, gateway_limits=None, token=
     async with gateway_stack(model_dir, fake, plain_server, limits=gateway_limits) as (client, gateway, _):
         await client.wait_ready(timeout=20)
         http = OpenAIServer(gateway.core, gateway.chat, token, limits)
-        port = await http.start("127.0.0.1", 0)
+        port = await http.start("127.0.0.1", 0, ssl_context)
         try:
-            yield f"http://127.0.0.1:{port}", port, http, client
+            yield f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}", port, http, client
         finally:
             await http.stop()
 
@@ -140,7 +142,7 @@ def test_body_limit_is_max_request_bytes(model_dir):
         async with serving(model_dir, gateway_limits=GatewayLimits(max_request_bytes=1000)) as (base, port, _, _):
             status, got = await post(base, "/v1/completions", {"prompt": "x" * 2000})
             assert status == 413 and got["error"]["param"] == "body"
-            assert got["error"]["message"] == ("body: is 2015 bytes, more than the limit of 1000 bytes "
+            assert got["error"]["message"] == ("body: is 2014 bytes, more than the limit of 1000 bytes "
                                                "(--max-request-bytes)")
 
             async def chunks():  # no Content-Length: refused as it arrives
@@ -219,6 +221,7 @@ def closed_within(sock: socket.socket, timeout_s: float) -> tuple[bool, bytes]:
 SHORT = HttpLimits(http_header_timeout=0.3, http_body_timeout=0.3, http_idle_timeout=2.0, max_http_connections=3)
 
 
+@pytest.mark.slow  # waits for the timeouts
 def test_header_body_and_idle_timeouts(model_dir):
     async def scenario():
         async with serving(model_dir, limits=SHORT) as (_, port, http, _):
@@ -252,6 +255,35 @@ def test_header_body_and_idle_timeouts(model_dir):
 
             await asyncio.to_thread(checks)
             assert http.guard.closed_by_timeout >= 3
+
+    asyncio.run(scenario())
+
+
+def test_tls_connections_are_guarded_too(model_dir, tmp_path):
+    """Over TLS: requests are answered, and a connection that completes its handshake and then sends
+    nothing is closed at the header timeout."""
+    ca = make_ca(tmp_path / "ca")
+    server = make_cert(tmp_path / "server", ca, "server")
+    context = http_ssl_context(SecurityConfig(tls_cert=str(server.cert), tls_key=str(server.key)))
+    client_context = ssl.create_default_context(cafile=str(ca.cert))
+
+    async def scenario():
+        async with serving(model_dir, limits=SHORT, ssl_context=context) as (base, port, http, _):
+            async with aiohttp.ClientSession() as session, session.get(f"{base}/v1/models", ssl=client_context) as r:
+                assert r.status == 200
+
+            def silent():
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                        client_context.wrap_socket(raw, server_hostname="localhost") as sock:
+                    start = time.monotonic()
+                    try:
+                        assert sock.recv(1) == b""  # closed by the server
+                    except (ssl.SSLError, ConnectionResetError):
+                        pass  # closed less politely
+                    return time.monotonic() - start
+
+            assert await asyncio.to_thread(silent) < 5
+            assert http.guard.closed_by_timeout >= 1
 
     asyncio.run(scenario())
 
