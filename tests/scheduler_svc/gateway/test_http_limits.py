@@ -252,6 +252,8 @@ def test_header_body_and_idle_timeouts(model_dir):
                 assert idle.recv(65536).startswith(b"HTTP/1.1 200")
                 assert closed_within(idle, 1.0) == (False, b"")  # idle (2 s), not the header timeout (0.3 s)
                 assert closed_within(idle, 5)[0]
+                for sock in (silent, slow, body, idle):
+                    sock.close()
 
             await asyncio.to_thread(checks)
             assert http.guard.closed_by_timeout >= 3
@@ -300,7 +302,8 @@ def test_connection_cap(model_dir):
                     sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
                     assert sock.recv(65536).startswith(b"HTTP/1.1 200")
                     held.append(sock)
-                closed, got = closed_within(raw_connection(port), 5)
+                with raw_connection(port) as refused:
+                    closed, got = closed_within(refused, 5)
                 assert closed and got.startswith(b"HTTP/1.1 503") and b"too many open connections" in got
                 return held
 
@@ -376,9 +379,9 @@ def test_malformed_requests_log_one_line_without_a_traceback(model_dir, capfd):
     async def scenario():
         async with serving(model_dir) as (_, port, _, _):
             def send(raw: bytes) -> bytes:
-                sock = raw_connection(port)
-                sock.sendall(raw)
-                return closed_within(sock, 5)[1]
+                with raw_connection(port) as sock:
+                    sock.sendall(raw)
+                    return closed_within(sock, 5)[1]
 
             with structlog.testing.capture_logs() as events:
                 for _ in range(5):
