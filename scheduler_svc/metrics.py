@@ -17,6 +17,9 @@ import os
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# /metrics is plain HTTP without the gateway's TLS or token: this machine only unless --metrics-host says
+# otherwise (Kubernetes, whose Prometheus scrapes the pod from outside, says 0.0.0.0).
+DEFAULT_HOST = "127.0.0.1"
 
 
 def registry(path: str | None = None):
@@ -30,7 +33,7 @@ def registry(path: str | None = None):
     return reg
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0", path: str | None = None) -> int:
+def serve_metrics(port: int, host: str = DEFAULT_HOST, path: str | None = None) -> int:
     """Serves /metrics over HTTP from a daemon thread; returns the port (``port`` 0 picks a free one)."""
     server, _ = start_http_server(port, addr=host, registry=registry(path))
     return server.server_port
@@ -43,4 +46,7 @@ def mark_dead(pid: int, path: str) -> None:
 
 def add_arguments(p) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+                   help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (default: off)")
+    p.add_argument("--metrics-host", default=DEFAULT_HOST,
+                   help=f"address of --metrics-port, plain HTTP without TLS or token (default {DEFAULT_HOST}: this "
+                   "machine only; 0.0.0.0 to let a scraper elsewhere in)")

@@ -31,12 +31,14 @@ from gpu_worker import log
 from gpu_worker.engine_args import EngineArgs
 from gpu_worker.model_files import resolve_model
 from scheduler_svc.engine_set import EngineSet
+from scheduler_svc.gateway.http_options import HttpLimits, add_http_arguments
 from scheduler_svc.gateway.options import GatewayLimits, SecurityConfig, add_limit_arguments, add_security_arguments
 from scheduler_svc.gateway.router import POLICIES  # standard library only
 from scheduler_svc.gateway_group import GatewayFailed, GatewayGroup, check_port_free, default_num_gateways
 from scheduler_svc.launcher import Child, ProcessGroup
 
 POLL_S = 0.1
+DEFAULT_METRICS_HOST = "127.0.0.1"  # as scheduler_svc.metrics's (not imported here: prometheus_client)
 
 
 _logger = log.get_logger()
@@ -52,7 +54,8 @@ def _gateway_argv(args: argparse.Namespace, scheduler_address: str, http_port_fi
             "--log-level", args.log_level, "--routing", args.routing, "--model-name", _model_name(args),
             *GatewayLimits.from_args(args).to_argv(), *SecurityConfig.from_args(args).to_argv()]
     if args.http_port is not None:  # every gateway writes the same port (one chosen before, when several)
-        argv += ["--http-port", str(args.http_port), "--http-port-file", str(http_port_file)]
+        argv += ["--http-port", str(args.http_port), "--http-port-file", str(http_port_file),
+                 *HttpLimits.from_args(args).to_argv()]
     return argv
 
 
@@ -63,6 +66,12 @@ def _model_name(args: argparse.Namespace) -> str:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def http_api_url(args: argparse.Namespace, port: int) -> str:
+    """Where the OpenAI-compatible API is, as the launcher announces it: https with --tls-cert."""
+    scheme = "https" if args.tls_cert else "http"
+    return f"{scheme}://{_url_host(args.host)}:{port}/v1"
 
 
 class Launcher:
@@ -124,10 +133,10 @@ class Launcher:
             from scheduler_svc import metrics
 
             try:
-                port = metrics.serve_metrics(self.args.metrics_port, self.args.host, str(self.metrics_dir))
+                port = metrics.serve_metrics(self.args.metrics_port, self.args.metrics_host, str(self.metrics_dir))
             except OSError as exc:
                 raise SystemExit(f"pagedserve serve: --metrics-port {self.args.metrics_port}: {exc}") from None
-            _say(f"metrics on http://{_url_host(self.args.host)}:{port}/metrics")
+            _say(f"metrics on http://{_url_host(self.args.metrics_host)}:{port}/metrics")
 
     def _dead_engine_process(self) -> Child | None:
         """The first scheduler or worker process that exited (gateways are the group's to handle)."""
@@ -155,8 +164,7 @@ class Launcher:
                      + (f" ({self.args.gateways} processes)" if self.args.gateways > 1 else ""))
                 announced_port = True
             if self.http_port_file is not None and self.http_port_file.exists():
-                _say(f"OpenAI-compatible HTTP API on http://{_url_host(self.args.host)}:"
-                     f"{int(self.http_port_file.read_text())}/v1")
+                _say(f"OpenAI-compatible HTTP API on {http_api_url(self.args, int(self.http_port_file.read_text()))}")
                 self.http_port_file = None  # announced
             if announced_port and not self.gateways.announced_ready and self.gateways.ready:
                 _say(f"ready: serving {self.args.model} (device {self.args.device})")
@@ -199,7 +207,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the gateways' routing across engines: prefix (cache affinity bounded by load), "
                    "least-loaded or round-robin (default prefix)")
     p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve every process's Prometheus metrics, summed, at http://HOST:PORT/metrics (default: off)")
+                   help="serve every process's Prometheus metrics, summed, at http://METRICS_HOST:PORT/metrics "
+                   "(default: off)")
+    p.add_argument("--metrics-host", default=DEFAULT_METRICS_HOST,
+                   help="address of --metrics-port, plain HTTP without TLS or token (default "
+                   f"{DEFAULT_METRICS_HOST}: this machine only; 0.0.0.0 to let a scraper elsewhere in)")
     p.add_argument("--host", default="0.0.0.0", help="gateway address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gateway port; 0 picks a free one (default 50051)")
     p.add_argument("--gateways", type=int, default=default_num_gateways(), metavar="N",
@@ -215,6 +227,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", help="log level of the launcher and the gateways (default info)")
     add_limit_arguments(p.add_argument_group("gateway limits (checked before any work is done on a request)"))
     add_security_arguments(p.add_argument_group("gateway security (all off by default)"))
+    add_http_arguments(p.add_argument_group("the HTTP port's timeouts and caps (with --http-port)"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -223,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
         engine = EngineArgs.from_args(args, "serve")
         GatewayLimits.from_args(args)
         SecurityConfig.from_args(args)
+        HttpLimits.from_args(args)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"pagedserve serve: {exc}") from None
     if args.gateways < 1:

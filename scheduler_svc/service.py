@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     def listening(port: int, worker_address: str) -> None:
         _logger.info("listening", grpc=args.listen, port=port, workers=worker_address)
         if args.metrics_port is not None:
-            _logger.info("serving metrics", metrics_port=metrics.serve_metrics(args.metrics_port))
+            _logger.info("serving metrics", metrics_host=args.metrics_host,
+                         metrics_port=metrics.serve_metrics(args.metrics_port, args.metrics_host))
 
     return serve(SchedulerConfig.from_engine_args(engine), args.listen, args.workers, engine.tensor_parallel_size,
                  on_listening=listening, stop_event=stop, engine_name=args.engine_name, model_name=args.model_name)

@@ -68,6 +68,10 @@ class LocalService:
         return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-tail_chars:]}"
                        for p in sorted(self.log_dir.glob("*.log")))
 
+    def http_port(self, timeout_s: float = 60.0) -> int:
+        """The OpenAI-compatible HTTP API's port (a service started with --http-port)."""
+        return int(self.wait_for(r"OpenAI-compatible HTTP API on https?://\S+:(\d+)/v1", timeout_s))
+
     def engine_info(self, timeout_s: float = 10.0):
         import grpc
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
 import time
 import uuid
@@ -29,6 +28,15 @@ from gpu_worker.sampling_params import MAX_TOP_LOGPROBS
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.chat import ChatPrompts
 from scheduler_svc.gateway.generation import GenerationCore, GenerationFailed
+from scheduler_svc.gateway.http_limits import (
+    ConnectionGuard,
+    GuardedSite,
+    check_prompt_count,
+    check_sequences,
+    client_error_logger,
+    read_json,
+)
+from scheduler_svc.gateway.http_options import HttpLimits
 from scheduler_svc.gateway.openai_protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     ApiError,
@@ -47,24 +55,29 @@ from scheduler_svc.gateway.openai_protocol import (
     stream_options,
 )
 from scheduler_svc.gateway.openai_sampling import EchoShape, engine_params, generation_free
+from scheduler_svc.gateway.security import bearer_matches
+from scheduler_svc.gateway.validation import shown
 
-MAX_BODY_BYTES = 64 * 2**20  # as the gRPC side's largest message; larger bodies get 413
 Batch = tuple[int, list[generation_pb2.GenerateResponse]]  # (prompt index, responses)
 
 
-async def responses(core: GenerationCore, requests: list[generation_pb2.GenerateRequest]) -> AsyncIterator[Batch]:
-    """The response batches of several requests as they come, tagged with the request's index. Closing
-    this iterator closes every request's (each is aborted upstream if unfinished)."""
+async def responses(core: GenerationCore, requests: list[generation_pb2.GenerateRequest],
+                    in_flight: int = 1 << 30) -> AsyncIterator[Batch]:
+    """The response batches of several requests as they come, tagged with the request's index. At most
+    ``in_flight`` requests run at a time: the next starts when one ends, behind what other clients
+    submitted meanwhile. Closing this iterator closes every request's (each is aborted upstream if
+    unfinished)."""
     if len(requests) == 1:
         async with aclosing(core.generate(requests[0])) as gen:
             async for batch in gen:
                 yield 0, batch
         return
     queue: asyncio.Queue = asyncio.Queue()
+    slots = asyncio.Semaphore(max(in_flight, 1))
 
     async def pump(i: int, request: generation_pb2.GenerateRequest) -> None:
         try:
-            async with aclosing(core.generate(request)) as gen:
+            async with slots, aclosing(core.generate(request)) as gen:
                 async for batch in gen:
                     queue.put_nowait((i, batch))
         except GenerationFailed as exc:
@@ -170,7 +183,7 @@ _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_
 
 
 def _token_check(token: str):
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     @web.middleware
     async def check(request: web.Request, handler) -> web.StreamResponse:
@@ -180,7 +193,7 @@ def _token_check(token: str):
             if given is None:
                 raise ApiError(401, "missing credentials: send 'Authorization: Bearer <token>'", None,
                                "invalid_api_key", "authentication_error")
-            if not hmac.compare_digest(given.encode(), expected):
+            if not bearer_matches(given, expected):
                 raise ApiError(401, "invalid credentials", None, "invalid_api_key", "authentication_error")
         return await handler(request)
 
@@ -199,27 +212,33 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
             raise
         message = {404: f"no such route: {request.method} {request.path}",
                    405: f"method {request.method} is not allowed on {request.path}",
-                   413: f"the request body is larger than {MAX_BODY_BYTES} bytes"}.get(exc.status, exc.reason)
+                   413: "body: the request body is too large"}.get(exc.status, exc.reason)
         return _error_response(ApiError(exc.status, message, None, _HTTP_ERROR_CODES.get(exc.status)))
     except ConnectionError:  # the client went away while we wrote: nobody to answer
         raise
     except Exception as exc:  # a bug: the client still gets an answer in the expected shape
         log.get_logger().exception("http handler failed", path=request.path)
-        return _error_response(ApiError(500, f"internal error: {exc!r}", None, "internal"))
+        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", None, "internal"))
 
 
 class OpenAIServer:
     """The HTTP front end of one gateway process."""
 
-    def __init__(self, core: GenerationCore, chat: ChatPrompts, token: str | None = None) -> None:
+    def __init__(self, core: GenerationCore, chat: ChatPrompts, token: str | None = None,
+                 limits: HttpLimits | None = None) -> None:
         """``token``: the gateway's bearer token (--auth-token-file); every route but /health then needs
-        ``Authorization: Bearer <token>``, as the gRPC API does (and as OpenAI clients send their key)."""
+        ``Authorization: Bearer <token>``, as the gRPC API does (and as OpenAI clients send their key).
+        ``limits``: the port's timeouts and caps (http_limits.py); bodies are bounded by the gateway's
+        --max-request-bytes, as gRPC messages are."""
         self.core, self.chat = core, chat
+        self.limits = limits or HttpLimits()
+        self.max_body_bytes = core.gateway_limits.max_request_bytes
+        self.guard = ConnectionGuard(self.limits)
         self.created = int(time.time())
         # One token's text, for logprobs (up to 21 a token with top_logprobs): decoded once per token id.
         self._token_text = functools.lru_cache(maxsize=65536)(self._decode_one)
-        middlewares = [_errors] + ([_token_check(token)] if token else [])
-        self.app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+        middlewares = [self.guard.middleware(), _errors] + ([_token_check(token)] if token else [])
+        self.app = web.Application(middlewares=middlewares, client_max_size=self.max_body_bytes)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/v1/models/{model:.+}", self.model)
         self.app.router.add_post("/v1/completions", self.completions)
@@ -230,9 +249,10 @@ class OpenAIServer:
     async def start(self, host: str, port: int, ssl_context=None, reuse_port: bool = False) -> int:
         """Listens on host:port (0 picks a free port), with TLS when ``ssl_context`` is given and shared
         with the other gateways of `serve --gateways N` with ``reuse_port``; returns the port."""
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0,
+                                    keepalive_timeout=self.limits.http_idle_timeout, logger=client_error_logger())
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port).start()
+        await GuardedSite(self.runner, host, port, self.guard, ssl_context, reuse_port).start()
         return self.runner.addresses[0][1]
 
     async def stop(self) -> None:
@@ -259,9 +279,11 @@ class OpenAIServer:
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request)
+        body = await self._body(request)
         model = self._check_model(body.get("model"))
         check_completion_extras(body)
+        if self.core.info is not None:  # else: UNAVAILABLE, below
+            check_prompt_count(body.get("prompt"), self.core.info.max_model_len, self.limits)
         prompts = completion_prompts(body)
         logprobs = int_param(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         max_tokens = max_tokens_of(body)
@@ -273,6 +295,7 @@ class OpenAIServer:
         vllm_k = params.prompt_logprobs if params.HasField("prompt_logprobs") else None
         if echo and logprobs is not None:  # the echoed prompt's tokens come with their logprobs
             params.prompt_logprobs = max(logprobs, vllm_k or 0)
+        check_sequences(len(prompts), params.n if params.HasField("n") else 1, self.limits)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         requests = []
         for i, prompt in enumerate(prompts):
@@ -311,7 +334,7 @@ class OpenAIServer:
         return out
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request)
+        body = await self._body(request)
         model = self._check_model(body.get("model"))
         messages = chat_messages(body)
         logprobs = bool_param(body, "logprobs")
@@ -338,13 +361,17 @@ class OpenAIServer:
 
     # ---- helpers
 
+    async def _body(self, request: web.Request) -> dict:
+        return await read_json(request, self.max_body_bytes, self.limits.http_body_timeout)
+
     def _check_model(self, model) -> str:
         if model is None or model == "":
             return ""
         if not isinstance(model, str):
             raise ApiError.invalid("model", "must be a string")
         if model != self.core.model_name:
-            raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.core.model_name}`.",
+            raise ApiError(404, f"The model {shown(model)} does not exist; this server serves "
+                           f"`{self.core.model_name}`.",
                            "model", "model_not_found")
         return model
 
@@ -360,7 +387,7 @@ class OpenAIServer:
                 valid = await self.core.validate(req)
                 if req.WhichOneof("prompt") == "text":  # tokenized once: generate takes the ids
                     req.token_ids.ids.extend(valid.prompt_token_ids)
-            stream = responses(self.core, requests)
+            stream = responses(self.core, requests, max(self.limits.sequences_in_flight_per_request // n, 1))
             async with aclosing(stream):
                 first = await anext(stream, None)
                 envelope = {"id": response_id, "created": int(time.time()), "model": self.core.model_name}
@@ -415,16 +442,6 @@ class OpenAIServer:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
-
-
-async def _json_body(request: web.Request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
-    return body
 
 
 def _token_ids(ids: list[int]) -> list[int]:

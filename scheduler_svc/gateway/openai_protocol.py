@@ -20,6 +20,7 @@ import clients  # noqa: F401
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.finish_reason import name as finish_reason_name
 from scheduler_svc.gateway.generation import GenerationFailed
+from scheduler_svc.gateway.validation import shown
 
 UINT32_MAX = 2**32 - 1
 MIN_LOGPROB = -9999.0  # what a log probability of zero is reported as (JSON has no -Infinity)
@@ -84,7 +85,7 @@ def _value(body: dict, name: str, kinds: tuple[type, ...], what: str):
     if value is None:
         return None
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise ApiError.invalid(name, f"must be {what}, got {value!r}")
+        raise ApiError.invalid(name, f"must be {what}, got {shown(value)}")
     return value
 
 
@@ -198,8 +199,9 @@ def completion_prompts(body: dict) -> list[str | list[int]]:
 def check_completion_extras(body: dict) -> None:
     if body.get("suffix"):
         raise ApiError.invalid("suffix", "is not supported")
+    n = int_param(body, "n")  # n's own type first: a bad n is n's error, not best_of's
     best_of = int_param(body, "best_of", 1)
-    if best_of is not None and best_of != (body.get("n") or 1):
+    if best_of is not None and best_of != (n or 1):
         raise ApiError.invalid("best_of", "must equal n (the server returns every sample it draws)")
 
 

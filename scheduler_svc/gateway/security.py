@@ -47,6 +47,15 @@ def http_ssl_context(config: SecurityConfig):
     return context
 
 
+def bearer_matches(given: str | bytes, token: bytes) -> bool:
+    """Whether an authorization value carries ``token`` in the Bearer scheme. The scheme's name is
+    case-insensitive (RFC 7235 section 2.1: "bearer", "BEARER" too); the token is compared in constant
+    time."""
+    given = given.encode() if isinstance(given, str) else given
+    scheme, _, credentials = given.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token)
+
+
 def interceptors(config: SecurityConfig) -> list[grpc.aio.ServerInterceptor]:
     return [TokenInterceptor(read_token(config.auth_token_file))] if config.auth_token_file else []
 
@@ -55,7 +64,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Ends calls without the bearer token with UNAUTHENTICATED, before their request is read."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = token.encode()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -64,8 +73,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         given = next((v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"), None)
         if given is None:
             return _refusal(handler, "missing credentials: send 'authorization: Bearer <token>'")
-        given = given.encode() if isinstance(given, str) else given
-        if not hmac.compare_digest(given, self._expected):
+        if not bearer_matches(given, self._token):
             return _refusal(handler, "invalid credentials")
         return handler
 

@@ -39,6 +39,7 @@ from scheduler_svc.gateway import load_service, protocol, security
 from scheduler_svc.gateway.chat import ChatPrompts, ChatTemplate
 from scheduler_svc.gateway.engines import EnginePool, format_address, parse_engines
 from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, GenerationFailed
+from scheduler_svc.gateway.http_options import HttpLimits, add_http_arguments
 from scheduler_svc.gateway.metrics import GatewayMetrics
 from scheduler_svc.gateway.options import (
     DEFAULT_LIMITS,
@@ -54,6 +55,7 @@ from scheduler_svc.gateway.tokenizer import Tokenizer
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"]
 SERVICE_NAME = SERVICE.full_name
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "[::1]", "localhost")
+MAX_STATUS_MESSAGE_CHARS = 1024  # twice: as the message and in the BadRequest detail, well under 8 KiB
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -110,7 +112,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
 async def _abort(context, failure: GenerationFailed) -> None:
     """Ends the call with the failure's status; a bad field travels as a google.rpc.BadRequest detail,
-    a retry hint as a google.rpc.RetryInfo detail."""
+    a retry hint as a google.rpc.RetryInfo detail. The message is clipped: it travels in a trailer, and
+    one over gRPC's metadata limit (8 KiB) would reach the client as RESOURCE_EXHAUSTED instead."""
+    if len(failure.message) > MAX_STATUS_MESSAGE_CHARS:
+        failure = GenerationFailed(failure.code, failure.message[:MAX_STATUS_MESSAGE_CHARS - 1] + "…", failure.field,
+                                   failure.retry_after_s)
     details = []
     if failure.field:
         details.append(error_details_pb2.BadRequest(field_violations=[
@@ -219,11 +225,11 @@ async def _start_http(args: argparse.Namespace, gateway: Gateway, secure: Securi
     from scheduler_svc.gateway.openai_http import OpenAIServer  # aiohttp: only when serving HTTP
 
     token = read_token(secure.auth_token_file) if secure.auth_token_file else None
-    http = OpenAIServer(gateway.core, gateway.chat, token)
+    http = OpenAIServer(gateway.core, gateway.chat, token, HttpLimits.from_args(args))
     port = await http.start(args.host, args.http_port, security.http_ssl_context(secure), args.reuse_port)
     if args.http_port_file:
         _write_atomically(Path(args.http_port_file), port)
-    log.get_logger().info("http listening", address=format_address(args.host, port), api="openai")
+    log.get_logger().info("http listening", address=format_address(args.host, port), api="openai", tls=secure.tls)
     return http
 
 
@@ -263,7 +269,7 @@ async def serve(args: argparse.Namespace) -> int:
                 scheduler=args.scheduler, routing=args.routing, tls=secure.tls,
                 mutual_tls=bool(secure.tls_client_ca), token=bool(secure.auth_token_file))
     if args.metrics_port is not None:
-        logger.info("metrics", port=metrics.serve_metrics(args.metrics_port, args.host))
+        logger.info("metrics", port=metrics.serve_metrics(args.metrics_port, args.metrics_host), host=args.metrics_host)
     stop, hurry = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:  # the first signal drains, a second one ends the drain at once
@@ -343,6 +349,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--http-port-file", default=None, help=argparse.SUPPRESS)  # and the HTTP port here
     add_limit_arguments(p.add_argument_group("limits (checked before any work is done on a request)"))
     add_security_arguments(p.add_argument_group("security (all off by default)"))
+    add_http_arguments(p.add_argument_group("the HTTP port's timeouts and caps (with --http-port)"))
     lifetime.add_argument(p)
     return p
 
@@ -355,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_engines(args.scheduler)
         GatewayLimits.from_args(args)
         SecurityConfig.from_args(args)
+        HttpLimits.from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     log.configure("gateway", args.log_level, args.log_format)

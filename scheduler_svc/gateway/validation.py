@@ -24,8 +24,20 @@ TOKEN_BYTES_SLACK = 4
 MAX_CHAT_MESSAGES = 4096
 MAX_ROLE_CHARS = 64
 
+# A client's value quoted in an error message: at most this many characters of it (a 4,000-character
+# model name echoed whole made gRPC's status trailer too large, and the client saw RESOURCE_EXHAUSTED).
+MAX_SHOWN_CHARS = 80
 
 
+def shown(value) -> str:
+    """A client's value as an error message quotes it: its repr, clipped; a container only by its size
+    (its repr could be large, or nested deeper than repr recurses)."""
+    if isinstance(value, list | tuple | dict):
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value)
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    return f"{text[:MAX_SHOWN_CHARS - 1]}… ({len(value) if isinstance(value, str) else len(text)} characters)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +87,7 @@ def public_field(scheduler_field: str) -> str:
 
 def check_model(model: str, limits: ModelLimits) -> None:
     if model and model != limits.name:
-        raise InvalidField("model", f"unknown model {model!r}; this gateway serves {limits.name!r}")
+        raise InvalidField("model", f"unknown model {shown(model)}; this gateway serves {limits.name!r}")
 
 
 def check_request(request: generation_pb2.GenerateRequest, limits: ModelLimits) -> CheckedRequest:
@@ -176,7 +188,7 @@ def validate_messages(messages: Sequence) -> list[dict]:
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or not role or len(role) > MAX_ROLE_CHARS:
             raise InvalidField(f"messages[{i}].role", f"must be a non-empty string of at most {MAX_ROLE_CHARS} "
-                               f"characters, got {role!r}")
+                               f"characters, got {shown(role)}")
         if not isinstance(content, str):
             raise InvalidField(f"messages[{i}].content", f"must be a string, got {type(content).__name__}")
         message = {"role": role, "content": content}

@@ -21,9 +21,10 @@ CONTEXT_LEN = 2048
 BLOCK_BYTES = 12288  # the demo llama's KV block: 3 layers x K,V x 16 tokens x 2 heads x 16 x 4 bytes
 NUM_BLOCKS = 64  # a pool of 1024 tokens, shorter than the context
 # The service the cases run against: one sequence at a time and two may wait (the queue case fills it).
+# The HTTP port's header and body timeouts are short for the cases that wait for them.
 SERVICE_FLAGS = ("--kv-cache-memory", str(NUM_BLOCKS * BLOCK_BYTES), "--swap-space", "0.01", "--max-num-seqs", "1",
-                 "--max-num-waiting", "2")
-TOKEN_FLAGS = ("--kv-cache-memory", "4MiB", "--swap-space", "0.01")  # with --auth-token-file
+                 "--max-num-waiting", "2", "--http-port", "0", "--http-header-timeout", "1", "--http-body-timeout", "1")
+TOKEN_FLAGS = ("--kv-cache-memory", "4MiB", "--swap-space", "0.01", "--http-port", "0")  # with --auth-token-file
 BAD_UTF8 = b"\xff\xfe"
 
 
@@ -179,6 +180,8 @@ CASES = [
          {"request_id": "r" * 300, **params()}),
     Case("unknown model", INVALID, f"model: unknown model 'gpt-9'; this gateway serves '{MODEL}'", "model",
          {"model": "gpt-9", **params()}),
+    Case("model name of 4000 characters (clipped)", INVALID, "model: unknown model 'mmm… (4000 characters); this "
+         f"gateway serves '{MODEL}'", "model", {"model": "m" * 4000, **params()}),
     Case("request_id already running", "ALREADY_EXISTS", "request 'dup' is already running", setup="duplicate"),
     Case("waiting queue full", "RESOURCE_EXHAUSTED", "the server is at capacity: 2 sequences are waiting for "
          "admission (--max-num-waiting 2); retry later", setup="queue_full"),
@@ -188,6 +191,13 @@ CASES = [
          {"text": "hi", "model": "gpt-9"}, rpc="Tokenize"),
     Case("Tokenize: text over --max-prompt-bytes", INVALID, "text: is 2000000 bytes long; the limit is 1048576 bytes "
          "(--max-prompt-bytes)", "text", {"text": "x" * 2_000_000}, rpc="Tokenize"),
+    Case("Tokenize: model name of 4000 characters (clipped)", INVALID, "model: unknown model 'mmm… (4000 "
+         f"characters); this gateway serves '{MODEL}'", "model", {"text": "hi", "model": "m" * 4000}, rpc="Tokenize"),
+    Case("Chat: role of 4000 characters (clipped)", INVALID, "messages[0].role: must be a non-empty string of at "
+         "most 64 characters, got 'rrr… (4000 characters)", "messages[0].role",
+         {"messages": [{"role": "r" * 4000, "content": "hi"}], "sampling_params": {"max_tokens": 4}}, rpc="Chat"),
+    Case("Chat: no messages", INVALID, "messages: must hold at least one message", "messages",
+         {"sampling_params": {"max_tokens": 4}}, rpc="Chat"),
     Case("unknown method", "UNIMPLEMENTED", "Method not found!", rpc="Unknown"),
     Case("health of an unknown service", "NOT_FOUND", "", rpc="Health", request={"service": "no.such.Service"}),
     # ---- authentication (the service with --auth-token-file)
@@ -199,6 +209,8 @@ CASES = [
          request={"text": "hi"}, rpc="Tokenize", service="token", setup="no_token"),
     Case("health check without a token (open)", "OK", "SERVING", rpc="Health", request={}, service="token",
          setup="no_token"),
+    Case("'bearer' in lower case (schemes are case-insensitive)", "OK", "", request=params(max_tokens=2),
+         service="token", setup="lower_bearer"),
 ]
 
 
@@ -206,10 +218,10 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("`", "'")
 
 
-def render_table() -> str:
-    """The markdown table of docs/ERRORS.md."""
+def render_table(cases: list[Case] = CASES) -> str:
+    """A markdown table of docs/ERRORS.md (the gRPC cases', or bad_http_inputs.py's)."""
     rows = ["| # | bad input | method | status | message | field |", "|---:|---|---|---|---|---|"]
-    for i, c in enumerate(CASES, 1):
+    for i, c in enumerate(cases, 1):
         rows.append(f"| {i} | {_cell(c.name)} | {c.rpc} | {c.code} | `{_cell(c.message)}` | "
                     f"{'`' + c.field + '`' if c.field else ''} |")
     return "\n".join(rows) + "\n"

@@ -95,6 +95,8 @@ def test_metrics_ports_match_the_scrape_annotations():
         (c,) = served
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert flag(c["args"], "metrics-port") == annotations["prometheus.io/port"] == str(ports["metrics"])
+        # /metrics listens on loopback unless told otherwise; Prometheus scrapes the pod from outside it.
+        assert flag(c["args"], "metrics-host") == "0.0.0.0", obj["metadata"]["name"]
     # The autoscaler's metric is one the scheduler exports.
     hpa = load(K8S / "overlays" / "gpu-autoscale" / "hpa.yaml")[0]
     (metric,) = hpa["spec"]["metrics"]
