@@ -20,11 +20,20 @@ from scheduler_svc.gateway.tokenizer import Tokenizer
 from tests.factories import make_checkpoint
 from tests.protos.proto_helpers import REPO
 from tests.scheduler_svc.gateway.test_chat import CHATML
-from tests.scheduler_svc.gateway.test_openai_http import FakeScheduler
+from tests.scheduler_svc.gateway.test_server import FakeScheduler as BaseFake
 from tests.scheduler_svc.gateway.test_server import running
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # the chat runs as a process
+
+
+class FakeScheduler(BaseFake):
+    """test_server's fake with room for chat-templated prompts (as test_openai_http's, which needs openai)."""
+
+    async def GetEngineInfo(self, request, context):
+        info = await super().GetEngineInfo(request, context)
+        info.max_model_len = 1024
+        return info
 
 
 @pytest.fixture(scope="module")
