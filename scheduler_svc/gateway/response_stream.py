@@ -68,7 +68,7 @@ class SampleStream:
             self.num_tokens += 1
             self.token_ids.append(token_id)
             if i < num_logprobs:
-                self.logprobs.append(_token_logprob(out, i))
+                self.logprobs.append(_token_logprob(out, i, self.decode))
             if token_id in self.stop_token_ids:  # counted, but its text is not emitted
                 self.finish(generation_pb2.FINISH_REASON_STOP)
                 return
@@ -113,10 +113,12 @@ class SampleStream:
         return resp
 
 
-def _token_logprob(out: scheduler_pb2.RequestOutput, i: int) -> generation_pb2.TokenLogprob:
-    lp = generation_pb2.TokenLogprob(token_id=out.token_ids[i], logprob=out.logprobs[i])
+def _token_logprob(out: scheduler_pb2.RequestOutput, i: int, decode: Decode) -> generation_pb2.TokenLogprob:
+    """Token i's log probability and alternatives, each with its text (clients show it beside the id)."""
+    token_id = out.token_ids[i]
+    lp = generation_pb2.TokenLogprob(token_id=token_id, logprob=out.logprobs[i], text=decode([token_id]))
     if i < len(out.top_logprobs):
         top = out.top_logprobs[i]
-        for token_id, logprob in zip(top.token_ids, top.logprobs, strict=False):
-            lp.top.add(token_id=token_id, logprob=logprob)
+        for alt_id, logprob in zip(top.token_ids, top.logprobs, strict=False):
+            lp.top.add(token_id=alt_id, logprob=logprob, text=decode([alt_id]))
     return lp

@@ -91,6 +91,8 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, log probability), best first
+    text: str = ""  # the token's text alone
+    top_texts: tuple[str, ...] = ()  # the text of each of ``top``
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +123,8 @@ class GenerateChunk:
             token_ids=tuple(r.token_ids),
             text=r.text,
             logprobs=tuple(
-                TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+                TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top), lp.text,
+                             tuple(t.text for t in lp.top))
                 for lp in r.logprobs
             ),
             finish_reason=_FINISH.get(r.finish_reason),
