@@ -73,8 +73,9 @@ def check(config: object, names: Iterable[str]) -> None:
 
 
 def check_device_present(device: str, gpus: int = 1) -> None:
-    """Raises ValueError, in one line, when ``device`` names CUDA GPUs this machine does not have
-    (``gpus`` of them from its index on): a launcher checks before it starts any process, so that a
+    """Raises ValueError, in one line, when ``device`` names CUDA GPUs this machine does not have: a bare
+    ``cuda`` needs ``gpus`` of them (the launchers number ranks and engines from cuda:0), ``cuda:N`` needs
+    GPU N (every rank shares it). A launcher checks before it starts any process, so that a
     CPU-only host answers ``--device cuda`` with a sentence instead of a worker's traceback. torch is
     imported only for a CUDA device (a CPU launcher stays light)."""
     if not device.startswith("cuda"):
@@ -85,10 +86,11 @@ def check_device_present(device: str, gpus: int = 1) -> None:
         why = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "PyTorch sees no CUDA GPU"
         raise ValueError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu, or run on a "
                          "GPU host with a CUDA build of torch")
-    first = int(device.partition(":")[2] or 0)
-    if first + gpus > torch.cuda.device_count():
-        raise ValueError(f"--device {device}: needs {gpus} GPU(s) from cuda:{first} on, but PyTorch sees "
-                         f"{torch.cuda.device_count()}")
+    index = device.partition(":")[2]
+    needed = int(index) + 1 if index else gpus
+    if needed > torch.cuda.device_count():
+        raise ValueError(f"--device {device}: needs {needed} GPU(s) (cuda:0 .. cuda:{needed - 1}), but PyTorch "
+                         f"sees {torch.cuda.device_count()}")
 
 
 CPU_KV_CACHE_MEMORY = 256 * 2**20  # KV pool of a CPU worker when --kv-cache-memory is not given

@@ -127,3 +127,20 @@ def test_ctrl_c_while_the_model_loads_stops_without_draining(checkpoint):
     out = "".join(lines)
     assert "interrupted before the service was ready" in out and "pagedserve: draining" not in out, out
     assert "Traceback" not in out and "Exception ignored" not in out, out
+
+
+@pytest.mark.parametrize("device, gpus, visible, refused", [
+    ("cuda", 2, 2, False), ("cuda", 3, 2, True),  # bare cuda: engines x ranks numbered from cuda:0
+    ("cuda:1", 4, 2, False), ("cuda:2", 1, 2, True),  # cuda:N: every rank on GPU N
+    ("cpu", 8, 0, False),
+])
+def test_device_check_counts_the_gpus_the_launchers_use(monkeypatch, device, gpus, visible, refused):
+    from gpu_worker.engine_args import check_device_present
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    if refused:
+        with pytest.raises(ValueError, match=f"--device {device}: needs .* but PyTorch sees {visible}"):
+            check_device_present(device, gpus)
+    else:
+        check_device_present(device, gpus)
