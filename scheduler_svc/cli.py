@@ -8,7 +8,8 @@ import importlib
 import json
 import sys
 
-from gpu_worker.engine_args import EngineArgs
+from gpu_worker.engine_args import EngineArgs, check_device_present
+from gpu_worker.model_files import resolve_model
 from scheduler_svc import chat_cli, client_cli
 from scheduler_svc.client_cli import INTERRUPTED
 
@@ -57,9 +58,11 @@ def _run_offline(args) -> int:
             raise SystemExit(f"{args.prompt_ids}: expected a JSON list of token-id lists")
     else:
         prompts = args.prompt
-    try:
+    try:  # every start-up mistake in one line before any process starts (the LLM checks again)
         engine = EngineArgs.from_args(args, "offline")
-    except ValueError as exc:
+        resolve_model(engine.model)
+        check_device_present(engine.device, engine.tensor_parallel_size)
+    except (OSError, ValueError) as exc:
         raise SystemExit(f"pagedserve offline: {exc}") from None
     try:
         params = SamplingParams(

@@ -140,20 +140,23 @@ def _ending(last) -> dict:
     }}
 
 
+def _logprob_row(lp) -> dict:
+    return {"token_id": lp.token_id, "text": lp.text, "logprob": lp.logprob, "top": [list(t) for t in lp.top],
+            "top_texts": list(lp.top_texts)}
+
+
 def _print_completion(chunks: list, as_json: bool) -> None:
     """After the streamed text: a newline, and the logprobs when asked (or everything as JSON)."""
-    logprobs = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
-                for c in chunks for lp in c.logprobs]
-    prompt_logprobs = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
-                       for c in chunks for lp in c.prompt_logprobs]
+    logprobs = [_logprob_row(lp) for c in chunks for lp in c.logprobs]
+    prompt_logprobs = [_logprob_row(lp) for c in chunks for lp in c.prompt_logprobs]
     if not as_json:
         print()
-        for lp in prompt_logprobs:
-            top = "  ".join(f"{t}:{v:.4f}" for t, v in lp["top"])
-            print(f"prompt token {lp['token_id']}: {lp['logprob']:.4f}" + (f"  top: {top}" if top else ""))
-        for lp in logprobs:
-            top = "  ".join(f"{t}:{v:.4f}" for t, v in lp["top"])
-            print(f"token {lp['token_id']}: {lp['logprob']:.4f}" + (f"  top: {top}" if top else ""))
+        for kind, rows in (("prompt token", prompt_logprobs), ("token", logprobs)):
+            for lp in rows:  # each token's text beside its id, quoted (json) so that spaces and newlines show
+                top = "  ".join(f"{t} {json.dumps(x, ensure_ascii=False)}:{v:.4f}"
+                                for (t, v), x in zip(lp["top"], lp["top_texts"], strict=True))
+                print(f"{kind} {lp['token_id']} {json.dumps(lp['text'], ensure_ascii=False)}: {lp['logprob']:.4f}"
+                      + (f"  top: {top}" if top else ""))
         return
     out = {"token_ids": [t for c in chunks for t in c.token_ids], "text": "".join(c.text for c in chunks),
            **_ending(chunks[-1] if chunks else None)}

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 import clients  # noqa: F401
-from gpu_worker.engine_args import EngineArgs
+from gpu_worker.engine_args import EngineArgs, check_device_present
 from gpu_worker.model_files import resolve_model
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -101,6 +101,7 @@ class LLM:
             resolve_model(self.model)  # a Hugging Face directory or a GGUF checkpoint
         except (OSError, ValueError) as exc:
             raise ValueError(f"model: {exc}") from None
+        check_device_present(self.engine.device, self.engine.tensor_parallel_size)  # before any process
         # Without a tokenizer (benchmark shapes) prompts must be token ids and texts stay empty.
         self.tokenizer = Tokenizer(self.model) if has_tokenizer(self.model) else None
         self._byte_token_ids = frozenset() if self.tokenizer is None else byte_fallback_ids(

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from gpu_worker import log
-from gpu_worker.engine_args import EngineArgs
+from gpu_worker.engine_args import EngineArgs, check_device_present
 from gpu_worker.model_files import resolve_model
 from scheduler_svc.engine_set import EngineSet
 from scheduler_svc.gateway.http_options import HttpLimits, add_http_arguments
@@ -102,8 +102,6 @@ class Launcher:
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
-        if self.args.log_dir:
-            Path(self.args.log_dir).mkdir(parents=True, exist_ok=True)
         try:
             self.gateways.check_port()
         except (OSError, OverflowError) as exc:  # in use, not our address, not a port number
@@ -170,6 +168,10 @@ class Launcher:
                 _say(f"ready: serving {self.args.model} (device {self.args.device})")
                 self.gateways.announced_ready = True
             self.signalled.wait(POLL_S)
+        if not self.gateways.announced_ready:  # nothing runs yet: nothing to drain, stop at once
+            _say("interrupted before the service was ready; stopping")
+            self.group.stop(timeout_s=5.0)
+            return 0
         return self._drain()
 
     def _failed(self, dead: Child, message: str | None = None) -> int:
@@ -237,6 +239,9 @@ def run(args: argparse.Namespace) -> int:
         GatewayLimits.from_args(args)
         SecurityConfig.from_args(args)
         HttpLimits.from_args(args)
+        check_device_present(engine.device, engine.tensor_parallel_size * max(1, args.engines))
+        if args.log_dir:
+            Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"pagedserve serve: {exc}") from None
     if args.gateways < 1:

@@ -94,6 +94,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 yield event
 
 
+class _StoppedDuringStartup(Exception):
+    """SIGINT/SIGTERM arrived while the scheduler still waited for its workers."""
+
+
 def serve(
     config: SchedulerConfig,
     listen: str,
@@ -116,14 +120,22 @@ def serve(
         on_listening(port, workers.address)
     stop_event = stop_event or threading.Event()
     code = 0
+
+    def alive_unless_stopped() -> bool:  # a stop while the workers start (Ctrl-C during the model load) ends the wait
+        if stop_event.is_set() and servicer.engine is None:
+            raise _StoppedDuringStartup
+        return alive is None or alive()
+
     try:
         engine_metrics = EngineMetrics(model_name, engine_name, config.block_size)
-        engine = EngineCore(config, workers, alive, on_load=engine_metrics.update)
+        engine = EngineCore(config, workers, alive_unless_stopped, on_load=engine_metrics.update)
         engine.info.engine_name = engine_name
         servicer.engine = engine
         stopper = threading.Thread(target=lambda: (stop_event.wait(), engine.stop()), daemon=True)
         stopper.start()
         engine.run()
+    except _StoppedDuringStartup:
+        pass  # asked to stop before serving: nothing to report
     except Exception as exc:
         servicer.error = str(exc)
         _logger.error("scheduler failed", error=f"{type(exc).__name__}: {exc}")

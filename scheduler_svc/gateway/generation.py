@@ -203,7 +203,7 @@ class GenerationCore:
             sample = samples[item.index] = new_beam(item.index)
         usage.cached_prompt_tokens = item.num_cached_tokens
         if item.HasField("prompt_logprobs"):  # index 0 computes the prompt for all: every sample returns it
-            lps = prompt_token_logprobs(item.prompt_logprobs, sample.prompt_token_ids)
+            lps = prompt_token_logprobs(item.prompt_logprobs, sample.prompt_token_ids, sample.decode)
             for s in samples.values():
                 s.prompt_logprobs += lps
         sample.feed(item)

@@ -70,7 +70,7 @@ class SampleStream:
             self.num_tokens += 1
             self.token_ids.append(token_id)
             if i < num_logprobs:
-                self.logprobs.append(_token_logprob(out, i))
+                self.logprobs.append(_token_logprob(out, i, self.decode))
             # As vLLM: stop tokens end a sample from min_tokens outputs on, stop strings after that many.
             min_tokens = self.params.min_tokens
             if token_id in self.stop_token_ids and self.num_tokens >= min_tokens:  # counted, text not emitted
@@ -119,23 +119,26 @@ class SampleStream:
         return resp
 
 
-def _token_logprob(out: scheduler_pb2.RequestOutput, i: int) -> generation_pb2.TokenLogprob:
-    lp = generation_pb2.TokenLogprob(token_id=out.token_ids[i], logprob=out.logprobs[i])
+def _token_logprob(out: scheduler_pb2.RequestOutput, i: int, decode: Decode) -> generation_pb2.TokenLogprob:
+    """Token i's log probability and alternatives, each with its text (clients show it beside the id)."""
+    token_id = out.token_ids[i]
+    lp = generation_pb2.TokenLogprob(token_id=token_id, logprob=out.logprobs[i], text=decode([token_id]))
     if i < len(out.top_logprobs):
         top = out.top_logprobs[i]
-        for token_id, logprob in zip(top.token_ids, top.logprobs, strict=False):
-            lp.top.add(token_id=token_id, logprob=logprob)
+        for alt_id, logprob in zip(top.token_ids, top.logprobs, strict=False):
+            lp.top.add(token_id=alt_id, logprob=logprob, text=decode([alt_id]))
     return lp
 
 
-def prompt_token_logprobs(p: scheduler_pb2.PromptLogprobs, prompt_token_ids: list[int]
+def prompt_token_logprobs(p: scheduler_pb2.PromptLogprobs, prompt_token_ids: list[int], decode: Decode
                           ) -> list[generation_pb2.TokenLogprob]:
-    """The public form of prompt positions first_position.. (token ids from the prompt)."""
+    """The public form of prompt positions first_position.. (token ids from the prompt), with texts."""
     out = []
     for j, (logprob, rank) in enumerate(zip(p.logprobs, p.ranks, strict=True)):
-        lp = generation_pb2.TokenLogprob(token_id=prompt_token_ids[p.first_position + j], logprob=logprob, rank=rank)
+        token_id = prompt_token_ids[p.first_position + j]
+        lp = generation_pb2.TokenLogprob(token_id=token_id, logprob=logprob, rank=rank, text=decode([token_id]))
         if j < len(p.top):
-            for token_id, top_lp in zip(p.top[j].token_ids, p.top[j].logprobs, strict=False):
-                lp.top.add(token_id=token_id, logprob=top_lp)
+            for alt_id, top_lp in zip(p.top[j].token_ids, p.top[j].logprobs, strict=False):
+                lp.top.add(token_id=alt_id, logprob=top_lp, text=decode([alt_id]))
         out.append(lp)
     return out

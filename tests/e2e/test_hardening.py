@@ -158,16 +158,28 @@ def test_top_logprobs_through_the_gateway_equal_transformers(service, tokenizer,
 
 
 def test_generate_cli_prints_logprobs(service, tokenizer, hf_model):
-    proc = subprocess.run([sys.executable, "-m", "scheduler_svc.cli", "generate", "--target", service.target,
-                           "--prompt", "Hello, paged world", "--max-tokens", "5", "--temperature", "0",
-                           "--ignore-eos", "--logprobs", "3", "--json"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    def generate(*extra: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "scheduler_svc.cli", "generate", "--target", service.target,
+                               "--prompt", "Hello, paged world", "--max-tokens", "5", "--temperature", "0",
+                               "--ignore-eos", "--logprobs", "3", *extra],
+                              capture_output=True, text=True, timeout=120, cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = json.loads(generate("--json"))
     check_against_transformers(hf_model, tokenizer.encode("Hello, paged world"), out["token_ids"],
                                [lp["logprob"] for lp in out["logprobs"]],
                                [[tuple(t) for t in lp["top"]] for lp in out["logprobs"]], 3)
+    for lp in out["logprobs"]:  # each token's text beside its id, the alternatives' too
+        assert lp["text"] == tokenizer.decode([lp["token_id"]])
+        assert lp["top_texts"] == [tokenizer.decode([t]) for t, _ in lp["top"]]
+    # The plain format: the streamed text, then a line per token with its id and its quoted text.
+    lines = generate().splitlines()[-5:]
+    for line, lp in zip(lines, out["logprobs"], strict=True):
+        head = f"token {lp['token_id']} {json.dumps(lp['text'], ensure_ascii=False)}: {lp['logprob']:.4f}  top: "
+        t, _ = lp["top"][0]
+        assert line.startswith(head + f"{t} {json.dumps(lp['top_texts'][0], ensure_ascii=False)}:"), line
 
 
 def test_offline_llm_returns_top_logprobs(checkpoint, tokenizer, hf_model):
@@ -182,13 +194,21 @@ def test_offline_llm_returns_top_logprobs(checkpoint, tokenizer, hf_model):
 
 
 def test_ctrl_c_during_generate_is_one_line(service):
+    import threading
+
     proc = subprocess.Popen([sys.executable, "-m", "scheduler_svc.cli", "generate", "--target", service.target,
                              "--prompt", "Hello", "--max-tokens", "100000", "--ignore-eos"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
-    wait_until(lambda: service.engine_info().stats.num_running == 1, 60, interval_s=0.1, what="the stream to run")
+    # SIGINT once the command prints streamed text: then it is inside its streaming loop. (The engine's
+    # running count is no such state: on a busy machine a request of an earlier test may still hold it
+    # while this process is still importing, and SIGINT there is a traceback.)
+    out: list[str] = []
+    threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True).start()
+    wait_until(lambda: out, 120, interval_s=0.05, what="the command to print streamed text")
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    err = proc.stderr.read()
+    proc.wait(60)
     assert proc.returncode == 130 and err == "pagedserve generate: interrupted\n"
     service.wait_all_blocks_free()  # the gateway aborted the request upstream
 

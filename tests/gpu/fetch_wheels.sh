@@ -15,9 +15,12 @@ PYTHON=${PYTHON:-python3}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
 names=(grpcio grpcio-tools grpcio-health-checking grpcio-reflection grpcio-status googleapis-common-protos
   pyzmq msgpack structlog gguf prometheus-client "$@")
+# Fetched with their dependencies, resolved by pip (their trees change between releases: pydantic pins its
+# core exactly, openai moved from httpx to httpx2): the official client the HTTP API's tests speak with.
+with_deps=(openai)
 
 # One requirement per name: the name with pyproject.toml's specifier, or the bare name.
-mapfile -t requirements < <("$PYTHON" - "${names[@]}" <<'PY'
+mapfile -t requirements < <("$PYTHON" - "${names[@]}" "${with_deps[@]}" <<'PY'
 import re
 import sys
 import tomllib
@@ -45,7 +48,9 @@ mkdir -p "$WHEEL_DIR"
 echo "fetch_wheels.sh: ${requirements[*]} -> $WHEEL_DIR/"
 # Binary wheels only, for CPython 3.12 on x86_64 Linux (the manylinux tags GPU images accept); no
 # dependencies: the image has the rest, and names that it lacks go on the command line.
-"$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d "$WHEEL_DIR" "${requirements[@]}"
+target=(--only-binary=:all: --python-version 3.12 --implementation cp
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+n=${#names[@]}
+"$PYTHON" -m pip download --quiet --no-deps "${target[@]}" -d "$WHEEL_DIR" "${requirements[@]:0:n}"
+"$PYTHON" -m pip download --quiet "${target[@]}" -d "$WHEEL_DIR" "${requirements[@]:n}"
 ls "$WHEEL_DIR"

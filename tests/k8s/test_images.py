@@ -71,9 +71,17 @@ def test_images_match_the_manifests_and_the_build(dockerfile):
     assert packages <= copied and {"pyproject.toml", "README.md"} <= copied
     torch = re.search(r"torch==([\d.]+)", args["RUN"] if kinds.count("RUN") == 1 else " ".join(
         a for k, a in steps if k == "RUN")).group(1)
-    if dockerfile == "Dockerfile":  # the Makefile's pin, from the CPU index
-        assert f"torch=={torch}" in (REPO / "Makefile").read_text()
-        assert "--index-url https://download.pytorch.org/whl/cpu" in (REPO / dockerfile).read_text()
+    makefile = (REPO / "Makefile").read_text()
+    if dockerfile == "Dockerfile":  # the Makefile's pin, from the same CPU index
+        assert re.search(rf"^TORCH_VERSION := {re.escape(torch)}$", makefile, re.MULTILINE), torch
+        index = re.search(r"^TORCH_INDEX \?= (\S+)$", makefile, re.MULTILINE).group(1)
+        assert f"--index-url {index}" in (REPO / dockerfile).read_text() and index.endswith("/whl/cpu")
+        assert "--index-url $(TORCH_INDEX)" in makefile
+    else:  # the same minor version as the CPU image's, or a comment beside the pin that says why not
+        cpu = re.search(r"torch==([\d.]+)", (REPO / "Dockerfile").read_text()).group(1)
+        text = (REPO / dockerfile).read_text()
+        assert cpu.split(".")[:2] == torch.split(".")[:2] or f"Not the CPU image's {'.'.join(cpu.split('.')[:2])}" \
+            in text, (cpu, torch)
     assert "ENV" in kinds and "HOME=/tmp" in dict(steps)["ENV"]  # the pods' root filesystem is read-only
 
 

@@ -1,6 +1,7 @@
 """The Go stubs and the example client build in GOPATH mode against Debian's Go packages, and the
 client streams a completion from a GenerationService (a fake one here, in this process)."""
 
+import json
 import subprocess
 from concurrent import futures
 
@@ -69,6 +70,28 @@ def run_client(binary, *args):
 
 def test_go_build_and_vet(client_binary):
     assert client_binary.is_file()
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.lstrip("v").split("-")[0].split("."))
+
+
+def test_go_mod_covers_what_the_code_imports(client_binary, tmp_path):
+    """Module mode for users (go.mod; `go mod tidy` fetches and writes go.sum, which needs the network, so
+    CI reads the file offline): the module path is the stubs' go_package root, and it requires every
+    module the code imports, at versions no older than the Debian ones the GOPATH build above proves."""
+    module_dir = REPO / "clients" / "go" / "src" / "pagedserve"
+    env = dict(go_env(tmp_path), GO111MODULE="on", GOPROXY="off", GOFLAGS="-mod=mod")
+    mod = json.loads(subprocess.run(["go", "mod", "edit", "-json"], cwd=module_dir, env=env, capture_output=True,
+                                    text=True, check=True).stdout)
+    assert mod["Module"]["Path"] == "pagedserve" and _version(mod["Go"]) <= (1, 19)
+    listed = subprocess.run(["go", "list", "-f", '{{join .Imports "\\n"}}', "pagedserve/..."], cwd=REPO,
+                            env=go_env(tmp_path), capture_output=True, text=True, check=True).stdout.split()
+    imported = {"/".join(p.split("/")[:2]) for p in listed if "." in p.split("/")[0]}
+    required = {r["Path"]: r["Version"] for r in mod["Require"]}
+    assert imported == set(required), (imported, required)
+    debian = {"google.golang.org/grpc": (1, 33, 3), "google.golang.org/protobuf": (1, 28, 1)}
+    assert all(_version(required[m]) >= v for m, v in debian.items()), required
 
 
 def test_client_prints_streamed_text(client_binary, server):

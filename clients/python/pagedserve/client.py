@@ -100,6 +100,8 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, log probability), best first
+    text: str = ""  # the token's text alone
+    top_texts: tuple[str, ...] = ()  # the text of each of ``top``
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,14 +134,16 @@ class GenerateChunk:
             token_ids=tuple(r.token_ids),
             text=r.text,
             logprobs=tuple(
-                TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+                TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top), lp.text,
+                             tuple(t.text for t in lp.top))
                 for lp in r.logprobs
             ),
             finish_reason=_FINISH.get(r.finish_reason),
             usage=Usage(r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_prompt_tokens)
             if r.HasField("usage") else None,
             prompt_logprobs=tuple(
-                TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+                TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top), lp.text,
+                             tuple(t.text for t in lp.top))
                 for lp in r.prompt_logprobs
             ),
         )

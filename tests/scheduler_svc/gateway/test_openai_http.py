@@ -9,7 +9,6 @@ import math
 import shutil
 
 import aiohttp
-import openai
 import pytest
 from transformers import AutoTokenizer
 
@@ -25,6 +24,8 @@ from tests.scheduler_svc.gateway.test_chat import CHATML
 from tests.scheduler_svc.gateway.test_server import TEXT, one_token_per_step, running
 from tests.scheduler_svc.gateway.test_server import FakeScheduler as BaseFake
 from tests.waiting import wait_until_async
+
+openai = pytest.importorskip("openai")  # a dev extra: the GPU image lacks it (tests/gpu/fetch_wheels.sh fetches it)
 
 LENGTH = scheduler_pb2.FINISH_REASON_LENGTH
 MAX_MODEL_LEN = 1024
