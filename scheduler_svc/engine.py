@@ -31,8 +31,15 @@ import clients  # noqa: F401
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.request import FinishReason, QueueFull, SeqOutput, SeqStatus
-from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.request import (
+    FinishReason,
+    QueueFull,
+    SeqOutput,
+    SeqStatus,
+    describe_exception,
+    print_request_failure,
+)
+from scheduler_svc.scheduler import INTERNAL, Scheduler
 from scheduler_svc.step_plan import decode_result, encode_step
 from scheduler_svc.worker_group import WorkerFailure, WorkerGroup
 
@@ -329,6 +336,15 @@ class EngineCore:
                 error=str(exc),
                 status_code=RESOURCE_EXHAUSTED,
                 retry_after_ms=RETRY_AFTER_MS,
+                num_prompt_tokens=len(sub.prompt_token_ids),
+            )
+        except Exception as exc:  # a bug that one request's data reached: that request fails, not the engine
+            print_request_failure(sub.request_id, exc)
+            return scheduler_pb2.RequestOutput(
+                request_id=sub.request_id,
+                finish_reason=FinishReason.FINISH_REASON_ERROR,
+                error=f"the scheduler could not accept this request: {describe_exception(exc)}",
+                status_code=INTERNAL,
                 num_prompt_tokens=len(sub.prompt_token_ids),
             )
         return None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import sys
+import traceback
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -147,6 +149,24 @@ def beam_params(params: SamplingParams) -> SamplingParams:
     beams."""
     return replace(params, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None,
                    logprobs=False, top_logprobs=0)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """An exception as one readable line for a client: its type and message, without the errno tuple
+    that some carry as their arguments (OverflowError(34, 'Numerical result out of range'))."""
+    args = exc.args
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        detail = args[1]
+    else:
+        detail = str(exc)
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def print_request_failure(request_id: str, exc: BaseException) -> None:
+    """The scheduler's record of a request that its own code failed on (a bug): one line naming the
+    request, then the traceback."""
+    print(f"scheduler: request {request_id[:64]!r} failed: {describe_exception(exc)}", file=sys.stderr, flush=True)
+    traceback.print_exception(exc, file=sys.stderr)
 
 
 class QueueFull(Exception):

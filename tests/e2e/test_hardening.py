@@ -181,6 +181,25 @@ def test_offline_llm_returns_top_logprobs(checkpoint, tokenizer, hf_model):
     check_against_transformers(hf_model, result.prompt_token_ids, out.token_ids, out.logprobs, out.top_logprobs, TOP)
 
 
+@pytest.mark.parametrize("length_penalty", [1000.0, 3e38, -2000.0])
+def test_an_extreme_length_penalty_returns_its_beams_and_the_engine_lives(service, length_penalty):
+    """The hostile probe's request (issue 22): beam search with a length penalty whose power overflows a
+    float (or underflows to 0) used to raise in the beam scorer and take the engine down."""
+    from pagedserve.v1 import generation_pb2, generation_pb2_grpc
+
+    params = generation_pb2.SamplingParams(max_tokens=6, beam_width=2, length_penalty=length_penalty)
+    request = generation_pb2.GenerateRequest(text="The capital of France is", sampling_params=params)
+    with grpc.insecure_channel(service.target) as channel:
+        replies = list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=60))
+    finals = [r for r in replies if r.finish_reason]
+    assert sorted(r.index for r in finals) == [0, 1]
+    with Client(service.target) as client:  # the engine still serves
+        (done,) = client.complete("Hello", SamplingParams(max_tokens=3, temperature=0))
+    assert len(done.token_ids) == 3
+    service.wait_all_blocks_free()
+    assert service.proc.poll() is None
+
+
 def test_ctrl_c_during_generate_is_one_line(service):
     proc = subprocess.Popen([sys.executable, "-m", "scheduler_svc.cli", "generate", "--target", service.target,
                              "--prompt", "Hello", "--max-tokens", "100000", "--ignore-eos"],
