@@ -200,6 +200,17 @@ def test_an_extreme_length_penalty_returns_its_beams_and_the_engine_lives(servic
     assert service.proc.poll() is None
 
 
+def test_a_vanishing_temperature_generates_the_greedy_text(service):
+    """Temperatures at the float minimum used to make nan probabilities (every token id 0, status OK)."""
+    with Client(service.target) as client:
+        (greedy,) = client.complete("The capital of France is", SamplingParams(max_tokens=8, temperature=0))
+        for temperature in (1e-38, 1e-45):
+            (tiny,) = client.complete("The capital of France is",
+                                      SamplingParams(max_tokens=8, temperature=temperature, seed=1))
+            assert tiny.token_ids == greedy.token_ids, temperature
+    assert set(greedy.token_ids) != {0}
+
+
 def test_ctrl_c_during_generate_is_one_line(service):
     proc = subprocess.Popen([sys.executable, "-m", "scheduler_svc.cli", "generate", "--target", service.target,
                              "--prompt", "Hello", "--max-tokens", "100000", "--ignore-eos"],
