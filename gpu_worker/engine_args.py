@@ -129,7 +129,8 @@ class EngineArgs:
 
     max_num_waiting: int = _option(
         1024, "--max-num-waiting", type=int, metavar="N",
-        help="sequences that may wait for admission; a request beyond it is refused at once with "
+        help="sequences that may wait for admission (those the engine cannot admit now, for want of free "
+        "sequence seats or KV blocks); a request beyond it is refused at once with "
         "RESOURCE_EXHAUSTED and a retry hint; 0: unbounded (default %(default)s)")
     step_timeout: float = _option(
         120.0, "--step-timeout", type=float, metavar="SECONDS",

@@ -211,6 +211,8 @@ def validate_request(
     field_name = "beam_width" if width > 1 else "n"
     if group > limits.max_group_size:
         raise InvalidField(field_name, f"{group} sequences exceed the scheduler's step limit {limits.max_group_size}")
+    if vocab is not None and params.top_logprobs > vocab:
+        raise InvalidField("top_logprobs", f"{params.top_logprobs} exceeds the vocabulary of {vocab} tokens")
     num_candidates = max(2, 1 + len(stop_token_ids)) * width
     if width > 1 and vocab is not None and num_candidates > vocab:
         raise InvalidField("beam_width", f"{width} beams need {num_candidates} candidates per step")

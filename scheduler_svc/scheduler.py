@@ -106,8 +106,8 @@ class Scheduler(PreemptionMixin, AheadPlanningMixin):
             stop_ids |= self.eos_token_ids
         validate_request(prompt_token_ids, params, stop_ids, self.limits)
         bound = self.config.max_num_waiting
-        if bound and len(self.waiting) >= bound:
-            raise QueueFull(f"the server is at capacity: {len(self.waiting)} sequences are waiting for admission "
+        if bound and len(self.waiting) >= bound and (num_waiting := self.num_blocked_waiting()) >= bound:
+            raise QueueFull(f"the server is at capacity: {num_waiting} sequences are waiting for admission "
                             f"(--max-num-waiting {bound}); retry later")
         request = Request(request_id, stream_id, list(prompt_token_ids), params, self._next_arrival, stop_ids)
         self._next_arrival += 1
@@ -135,6 +135,26 @@ class Scheduler(PreemptionMixin, AheadPlanningMixin):
         for s_id, r_id in [k for k in self.requests if k[0] == stream_id]:
             outputs += self.abort_request(s_id, r_id)
         return outputs
+
+    def num_blocked_waiting(self) -> int:
+        """Waiting sequences that the next schedule could not admit for want of room: those after the
+        longest head of the queue that fits the free sequence seats and blocks now (first come, first
+        served, as ``_admit`` takes them; a prompt's cached prefix is not counted, so this errs
+        towards waiting). A burst at an idle engine is about to run, not waiting, and
+        ``max_num_waiting`` bounds only these. Walks the admissible head: at most ``max_num_seqs``."""
+        if self.swapped:
+            return len(self.waiting)  # swapped groups come back before anyone is admitted
+        seats = self.config.max_num_seqs - len(self.running)
+        blocks = self.kv.num_free_blocks - (self._watermark_blocks if self.running else 0)
+        admissible = 0
+        for seq in self.waiting:
+            forks = seq.request.num_pending_forks
+            seats -= 1 + forks
+            blocks -= self.kv.num_blocks_for(seq.num_tokens) + forks
+            if seats < 0 or blocks < 0:
+                break
+            admissible += 1
+        return len(self.waiting) - admissible
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)

@@ -305,6 +305,35 @@ def test_scheduler_errors_map_to_status_codes(model_dir):
     asyncio.run(scenario())
 
 
+def test_a_request_the_gateway_fails_on_ends_internal_naming_the_cause(model_dir, monkeypatch):
+    """A bug that one request's tokens reach in the gateway (here: detokenizing token 999) ends that
+    call with INTERNAL naming the exception, not UNKNOWN with a repr; it is aborted upstream and the
+    other calls go on."""
+    from scheduler_svc.gateway.response_stream import SampleStream
+
+    real_feed = SampleStream.feed
+
+    def feed(self, item):
+        if 999 in item.token_ids:
+            raise ValueError("boom")
+        real_feed(self, item)
+
+    monkeypatch.setattr(SampleStream, "feed", feed)
+    fake = FakeScheduler(lambda submit: [[7], [999], [8]] if submit.request_id == "bad" else [[7], [8]])
+
+    async def scenario():
+        async with running(model_dir, fake) as (client, _, _):
+            with pytest.raises(GenerationError) as err:
+                await client.complete("p", SamplingParams(max_tokens=5), request_id="bad")
+            assert err.value.code == grpc.StatusCode.INTERNAL
+            assert err.value.message == "the gateway could not process this request: ValueError: boom"
+            (done,) = await client.complete("p", SamplingParams(max_tokens=5), request_id="good")
+            assert done.token_ids == [7, 8]
+            await wait_until_async(lambda: fake.aborts == ["bad"], 10, what="the abort upstream")
+
+    asyncio.run(scenario())
+
+
 def test_lost_stream_fails_requests_with_unavailable_then_reconnects(model_dir, tokenizer):
     fake = FakeScheduler(lambda submit: [[7]] * 10_000 if submit.request_id == "long" else [[7], [8]])
     fake.step_s = 0.002
