@@ -23,10 +23,11 @@ class SchedulerConfig:
     async_scheduling: bool = DEFAULTS.async_scheduling  # plan step N+1 while the workers run step N, where possible
     max_num_waiting: int = DEFAULTS.max_num_waiting  # sequences waiting for admission at most; 0: unbounded
     step_timeout: float = DEFAULTS.step_timeout  # seconds a step may take on the workers; 0: no watchdog
+    heartbeat_timeout: float = DEFAULTS.heartbeat_timeout  # seconds without a worker's heartbeat; 0: not watched
 
     def __post_init__(self) -> None:
         check(self, ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_num_waiting",
-                     "step_timeout"))
+                     "step_timeout", "heartbeat_timeout"))
         if not 0 <= self.watermark < 1:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
 
@@ -41,4 +42,5 @@ class SchedulerConfig:
             async_scheduling=engine.async_scheduling,
             max_num_waiting=engine.max_num_waiting,
             step_timeout=engine.step_timeout,
+            heartbeat_timeout=engine.heartbeat_timeout,
         )

@@ -14,7 +14,9 @@ idles; the Connect streams carry it to the gateways and ``on_load`` feeds the me
 
 A step watchdog: the workers must answer a step within ``step_timeout`` seconds (the first steps get
 at least WARMUP_STEP_TIMEOUT_S: kernels may compile on them); a worker that does not is treated like
-a dead one, and the engine fails every request (UNAVAILABLE at the gateway) and stops.
+a dead one, and the engine fails every request (UNAVAILABLE at the gateway) and stops. A stalled worker
+process (stopped, frozen) is caught sooner, busy or idle, when its heartbeat stops for
+``heartbeat_timeout`` seconds (scheduler_svc.worker_group); a long honest step keeps beating.
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ class EngineCore:
                 if not busy:
                     self._flush()
                     self._take_load()  # the settled state, before waiting for work
+                    self.workers.check()  # a worker that stalls or leaves while the engine idles
                 self._drain_inbox(block=not busy)
                 if self.scheduler.has_work() or self._in_flight:
                     self.step()

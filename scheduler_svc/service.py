@@ -104,7 +104,7 @@ def serve(
     model_name: str = "",
 ) -> int:
     """Runs the scheduler until stopped; returns the exit code (non-zero after a worker failure)."""
-    workers = WorkerGroup(worker_address, world_size)
+    workers = WorkerGroup(worker_address, world_size, heartbeat_timeout=config.heartbeat_timeout)
     servicer = SchedulerServicer(engine_name)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=SERVER_OPTIONS)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
