@@ -41,14 +41,17 @@ from scheduler_svc.gateway.engines import EnginePool, format_address, parse_engi
 from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, GenerationFailed
 from scheduler_svc.gateway.metrics import GatewayMetrics
 from scheduler_svc.gateway.options import (
+    DEFAULT_KEEPALIVE_S,
     DEFAULT_LIMITS,
     GatewayLimits,
     SecurityConfig,
+    add_keepalive_argument,
     add_limit_arguments,
     add_security_arguments,
     read_token,
 )
 from scheduler_svc.gateway.router import POLICIES, Router
+from scheduler_svc.gateway.scheduler_link import channel_options
 from scheduler_svc.gateway.tokenizer import Tokenizer
 
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"]
@@ -139,13 +142,13 @@ class Gateway:
 
     def __init__(self, model_dir: str | Path, scheduler_address: str, model_name: str | None = None,
                  router: Router | None = None, dns_refresh_s: float = 5.0,
-                 limits: GatewayLimits = DEFAULT_LIMITS) -> None:
+                 limits: GatewayLimits = DEFAULT_LIMITS, scheduler_keepalive_s: float = DEFAULT_KEEPALIVE_S) -> None:
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = model_name or Path(model_dir).resolve().name
         self._changed = asyncio.Event()
         self.metrics = GatewayMetrics(self.model_name)
         self.engines = EnginePool(scheduler_address, router or Router(), self.metrics, on_change=self._changed.set,
-                                  dns_refresh_s=dns_refresh_s)
+                                  dns_refresh_s=dns_refresh_s, keepalive_s=scheduler_keepalive_s)
         self.core = GenerationCore(self.tokenizer, self.model_name, self.engines, self.metrics, limits)
         self.chat = ChatPrompts(self.core, ChatTemplate.from_model(model_dir, self.tokenizer.id_to_token))
         self.servicer = GenerationServicer(self.core, self.chat)
@@ -232,7 +235,8 @@ async def serve(args: argparse.Namespace) -> int:
     router = Router(args.routing, args.affinity_blocks)
     limits = GatewayLimits.from_args(args)
     secure = SecurityConfig.from_args(args)
-    gateway = Gateway(args.model, args.scheduler, args.model_name, router, args.dns_refresh, limits)
+    gateway = Gateway(args.model, args.scheduler, args.model_name, router, args.dns_refresh, limits,
+                      args.scheduler_keepalive)
     server = make_server(gateway, limits, secure, args.reuse_port)
     servers = [server]
     address = format_address(args.host, args.port)
@@ -325,6 +329,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--affinity-blocks", type=int, default=4,
                    help="prefix routing keys a prompt by its first N full KV blocks (default 4)")
     p.add_argument("--dns-refresh", type=float, default=5.0, help="seconds between lookups of dns:NAME (default 5)")
+    add_keepalive_argument(p)
     metrics.add_arguments(p)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
@@ -357,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_engines(args.scheduler)
         GatewayLimits.from_args(args)
         SecurityConfig.from_args(args)
+        channel_options(args.scheduler_keepalive)
     except ValueError as exc:
         parser.error(str(exc))
     log.configure("gateway", args.log_level, args.log_format)

@@ -43,9 +43,14 @@ def tokenizer(checkpoint):
     return Tokenizer(checkpoint)
 
 
+KEEPALIVE_S = 1.0
+
+
 @pytest.fixture(scope="module")
 def service(checkpoint, tmp_path_factory):
-    svc = LocalService(checkpoint, *ENGINE, log_dir=tmp_path_factory.mktemp("logs"))
+    # The gateway pings its scheduler stream every second (10 by default): see the idle-link test.
+    svc = LocalService(checkpoint, *ENGINE, "--scheduler-keepalive", f"{KEEPALIVE_S:g}",
+                       log_dir=tmp_path_factory.mktemp("logs"))
     yield svc
     assert svc.stop() == 0, "\n".join(svc.lines)
 
@@ -209,6 +214,21 @@ def test_a_vanishing_temperature_generates_the_greedy_text(service):
                                       SamplingParams(max_tokens=8, temperature=temperature, seed=1))
             assert tiny.token_ids == greedy.token_ids, temperature
     assert set(greedy.token_ids) != {0}
+
+
+def test_an_idle_service_keeps_its_scheduler_stream_quietly(service):
+    """Issue 22: the scheduler refused the gateway's keepalive pings (its permitted interval was set
+    under a misspelt option name, so grpcio's 5 minutes held): GOAWAY too_many_pings dropped the idle
+    stream every minute or so, with gRPC errors on the terminal. Several keepalive periods idle: no
+    ping refused, no stream lost, and the service answers at once."""
+    service.wait_all_blocks_free()
+    time.sleep(8 * KEEPALIVE_S)
+    with Client(service.target) as client:
+        (done,) = client.complete("Hello", SamplingParams(max_tokens=2, temperature=0), timeout=30)
+    assert len(done.token_ids) == 2
+    logs = service.logs(tail_chars=10**9) + "\n".join(service.lines)  # since the service started
+    for sign in ("stream lost", "too_many_pings", "Too many pings", "GOAWAY"):
+        assert sign not in logs, logs
 
 
 def test_ctrl_c_during_generate_is_one_line(service):

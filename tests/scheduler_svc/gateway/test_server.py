@@ -474,3 +474,19 @@ def test_reflection_lists_the_services(model_dir):
 def _list_services(target: str) -> list[str]:
     with grpc.insecure_channel(target) as channel:
         return ProtoReflectionDescriptorDatabase(channel).get_services()
+
+
+def test_the_scheduler_permits_the_pings_of_the_shortest_keepalive():
+    """The keepalive a gateway may be given and the ping interval its scheduler permits agree (a server
+    option under a wrong name is ignored silently: the permitted interval stays grpcio's 5 minutes)."""
+    from scheduler_svc.gateway.options import MIN_KEEPALIVE_S
+    from scheduler_svc.gateway.scheduler_link import channel_options
+    from scheduler_svc.service import SERVER_OPTIONS
+
+    server = dict(SERVER_OPTIONS)
+    assert 2 * server["grpc.http2.min_ping_interval_without_data_ms"] <= MIN_KEEPALIVE_S * 1000
+    assert server["grpc.keepalive_permit_without_calls"] == 1
+    client = dict(channel_options(MIN_KEEPALIVE_S))
+    assert client["grpc.keepalive_time_ms"] == 1000 and client["grpc.http2.max_pings_without_data"] == 0
+    with pytest.raises(ValueError, match="at least 1 s"):
+        channel_options(0.5)
