@@ -84,7 +84,7 @@ class Launcher:
         self.group = ProcessGroup(Path(args.log_dir) if args.log_dir else None, env)
         self.gateways = GatewayGroup(self.group, self.tmp, args.gateways, args.host, args.port,
                                      _gateway_argv(args, ",".join(self.engines.scheduler_addresses),
-                                                   self.tmp / "gateway.http.port"), _say)
+                                                   self.tmp / "gateway.http.port"), _say, self.metrics_dir)
         self.http_port_file: Path | None = self.tmp / "gateway.http.port" if args.http_port is not None else None
         self.signals = 0
         self.signalled = threading.Event()
