@@ -276,7 +276,7 @@ def serve(config: WorkerConfig) -> int:
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.IDENTITY, f"rank{config.rank}".encode())
     sock.connect(config.scheduler_address)
-    start_heartbeat(config.scheduler_address, f"rank{config.rank}".encode(), ctx=ctx)
+    beat = start_heartbeat(config.scheduler_address, f"rank{config.rank}".encode(), ctx=ctx)
     if config.world_size > 1:
         # A rank blocked in a collective whose peer died never returns to the interpreter, so a Python
         # handler would never run: SIGTERM (from the launcher, or at the parent's death) kills at once.
@@ -294,6 +294,8 @@ def serve(config: WorkerConfig) -> int:
         sock.send(worker_pb2.WorkerReply(fatal_error=f"{type(exc).__name__}: {exc}").SerializeToString())
         time.sleep(0.2)
         return 1
+    finally:
+        beat.set()  # an in-process worker (tests) leaves no beating thread behind
 
 
 def _serve_steps(worker: Worker, sock: zmq.Socket, profiler: StepProfiler | None) -> int:
