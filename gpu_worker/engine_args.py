@@ -60,6 +60,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tensor_parallel_size": (lambda v: v >= 1, "must be at least 1"),
     "max_num_waiting": (lambda v: v >= 0, "must be >= 0 (0: unbounded)"),
     "step_timeout": (lambda v: v >= 0, "must be >= 0 (0: no watchdog)"),
+    "heartbeat_timeout": (lambda v: v == 0 or v >= 2, "must be 0 (off) or at least 2 (the workers beat every 0.5 s)"),
 }
 
 
@@ -150,13 +151,19 @@ class EngineArgs:
 
     max_num_waiting: int = _option(
         1024, "--max-num-waiting", type=int, metavar="N",
-        help="sequences that may wait for admission; a request beyond it is refused at once with "
+        help="sequences that may wait for admission (those the engine cannot admit now, for want of free "
+        "sequence seats or KV blocks); a request beyond it is refused at once with "
         "RESOURCE_EXHAUSTED and a retry hint; 0: unbounded (default %(default)s)")
     step_timeout: float = _option(
         120.0, "--step-timeout", type=float, metavar="SECONDS",
         help="a worker that does not answer a step within this many seconds fails the engine like a dead "
         "one (every stream ends UNAVAILABLE, the scheduler exits non-zero); the first steps after start get "
         "at least 900 s, for kernel compilation; 0 disables the watchdog (default %(default)s)")
+    heartbeat_timeout: float = _option(
+        10.0, "--heartbeat-timeout", type=float, metavar="SECONDS",
+        help="a worker process whose liveness heartbeat (sent every 0.5 s by a thread of its own, however "
+        "long its step) stops for this many seconds, once serving, is stalled (SIGSTOPped, frozen) and fails "
+        "the engine like a dead one; at least 2, 0 disables (default %(default)s)")
 
     kv_events_endpoint: str | None = _option(
         None, "--kv-events-endpoint", type=str, metavar="ZMQ_ADDRESS",
@@ -228,14 +235,14 @@ def _fields(role: str) -> list[Field]:
 # The settings each role takes, in the order of the fields. Processes: scheduler, worker; launchers: serve,
 # offline (the LLM takes every setting as a keyword); benchmarks, whose --seed and --model mean other things.
 _SCHEDULER = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
-              "async_scheduling", "tensor_parallel_size", "max_num_waiting", "step_timeout", "kv_events_endpoint",
-              "kv_events_topic")
+              "async_scheduling", "tensor_parallel_size", "max_num_waiting", "step_timeout", "heartbeat_timeout",
+              "kv_events_endpoint", "kv_events_topic")
 _WORKER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
            "max_num_batched_tokens", "swap_space", "enforce_eager", "load_format", "max_num_blocks", "seed",
            "tensor_parallel_size")
 _LAUNCHER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
              "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "async_scheduling", "swap_space",
-             "enforce_eager", "load_format", "tensor_parallel_size", "step_timeout")
+             "enforce_eager", "load_format", "tensor_parallel_size", "step_timeout", "heartbeat_timeout")
 ROLES: dict[str, tuple[str, ...]] = {
     "scheduler": _SCHEDULER,
     "worker": _WORKER,

@@ -114,11 +114,31 @@ def adjust_logits(logits: torch.Tensor, rows: list[SampleRequest], eos_token_ids
     return logits
 
 
+def _scaled(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """``logits / temps``, whose softmax is the distribution; rows where that overflows take the limit.
+
+    A temperature near the float minimum (1e-38) sends finite logits to +-inf, and a repetition
+    penalty near it (1e-38) sends a seen token's positive logit to +inf; softmax of a row holding +inf
+    is nan everywhere, and the exponential race would then pick token 0. Such a row is rescaled by
+    its maximum first, ``(logits - max) / temperature``, which has the same softmax and tops out at
+    0: the top token(s) keep all the mass, as greedy decoding would pick them. A row whose maximum is
+    itself +inf shares its mass among its +inf entries. Rows that do not overflow (every ordinary
+    temperature and penalty) are computed exactly as before: the division alone, as transformers'."""
+    scaled = logits / temps
+    top = logits.amax(dim=-1, keepdim=True)
+    top_inf = torch.isposinf(top)
+    overflow = (torch.isinf(scaled) & torch.isfinite(logits)).any(dim=-1, keepdim=True) | top_inf
+    if not overflow.any():  # one device sync: the sampler reads its tokens back right after anyway
+        return scaled
+    limit = torch.where(top_inf, torch.where(torch.isposinf(logits), 0.0, -torch.inf), (logits - top) / temps)
+    return torch.where(overflow, limit, scaled)
+
+
 def _filtered_probs(logits: torch.Tensor, rows: list[SamplingParams]) -> torch.Tensor:
     """Softmax after temperature, then top-k, top-p and min-p filtering (renormalized)."""
     device = logits.device
     temps = torch.tensor([r.temperature for r in rows], device=device)[:, None]
-    probs = torch.softmax(logits / temps, dim=-1)
+    probs = torch.softmax(_scaled(logits, temps), dim=-1)
     vocab = probs.shape[-1]
     top_k = torch.tensor([r.top_k if 0 < r.top_k < vocab else vocab for r in rows], device=device)
     top_p = torch.tensor([r.top_p for r in rows], device=device)

@@ -9,6 +9,7 @@ standard library and the generated message stubs (no grpc), so the worker import
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import clients  # noqa: F401  (puts the generated stubs on sys.path)
@@ -63,6 +64,10 @@ class SamplingParams:
         # sequence.
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
                "must be an integer >= 1, got {!r}", self.max_tokens)
+        for name in _FLOAT_FIELDS:  # nan and inf pass or fail the range checks below by accident
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and math.isfinite(value), name,
+                   "must be a finite number, got {}", value)
         _check(self.temperature >= 0, "temperature", "must be >= 0, got {}", self.temperature)
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
                "must be an integer >= 0 (0 disables), got {!r}", self.top_k)
@@ -197,6 +202,9 @@ _EARLY_STOPPING = {
 _EARLY_STOPPING_FROM_PROTO = {v: k for k, v in _EARLY_STOPPING.items()} | {
     scheduler_pb2.EARLY_STOPPING_UNSPECIFIED: False,
 }
+
+
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "length_penalty", "repetition_penalty")
 
 
 def _check(ok: bool, field_name: str, message: str, *values: object) -> None:

@@ -2,7 +2,9 @@
 
 It talks to the scheduler over one ZeroMQ DEALER socket: WorkerHello first, then one reply per command
 (CacheReady for InitCache, StepResult for each StepPlan). Errors in a step travel in-band in the
-StepResult; errors before serving are sent as fatal_error and the process exits non-zero.
+StepResult; errors before serving are sent as fatal_error and the process exits non-zero. A thread
+beats on a socket of its own meanwhile (gpu_worker.heartbeat), so that the scheduler tells a long step
+from a stopped or frozen process.
 
 With tensor parallelism each worker is one rank (gpu_worker.distributed): every rank loads its shard,
 reports the blocks that fit its share of the KV heads, and executes every StepPlan; rank 0's StepResult
@@ -32,6 +34,7 @@ from gpu_worker.distributed import (
     shutdown_tensor_parallel,
 )
 from gpu_worker.engine_args import CPU_KV_CACHE_MEMORY, DEFAULTS, EngineArgs, check, check_device_present
+from gpu_worker.heartbeat import start_heartbeat
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
 from gpu_worker.model_config import ModelConfig
@@ -277,6 +280,7 @@ def serve(config: WorkerConfig) -> int:
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.IDENTITY, f"rank{config.rank}".encode())
     sock.connect(config.scheduler_address)
+    beat = start_heartbeat(config.scheduler_address, f"rank{config.rank}".encode(), ctx=ctx)
     if config.world_size > 1:
         # A rank blocked in a collective whose peer died never returns to the interpreter, so a Python
         # handler would never run: SIGTERM (from the launcher, or at the parent's death) kills at once.
@@ -299,6 +303,8 @@ def serve(config: WorkerConfig) -> int:
     except Exception as exc:  # other start-up errors (bugs: the traceback helps), and RankFailed
         _logger.exception("worker failed", rank=config.rank)
         return _fatal(sock, exc)
+    finally:
+        beat.set()  # an in-process worker (tests) leaves no beating thread behind
 
 
 def _fatal(sock: zmq.Socket, exc: BaseException) -> int:

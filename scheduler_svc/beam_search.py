@@ -19,10 +19,16 @@ longest possible one, for "never" with a positive length penalty); if that does 
 finished hypothesis, the search is over. The rule is sticky: once no improvement is possible, no
 hypothesis is added any more. With ``early_stopping`` True the search ends as soon as ``beam_width``
 hypotheses are finished.
+
+Scores divide by ``length ** length_penalty`` as transformers does, in IEEE arithmetic for any finite
+penalty (``length_normalized``): where the power overflows (a penalty of 1000 at length 2) the score
+tends to 0, where it underflows (-2000) to minus infinity; transformers itself raises OverflowError
+there, and gives the same scores wherever it does not.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -114,9 +120,8 @@ class BeamSearch:
             return
         if len(self.finished) == self.beam_width and self.early_stopping is True:
             return
-        norm = num_out**self.length_penalty
         new = [
-            Hypothesis(c.score / norm, outputs[c.beam] + [c.token_id])
+            Hypothesis(length_normalized(c.score, num_out, self.length_penalty), outputs[c.beam] + [c.token_id])
             for c, stop in zip(candidates[: self.beam_width], stops, strict=False)
             if stop
         ]
@@ -129,5 +134,21 @@ class BeamSearch:
         length = num_out
         if self.early_stopping == "never" and self.length_penalty > 0:
             length = self.max_num_tokens - self.num_prompt_tokens
-        best_possible = best_running_score / length**self.length_penalty
+        best_possible = length_normalized(best_running_score, length, self.length_penalty)
         return best_possible > min(h.score for h in self.finished)
+
+
+def length_normalized(score: float, length: int, length_penalty: float) -> float:
+    """``score / length ** length_penalty`` (transformers' hypothesis score) for any finite penalty,
+    never raising: Python's float power raises OverflowError where the power exceeds the float range
+    and its division raises ZeroDivisionError where the power underflows to 0; here both take the
+    IEEE limits (a sum of log probabilities is <= 0, so -0.0 and -inf; nan never comes out)."""
+    try:
+        norm = length**length_penalty
+    except OverflowError:
+        norm = math.inf
+    if norm == 0.0:
+        return math.copysign(math.inf, score) if score else score
+    if math.isinf(norm):
+        return score if math.isinf(score) else math.copysign(0.0, score)  # -inf stays the worst
+    return score / norm

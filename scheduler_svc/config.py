@@ -25,10 +25,11 @@ class SchedulerConfig:
     step_timeout: float = DEFAULTS.step_timeout  # seconds a step may take on the workers; 0: no watchdog
     kv_events_endpoint: str | None = None  # ZeroMQ address of the KV-event PUB socket; None: no events
     kv_events_topic: str = ""
+    heartbeat_timeout: float = DEFAULTS.heartbeat_timeout  # seconds without a worker's heartbeat; 0: not watched
 
     def __post_init__(self) -> None:
         check(self, ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_num_waiting",
-                     "step_timeout"))
+                     "step_timeout", "heartbeat_timeout"))
         if not 0 <= self.watermark < 1:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
 
@@ -45,4 +46,5 @@ class SchedulerConfig:
             step_timeout=engine.step_timeout,
             kv_events_endpoint=engine.kv_events_endpoint,
             kv_events_topic=engine.kv_events_topic,
+            heartbeat_timeout=engine.heartbeat_timeout,
         )

@@ -14,7 +14,9 @@ idles; the Connect streams carry it to the gateways and ``on_load`` feeds the me
 
 A step watchdog: the workers must answer a step within ``step_timeout`` seconds (the first steps get
 at least WARMUP_STEP_TIMEOUT_S: kernels may compile on them); a worker that does not is treated like
-a dead one, and the engine fails every request (UNAVAILABLE at the gateway) and stops.
+a dead one, and the engine fails every request (UNAVAILABLE at the gateway) and stops. A stalled worker
+process (stopped, frozen) is caught sooner, busy or idle, when its heartbeat stops for
+``heartbeat_timeout`` seconds (scheduler_svc.worker_group); a long honest step keeps beating.
 """
 
 from __future__ import annotations
@@ -32,8 +34,15 @@ from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.kv_events import KVEventLog
-from scheduler_svc.request import FinishReason, QueueFull, SeqOutput, SeqStatus
-from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.request import (
+    FinishReason,
+    QueueFull,
+    SeqOutput,
+    SeqStatus,
+    describe_exception,
+    print_request_failure,
+)
+from scheduler_svc.scheduler import INTERNAL, Scheduler
 from scheduler_svc.step_plan import decode_result, encode_step
 from scheduler_svc.worker_group import WorkerFailure, WorkerGroup
 
@@ -186,6 +195,7 @@ class EngineCore:
                 if not busy:
                     self._flush()
                     self._take_load()  # the settled state, before waiting for work
+                    self.workers.check()  # a worker that stalls or leaves while the engine idles
                 self._drain_inbox(block=not busy)
                 if self.scheduler.has_work() or self._in_flight:
                     self.step()
@@ -347,6 +357,15 @@ class EngineCore:
                 error=str(exc),
                 status_code=RESOURCE_EXHAUSTED,
                 retry_after_ms=RETRY_AFTER_MS,
+                num_prompt_tokens=len(sub.prompt_token_ids),
+            )
+        except Exception as exc:  # a bug that one request's data reached: that request fails, not the engine
+            print_request_failure(sub.request_id, exc)
+            return scheduler_pb2.RequestOutput(
+                request_id=sub.request_id,
+                finish_reason=FinishReason.FINISH_REASON_ERROR,
+                error=f"the scheduler could not accept this request: {describe_exception(exc)}",
+                status_code=INTERNAL,
                 num_prompt_tokens=len(sub.prompt_token_ids),
             )
         return None

@@ -14,10 +14,12 @@ would reach only one of them).
 
 A gateway that dies after it has been listening is restarted on the same port (survived by design):
 its streams end UNAVAILABLE on the client (the connection drops) and aborted in the scheduler (its
-Connect stream ends), while the other gateways keep serving and take the clients' new connections
-(the kernel drops a closed socket from the group). A gateway that exits before it ever listened (bad
-arguments, a port taken), or more than ``MAX_RESTARTS`` restarts within ``RESTART_WINDOW_S``, is a
-failure of the service: the launcher stops everything and exits 1, never running half alive.
+Connect stream ends), its live gauges leave the service's /metrics (it is marked dead in the
+multiprocess directory; its counters keep counting in the totals), while the other gateways keep
+serving and take the clients' new connections (the kernel drops a closed socket from the group). A
+gateway that exits before it ever listened (bad arguments, a port taken), or more than
+``MAX_RESTARTS`` restarts within ``RESTART_WINDOW_S``, is a failure of the service: the launcher
+stops everything and exits 1, never running half alive.
 """
 
 from __future__ import annotations
@@ -96,8 +98,9 @@ class GatewayFailed(RuntimeError):
 
 class GatewayGroup:
     def __init__(self, group: ProcessGroup, tmp: Path, num_gateways: int, host: str, port: int,
-                 argv: list[str], say: Callable[[str], None] = lambda _: None) -> None:
-        """``argv``: the gateway flags common to all (model, scheduler, drain timeout, log level...)."""
+                 argv: list[str], say: Callable[[str], None] = lambda _: None, metrics_dir: Path | None = None) -> None:
+        """``argv``: the gateway flags common to all (model, scheduler, drain timeout, log level...);
+        ``metrics_dir``: the children's prometheus multiprocess directory, if any."""
         if num_gateways < 1:
             raise ValueError(f"--gateways must be at least 1, got {num_gateways}")
         self.group, self.tmp, self.num, self.host, self.port = group, tmp, num_gateways, host, port
@@ -109,6 +112,7 @@ class GatewayGroup:
         self._next_probe = 0.0
         self._restarts: deque[float] = deque()
         self.announced_ready = False
+        self.metrics_dir = metrics_dir
 
     def name(self, i: int) -> str:
         return "gateway" if self.num == 1 else f"gateway{i}"
@@ -178,6 +182,10 @@ class GatewayGroup:
                                 f"{MAX_RESTARTS + 1} times within {RESTART_WINDOW_S:g} s")
         self._restarts.append(now)
         self._port_file(i).unlink(missing_ok=True)
+        if self.metrics_dir is not None:  # its live gauges (requests in flight...) die with it
+            from scheduler_svc import metrics
+
+            metrics.mark_dead(child.popen.pid, str(self.metrics_dir))
         if self._probes[i] is not None:
             self._probes[i].close()
         self._listening[i], self._probes[i], self._serving[i] = False, None, False

@@ -130,6 +130,8 @@ class ProcessGroup:
             for c in group:
                 if c.popen.poll() is None:
                     c.popen.send_signal(signal.SIGTERM)
+                    # A stopped child (SIGSTOP, a stalled worker) acts on its SIGTERM only once continued.
+                    c.popen.send_signal(signal.SIGCONT)
             for c in group:
                 try:
                     c.popen.wait(max(0.0, deadline - time.monotonic()))

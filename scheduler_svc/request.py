@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import clients  # noqa: F401
+from gpu_worker import log
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
 
@@ -182,6 +183,24 @@ def take_prompt_logprobs(seq: Sequence, by_seq: dict) -> scheduler_pb2.PromptLog
     return entry
 
 
+def describe_exception(exc: BaseException) -> str:
+    """An exception as one readable line for a client: its type and message, without the errno tuple
+    that some carry as their arguments (OverflowError(34, 'Numerical result out of range'))."""
+    args = exc.args
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        detail = args[1]
+    else:
+        detail = str(exc)
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def print_request_failure(request_id: str, exc: BaseException) -> None:
+    """The scheduler's record of a request that its own code failed on (a bug): one line naming the
+    request, then the traceback."""
+    log.get_logger().error("request failed", request_id=request_id[:64], error=describe_exception(exc),
+                           exc_info=exc)
+
+
 class QueueFull(Exception):
     """The waiting queue is at its bound (``max_num_waiting``): the request is refused now, not queued,
     and may be retried later."""
@@ -227,6 +246,8 @@ def validate_request(
     field_name = "beam_width" if width > 1 else "n"
     if group > limits.max_group_size:
         raise InvalidField(field_name, f"{group} sequences exceed the scheduler's step limit {limits.max_group_size}")
+    if vocab is not None and params.top_logprobs > vocab:
+        raise InvalidField("top_logprobs", f"{params.top_logprobs} exceeds the vocabulary of {vocab} tokens")
     num_candidates = max(2, 1 + len(stop_token_ids)) * width
     if width > 1 and vocab is not None and num_candidates > vocab:
         raise InvalidField("beam_width", f"{width} beams need {num_candidates} candidates per step")

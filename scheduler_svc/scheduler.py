@@ -42,9 +42,12 @@ from scheduler_svc.request import (
     SeqStatus,
     Sequence,
     arrival_order,
+    describe_exception,
+    print_request_failure,
     take_prompt_logprobs,
     validate_request,
 )
+from scheduler_svc.schedule_ahead import AheadPlanningMixin
 from scheduler_svc.scheduler_stats import SchedulerStats
 from scheduler_svc.sequence_groups import SequenceGroups
 from scheduler_svc.step_budget import Pick, StepBudget
@@ -55,9 +58,10 @@ _RUNNING = SeqStatus.RUNNING
 _STOP = int(FinishReason.FINISH_REASON_STOP)
 _LENGTH = int(FinishReason.FINISH_REASON_LENGTH)
 _NOT_FINISHED = int(FinishReason.FINISH_REASON_UNSPECIFIED)
+INTERNAL = 13  # google.rpc.Code of a request whose processing raised
 
 
-class Scheduler:
+class Scheduler(AheadPlanningMixin):
     def __init__(
         self,
         config: SchedulerConfig,
@@ -109,8 +113,8 @@ class Scheduler:
             stop_ids |= self.eos_token_ids
         validate_request(prompt_token_ids, params, stop_ids, self.limits)
         bound = self.config.max_num_waiting
-        if bound and len(self.waiting) >= bound:
-            raise QueueFull(f"the server is at capacity: {len(self.waiting)} sequences are waiting for admission "
+        if bound and len(self.waiting) >= bound and (num_waiting := self.num_blocked_waiting()) >= bound:
+            raise QueueFull(f"the server is at capacity: {num_waiting} sequences are waiting for admission "
                             f"(--max-num-waiting {bound}); retry later")
         request = Request(request_id, stream_id, list(prompt_token_ids), params, self._next_arrival, stop_ids)
         self._next_arrival += 1
@@ -139,6 +143,26 @@ class Scheduler:
             outputs += self.abort_request(s_id, r_id)
         return outputs
 
+    def num_blocked_waiting(self) -> int:
+        """Waiting sequences that the next schedule could not admit for want of room: those after the
+        longest head of the queue that fits the free sequence seats and blocks now (first come, first
+        served, as ``_admit`` takes them; a prompt's cached prefix is not counted, so this errs
+        towards waiting). A burst at an idle engine is about to run, not waiting, and
+        ``max_num_waiting`` bounds only these. Walks the admissible head: at most ``max_num_seqs``."""
+        if self.swapped:
+            return len(self.waiting)  # swapped groups come back before anyone is admitted
+        seats = self.config.max_num_seqs - len(self.running)
+        blocks = self.kv.num_free_blocks - (self._watermark_blocks if self.running else 0)
+        admissible = 0
+        for seq in self.waiting:
+            forks = seq.request.num_pending_forks
+            seats -= 1 + forks
+            blocks -= self.kv.num_blocks_for(seq.num_tokens) + forks
+            if seats < 0 or blocks < 0:
+                break
+            admissible += 1
+        return len(self.waiting) - admissible
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
@@ -160,76 +184,6 @@ class Scheduler:
         out.finished_seq_ids = self.queues.take_dropped()
         self.stats.num_steps += 1
         return out
-
-    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
-        """The step after ``prev``, planned while ``prev`` still runs on the workers (its results not
-        applied yet), or None where the plan would depend on them.
-
-        Qualifies: every running sequence is one request's only sequence and is in ``prev``; nothing
-        is swapped or waits for a fork or a beam re-selection; the pool has the blocks without
-        preempting. A sequence that samples in ``prev`` decodes the token ``prev`` samples (the
-        workers keep their sampled tokens, so the plan needs only ids and block deltas); one still
-        prefilling after ``prev`` computes its next chunk of known prompt tokens; then waiting
-        requests are admitted as ``schedule`` admits them, with the blocks free now (``prev``'s
-        results can only free more). A sequence that ``prev`` ends by length is left out; one that
-        ``prev`` ends by a stop token, or that is aborted meanwhile, computes one extra token, which
-        ``update`` ignores (it is no longer running) and whose KV slot lies past its end, in blocks
-        freed by then, and any later step that reuses them runs after this one on the workers."""
-        if self.swapped or self.groups.has_pending:
-            return None
-        if prev.preempted or prev.forks or prev.swap_out or prev.swap_in:
-            return None
-        picks = self._ahead_picks(prev)
-        if picks is None or self.kv.num_blocks_needed([(s.seq_id, a, b) for s, a, b in picks]) > (
-                self.kv.num_free_blocks):
-            return None
-        out = SchedulerOutput(self._next_step_id)
-        step = StepBudget(self.config.max_num_batched_tokens, num_seqs=len(picks))
-        for seq, start, end in picks:
-            out.add_running(seq, end - start, self.kv.allocate_slots(seq.seq_id, start, end))
-            step.budget -= end - start
-        if step.budget > 0:
-            self._admit(step, out)
-        if out.is_empty:
-            return None
-        self._next_step_id += 1
-        out.finished_seq_ids = self.queues.take_dropped()
-        self.stats.num_steps += 1
-        self.stats.num_ahead_steps += 1
-        return out
-
-    def _ahead_picks(self, prev: SchedulerOutput) -> list[tuple[Sequence, int, int]] | None:
-        """(sequence, start, end) of each running sequence's share of the step after ``prev``: decodes
-        first, then prefill chunks, under the token budget; None where a sequence rules planning out."""
-        scheduled = {id(s.seq): s.num_scheduled_tokens for s in chain(prev.new_seqs, prev.running)}
-        if len(scheduled) < len(self.running):
-            return None  # someone left out of prev (budget, seq cap) must not be skipped again
-        picks: list[tuple[Sequence, int, int]] = []
-        chunks: list[tuple[Sequence, int]] = []
-        max_model_len = self.max_model_len
-        for seq in self.running:
-            n = scheduled.get(id(seq))
-            request = seq.request
-            if n is None or request.beam is not None or request.num_pending_forks or len(request.seqs) > 1:
-                return None
-            num_tokens = len(seq.token_ids)
-            computed = seq.num_computed_tokens + n  # once prev has run
-            if computed < num_tokens:
-                chunks.append((seq, computed))  # still prefilling: its next tokens are known
-                continue
-            if num_tokens + 1 - len(request.prompt_token_ids) >= request.max_tokens or num_tokens + 1 >= max_model_len:
-                continue  # prev's token ends it
-            picks.append((seq, num_tokens, num_tokens + 1))
-        budget = self.config.max_num_batched_tokens - len(picks)
-        if budget < 0:
-            return None
-        for seq, start in chunks:
-            if budget == 0:
-                break
-            end = min(len(seq.token_ids), start + budget)
-            picks.append((seq, start, end))
-            budget -= end - start
-        return picks
 
     def _pick_running(self, step: StepBudget, out: SchedulerOutput) -> None:
         """Phase one: which running sequences compute how many tokens; preempts to make room."""
@@ -408,51 +362,80 @@ class Scheduler:
         ``top`` their top candidates (needed by beam search)."""
         results, self._pending_outputs = self._pending_outputs, []
         beam_rows: dict[int, tuple[Request, dict[int, tuple[list[int], list[float]]]]] = {}
-        caching = self.kv.enable_caching
         for sched in chain(out.new_seqs, out.running):
             seq = sched.seq
             if seq.status is not _RUNNING:
-                continue  # aborted while the step ran
-            num_prompt = len(seq.request.prompt_token_ids)
-            if seq.num_computed_tokens < num_prompt:
-                self.stats.num_computed_prompt_tokens += min(
-                    sched.num_scheduled_tokens, num_prompt - seq.num_computed_tokens
-                )
-            seq.num_computed_tokens += sched.num_scheduled_tokens
-            if caching:
-                self.kv.cache_full_blocks(seq)
-            prompt_lp = take_prompt_logprobs(seq, prompt_logprobs) if prompt_logprobs else None
-            if seq.num_computed_tokens < seq.num_tokens:
-                if seq.seq_id in sampled:
-                    raise RuntimeError(f"worker sampled for sequence {seq.seq_id} mid-prefill")
-                if prompt_lp is not None:
-                    results.append(SeqOutput(seq, [], [], prompt_logprobs=prompt_lp))
-                continue
-            token = sampled.get(seq.seq_id)
-            if token is None:
-                raise RuntimeError(f"worker returned no token for sequence {seq.seq_id}")
-            seq.token_ids.append(token)
-            request = seq.request
-            if request.beam is not None:
-                if top is None or seq.seq_id not in top:
-                    raise RuntimeError(f"worker returned no candidates for beam {seq.seq_id}")
-                beam_rows.setdefault(id(request), (request, {}))[1][seq.seq_id] = top[seq.seq_id]
-                continue
-            reason = self._stop_reason(seq, token)
-            # A batch returns logprobs when any of its requests asks: pass on only what this one asked for.
-            lp = [logprobs[seq.seq_id]] if logprobs and request.params.logprobs and seq.seq_id in logprobs else []
-            output = self.finish(seq, reason, [token], lp) if reason else SeqOutput(seq, [token], lp)
-            output.prompt_logprobs = prompt_lp
-            k = request.num_top_logprobs
-            if k and top is not None and seq.seq_id in top:
-                ids, lps = top[seq.seq_id]
-                output.top_logprobs = [(ids[:k], lps[:k])]
-            results.append(output)
+                continue  # aborted while the step ran (or its request failed below)
+            try:
+                output = self._apply(sched, sampled, logprobs, top, prompt_logprobs, beam_rows)
+            except Exception as exc:  # one request's data must not end the engine: that request fails alone
+                output = self.fail_request(seq.request, exc)
+            if output is not None:
+                results.append(output)
         for request, rows in beam_rows.values():
-            results += self.groups.beam_step(request, rows)
+            if not any(s.status is _RUNNING for s in request.seqs):
+                continue  # failed meanwhile
+            try:
+                results += self.groups.beam_step(request, rows)
+            except Exception as exc:
+                results.append(self.fail_request(request, exc))
+                continue
             if request.beam.done:
                 del self.requests[(request.stream_id, request.request_id)]
         return results
+
+    def _apply(self, sched, sampled, logprobs, top, prompt_logprobs, beam_rows) -> SeqOutput | None:
+        """One sequence's share of a step's result: its output, or None (mid-prefill, or a beam whose
+        re-selection waits for its siblings in ``beam_rows``)."""
+        seq = sched.seq
+        num_prompt = len(seq.request.prompt_token_ids)
+        if seq.num_computed_tokens < num_prompt:
+            self.stats.num_computed_prompt_tokens += min(sched.num_scheduled_tokens,
+                                                         num_prompt - seq.num_computed_tokens)
+        seq.num_computed_tokens += sched.num_scheduled_tokens
+        if self.kv.enable_caching:
+            self.kv.cache_full_blocks(seq)
+        prompt_lp = take_prompt_logprobs(seq, prompt_logprobs) if prompt_logprobs else None
+        if seq.num_computed_tokens < seq.num_tokens:
+            if seq.seq_id in sampled:
+                raise RuntimeError(f"worker sampled for sequence {seq.seq_id} mid-prefill")
+            return SeqOutput(seq, [], [], prompt_logprobs=prompt_lp) if prompt_lp is not None else None
+        token = sampled.get(seq.seq_id)
+        if token is None:
+            raise RuntimeError(f"worker returned no token for sequence {seq.seq_id}")
+        seq.token_ids.append(token)
+        request = seq.request
+        if request.beam is not None:
+            if top is None or seq.seq_id not in top:
+                raise RuntimeError(f"worker returned no candidates for beam {seq.seq_id}")
+            beam_rows.setdefault(id(request), (request, {}))[1][seq.seq_id] = top[seq.seq_id]
+            return None
+        reason = self._stop_reason(seq, token)
+        # A batch returns logprobs when any of its requests asks: pass on only what this one asked for.
+        lp = [logprobs[seq.seq_id]] if logprobs and request.params.logprobs and seq.seq_id in logprobs else []
+        output = self.finish(seq, reason, [token], lp) if reason else SeqOutput(seq, [token], lp)
+        output.prompt_logprobs = prompt_lp
+        k = request.num_top_logprobs
+        if k and top is not None and seq.seq_id in top:
+            ids, lps = top[seq.seq_id]
+            output.top_logprobs = [(ids[:k], lps[:k])]
+        return output
+
+    def fail_request(self, request: Request, exc: BaseException) -> SeqOutput:
+        """Ends a request whose processing raised, alone: every sequence of it (including any that a
+        half-done beam re-selection forked) stops and frees its blocks, and the one output reports
+        INTERNAL naming the exception. The engine and every other request go on."""
+        print_request_failure(request.request_id, exc)
+        message = f"the scheduler could not process this request: {describe_exception(exc)}"
+        orphans = [s for s in chain(self.running, self.waiting, self.swapped) if s.request is request]
+        report = next((s for s in request.seqs if s.status is not SeqStatus.FINISHED), None)
+        for seq in [*request.seqs, *orphans]:
+            if seq.status is not SeqStatus.FINISHED:
+                self.finish(seq, FinishReason.FINISH_REASON_ERROR)
+        self.requests.pop((request.stream_id, request.request_id), None)
+        if report is None:  # nothing left running (a finished beam search): report as its first beam
+            report = Sequence(self._new_seq_id(), request, [], status=SeqStatus.FINISHED)
+        return SeqOutput(report, [], [], FinishReason.FINISH_REASON_ERROR, error=message, status_code=INTERNAL)
 
     def _stop_reason(self, seq: Sequence, token: int) -> int:
         request = seq.request

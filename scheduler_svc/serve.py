@@ -32,7 +32,13 @@ from gpu_worker.engine_args import EngineArgs, check_device_present
 from gpu_worker.model_files import resolve_model
 from scheduler_svc.engine_set import EngineSet
 from scheduler_svc.gateway.http_options import HttpLimits, add_http_arguments
-from scheduler_svc.gateway.options import GatewayLimits, SecurityConfig, add_limit_arguments, add_security_arguments
+from scheduler_svc.gateway.options import (
+    GatewayLimits,
+    SecurityConfig,
+    add_keepalive_argument,
+    add_limit_arguments,
+    add_security_arguments,
+)
 from scheduler_svc.gateway.router import POLICIES  # standard library only
 from scheduler_svc.gateway_group import GatewayFailed, GatewayGroup, check_port_free, default_num_gateways
 from scheduler_svc.launcher import Child, ProcessGroup
@@ -52,6 +58,7 @@ def _gateway_argv(args: argparse.Namespace, scheduler_address: str, http_port_fi
     """The flags every gateway takes; the group adds host, port and its private sockets."""
     argv = ["--model", args.model, "--scheduler", scheduler_address, "--drain-timeout", str(args.drain_timeout),
             "--log-level", args.log_level, "--routing", args.routing, "--model-name", _model_name(args),
+            "--scheduler-keepalive", str(args.scheduler_keepalive),
             *GatewayLimits.from_args(args).to_argv(), *SecurityConfig.from_args(args).to_argv()]
     if args.http_port is not None:  # every gateway writes the same port (one chosen before, when several)
         argv += ["--http-port", str(args.http_port), "--http-port-file", str(http_port_file),
@@ -90,7 +97,7 @@ class Launcher:
         self.group = ProcessGroup(Path(args.log_dir) if args.log_dir else None, env)
         self.gateways = GatewayGroup(self.group, self.tmp, args.gateways, args.host, args.port,
                                      _gateway_argv(args, ",".join(self.engines.scheduler_addresses),
-                                                   self.tmp / "gateway.http.port"), _say)
+                                                   self.tmp / "gateway.http.port"), _say, self.metrics_dir)
         self.http_port_file: Path | None = self.tmp / "gateway.http.port" if args.http_port is not None else None
         self.signals = 0
         self.signalled = threading.Event()
@@ -227,6 +234,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds running streams get to finish after SIGINT/SIGTERM (default 30)")
     p.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log (default: stderr)")
     p.add_argument("--log-level", default="info", help="log level of the launcher and the gateways (default info)")
+    add_keepalive_argument(p)
     add_limit_arguments(p.add_argument_group("gateway limits (checked before any work is done on a request)"))
     add_security_arguments(p.add_argument_group("gateway security (all off by default)"))
     add_http_arguments(p.add_argument_group("the HTTP port's timeouts and caps (with --http-port)"))

@@ -31,11 +31,17 @@ from scheduler_svc.worker_group import WorkerGroup
 _END = object()
 LOAD_IDLE_S = 0.25
 _logger = log.get_logger()
-# The gateways ping idle Connect streams (keepalive) to notice an engine whose host vanished.
+# The gateways ping their Connect streams (keepalive, every --scheduler-keepalive seconds, at least
+# gateway.scheduler_link.MIN_KEEPALIVE_S = 2 x this) to notice an engine whose host vanished, also while
+# no data flows. The server must permit that, or after two early pings it answers GOAWAY too_many_pings
+# and drops the stream (grpcio's default minimum interval is 5 minutes). The option's name is
+# min_ping_interval_without_data_ms (grpc core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS);
+# a misspelt option is ignored without a word.
+MIN_PING_INTERVAL_MS = 500
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 2**20),
     ("grpc.max_send_message_length", 64 * 2**20),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
@@ -110,7 +116,7 @@ def serve(
     model_name: str = "",
 ) -> int:
     """Runs the scheduler until stopped; returns the exit code (non-zero after a worker failure)."""
-    workers = WorkerGroup(worker_address, world_size)
+    workers = WorkerGroup(worker_address, world_size, heartbeat_timeout=config.heartbeat_timeout)
     servicer = SchedulerServicer(engine_name)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=SERVER_OPTIONS)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)

@@ -3,6 +3,12 @@
 One ROUTER socket; each worker connects a DEALER whose identity is ``rank<N>``. Every StepPlan goes to
 every rank; every rank answers, and rank 0's answer carries the sampled tokens. A worker that
 disconnects (its process died) fails the wait at once, through a socket monitor.
+
+Each worker also beats from a thread of its own (gpu_worker.heartbeat), identity ``rank<N>.heartbeat``,
+on the same socket. Once the pool is allocated (start-up may hold a worker's interpreter for long: CUDA
+initialization, graph capture; the start-up timeout bounds it), a rank whose beats stop for
+``heartbeat_timeout`` seconds is a stalled worker (stopped, frozen): every wait fails as for a dead one,
+and ``check`` finds it between steps too, while the engine idles.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 import clients  # noqa: F401
+from gpu_worker.heartbeat import HEARTBEAT_SUFFIX
 from pagedserve.internal.v1 import worker_pb2
 
 
@@ -23,7 +30,8 @@ class WorkerFailure(RuntimeError):
 
 
 class WorkerGroup:
-    def __init__(self, address: str, world_size: int = 1, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, address: str, world_size: int = 1, ctx: zmq.Context | None = None,
+                 heartbeat_timeout: float = 0.0) -> None:
         self.world_size = world_size
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -36,33 +44,69 @@ class WorkerGroup:
         # Step answers that came before another rank's answer to an earlier step (with two steps in
         # flight a fast rank may answer both), kept per rank in order.
         self._ahead: dict[bytes, deque[worker_pb2.WorkerReply]] = {i: deque() for i in self.identities}
+        self._early: deque[tuple[bytes, worker_pb2.WorkerReply]] = deque()  # replies ``check`` read
         self._connected = 0
+        self.heartbeat_timeout = heartbeat_timeout  # 0: beats are not watched
+        self._beats: dict[bytes, float] = {}  # rank identity -> monotonic time of its last beat
+        self._watching = False  # set once the pool is allocated
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
 
     def _recv(self, timeout_s: float | None, deadline: float | None, alive: Callable[[], bool] | None = None):
-        """Next (identity, WorkerReply); raises WorkerFailure on disconnect, death, or no answer by
-        ``deadline`` (monotonic; the end of a whole wait of ``timeout_s``, however many replies it takes)."""
+        """Next (identity, WorkerReply); raises WorkerFailure on disconnect, death, a stalled worker, or
+        no answer by ``deadline`` (monotonic; the end of a whole wait of ``timeout_s``, however many
+        replies it takes)."""
+        if self._early:
+            return self._early.popleft()
         while True:
-            events = dict(self.poller.poll(500))
-            if self.monitor in events:
-                event = recv_monitor_message(self.monitor)
-                if event["event"] == zmq.EVENT_ACCEPTED:
-                    self._connected += 1
-                elif event["event"] == zmq.EVENT_DISCONNECTED:
-                    raise WorkerFailure("a worker disconnected (its process exited?)")
-                continue
-            if self.sock in events:
-                identity, payload = self.sock.recv_multipart()
-                reply = worker_pb2.WorkerReply.FromString(payload)
-                if reply.WhichOneof("kind") == "fatal_error":
-                    raise WorkerFailure(f"worker {identity.decode()} failed: {reply.fatal_error}")
-                return identity, reply
+            got = self._read(500)
+            if got is not None:
+                return got
             if alive is not None and not alive():
                 raise WorkerFailure("a worker process exited")
+            self._check_beats()
             if deadline is not None and time.monotonic() > deadline:
                 raise WorkerFailure(f"no answer from the workers within {timeout_s:g} s")
+
+    def _read(self, timeout_ms: int) -> tuple[bytes, worker_pb2.WorkerReply] | None:
+        """Waits up to ``timeout_ms`` for socket activity and handles it: a reply is returned; a beat or
+        a connection is noted (None); a disconnect or a worker's fatal error raises WorkerFailure."""
+        events = dict(self.poller.poll(timeout_ms))
+        if self.monitor in events:
+            event = recv_monitor_message(self.monitor)
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._connected += 1
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                raise WorkerFailure("a worker disconnected (its process exited?)")
+        if self.sock not in events:
+            return None
+        identity, payload = self.sock.recv_multipart()
+        if identity.endswith(HEARTBEAT_SUFFIX):
+            self._beats[identity[: -len(HEARTBEAT_SUFFIX)]] = time.monotonic()
+            return None
+        reply = worker_pb2.WorkerReply.FromString(payload)
+        if reply.WhichOneof("kind") == "fatal_error":
+            raise WorkerFailure(f"worker {identity.decode()} failed: {reply.fatal_error}")
+        return identity, reply
+
+    def _check_beats(self) -> None:
+        if not self._watching or not self.heartbeat_timeout:
+            return
+        now = time.monotonic()
+        for identity, last in self._beats.items():
+            if now - last > self.heartbeat_timeout:
+                raise WorkerFailure(f"worker {identity.decode()} stalled: no heartbeat for {now - last:.1f} s "
+                                    f"(stopped or frozen; --heartbeat-timeout {self.heartbeat_timeout:g})")
+
+    def check(self) -> None:
+        """Between steps (the engine idles): reads what the workers sent meanwhile, without waiting, and
+        raises WorkerFailure for a worker that left, failed or stalled."""
+        while self.poller.poll(0):
+            got = self._read(0)
+            if got is not None:
+                self._early.append(got)  # nothing is awaited now: kept for the next wait
+        self._check_beats()
 
     def wait_for_hellos(
         self, timeout_s: float = 600.0, alive: Callable[[], bool] | None = None
@@ -86,6 +130,10 @@ class WorkerGroup:
             _, reply = self._recv(timeout_s, deadline, alive)
             if reply.WhichOneof("kind") != "cache_ready":
                 raise WorkerFailure("expected CacheReady")
+        # Serving from here on: a worker's beats are watched from now (however long start-up took).
+        now = time.monotonic()
+        self._beats = dict.fromkeys(self._beats, now)
+        self._watching = True
 
     def _broadcast(self, payload: bytes) -> None:
         for identity in self.identities:

@@ -29,6 +29,7 @@ import clients  # noqa: F401
 from gpu_worker import log
 from pagedserve.internal.v1 import scheduler_pb2
 from scheduler_svc.gateway.metrics import GatewayMetrics
+from scheduler_svc.gateway.options import DEFAULT_KEEPALIVE_S
 from scheduler_svc.gateway.router import Router
 from scheduler_svc.gateway.scheduler_link import DuplicateRequest, LinkDown, SchedulerLink
 
@@ -104,8 +105,10 @@ class EnginePool:
     so that GenerationCore need not know there are several."""
 
     def __init__(self, spec: str, router: Router, metrics: GatewayMetrics,
-                 on_change: Callable[[], None] | None = None, dns_refresh_s: float = 5.0) -> None:
+                 on_change: Callable[[], None] | None = None, dns_refresh_s: float = 5.0,
+                 keepalive_s: float = DEFAULT_KEEPALIVE_S) -> None:
         self.addresses, self.dns = parse_engines(spec)
+        self.keepalive_s = keepalive_s  # of each engine's link
         self.router = router
         self.metrics = metrics
         self.on_change = on_change
@@ -186,7 +189,7 @@ class EnginePool:
         for address in addresses:
             engine = self.engines.get(address)
             if engine is None:
-                engine = Engine(address, SchedulerLink(address))
+                engine = Engine(address, SchedulerLink(address, keepalive_s=self.keepalive_s))
                 engine.link.on_lost = engine.wake.set
                 engine.link.on_load = engine.on_load
                 engine.watcher = asyncio.create_task(self._watch(engine), name=f"engine-watcher {address}")

@@ -41,6 +41,7 @@ from scheduler_svc.gateway.validation import (
     public_field,
     text_token_ids,
 )
+from scheduler_svc.request import describe_exception
 
 SHUTDOWN = object()  # queued to requests still running when the drain period is over
 
@@ -158,9 +159,12 @@ class GenerationCore:
         except (asyncio.CancelledError, GeneratorExit):
             summary.status = cancel_status() if cancel_status is not None else "CANCELLED"
             raise
-        except Exception as exc:  # a bug or a broken transport
-            summary.status, summary.error = "UNKNOWN", repr(exc)
-            raise
+        except Exception as exc:  # a bug that this request's data reached (detokenizing, a stop check...)
+            failed = GenerationFailed(grpc.StatusCode.INTERNAL,
+                                      f"the gateway could not process this request: {describe_exception(exc)}")
+            summary.status, summary.error = failed.code.name, failed.message
+            self._log.error("request failed in the gateway", request_id=summary.request_id or "-", exc_info=exc)
+            raise failed from exc
         finally:
             self.num_active -= 1
             self.metrics.in_flight.dec()

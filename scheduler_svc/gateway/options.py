@@ -123,3 +123,16 @@ def add_security_arguments(parser: argparse.ArgumentParser | argparse._ArgumentG
     parser.add_argument("--health-port", type=int, metavar="PORT",
                         help="also serve grpc.health.v1 (only) in plaintext on this port, for probes that "
                         "cannot speak TLS; 0 picks a free one")
+
+
+DEFAULT_KEEPALIVE_S = 10.0
+# The scheduler permits a ping every 0.5 s without data (service.MIN_PING_INTERVAL_MS): keepalives of at
+# least twice that never count as a ping strike, however the timers jitter.
+MIN_KEEPALIVE_S = 1.0
+
+
+def add_keepalive_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The gateway's keepalive toward its schedulers (the gateway's flag, and ``serve``'s)."""
+    parser.add_argument("--scheduler-keepalive", type=float, default=DEFAULT_KEEPALIVE_S, metavar="SECONDS",
+                        help="ping each scheduler's Connect stream this often, also while idle, to notice an "
+                        f"engine whose host vanished; at least {MIN_KEEPALIVE_S:g} (default %(default)s)")

@@ -34,15 +34,27 @@ import grpc
 import clients  # noqa: F401
 from gpu_worker import log
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc.gateway.options import DEFAULT_KEEPALIVE_S, MIN_KEEPALIVE_S
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 2**20),
-    ("grpc.max_send_message_length", 64 * 2**20),
-    # A ping every 10 s on an open stream notices a scheduler whose host vanished without closing it.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),  # also while no request is running
-]
+
+def channel_options(keepalive_s: float = DEFAULT_KEEPALIVE_S) -> list[tuple[str, int]]:
+    """The link's channel: a keepalive ping every ``keepalive_s`` on the open Connect stream notices a
+    scheduler whose host vanished without closing it; an idle stream (no request running, no data
+    either way) pings too. The scheduler must permit pings that often without data, or it answers
+    with GOAWAY too_many_pings and the stream drops (grpcio's default minimum is 5 minutes)."""
+    if keepalive_s < MIN_KEEPALIVE_S:
+        raise ValueError(f"the scheduler keepalive must be at least {MIN_KEEPALIVE_S:g} s, got {keepalive_s:g}")
+    return [
+        ("grpc.max_receive_message_length", 64 * 2**20),
+        ("grpc.max_send_message_length", 64 * 2**20),
+        ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # also while no request is running
+    ]
+
+
+CHANNEL_OPTIONS = channel_options()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +110,13 @@ class RequestInbox:
 
 class SchedulerLink:
     def __init__(self, address: str, on_lost: Callable[[], None] | None = None,
-                 on_load: Callable[[scheduler_pb2.EngineLoad], None] | None = None) -> None:
+                 on_load: Callable[[scheduler_pb2.EngineLoad], None] | None = None,
+                 keepalive_s: float = DEFAULT_KEEPALIVE_S) -> None:
         self.address = address
         self.on_lost = on_lost
         self.on_load = on_load  # the engine's load reports, as they arrive on the stream
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)  # GetEngineInfo
+        self._options = channel_options(keepalive_s)
+        self._channel = grpc.aio.insecure_channel(address, options=self._options)  # GetEngineInfo
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
         self._stream_channel: grpc.Channel | None = None  # the Connect stream's (read by a thread)
         self._routes: dict[str, RequestInbox] = {}
@@ -130,7 +144,7 @@ class SchedulerLink:
         if self.connected or self._closing:
             return
         if self._stream_channel is None:
-            self._stream_channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._stream_channel = grpc.insecure_channel(self.address, options=self._options)
         up: queue.Queue = queue.Queue()
         self._call = scheduler_pb2_grpc.SchedulerServiceStub(self._stream_channel).Connect(iter(up.get, None))
         self._up = up

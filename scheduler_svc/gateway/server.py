@@ -42,14 +42,17 @@ from scheduler_svc.gateway.generation import SHUTDOWN, GenerationCore, Generatio
 from scheduler_svc.gateway.http_options import HttpLimits, add_http_arguments
 from scheduler_svc.gateway.metrics import GatewayMetrics
 from scheduler_svc.gateway.options import (
+    DEFAULT_KEEPALIVE_S,
     DEFAULT_LIMITS,
     GatewayLimits,
     SecurityConfig,
+    add_keepalive_argument,
     add_limit_arguments,
     add_security_arguments,
     read_token,
 )
 from scheduler_svc.gateway.router import POLICIES, Router
+from scheduler_svc.gateway.scheduler_link import channel_options
 from scheduler_svc.gateway.tokenizer import Tokenizer
 
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"]
@@ -145,13 +148,13 @@ class Gateway:
 
     def __init__(self, model_dir: str | Path, scheduler_address: str, model_name: str | None = None,
                  router: Router | None = None, dns_refresh_s: float = 5.0,
-                 limits: GatewayLimits = DEFAULT_LIMITS) -> None:
+                 limits: GatewayLimits = DEFAULT_LIMITS, scheduler_keepalive_s: float = DEFAULT_KEEPALIVE_S) -> None:
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = model_name or Path(model_dir).resolve().name
         self._changed = asyncio.Event()
         self.metrics = GatewayMetrics(self.model_name)
         self.engines = EnginePool(scheduler_address, router or Router(), self.metrics, on_change=self._changed.set,
-                                  dns_refresh_s=dns_refresh_s)
+                                  dns_refresh_s=dns_refresh_s, keepalive_s=scheduler_keepalive_s)
         self.core = GenerationCore(self.tokenizer, self.model_name, self.engines, self.metrics, limits)
         self.chat = ChatPrompts(self.core, ChatTemplate.from_model(model_dir, self.tokenizer.id_to_token))
         self.servicer = GenerationServicer(self.core, self.chat)
@@ -238,7 +241,8 @@ async def serve(args: argparse.Namespace) -> int:
     router = Router(args.routing, args.affinity_blocks)
     limits = GatewayLimits.from_args(args)
     secure = SecurityConfig.from_args(args)
-    gateway = Gateway(args.model, args.scheduler, args.model_name, router, args.dns_refresh, limits)
+    gateway = Gateway(args.model, args.scheduler, args.model_name, router, args.dns_refresh, limits,
+                      args.scheduler_keepalive)
     server = make_server(gateway, limits, secure, args.reuse_port)
     servers = [server]
     address = format_address(args.host, args.port)
@@ -290,12 +294,21 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# grpc.aio accepts one call per pass of the event loop; calls that arrive faster wait in grpc core's
+# queue of unaccepted calls, and grpc cancels those older than grpc.server_max_unrequested_time_in_server
+# (30 s by default) without a word: in a burst of 2,000 streams on a busy gateway, 1-165 calls ended
+# CANCELLED that no handler ever saw (no log line, no metric). A waiting call is left to its own
+# deadline instead; this bound only clears calls that a stuck gateway will never accept.
+MAX_UNACCEPTED_S = 3600
+
+
 def make_server(gateway: Gateway, limits: GatewayLimits, secure: SecurityConfig,
                 reuse_port: bool = False) -> grpc.aio.Server:
     """The public server: the gateway's services behind the size limit and the token check."""
     server = grpc.aio.server(interceptors=security.interceptors(secure), options=[
         ("grpc.max_receive_message_length", limits.max_request_bytes),
         ("grpc.max_send_message_length", 64 * 2**20),
+        ("grpc.server_max_unrequested_time_in_server", MAX_UNACCEPTED_S),
         # Alone, a second gateway on the same port must fail, not share it; `serve --gateways N` starts
         # its N gateways with --reuse-port after checking that nothing else holds the port.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -331,6 +344,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--affinity-blocks", type=int, default=4,
                    help="prefix routing keys a prompt by its first N full KV blocks (default 4)")
     p.add_argument("--dns-refresh", type=float, default=5.0, help="seconds between lookups of dns:NAME (default 5)")
+    add_keepalive_argument(p)
     metrics.add_arguments(p)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
@@ -363,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         GatewayLimits.from_args(args)
         SecurityConfig.from_args(args)
         HttpLimits.from_args(args)
+        channel_options(args.scheduler_keepalive)
     except ValueError as exc:
         parser.error(str(exc))
     log.configure("gateway", args.log_level, args.log_format)

@@ -43,9 +43,14 @@ def tokenizer(checkpoint):
     return Tokenizer(checkpoint)
 
 
+KEEPALIVE_S = 1.0
+
+
 @pytest.fixture(scope="module")
 def service(checkpoint, tmp_path_factory):
-    svc = LocalService(checkpoint, *ENGINE, log_dir=tmp_path_factory.mktemp("logs"))
+    # The gateway pings its scheduler stream every second (10 by default): see the idle-link test.
+    svc = LocalService(checkpoint, *ENGINE, "--scheduler-keepalive", f"{KEEPALIVE_S:g}",
+                       log_dir=tmp_path_factory.mktemp("logs"))
     yield svc
     assert svc.stop() == 0, "\n".join(svc.lines)
 
@@ -191,6 +196,51 @@ def test_offline_llm_returns_top_logprobs(checkpoint, tokenizer, hf_model):
                                                                      top_logprobs=TOP, ignore_eos=True))
     (out,) = result.outputs
     check_against_transformers(hf_model, result.prompt_token_ids, out.token_ids, out.logprobs, out.top_logprobs, TOP)
+
+
+@pytest.mark.parametrize("length_penalty", [1000.0, 3e38, -2000.0])
+def test_an_extreme_length_penalty_returns_its_beams_and_the_engine_lives(service, length_penalty):
+    """The hostile probe's request (issue 22): beam search with a length penalty whose power overflows a
+    float (or underflows to 0) used to raise in the beam scorer and take the engine down."""
+    from pagedserve.v1 import generation_pb2, generation_pb2_grpc
+
+    params = generation_pb2.SamplingParams(max_tokens=6, beam_width=2, length_penalty=length_penalty)
+    request = generation_pb2.GenerateRequest(text="The capital of France is", sampling_params=params)
+    with grpc.insecure_channel(service.target) as channel:
+        replies = list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=60))
+    finals = [r for r in replies if r.finish_reason]
+    assert sorted(r.index for r in finals) == [0, 1]
+    with Client(service.target) as client:  # the engine still serves
+        (done,) = client.complete("Hello", SamplingParams(max_tokens=3, temperature=0))
+    assert len(done.token_ids) == 3
+    service.wait_all_blocks_free()
+    assert service.proc.poll() is None
+
+
+def test_a_vanishing_temperature_generates_the_greedy_text(service):
+    """Temperatures at the float minimum used to make nan probabilities (every token id 0, status OK)."""
+    with Client(service.target) as client:
+        (greedy,) = client.complete("The capital of France is", SamplingParams(max_tokens=8, temperature=0))
+        for temperature in (1e-38, 1e-45):
+            (tiny,) = client.complete("The capital of France is",
+                                      SamplingParams(max_tokens=8, temperature=temperature, seed=1))
+            assert tiny.token_ids == greedy.token_ids, temperature
+    assert set(greedy.token_ids) != {0}
+
+
+def test_an_idle_service_keeps_its_scheduler_stream_quietly(service):
+    """Issue 22: the scheduler refused the gateway's keepalive pings (its permitted interval was set
+    under a misspelt option name, so grpcio's 5 minutes held): GOAWAY too_many_pings dropped the idle
+    stream every minute or so, with gRPC errors on the terminal. Several keepalive periods idle: no
+    ping refused, no stream lost, and the service answers at once."""
+    service.wait_all_blocks_free()
+    time.sleep(8 * KEEPALIVE_S)
+    with Client(service.target) as client:
+        (done,) = client.complete("Hello", SamplingParams(max_tokens=2, temperature=0), timeout=30)
+    assert len(done.token_ids) == 2
+    logs = service.logs(tail_chars=10**9) + "\n".join(service.lines)  # since the service started
+    for sign in ("stream lost", "too_many_pings", "Too many pings", "GOAWAY"):
+        assert sign not in logs, logs
 
 
 def test_ctrl_c_during_generate_is_one_line(service):

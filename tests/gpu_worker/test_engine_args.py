@@ -15,7 +15,7 @@ CHANGED = dict(
     gpu_memory_utilization=0.5, max_num_seqs=7, max_num_batched_tokens=300, max_model_len=1000,
     enable_prefix_caching=False, async_scheduling=False, swap_space=0.25, enforce_eager=True,
     load_format="dummy", max_num_blocks=40, seed=9, tensor_parallel_size=2, max_num_waiting=5, step_timeout=2.5,
-    kv_events_endpoint="tcp://*:5599", kv_events_topic="kv@10.0.0.1@m",
+    kv_events_endpoint="tcp://*:5599", kv_events_topic="kv@10.0.0.1@m", heartbeat_timeout=4.0,
 )
 
 
@@ -73,7 +73,7 @@ def test_process_configs_share_the_defaults_and_rules():
     assert SchedulerConfig.from_engine_args(EngineArgs(**CHANGED)) == SchedulerConfig(
         block_size=32, max_num_seqs=7, max_num_batched_tokens=300, max_model_len=1000,
         enable_prefix_caching=False, async_scheduling=False, max_num_waiting=5, step_timeout=2.5,
-        kv_events_endpoint="tcp://*:5599", kv_events_topic="kv@10.0.0.1@m")
+        kv_events_endpoint="tcp://*:5599", kv_events_topic="kv@10.0.0.1@m", heartbeat_timeout=4.0)
     with pytest.raises(ValueError, match="^block_size must be a power of two"):
         SchedulerConfig(block_size=3)
     worker = WorkerConfig.from_engine_args(EngineArgs(**CHANGED), "ipc://x", rank=1)
@@ -87,3 +87,10 @@ def test_kv_cache_memory_auto_leaves_the_pool_to_the_device():
     args = EngineArgs(model="/m", kv_cache_memory="auto")
     assert args.kv_cache_memory is None and "--kv-cache-memory" not in args.to_argv("worker")
     assert EngineArgs(model="/m", kv_cache_memory="2GiB").kv_cache_memory == 2 * 2**30
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.5, 1.9])
+def test_a_heartbeat_timeout_below_four_beats_is_refused(value):
+    with pytest.raises(ValueError, match="^heartbeat_timeout must be 0 \\(off\\) or at least 2"):
+        EngineArgs(model="/m", heartbeat_timeout=value)
+    assert EngineArgs(model="/m", heartbeat_timeout=0).heartbeat_timeout == 0

@@ -1,11 +1,12 @@
 """Beam search selection rules, by hand and against transformers' generate(num_beams=k, do_sample=False)
 driven step by step with the same model's log probabilities."""
 
+import math
 import random
 
 import pytest
 
-from scheduler_svc.beam_search import BeamSearch
+from scheduler_svc.beam_search import BeamSearch, length_normalized
 
 EOS = 99
 
@@ -45,6 +46,33 @@ def test_every_candidate_at_the_length_limit_ends_the_search():
     bs.step([0.0], [[]], [[4, 5, 6, 7]], [[-1.0, -1.1, -5.0, -6.0]])
     assert bs.step([-1.0, -1.1], [[4], [5]], [[8, 9], [10, 11]], [[-1.0, -2.0], [-0.1, -0.2]]) == []
     assert bs.done and [h.token_ids for h in bs.finished] == [[5, 10], [5, 11]]
+
+
+@pytest.mark.parametrize("length_penalty", [1000.0, 3e38, -2000.0, -3e38, 1e-45])
+def test_any_finite_length_penalty_scores_without_raising(length_penalty):
+    """Python's float power overflows (1000, 3e38) or its quotient divides by 0 (-2000): the search
+    goes on with the IEEE limits and ends as it would with a penalty of that sign."""
+    for early_stopping in (False, True, "never"):
+        bs = BeamSearch(2, 1, 6, frozenset({EOS}), length_penalty=length_penalty, early_stopping=early_stopping)
+        running = bs.step([0.0], [[]], [[4, EOS, 6, 7]], [[-1.0, -1.1, -5.0, -6.0]])
+        num_out = 1
+        while not bs.done:
+            outputs = [[c.token_id] * num_out for c in running]
+            num_out += 1
+            running = bs.step([c.score for c in running], outputs, [[EOS, 8]] * len(running),
+                              [[-0.5, -0.7]] * len(running))
+        assert 1 <= len(bs.finished) <= 2
+        assert not any(math.isnan(h.score) for h in bs.finished)
+
+
+def test_length_normalized_is_the_quotient_where_it_exists_and_its_limit_elsewhere():
+    for score, length, lp in [(-3.5, 7, 1.0), (-2.25, 3, 2.0), (-1.0, 5, -0.5), (-4.0, 9, 0.0), (0.0, 4, 1.5)]:
+        assert length_normalized(score, length, lp) == score / length**lp
+    assert length_normalized(-3.0, 6, 1000.0) == 0.0  # 6**1000.0 overflows a float
+    assert length_normalized(-3.0, 2, -2000.0) == -math.inf  # 2**-2000.0 underflows to 0
+    assert length_normalized(0.0, 2, -2000.0) == 0.0  # nothing to scale: no nan
+    assert length_normalized(-math.inf, 6, 1000.0) == -math.inf
+    assert length_normalized(-3.0, 1, 3e38) == -3.0  # length 1: any power is 1
 
 
 @pytest.fixture(scope="module")

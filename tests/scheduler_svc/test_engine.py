@@ -109,6 +109,9 @@ class FakeWorkers:
         self.results.append(result)
         self.max_in_flight = max(self.max_in_flight, len(self.results))
 
+    def check(self) -> None:
+        pass
+
     def recv_step(self, timeout_s=None, alive=None) -> worker_pb2.StepResult:
         assert self.results, "recv_step with no step in flight"
         k, self.num_recvs = self.num_recvs, self.num_recvs + 1

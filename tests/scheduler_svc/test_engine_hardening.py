@@ -51,23 +51,27 @@ def test_a_full_waiting_queue_refuses_with_resource_exhausted_and_a_retry_hint()
     engine, _ = make_engine(max_num_seqs=1, max_num_waiting=2)
     events = []
     stream = engine.open_stream(events.append)
-    for i in range(3):  # submitted together, all three would wait: the third finds the queue full
+    # Submitted together: r0 takes the one seat (about to run, not waiting), r1 and r2 wait, and r3
+    # finds the queue full.
+    for i in range(4):
         engine.submit(stream, submit(f"r{i}", [1, 2, i + 3], 3))
+    sent = []
 
-    def later(event):  # once r0 runs and r1 waits alone, there is room again
+    def later(event):  # once r0 is done and r1 runs, r2 waits alone: there is room again
         events.append(event)
-        if len(events) == 2:
-            engine.submit(stream, submit("r3", [9, 9], 3))
+        if not sent and finished(events, {"r0"}):
+            sent.append(True)
+            engine.submit(stream, submit("r4", [9, 9], 3))
 
     engine._sinks[stream] = later
-    assert run_until(engine, lambda: finished(events, {"r0", "r1", "r2", "r3"})) is None
+    assert run_until(engine, lambda: finished(events, {"r0", "r1", "r2", "r3", "r4"})) is None
     outputs = {o.request_id: o for e in events for o in e.outputs if o.finish_reason}
-    refused = outputs["r2"]
+    refused = outputs["r3"]
     assert (refused.finish_reason, refused.status_code, refused.retry_after_ms) == (
         ERROR, RESOURCE_EXHAUSTED, engine_module.RETRY_AFTER_MS)
     assert "2 sequences are waiting" in refused.error and "--max-num-waiting 2" in refused.error
     assert refused.error_field == ""
-    for rid, prompt in (("r0", [1, 2, 3]), ("r1", [1, 2, 4]), ("r3", [9, 9])):
+    for rid, prompt in (("r0", [1, 2, 3]), ("r1", [1, 2, 4]), ("r2", [1, 2, 5]), ("r4", [9, 9])):
         tokens = [t for e in events for o in e.outputs if o.request_id == rid for t in o.token_ids]
         assert tokens == expected_tokens(prompt, 3), rid
     assert engine.engine_info().stats.num_requests == 0

@@ -18,6 +18,14 @@ from scheduler_svc import InvalidField, SamplingParams
         ({"seed": -1}, "seed"),
         ({"stop": ("",)}, "stop"),
         ({"top_logprobs": 21}, "top_logprobs"),
+        # Not finite: each float is refused by name, whether or not its range check would catch it.
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"min_p": float("nan")}, "min_p"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"length_penalty": float("nan")}, "length_penalty"),
+        ({"beam_width": 2, "length_penalty": float("-inf")}, "length_penalty"),
         # Beam search refuses what it would otherwise ignore.
         ({"beam_width": 2, "temperature": 0.7}, "temperature"),
         ({"beam_width": 2, "top_p": 0.5}, "top_p"),

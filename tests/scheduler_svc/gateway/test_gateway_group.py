@@ -95,6 +95,47 @@ def test_dead_gateways_are_restarted_within_a_budget(tmp_path, monkeypatch):
         processes.stop()
 
 
+class _InFlight(_Sleeper):
+    """Sleeping 'gateways' that each hold 2 requests in flight in the multiprocess metrics, as a
+    gateway's pagedserve_gateway_requests_in_flight does (until restarted: 0)."""
+
+    def _command(self, i: int) -> list[str]:
+        held = 0 if self.children[i:] else 2  # a restarted one starts idle
+        code = ("from scheduler_svc.gateway.metrics import IN_FLIGHT; "
+                f"IN_FLIGHT.labels('m').set({held}); " + super()._command(i)[-1])
+        return [sys.executable, "-c", code]
+
+
+def test_a_dead_gateways_live_gauges_leave_the_metrics(tmp_path, monkeypatch):
+    """Issue 22: after a killed gateway, the service's in-flight gauge kept the dead process's value
+    forever (its multiprocess file stayed). A restart marks the dead one's pid dead."""
+    from scheduler_svc import metrics
+
+    def in_flight() -> float:
+        reg = metrics.registry(str(tmp_path / "metrics"))
+        return sum(s.value for f in reg.collect() for s in f.samples
+                   if s.name == "pagedserve_gateway_requests_in_flight")
+
+    monkeypatch.setattr(gateway_group, "_Probe", lambda target: None)
+    (tmp_path / "metrics").mkdir()
+    processes = ProcessGroup(env={metrics.MULTIPROC_ENV: str(tmp_path / "metrics")})
+    group = _InFlight(processes, tmp_path, 2, "127.0.0.1", 0, [], metrics_dir=tmp_path / "metrics")
+    try:
+        group.check_port()
+        group.start()
+        _wait_listening(group)
+        assert in_flight() == 4
+        victim = group.children[1]
+        victim.popen.kill()
+        victim.popen.wait()
+        group.poll()
+        _wait_listening(group)
+        assert in_flight() == 2  # the survivor's; the dead one's 2 are gone
+        assert not list((tmp_path / "metrics").glob(f"gauge_livesum_{victim.popen.pid}.db"))
+    finally:
+        processes.stop()
+
+
 def test_a_gateway_that_never_listened_is_a_failure(tmp_path):
     processes = ProcessGroup()
     group = GatewayGroup(processes, tmp_path, 1, "127.0.0.1", 0, ["--no-such-flag"])

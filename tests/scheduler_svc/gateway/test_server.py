@@ -305,6 +305,35 @@ def test_scheduler_errors_map_to_status_codes(model_dir):
     asyncio.run(scenario())
 
 
+def test_a_request_the_gateway_fails_on_ends_internal_naming_the_cause(model_dir, monkeypatch):
+    """A bug that one request's tokens reach in the gateway (here: detokenizing token 999) ends that
+    call with INTERNAL naming the exception, not UNKNOWN with a repr; it is aborted upstream and the
+    other calls go on."""
+    from scheduler_svc.gateway.response_stream import SampleStream
+
+    real_feed = SampleStream.feed
+
+    def feed(self, item):
+        if 999 in item.token_ids:
+            raise ValueError("boom")
+        real_feed(self, item)
+
+    monkeypatch.setattr(SampleStream, "feed", feed)
+    fake = FakeScheduler(lambda submit: [[7], [999], [8]] if submit.request_id == "bad" else [[7], [8]])
+
+    async def scenario():
+        async with running(model_dir, fake) as (client, _, _):
+            with pytest.raises(GenerationError) as err:
+                await client.complete("p", SamplingParams(max_tokens=5), request_id="bad")
+            assert err.value.code == grpc.StatusCode.INTERNAL
+            assert err.value.message == "the gateway could not process this request: ValueError: boom"
+            (done,) = await client.complete("p", SamplingParams(max_tokens=5), request_id="good")
+            assert done.token_ids == [7, 8]
+            await wait_until_async(lambda: fake.aborts == ["bad"], 10, what="the abort upstream")
+
+    asyncio.run(scenario())
+
+
 def test_lost_stream_fails_requests_with_unavailable_then_reconnects(model_dir, tokenizer):
     fake = FakeScheduler(lambda submit: [[7]] * 10_000 if submit.request_id == "long" else [[7], [8]])
     fake.step_s = 0.002
@@ -445,3 +474,19 @@ def test_reflection_lists_the_services(model_dir):
 def _list_services(target: str) -> list[str]:
     with grpc.insecure_channel(target) as channel:
         return ProtoReflectionDescriptorDatabase(channel).get_services()
+
+
+def test_the_scheduler_permits_the_pings_of_the_shortest_keepalive():
+    """The keepalive a gateway may be given and the ping interval its scheduler permits agree (a server
+    option under a wrong name is ignored silently: the permitted interval stays grpcio's 5 minutes)."""
+    from scheduler_svc.gateway.options import MIN_KEEPALIVE_S
+    from scheduler_svc.gateway.scheduler_link import channel_options
+    from scheduler_svc.service import SERVER_OPTIONS
+
+    server = dict(SERVER_OPTIONS)
+    assert 2 * server["grpc.http2.min_ping_interval_without_data_ms"] <= MIN_KEEPALIVE_S * 1000
+    assert server["grpc.keepalive_permit_without_calls"] == 1
+    client = dict(channel_options(MIN_KEEPALIVE_S))
+    assert client["grpc.keepalive_time_ms"] == 1000 and client["grpc.http2.max_pings_without_data"] == 0
+    with pytest.raises(ValueError, match="at least 1 s"):
+        channel_options(0.5)
