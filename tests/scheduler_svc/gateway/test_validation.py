@@ -68,7 +68,7 @@ def test_set_fields_pass_through():
     (lambda: request([1] * 40), "token_ids.ids"),
     (lambda: request([5, 100]), "token_ids.ids"),
     (lambda: request(max_tokens=0), "sampling_params.max_tokens"),
-    (lambda: generation_pb2.GenerateRequest(text="hi"), "sampling_params.max_tokens"),
+    (lambda: request(max_tokens=40), "sampling_params.max_tokens"),  # prompt plus max_tokens over the context
     (lambda: request(top_p=1.5), "sampling_params.top_p"),
     (lambda: request(top_p=0.0), "sampling_params.top_p"),
     (lambda: request(temperature=-1.0), "sampling_params.temperature"),
