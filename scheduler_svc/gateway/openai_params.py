@@ -194,3 +194,9 @@ def chat_echo(body: dict, messages: list[dict]) -> str:
         return ""
     last = messages[-1]
     return last.get("content") or "" if last.get("role") == "assistant" else ""
+
+
+if __name__ == "__main__":  # the table of docs/OPENAI.md
+    print("| parameter | endpoints | status | note |\n|---|---|---|---|")
+    for row in table():
+        print(f"| `{row[0]}` | {row[1]} | {row[2]} | {row[3]} |")

@@ -183,7 +183,7 @@ def test_offline_llm_returns_top_logprobs(checkpoint, tokenizer, hf_model):
 
 def test_ctrl_c_during_generate_is_one_line(service):
     proc = subprocess.Popen([sys.executable, "-m", "scheduler_svc.cli", "generate", "--target", service.target,
-                             "--prompt", "Hello", "--max-tokens", "100000", "--ignore-eos"],
+                             "--prompt", "Hello", "--max-tokens", str(CONTEXT_LEN - 8), "--ignore-eos"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     wait_until(lambda: service.engine_info().stats.num_running == 1, 60, interval_s=0.1, what="the stream to run")

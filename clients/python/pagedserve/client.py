@@ -52,7 +52,7 @@ Message = Mapping[str, str] | tuple[str, str]  # {"role": ..., "content": ...} o
 class SamplingParams:
     """How tokens are chosen; ``None`` leaves a field to the server's default (see generation.proto)."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: until the context ends
     temperature: float | None = None  # server default 1.0; 0 is greedy
     top_k: int = 0
     top_p: float | None = None  # server default 1.0
@@ -68,18 +68,22 @@ class SamplingParams:
     top_logprobs: int = 0
     repetition_penalty: float | None = None
     early_stopping: bool | str | None = None  # beam search, as transformers: False, True or "never"; server: False
+    include_stop_str_in_output: bool = False  # keep the stop string that ended a sample in its text
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens
 
     def to_proto(self) -> generation_pb2.SamplingParams:
         p = generation_pb2.SamplingParams(
-            max_tokens=self.max_tokens, top_k=self.top_k, min_p=self.min_p, stop=list(self.stop),
+            top_k=self.top_k, min_p=self.min_p, stop=list(self.stop),
             stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, beam_width=self.beam_width,
             logprobs=self.logprobs, top_logprobs=self.top_logprobs,
+            include_stop_str_in_output=self.include_stop_str_in_output,
         )
         if self.early_stopping is not None:
             if self.early_stopping not in _EARLY_STOPPING:
                 raise ValueError(f"early_stopping must be False, True or 'never', got {self.early_stopping!r}")
             p.early_stopping = _EARLY_STOPPING[self.early_stopping]
-        for name in ("temperature", "top_p", "seed", "n", "length_penalty", "repetition_penalty"):
+        for name in ("max_tokens", "temperature", "top_p", "seed", "n", "length_penalty", "repetition_penalty",
+                     "truncate_prompt_tokens"):
             value = getattr(self, name)
             if value is not None:
                 setattr(p, name, value)
