@@ -19,13 +19,13 @@ pytest.importorskip("openai")
 from scheduler_svc.gateway import openai_params  # noqa: E402
 from scheduler_svc.gateway.context_window import prompt_too_long, request_too_long  # noqa: E402
 from tests.protos.proto_helpers import REPO  # noqa: E402
-from tests.scheduler_svc.gateway.test_openai_http import (  # noqa: E402, F401 (fixtures)
+from tests.scheduler_svc.gateway.test_openai_http import (  # noqa: E402
     MAX_MODEL_LEN,
     FakeScheduler,
-    model_dir,
     serving,
-    tokenizer,
 )
+from tests.scheduler_svc.gateway.test_openai_http import model_dir as model_dir  # noqa: E402 (fixture)
+from tests.scheduler_svc.gateway.test_openai_http import tokenizer as tokenizer  # noqa: E402 (fixture)
 from tests.scheduler_svc.gateway.test_server import TEXT, one_token_per_step  # noqa: E402
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}
@@ -81,10 +81,12 @@ def prompt_ids(seen: Seen) -> list[int]:
 CASES = [
     # stop: a string or a list, on both endpoints; the stop string is cut unless include_stop_str_in_output
     Case("stop string, chat", "chat", {"stop": "paged"}, ok(lambda s: s.text == "hello world, ")),
-    Case("stop list, completions", "completions", {"stop": ["café", "paged"]}, ok(lambda s: s.text == "hello world, ")),
+    Case("stop list, completions", "completions", {"stop": ["café", "paged"]},
+         ok(lambda s: s.text == "hello world, ")),
     Case("include_stop_str_in_output, chat", "chat", {"stop": ["paged"], "include_stop_str_in_output": True},
          ok(lambda s: s.text == "hello world, paged")),
-    Case("include_stop_str_in_output, completions", "completions", {"stop": "paged", "include_stop_str_in_output": True},
+    Case("include_stop_str_in_output, completions", "completions",
+         {"stop": "paged", "include_stop_str_in_output": True},
          ok(lambda s: s.text == "hello world, paged")),
     Case("ignore_eos", "chat", {"ignore_eos": True}, ok(lambda s: s.params.ignore_eos)),
     Case("truncate_prompt_tokens", "completions", {"truncate_prompt_tokens": 2},
