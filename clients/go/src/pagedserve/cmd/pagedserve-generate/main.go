@@ -59,7 +59,11 @@ func main() {
 	// server's defaults apply otherwise.
 	given := map[string]bool{}
 	flag.Visit(func(f *flag.Flag) { given[f.Name] = true })
-	params := &pagedservev1.SamplingParams{MaxTokens: uint32(*maxTokens)}
+	params := &pagedservev1.SamplingParams{}
+	if given["max-tokens"] || *maxTokens > 0 { // unset max_tokens: until the context ends
+		m := uint32(*maxTokens)
+		params.MaxTokens = &m
+	}
 	if given["temperature"] {
 		t := float32(*temperature)
 		params.Temperature = &t
