@@ -220,3 +220,38 @@ def test_the_parameter_table_is_documented():
     doc = (REPO / "docs" / "OPENAI.md").read_text(encoding="utf-8")
     for name, endpoints, status, _ in openai_params.table():
         assert f"| `{name}` | {endpoints} | {status} |" in doc, name
+
+
+def test_probe_routes_in_vllm_shapes(model_dir, tokenizer):
+    """/ping, /version, /tokenize (prompt and messages), /detokenize and /metrics on the API port."""
+    fake = FakeScheduler(one_token_per_step(tokenizer))
+
+    async def scenario():
+        async with serving(model_dir, fake) as (_, base, gateway):
+            root = base.removesuffix("/v1")
+            async with aiohttp.ClientSession() as session:
+                for method in (session.get, session.post):
+                    async with method(f"{root}/ping") as resp:
+                        assert resp.status == 200
+                async with session.get(f"{root}/version") as resp:
+                    assert resp.status == 200 and (await resp.json())["version"]
+                async with session.post(f"{root}/tokenize", json={"prompt": TEXT, "return_token_strs": True}) as resp:
+                    got = await resp.json()
+                ids = tokenizer.encode(TEXT)
+                assert got == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids,
+                               "token_strs": [tokenizer.id_to_token(t) for t in ids]}
+                messages = [{"role": "user", "content": "hi"}]
+                async with session.post(f"{root}/tokenize", json={"messages": messages}) as resp:
+                    got = await resp.json()
+                rendered = gateway.chat.template.render(messages, True)
+                assert got["tokens"] == tokenizer.encode(rendered, add_special_tokens=False)
+                async with session.post(f"{root}/detokenize", json={"tokens": ids}) as resp:
+                    assert await resp.json() == {"prompt": tokenizer.decode(ids)}
+                async with session.post(f"{root}/detokenize", json={"tokens": [10**6]}) as resp:
+                    assert resp.status == 400 and (await resp.json())["error"]["param"] == "tokens"
+                async with session.post(f"{root}/tokenize", json={"text": "x"}) as resp:
+                    assert resp.status == 400 and (await resp.json())["error"]["param"] == "text"
+                async with session.get(f"{root}/metrics") as resp:
+                    assert resp.status == 200 and "pagedserve_gateway" in await resp.text()
+
+    asyncio.run(scenario())
