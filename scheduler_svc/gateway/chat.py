@@ -253,5 +253,5 @@ class ChatPrompts:
         generate = await self.request(request.request_id, request.model, messages,
                                       params or generation_pb2.SamplingParams())
         if params is None:
-            generate.ClearField("sampling_params")  # validation then names the missing max_tokens
+            generate.ClearField("sampling_params")  # every default: until the context ends
         return generate

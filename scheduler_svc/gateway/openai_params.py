@@ -45,9 +45,11 @@ FIELDS: dict[str, Field] = {
         "model", "max_tokens", "n", "stop", "stream", "stream_options", "temperature", "top_p", "seed",
         "logprobs", "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids",
         "include_stop_str_in_output", "truncate_prompt_tokens", "use_beam_search", "length_penalty",
-        "early_stopping", "echo")},
+        "early_stopping")},
+    "echo": Field(HONOURED, "both", (), "chat: the last assistant message opens the reply; completions: refused "
+                  "until prompt logprobs are served"),
     "prompt": _honoured("completions"),
-    "best_of": _honoured("completions"),
+    "best_of": Field(HONOURED, "completions", (), "must equal n: every sample (or beam) drawn is returned"),
     "messages": _honoured("chat"),
     "max_completion_tokens": _honoured("chat"),
     "top_logprobs": _honoured("chat"),
@@ -84,8 +86,8 @@ FIELDS: dict[str, Field] = {
     "functions": _refused("function calling is not implemented", [], endpoints="chat"),
     "function_call": _refused("function calling is not implemented", "none", endpoints="chat"),
     "suffix": _refused("insertion (suffix) is not implemented", "", endpoints="completions"),
-    "add_special_tokens": _refused("the prompt is tokenized as the model's tokenizer adds special tokens "
-                                   "(completions) or as the template spells them (chat)", _ANY),
+    "add_special_tokens": _refused("prompts get the tokenizer's special tokens (completions: true) or the "
+                                   "template's (chat: false), vLLM's defaults", _ANY),
     "skip_special_tokens": _refused("special tokens are always left out of the text", True),
     "spaces_between_special_tokens": _refused("the tokenizer's own decoding is used", True),
     "return_tokens_as_token_ids": _refused("not implemented", False),
@@ -117,7 +119,8 @@ def check_fields(body: dict, endpoint: str) -> None:
         if spec is None or spec.endpoints not in ("both", endpoint):
             raise ApiError.invalid(name, f"is not a parameter of /v1/{_path(endpoint)} on this server "
                                    "(see docs/OPENAI.md)")
-        if spec.status == REFUSED and value is not None and not _neutral(value, spec.neutral):
+        neutral = spec.neutral if name != "add_special_tokens" else (endpoint == "completions",)
+        if spec.status == REFUSED and value is not None and not _neutral(value, neutral):
             raise ApiError.invalid(name, f"is not supported: {spec.note}")
 
 
