@@ -106,7 +106,7 @@ def test_huge_prompts_are_refused_at_once_while_streams_go_on(service):
     stop = asyncio.Event()
 
     async def stream(client, i, arrivals):
-        s = client.generate(f"stream {i}", SamplingParams(max_tokens=100_000, ignore_eos=True), timeout=300)
+        s = client.generate(f"stream {i}", SamplingParams(max_tokens=None, ignore_eos=True), timeout=300)
         async for chunk in s:
             arrivals.append((time.time(), len(chunk.token_ids)))
             if stop.is_set():
@@ -215,7 +215,7 @@ def _streams_in_background(target: str, n: int, **client_kw):
         try:
             with Client(target, **client_kw) as client:
                 chunks = []
-                for chunk in client.generate(f"stream {i}", SamplingParams(max_tokens=100_000, ignore_eos=True),
+                for chunk in client.generate(f"stream {i}", SamplingParams(max_tokens=None, ignore_eos=True),
                                              timeout=300):
                     chunks.append(chunk)
                     if sum(len(c.token_ids) for c in chunks) >= 12:  # past the watchdog's warm-up steps

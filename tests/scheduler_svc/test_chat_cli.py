@@ -39,7 +39,7 @@ class ChatProcess:
 
     def __init__(self, target: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler_svc.cli", "chat", "--target", target, "--max-tokens", "10000"],
+            [sys.executable, "-m", "scheduler_svc.cli", "chat", "--target", target, "--max-tokens", "900"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
             env=dict(os.environ, PYTHONPATH=str(REPO)))
         self.out: list[str] = []
