@@ -20,11 +20,20 @@ from scheduler_svc.gateway.tokenizer import Tokenizer
 from tests.factories import make_checkpoint
 from tests.protos.proto_helpers import REPO
 from tests.scheduler_svc.gateway.test_chat import CHATML
-from tests.scheduler_svc.gateway.test_openai_http import FakeScheduler
+from tests.scheduler_svc.gateway.test_openai_http import FakeScheduler as ChatFake
 from tests.scheduler_svc.gateway.test_server import running
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # the chat runs as a process
+
+
+class FakeScheduler(ChatFake):
+    """A context long enough for a conversation of 10,000-token replies (over-long requests are refused)."""
+
+    async def GetEngineInfo(self, request, context):
+        info = await super().GetEngineInfo(request, context)
+        info.max_model_len = 65536
+        return info
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +48,7 @@ class ChatProcess:
 
     def __init__(self, target: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler_svc.cli", "chat", "--target", target, "--max-tokens", "900"],
+            [sys.executable, "-m", "scheduler_svc.cli", "chat", "--target", target, "--max-tokens", "10000"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
             env=dict(os.environ, PYTHONPATH=str(REPO)))
         self.out: list[str] = []
