@@ -123,7 +123,9 @@ class EngineArgs:
         help="tokens per step, prefill chunks included; the workers size their memory by a step this large "
         "(default %(default)s)")
     max_model_len: int | None = _option(None, "--max-model-len", type=int,
-                                        help="cap on prompt plus completion length (default: the model's)")
+                                        help="context length served (prompt plus completion); the KV pool must "
+                                        "hold one sequence of it or the engine refuses to start (default: the model's, "
+                                        "lowered to what the KV pool holds, with a log line)")
     enable_prefix_caching: bool = _option(
         True, "--no-prefix-caching",
         help="do not reuse the KV blocks of earlier requests' identical prompt prefixes (automatic prefix "

@@ -75,6 +75,29 @@ class _CloseStream:
     stream_id: int
 
 
+class ContextTooLong(RuntimeError):
+    """--max-model-len asks for a context that the KV pool cannot hold one sequence of."""
+
+
+def served_context(config: SchedulerConfig, model_len: int, num_blocks: int) -> int:
+    """The context length this engine serves: the model's (or --max-model-len's), lowered to what the KV
+    pool holds when --max-model-len is not given, so that any request that fits the context can run
+    alone on an empty engine. An explicit --max-model-len the pool cannot hold refuses to start."""
+    capacity = num_blocks * config.block_size
+    wanted = min(model_len, config.max_model_len or model_len)
+    if capacity >= wanted:
+        return wanted
+    if config.max_model_len is not None:
+        raise ContextTooLong(
+            f"--max-model-len {config.max_model_len} needs room for {wanted} tokens, but the KV pool holds "
+            f"{capacity} tokens: give the workers more memory (--kv-cache-memory, --gpu-memory-utilization) or "
+            f"lower --max-model-len (leave it out to serve the {capacity} tokens the pool holds)")
+    print(f"scheduler: the KV pool holds {capacity} tokens, fewer than the model's context of {model_len}: "
+          f"serving max_model_len {capacity} (give the workers more memory, e.g. --kv-cache-memory, to serve more)",
+          file=sys.stderr, flush=True)
+    return capacity
+
+
 class EngineCore:
     def __init__(self, config: SchedulerConfig, workers: WorkerGroup, alive=None, startup_timeout_s=600.0,
                  on_load: Callable[[scheduler_pb2.EngineLoad], None] | None = None):
@@ -97,7 +120,8 @@ class EngineCore:
 
             self.kv_events = KVEventPublisher(config.kv_events_endpoint, config.kv_events_topic)
         self.scheduler = Scheduler(
-            config, num_blocks, min(h.max_model_len for h in hellos), list(first.eos_token_ids),
+            config, num_blocks, served_context(config, min(h.max_model_len for h in hellos), num_blocks),
+            list(first.eos_token_ids),
             vocab_size=first.vocab_size, num_cpu_blocks=num_cpu_blocks,
             kv_events=KVEventLog(config.block_size) if self.kv_events is not None else None,
         )
@@ -131,14 +155,6 @@ class EngineCore:
         self.load_version = 0
         self.on_load = on_load
         self._next_load_ns = 0
-        self._warn_if_pool_is_short()
-
-    def _warn_if_pool_is_short(self) -> None:
-        capacity = self.scheduler.pool.num_blocks * self.config.block_size
-        if capacity < self.scheduler.max_model_len:
-            print(f"scheduler: warning: the KV pool holds {capacity} tokens ({self.scheduler.pool.num_blocks} blocks), "
-                  f"fewer than one sequence of max_model_len {self.scheduler.max_model_len}: longer requests are "
-                  "refused; give the workers more memory or lower --max-model-len", file=sys.stderr, flush=True)
 
     # ---- called from other threads
 

@@ -13,7 +13,6 @@ import queue
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -120,10 +119,6 @@ class LLM:
             raise
         self._limits = ModelLimits(self.model.name, self.info.vocab_size, self.info.max_model_len,
                                    self.tokenizer.max_token_bytes if self.tokenizer is not None else None)
-        capacity = self.info.num_blocks * self.info.block_size
-        if capacity < self.info.max_model_len:
-            warnings.warn(f"the KV pool holds {capacity} tokens, fewer than one sequence of max_model_len "
-                          f"{self.info.max_model_len}: longer requests are refused", stacklevel=2)
         self._next_request = 0
 
     def _wait_ready(self, timeout_s: float) -> scheduler_pb2.EngineInfo:

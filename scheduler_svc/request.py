@@ -258,15 +258,19 @@ def validate_request(
     if needed > limits.num_blocks:
         # The prompt is the cause when it leaves no room for even one generated token per sequence.
         least = group * -(-(len(prompt_token_ids) + 1) // limits.block_size) - (group - 1) * shared
-        pool = f"the KV pool has {limits.num_blocks} blocks ({limits.num_blocks * limits.block_size} tokens)"
+        # Client-facing: in tokens, never in the server's memory layout (blocks).
+        bs = limits.block_size
+        cache = f"the server's KV cache holds {limits.num_blocks * bs} tokens at once"
+        who = "1 sequence" if group == 1 else f"{group} sequences (each past the shared prompt)"
         if least > limits.num_blocks:
             raise InvalidField(
                 "prompt",
-                f"the prompt ({len(prompt_token_ids)} tokens) for {group} sequence(s) needs {least} KV blocks to "
-                f"generate a single token; {pool}",
+                f"the prompt ({len(prompt_token_ids)} tokens) for {who} needs cache room for {least * bs} tokens "
+                f"to generate a single token; {cache}",
             )
         raise InvalidField(
             "max_tokens",
-            f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) for {group} "
-            f"sequence(s) needs {needed} KV blocks; {pool}",
+            f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) for {who} needs "
+            f"cache room for {needed * bs} tokens; {cache}; lower max_tokens or leave it unset (until the "
+            "context ends or the cache is full)",
         )

@@ -103,7 +103,7 @@ async def _one(client, channel, mix: _Mix, report: SoakReport) -> None:
                 report.completion_tokens += len(done.token_ids)
                 outcome = done.finish_reason
         elif kind == "cancelled":
-            stream = client.generate(prompt, SamplingParams(max_tokens=100_000, ignore_eos=True), timeout=300)
+            stream = client.generate(prompt, SamplingParams(max_tokens=None, ignore_eos=True), timeout=300)
             wanted, got = mix.rng.randint(1, 20), 0
             async for chunk in stream:
                 got += len(chunk.token_ids)
@@ -111,7 +111,7 @@ async def _one(client, channel, mix: _Mix, report: SoakReport) -> None:
                     stream.cancel()
             outcome = "cancelled"
         elif kind == "deadline":
-            await client.complete(prompt, SamplingParams(max_tokens=100_000, ignore_eos=True),
+            await client.complete(prompt, SamplingParams(max_tokens=None, ignore_eos=True),
                                   timeout=mix.rng.uniform(0.2, 1.0))
         elif kind == "bad":
             request, prompt, model = mix.bad_request()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -108,16 +109,30 @@ class ChatTemplate:
                 special = _gguf_special_tokens(reader, id_to_token)
         return cls(source, special) if source else None
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> str:
         """The prompt text of a conversation; InvalidField("messages") when the template refuses it
-        (many raise an exception for roles out of order) or fails on it."""
+        (many raise an exception for roles out of order) or fails on it. ``continue_final_message``
+        ends the text inside the last message, so the model continues it (as transformers does)."""
         try:
-            return self._template.render(messages=list(messages), tools=None, documents=None,
+            text = self._template.render(messages=list(messages), tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.exceptions.TemplateError as exc:
             raise InvalidField("messages", f"the model's chat template refused the conversation: {exc}") from None
         except Exception as exc:  # a template that fails on this input (a type error, a missing key)
             raise InvalidField("messages", f"the model's chat template failed on the conversation: {exc!r}") from None
+        return _cut_after_final(text, messages[-1]["content"]) if continue_final_message else text
+
+
+def _cut_after_final(text: str, final: str) -> str:
+    """``text`` cut right after the last message's content, as transformers' continue_final_message."""
+    at = text.rfind(final.strip())
+    if not final.strip() or at < 0:
+        raise InvalidField("continue_final_message", "the final message does not appear in the rendered "
+                           "conversation (the chat template drops or rewrites it)")
+    if text[at: at + len(final.lstrip())] == final.lstrip():  # the template kept the message's spacing
+        return text[: at + len(final.lstrip())]
+    return text[: at + len(final.strip())]
 
 
 def _json(path: Path) -> dict:
@@ -189,7 +204,8 @@ class ChatPrompts:
         self.core = core
         self.template = template
 
-    def render(self, messages: Sequence[dict]) -> str:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> str:
         """The conversation as the model's template renders it; GenerationFailed when the model has no
         template (FAILED_PRECONDITION) or the conversation is invalid (INVALID_ARGUMENT, ``messages``)."""
         if self.template is None:
@@ -197,7 +213,7 @@ class ChatPrompts:
                                    f"model {self.core.model_name!r} has no chat template (no chat_template.jinja, "
                                    "no chat_template in tokenizer_config.json): send a prompt to Generate instead")
         try:
-            return self.template.render(validate_messages(messages))
+            return self.template.render(validate_messages(messages), add_generation_prompt, continue_final_message)
         except InvalidField as exc:
             raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
 
@@ -206,22 +222,27 @@ class ChatPrompts:
         does (no special tokens added: the template spells them out)."""
         return self._checked(token_prompt, self.core.tokenizer.encode(self._text(messages), add_special_tokens=False))
 
-    def _text(self, messages: Sequence[dict]) -> str:
+    def _text(self, messages: Sequence[dict], **render) -> str:
         """The rendered conversation, refused before tokenizing when it is longer than any prompt that
         fits (as Generate refuses a text prompt)."""
-        return self._checked(check_text, self.render(messages))
+        return self._checked(check_text, self.render(messages, **render))
 
-    def _checked(self, check, value):
+    def _checked(self, check, value, limits=None):
         try:
-            return check(value, self.core.limits, "messages")
+            return check(value, limits or self.core.limits, "messages")
         except InvalidField as exc:
             raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
 
     async def request(self, request_id: str, model: str, messages: Sequence[dict],
-                      sampling_params: generation_pb2.SamplingParams) -> generation_pb2.GenerateRequest:
+                      sampling_params: generation_pb2.SamplingParams, **render) -> generation_pb2.GenerateRequest:
         """The GenerateRequest of a conversation (its prompt as token ids); a long one is tokenized in
-        the gateway's bounded tokenizer pool, off the event loop."""
-        ids = self._checked(token_prompt, await self.core.encode(self._text(messages), add_special_tokens=False))
+        the gateway's bounded tokenizer pool, off the event loop. ``render``: add_generation_prompt,
+        continue_final_message."""
+        limits = self.core.limits
+        if sampling_params.HasField("truncate_prompt_tokens"):  # may be longer than the context: cut later
+            limits = replace(limits, max_model_len=2**31, max_token_bytes=None)
+        text = self._checked(check_text, self.render(messages, **render), limits)
+        ids = self._checked(token_prompt, await self.core.encode(text, add_special_tokens=False), limits)
         request = generation_pb2.GenerateRequest(request_id=request_id, model=model, sampling_params=sampling_params)
         request.token_ids.ids.extend(ids)
         return request
@@ -232,5 +253,5 @@ class ChatPrompts:
         generate = await self.request(request.request_id, request.model, messages,
                                       params or generation_pb2.SamplingParams())
         if params is None:
-            generate.ClearField("sampling_params")  # validation then names the missing max_tokens
+            generate.ClearField("sampling_params")  # every default: until the context ends
         return generate

@@ -133,10 +133,12 @@ class IncrementalDetokenizer:
 class StopStrings:
     """Finds stop strings in a stream of text deltas and holds back possible beginnings of one."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include: bool = False) -> None:
+        """``include``: the text emitted at a hit ends with the stop string (vLLM's include_stop_str_in_output)."""
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         self.stops = tuple(stops)
+        self.include = include
         self._longest = max((len(s) for s in self.stops), default=0)
         self.pending = ""  # text received but not yet released
 
@@ -149,9 +151,10 @@ class StopStrings:
             return text, False
         self.pending += text
         # Only pending text can hold a stop string: emitted text never ends in a stop string's prefix.
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, -len(s)) for s, i in ((s, self.pending.find(s)) for s in self.stops) if i >= 0]
         if hits:
-            out = self.pending[: min(hits)]
+            at, minus_len = min(hits)  # the earliest stop string; the longest of those starting there
+            out = self.pending[: at - minus_len if self.include else at]
             self.pending = ""
             return out, True
         keep = self._held_suffix_len()

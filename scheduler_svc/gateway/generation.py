@@ -94,19 +94,19 @@ class GenerationCore:
         if self.info is None or not self.engines.connected:
             raise GenerationFailed(grpc.StatusCode.UNAVAILABLE, "the scheduler is not ready")
         return ModelLimits(self.model_name, self.info.vocab_size, self.info.max_model_len, self.max_token_bytes,
-                           self.gateway_limits)
+                           self.gateway_limits, self.info.num_blocks, self.info.block_size)
 
     async def validate(self, request: generation_pb2.GenerateRequest) -> ValidRequest:
         """Every check first (cheap, bounded by the request's size), then the text's tokens, counted."""
         limits = self.limits
         try:
             checked = check_request(request, limits)
-            ids = checked.prompt_token_ids
             if checked.text is not None:
-                ids = text_token_ids(await self.encode(checked.text), limits, "text")
+                ids = text_token_ids(await self.encode(checked.text), limits, "text", checked.truncate_prompt_tokens)
+                return checked.resolve(ids, limits, "text")
+            return checked.resolve(checked.prompt_token_ids, limits, "token_ids.ids")
         except InvalidField as exc:
             raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
-        return ValidRequest(checked.request_id, ids, checked.params)
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids through the bounded tokenizer pool (long texts off the event loop)."""
@@ -134,7 +134,7 @@ class GenerationCore:
             valid = await self.validate(request)
             request_id = summary.request_id = valid.request_id
             summary.prompt_tokens = len(valid.prompt_token_ids)
-            new_sample = self._sample_factory(valid.params, valid.prompt_token_ids)
+            new_sample = self._sample_factory(valid.params, valid.prompt_token_ids, valid.include_stop_str_in_output)
             # n samples stream side by side; beams join as the search reports them (all in its last step).
             samples = {i: new_sample(i) for i in range(valid.params.n)}
             queue = self._submit(valid)
@@ -182,12 +182,13 @@ class GenerationCore:
             raise GenerationFailed(grpc.StatusCode.ALREADY_EXISTS,
                                    f"request {valid.request_id!r} is already running") from None
 
-    def _sample_factory(self, params, prompt_token_ids: list[int]) -> Callable[[int], SampleStream]:
+    def _sample_factory(self, params, prompt_token_ids: list[int], include_stop_str: bool = False
+                        ) -> Callable[[int], SampleStream]:
         assert self.info is not None
         stop_ids = stop_token_ids(params, self.info.eos_token_ids)
         backend = getattr(self.tokenizer, "backend", None)  # without one: the window decoder
         return lambda index: SampleStream(index, params, self.tokenizer.decode, stop_ids, self.byte_token_ids,
-                                          backend, prompt_token_ids=prompt_token_ids)
+                                          backend, prompt_token_ids=prompt_token_ids, include_stop_str=include_stop_str)
 
     def _apply(self, item, samples: dict[int, SampleStream], usage: generation_pb2.Usage, new_beam=None) -> None:
         if isinstance(item, LinkLost):

@@ -37,6 +37,7 @@ from scheduler_svc.gateway.http_limits import (
     read_json,
 )
 from scheduler_svc.gateway.http_options import HttpLimits
+from scheduler_svc.gateway.openai_params import chat_echo, chat_render_options, check_fields, vllm_sampling
 from scheduler_svc.gateway.openai_protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     ApiError,
@@ -54,6 +55,7 @@ from scheduler_svc.gateway.openai_protocol import (
     sampling_params,
     stream_options,
 )
+from scheduler_svc.gateway.openai_routes import add_routes
 from scheduler_svc.gateway.openai_sampling import EchoShape, engine_params, generation_free
 from scheduler_svc.gateway.security import bearer_matches
 from scheduler_svc.gateway.validation import shown
@@ -148,12 +150,13 @@ class _CompletionShape(_Shape):
 
 class _ChatShape(_Shape):
     object_whole, object_chunk = "chat.completion", "chat.completion.chunk"
+    echo = ""  # vLLM's chat echo: the last (assistant) message's content opens every choice
 
     def _logprobs(self, resp, c: Choice) -> list[dict]:
         return self.fmt.chat_entries(resp.logprobs)
 
     def whole(self, index: int, c: Choice) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": "".join(c.text)},
+        return {"index": index, "message": {"role": "assistant", "content": self.echo + "".join(c.text)},
                 "logprobs": {"content": [e for part in c.logprobs for e in part]} if self.logprobs else None,
                 "finish_reason": c.finish_reason}
 
@@ -161,7 +164,7 @@ class _ChatShape(_Shape):
         out = []
         if not c.started:  # a choice opens with the assistant's role, as OpenAI's streams do
             c.started = True
-            out.append({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            out.append({"index": index, "delta": {"role": "assistant", "content": self.echo}, "logprobs": None,
                         "finish_reason": None})
         reason = finish_reason(resp.finish_reason)
         if resp.text or resp.logprobs or reason:
@@ -187,8 +190,8 @@ def _token_check(token: str):
 
     @web.middleware
     async def check(request: web.Request, handler) -> web.StreamResponse:
-        """401 in OpenAI's shape without the gateway's bearer token; /health stays open, as gRPC health."""
-        if request.path != "/health":
+        """401 in OpenAI's shape without the gateway's bearer token; /health and /ping stay open, as gRPC health."""
+        if request.path not in ("/health", "/ping"):
             given = request.headers.get("Authorization")
             if given is None:
                 raise ApiError(401, "missing credentials: send 'Authorization: Bearer <token>'", None,
@@ -244,6 +247,7 @@ class OpenAIServer:
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_get("/health", self.health)
+        add_routes(self)  # /ping, /version, /tokenize, /detokenize, /metrics
         self.runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int, ssl_context=None, reuse_port: bool = False) -> int:
@@ -280,6 +284,7 @@ class OpenAIServer:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        check_fields(body, "completions")
         model = self._check_model(body.get("model"))
         check_completion_extras(body)
         if self.core.info is not None:  # else: UNAVAILABLE, below
@@ -295,6 +300,7 @@ class OpenAIServer:
         vllm_k = params.prompt_logprobs if params.HasField("prompt_logprobs") else None
         if echo and logprobs is not None:  # the echoed prompt's tokens come with their logprobs
             params.prompt_logprobs = max(logprobs, vllm_k or 0)
+        vllm_sampling(body, params)
         check_sequences(len(prompts), params.n if params.HasField("n") else 1, self.limits)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         requests = []
@@ -335,28 +341,30 @@ class OpenAIServer:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        check_fields(body, "chat")
         model = self._check_model(body.get("model"))
         messages = chat_messages(body)
+        render = chat_render_options(body)
         logprobs = bool_param(body, "logprobs")
         top_logprobs = int_param(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
         if top_logprobs and not logprobs:
             raise ApiError.invalid("top_logprobs", "needs logprobs set to true")
         max_tokens = max_tokens_of(body)
-        params = sampling_params(body, max_tokens, logprobs, top_logprobs)
+        params = sampling_params(body, max_tokens, logprobs, top_logprobs)  # unset max_tokens: the context's end
         if body.get("prompt_logprobs") is not None:
             raise ApiError.invalid("prompt_logprobs", "is supported on /v1/completions only")
         engine_params(body, params)
+        vllm_sampling(body, params)
         options = stream_options(body)  # checked before the template renders
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         renames = {"sampling_params.max_tokens": "max_completion_tokens" if "max_completion_tokens" in body
                    else "max_tokens", "token_ids.ids": "messages", "prompt": "messages"}
         try:
-            req = await self.chat.request(response_id, model, messages, params)
-            if max_tokens is None:  # as OpenAI: up to the context length
-                req.sampling_params.max_tokens = max(self.core.limits.max_model_len - len(req.token_ids.ids), 1)
+            req = await self.chat.request(response_id, model, messages, params, **render)
         except GenerationFailed as exc:
             raise ApiError.from_failure(exc, renames) from None
         shape = _ChatShape(LogprobFormat(self._token_text, chat=True), logprobs)
+        shape.echo = chat_echo(body, messages)
         return await self._respond(request, response_id, [req], options, renames, shape)
 
     # ---- helpers
@@ -381,10 +389,14 @@ class OpenAIServer:
     async def _respond(self, request: web.Request, response_id: str, requests: list[generation_pb2.GenerateRequest],
                        options: StreamOptions, renames: dict[str, str], shape: _Shape) -> web.StreamResponse:
         """Runs the requests; a failure before the first response is an HTTP error of its own."""
-        n = requests[0].sampling_params.n or 1
+        p = requests[0].sampling_params
+        n = max(p.n or 1, p.beam_width or 1)  # choices per prompt: samples or beams
+        prompt_tokens: list[int] = []  # per prompt, known up front when every chunk reports usage
         try:
-            for req in requests if len(requests) > 1 else ():  # no prompt starts unless all are valid
+            # No prompt starts unless all are valid; continuous usage needs the prompts' lengths first.
+            for req in requests if len(requests) > 1 or options.continuous_usage_stats else ():
                 valid = await self.core.validate(req)
+                prompt_tokens.append(len(valid.prompt_token_ids))
                 if req.WhichOneof("prompt") == "text":  # tokenized once: generate takes the ids
                     req.token_ids.ids.extend(valid.prompt_token_ids)
             stream = responses(self.core, requests, max(self.limits.sequences_in_flight_per_request // n, 1))
@@ -392,7 +404,8 @@ class OpenAIServer:
                 first = await anext(stream, None)
                 envelope = {"id": response_id, "created": int(time.time()), "model": self.core.model_name}
                 if options.stream:
-                    return await self._sse(request, envelope, stream, first, n, options, renames, shape)
+                    return await self._sse(request, envelope, stream, first, n, options, renames, shape,
+                                           prompt_tokens)
                 return await self._whole(envelope, stream, first, n, shape)
         except GenerationFailed as exc:
             raise ApiError.from_failure(exc, renames) from None
@@ -413,7 +426,8 @@ class OpenAIServer:
         return web.json_response(body, dumps=lambda x: json.dumps(x, ensure_ascii=False))
 
     async def _sse(self, request: web.Request, envelope: dict, stream, batch: Batch | None, n: int,
-                   options: StreamOptions, renames: dict[str, str], shape: _Shape) -> web.StreamResponse:
+                   options: StreamOptions, renames: dict[str, str], shape: _Shape,
+                   prompt_tokens: list[int]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -422,6 +436,7 @@ class OpenAIServer:
             envelope["usage"] = None
         choices: dict[int, Choice] = {}
         usage = Usage()
+        running = _RunningUsage(sum(prompt_tokens)) if options.continuous_usage_stats else None
         try:
             while batch is not None:
                 prompt_index, batch_responses = batch
@@ -430,7 +445,8 @@ class OpenAIServer:
                     shape.prepare(r)
                     usage.add(prompt_index, r)
                     index = prompt_index * n + r.index
-                    events += [_sse(dict(envelope, choices=[c]))
+                    chunk = envelope if running is None else dict(envelope, usage=running.add(r))
+                    events += [_sse(dict(chunk, choices=[c]))
                                for c in shape.chunks(index, r, choices.setdefault(index, Choice()))]
                 await resp.write(b"".join(events))
                 batch = await anext(stream, None)
@@ -442,6 +458,18 @@ class OpenAIServer:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+class _RunningUsage:
+    """stream_options.continuous_usage_stats: the usage so far, for every chunk (vLLM's shape)."""
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
+
+    def add(self, resp: generation_pb2.GenerateResponse) -> dict:
+        self.completion_tokens += len(resp.token_ids)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 def _token_ids(ids: list[int]) -> list[int]:

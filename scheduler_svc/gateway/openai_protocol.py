@@ -19,6 +19,7 @@ import grpc
 import clients  # noqa: F401
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.finish_reason import name as finish_reason_name
+from scheduler_svc.gateway.context_window import is_context_error
 from scheduler_svc.gateway.generation import GenerationFailed
 from scheduler_svc.gateway.validation import shown
 
@@ -67,7 +68,9 @@ class ApiError(Exception):
         message = exc.message
         if param and exc.field and message.startswith(f"{exc.field}: "):
             message = f"{param}: {message[len(exc.field) + 2:]}"
-        return cls(status, message, param, exc.code.name.lower(), type_)
+        # OpenAI's code for an over-long request, which LangChain maps to its context overflow error
+        code = "context_length_exceeded" if is_context_error(message) else exc.code.name.lower()
+        return cls(status, message, param, code, type_)
 
 
 def openai_param(field_path: str, renames: dict[str, str]) -> str:
@@ -170,14 +173,30 @@ def max_tokens_of(body: dict) -> int | None:
 class StreamOptions:
     stream: bool
     include_usage: bool
+    continuous_usage_stats: bool = False  # vLLM: usage so far in every chunk
 
 
 def stream_options(body: dict) -> StreamOptions:
     stream = bool_param(body, "stream")
     options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
+    if options is None:
+        return StreamOptions(stream, False)
+    if not isinstance(options, dict):
         raise ApiError.invalid("stream_options", "must be an object")
-    return StreamOptions(stream, stream and bool((options or {}).get("include_usage")))
+    unknown = sorted(set(options) - {"include_usage", "continuous_usage_stats", "include_obfuscation"})
+    if unknown:
+        raise ApiError.invalid(f"stream_options.{unknown[0]}", "is not supported")
+    flags = {}
+    for name in ("include_usage", "continuous_usage_stats", "include_obfuscation"):
+        flags[name] = options.get(name)
+        if flags[name] is not None and not isinstance(flags[name], bool):
+            raise ApiError.invalid(f"stream_options.{name}", f"must be true or false, got {flags[name]!r}")
+    # include_obfuscation (OpenAI's padding of stream events against length side channels) pads nothing
+    # here; false or unset asks for exactly that.
+    if flags["include_obfuscation"]:
+        raise ApiError.invalid("stream_options.include_obfuscation", "is not supported (no padding is sent)")
+    return StreamOptions(stream, stream and bool(flags["include_usage"]),
+                         stream and bool(flags["include_usage"]) and bool(flags["continuous_usage_stats"]))
 
 
 def completion_prompts(body: dict) -> list[str | list[int]]:

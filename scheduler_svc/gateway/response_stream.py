@@ -35,6 +35,7 @@ class SampleStream:
     byte_token_ids: frozenset[int] = frozenset()  # byte-fallback tokens of the vocabulary
     backend: object = None  # the tokenizers.Tokenizer behind ``decode``: streaming detokenization in Rust
     prompt_token_ids: list[int] = field(default_factory=list)  # for prompt logprobs (params.prompt_logprobs)
+    include_stop_str: bool = False  # the stop string that ends the sample stays in its text
     num_tokens: int = 0
     finish_reason: int = generation_pb2.FINISH_REASON_UNSPECIFIED
     upstream_finished: bool = False  # the scheduler reported the end (else it must be told: Abort)
@@ -49,7 +50,7 @@ class SampleStream:
 
     def __post_init__(self) -> None:
         self.detok = IncrementalDetokenizer(self.decode, self.byte_token_ids, self.backend)
-        self.stops = StopStrings(self.params.stop)
+        self.stops = StopStrings(self.params.stop, self.include_stop_str)
 
     @property
     def finished(self) -> bool:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import clients  # noqa: F401
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.v1 import generation_pb2
+from scheduler_svc.gateway.context_window import check_prompt_fits, resolve_max_tokens
 from scheduler_svc.gateway.options import DEFAULT_LIMITS, GatewayLimits
 
 MAX_REQUEST_ID_CHARS = 256
@@ -49,6 +50,8 @@ class ModelLimits:
     max_model_len: int
     max_token_bytes: int | None = None  # UTF-8 length of the longest vocabulary entry, when known
     gateway: GatewayLimits = DEFAULT_LIMITS
+    num_blocks: int = 0  # the engine's KV pool, for n > 1 without max_tokens (0: unknown)
+    block_size: int = 0
 
     @property
     def max_prompt_bytes(self) -> int:
@@ -64,6 +67,7 @@ class ValidRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams  # stop strings stay in the gateway; to_proto() is what the scheduler gets
+    include_stop_str_in_output: bool = False  # a gateway matter: the stop string stays in the text
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,21 @@ class CheckedRequest:
     params: SamplingParams
     text: str | None  # the prompt to tokenize, or None when it came as token ids
     prompt_token_ids: list[int] | None
+    max_tokens_set: bool = True  # False: max_tokens is resolved to the context's end once the prompt is known
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens
+
+    def resolve(self, ids: list[int], limits: ModelLimits, name: str) -> ValidRequest:
+        """The valid request of this checked one and its prompt's token ids (truncated if asked)."""
+        if self.truncate_prompt_tokens is not None:
+            ids = ids[-self.truncate_prompt_tokens:]
+        check_prompt_fits(len(ids), limits.max_model_len, name)
+        try:
+            params = resolve_max_tokens(self.params, self.max_tokens_set, len(ids), limits.max_model_len,
+                                        limits.num_blocks, limits.block_size)
+        except InvalidField as exc:
+            raise InvalidField(f"sampling_params.{exc.field}", str(exc)[len(exc.field) + 2:]) from None
+        return ValidRequest(self.request_id, ids, params, self.include_stop_str_in_output)
 
 
 def public_field(scheduler_field: str) -> str:
@@ -99,15 +118,28 @@ def check_request(request: generation_pb2.GenerateRequest, limits: ModelLimits) 
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidField("prompt", "set either text or token_ids")
+    p = request.sampling_params
+    truncate = _truncate_prompt_tokens(p, limits)
     text, ids = None, None
     if kind == "text":
-        text = check_text(request.text, limits, "text")
+        # A prompt to truncate may be longer than the context: only the gateway's byte cap bounds it.
+        text = check_text(request.text, limits if truncate is None else replace(limits, max_token_bytes=None), "text")
     else:
-        ids = token_prompt(request.token_ids.ids, limits, "token_ids.ids")
-    if not request.HasField("sampling_params"):
-        raise InvalidField("sampling_params.max_tokens", "is required and must be at least 1")
-    params = _sampling_params(request.sampling_params, limits)
-    return CheckedRequest(request.request_id or uuid.uuid4().hex, params, text, ids)
+        ids = request.token_ids.ids
+        ids = token_prompt(ids if truncate is None else ids[-truncate:], limits, "token_ids.ids")
+    params = _sampling_params(p, limits)
+    return CheckedRequest(request.request_id or uuid.uuid4().hex, params, text, ids, p.HasField("max_tokens"),
+                          p.include_stop_str_in_output, truncate)
+
+
+def _truncate_prompt_tokens(p: generation_pb2.SamplingParams, limits: ModelLimits) -> int | None:
+    if not p.HasField("truncate_prompt_tokens"):
+        return None
+    k = p.truncate_prompt_tokens
+    if not 1 <= k < limits.max_model_len:
+        raise InvalidField("sampling_params.truncate_prompt_tokens",
+                           f"must be in [1, {limits.max_model_len - 1}] (below the context length), got {k}")
+    return k
 
 
 def check_text(text: str, limits: ModelLimits, name: str) -> str:
@@ -124,11 +156,13 @@ def check_text(text: str, limits: ModelLimits, name: str) -> str:
     return text
 
 
-def text_token_ids(ids: list[int], limits: ModelLimits, name: str) -> list[int]:
-    """The token ids of a checked text prompt, counted against the context length."""
+def text_token_ids(ids: list[int], limits: ModelLimits, name: str, truncate: int | None = None) -> list[int]:
+    """The token ids of a checked text prompt (its last ``truncate`` if set), counted against the context."""
     if not ids:
         raise InvalidField(name, "tokenizes to no tokens")
-    _fits(len(ids), limits, name)
+    if truncate is not None:
+        ids = ids[-truncate:]
+    check_prompt_fits(len(ids), limits.max_model_len, name)
     return ids
 
 
@@ -142,21 +176,12 @@ def token_prompt(ids: Sequence[int], limits: ModelLimits, name: str) -> list[int
     the vocabulary."""
     if not len(ids):
         raise InvalidField(name, "must not be empty")
-    _fits(len(ids), limits, name)
+    check_prompt_fits(len(ids), limits.max_model_len, name)
     ids = list(ids)
     bad = next((i for i, t in enumerate(ids) if not isinstance(t, int) or not 0 <= t < limits.vocab_size), None)
     if bad is not None:
         raise InvalidField(name, f"ids[{bad}] = {ids[bad]!r} is outside the vocabulary [0, {limits.vocab_size})")
     return ids
-
-
-def _fits(num_tokens: int, limits: ModelLimits, name: str) -> None:
-    if num_tokens >= limits.max_model_len:
-        raise InvalidField(
-            name,
-            f"the prompt has {num_tokens} tokens, which leaves no room to generate within the context "
-            f"length of {limits.max_model_len} tokens",
-        )
 
 
 _EARLY_STOPPING = {
@@ -237,7 +262,7 @@ def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> S
         raise InvalidField("sampling_params.logit_bias", "biases must be finite numbers")
     try:
         params = SamplingParams(
-            max_tokens=p.max_tokens,
+            max_tokens=p.max_tokens if p.HasField("max_tokens") else limits.max_model_len,  # unset: resolved later
             min_tokens=p.min_tokens,
             logit_bias=tuple((e.token_id, e.bias) for e in p.logit_bias),
             prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,

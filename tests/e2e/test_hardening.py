@@ -111,7 +111,7 @@ def test_huge_prompts_are_refused_at_once_while_streams_go_on(service):
     stop = asyncio.Event()
 
     async def stream(client, i, arrivals):
-        s = client.generate(f"stream {i}", SamplingParams(max_tokens=100_000, ignore_eos=True), timeout=300)
+        s = client.generate(f"stream {i}", SamplingParams(max_tokens=None, ignore_eos=True), timeout=300)
         async for chunk in s:
             arrivals.append((time.time(), len(chunk.token_ids)))
             if stop.is_set():
@@ -247,7 +247,7 @@ def test_ctrl_c_during_generate_is_one_line(service):
     import threading
 
     proc = subprocess.Popen([sys.executable, "-m", "scheduler_svc.cli", "generate", "--target", service.target,
-                             "--prompt", "Hello", "--max-tokens", "100000", "--ignore-eos"],
+                             "--prompt", "Hello", "--max-tokens", str(CONTEXT_LEN - 8), "--ignore-eos"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     # SIGINT once the command prints streamed text: then it is inside its streaming loop. (The engine's
@@ -285,7 +285,7 @@ def _streams_in_background(target: str, n: int, **client_kw):
         try:
             with Client(target, **client_kw) as client:
                 chunks = []
-                for chunk in client.generate(f"stream {i}", SamplingParams(max_tokens=100_000, ignore_eos=True),
+                for chunk in client.generate(f"stream {i}", SamplingParams(max_tokens=None, ignore_eos=True),
                                              timeout=300):
                     chunks.append(chunk)
                     if sum(len(c.token_ids) for c in chunks) >= 12:  # past the watchdog's warm-up steps

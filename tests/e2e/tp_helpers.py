@@ -25,7 +25,7 @@ def serve_two_ranks(model: Path, log_dir: Path, *extra: str) -> LocalService:
     return svc
 
 
-def kill_mid_stream(svc: LocalService, name: str, max_tokens: int) -> None:
+def kill_mid_stream(svc: LocalService, name: str, max_tokens: int | None) -> None:
     """Starts 4 streams, SIGKILLs child ``name`` once each has a token, and checks that every stream ends
     UNAVAILABLE within 5 s and the launcher exits non-zero within 60 s."""
     results: dict = {}

@@ -11,18 +11,20 @@ from tests.scheduler_svc.factories import check_invariants, params, scheduler
 
 
 @pytest.mark.parametrize("prompt_len, max_tokens, n, field, needs", [
-    (64, 1, 1, "prompt", "needs 17 KV blocks to generate a single token"),  # 65 tokens: 17 blocks of 4
-    (80, 1, 1, "prompt", "needs 21 KV blocks to generate a single token"),
-    (40, 40, 1, "max_tokens", "needs 20 KV blocks"),  # the prompt alone fits (11 blocks)
-    (60, 8, 1, "max_tokens", "needs 17 KV blocks"),  # 61 tokens fit 16 blocks; 68 do not
-    (60, 1, 4, "prompt", "for 4 sequence(s) needs 22 KV blocks to generate a single token"),  # 16 + 3 x 2
+    (64, 1, 1, "prompt", "needs cache room for 68 tokens to generate a single token"),  # 65 tokens: 17 blocks of 4
+    (80, 1, 1, "prompt", "needs cache room for 84 tokens to generate a single token"),
+    (40, 40, 1, "max_tokens", "needs cache room for 80 tokens"),  # the prompt alone fits (11 blocks)
+    (60, 8, 1, "max_tokens", "needs cache room for 68 tokens"),  # 61 tokens fit 16 blocks; 68 do not
+    (60, 1, 4, "prompt", "for 4 sequences (each past the shared prompt) needs cache room for 88 tokens to generate "
+     "a single token"),  # 16 + 3 x 2 blocks
 ])
 def test_a_request_the_pool_cannot_hold_names_its_cause(prompt_len, max_tokens, n, field, needs):
     s = scheduler(num_blocks=16, block_size=4, max_model_len=128)  # pool: 64 tokens, less than the context
     with pytest.raises(InvalidField) as err:
         s.add_request(0, "r", [1] * prompt_len, params(max_tokens=max_tokens, n=n, seed=1 if n > 1 else None))
     assert err.value.field == field
-    assert needs in str(err.value) and "the KV pool has 16 blocks (64 tokens)" in str(err.value)
+    assert needs in str(err.value) and "the server's KV cache holds 64 tokens at once" in str(err.value)
+    assert "block" not in str(err.value)  # clients are told tokens, never the memory layout
     assert not s.has_work()
 
 

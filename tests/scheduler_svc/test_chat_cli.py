@@ -28,11 +28,12 @@ pytestmark = pytest.mark.slow  # the chat runs as a process
 
 
 class FakeScheduler(BaseFake):
-    """test_server's fake with room for chat-templated prompts (as test_openai_http's, which needs openai)."""
+    """test_server's fake (test_openai_http's needs openai) with a context long enough for a conversation of
+    10,000-token replies (over-long requests are refused)."""
 
     async def GetEngineInfo(self, request, context):
         info = await super().GetEngineInfo(request, context)
-        info.max_model_len = 1024
+        info.max_model_len = 65536
         return info
 
 

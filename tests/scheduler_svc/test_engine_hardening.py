@@ -10,6 +10,7 @@ import pytest
 import clients  # noqa: F401
 from pagedserve.internal.v1 import worker_pb2
 from scheduler_svc import engine as engine_module
+from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.worker_group import WorkerFailure
 from tests.scheduler_svc.test_engine import (
     ERROR,
@@ -177,9 +178,22 @@ def test_top_logprobs_reach_the_requests_that_asked_trimmed_to_their_count():
     assert all(not o.logprobs and not o.top_logprobs for o in by_request["plain"])
 
 
-def test_a_pool_shorter_than_one_sequence_is_announced_at_start(capsys):
-    make_engine(FakeWorkers(num_blocks=(8,)))  # 8 blocks of 4 tokens; max_model_len 128
+def test_a_pool_shorter_than_one_sequence_lowers_the_served_context(capsys):
+    engine, _ = make_engine(FakeWorkers(num_blocks=(8,)))  # 8 blocks of 4 tokens; max_model_len 128
     err = capsys.readouterr().err
-    assert "warning: the KV pool holds 32 tokens (8 blocks), fewer than one sequence of max_model_len 128" in err
-    make_engine(FakeWorkers(num_blocks=(32,)))
-    assert "warning" not in capsys.readouterr().err
+    assert err.count("\n") == 1 and ("the KV pool holds 32 tokens, fewer than the model's context of 128: serving "
+                                      "max_model_len 32") in err
+    assert engine.info.max_model_len == engine.scheduler.max_model_len == 32  # what GetModelInfo reports
+    engine, _ = make_engine(FakeWorkers(num_blocks=(32,)))
+    assert capsys.readouterr().err == "" and engine.info.max_model_len == 128
+
+
+def test_an_explicit_max_model_len_the_pool_cannot_hold_refuses_to_start():
+    from scheduler_svc.engine import ContextTooLong, served_context
+
+    config = SchedulerConfig(block_size=4, max_model_len=100)
+    with pytest.raises(ContextTooLong, match="--max-model-len 100 needs room for 100 tokens, but the KV pool "
+                                              "holds 32 tokens"):
+        served_context(config, 128, 8)
+    assert served_context(config, 128, 25) == 100  # it fits: served as asked
+    assert served_context(SchedulerConfig(block_size=4), 128, 8) == 32

@@ -52,7 +52,7 @@ Message = Mapping[str, str] | tuple[str, str]  # {"role": ..., "content": ...} o
 class SamplingParams:
     """How tokens are chosen; ``None`` leaves a field to the server's default (see generation.proto)."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: until the context ends
     temperature: float | None = None  # server default 1.0; 0 is greedy
     top_k: int = 0
     top_p: float | None = None  # server default 1.0
@@ -73,14 +73,17 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's, over the generated tokens
     logit_bias: Mapping[int, float] | None = None  # token id -> bias in [-100, 100]
     prompt_logprobs: int | None = None  # alternatives per prompt token; None: no prompt logprobs
+    include_stop_str_in_output: bool = False  # keep the stop string that ended a sample in its text
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens
 
     def to_proto(self) -> generation_pb2.SamplingParams:
         p = generation_pb2.SamplingParams(
-            max_tokens=self.max_tokens, top_k=self.top_k, min_p=self.min_p, stop=list(self.stop),
+            top_k=self.top_k, min_p=self.min_p, stop=list(self.stop),
             stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, beam_width=self.beam_width,
             logprobs=self.logprobs, top_logprobs=self.top_logprobs, min_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             logit_bias=[generation_pb2.LogitBias(token_id=t, bias=b) for t, b in (self.logit_bias or {}).items()],
+            include_stop_str_in_output=self.include_stop_str_in_output,
         )
         if self.prompt_logprobs is not None:
             p.prompt_logprobs = self.prompt_logprobs
@@ -88,7 +91,8 @@ class SamplingParams:
             if self.early_stopping not in _EARLY_STOPPING:
                 raise ValueError(f"early_stopping must be False, True or 'never', got {self.early_stopping!r}")
             p.early_stopping = _EARLY_STOPPING[self.early_stopping]
-        for name in ("temperature", "top_p", "seed", "n", "length_penalty", "repetition_penalty"):
+        for name in ("max_tokens", "temperature", "top_p", "seed", "n", "length_penalty", "repetition_penalty",
+                     "truncate_prompt_tokens"):
             value = getattr(self, name)
             if value is not None:
                 setattr(p, name, value)

@@ -130,8 +130,15 @@ def test_a_full_queue_upstream_is_resource_exhausted_with_a_retry_hint(model_dir
     asyncio.run(scenario())
 
 
+class ShortContextFake(FakeScheduler):
+    async def GetEngineInfo(self, request, context):
+        info = await super().GetEngineInfo(request, context)
+        info.max_model_len = 64
+        return info
+
+
 def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_tokenizing(model_dir, monkeypatch):  # noqa: F811
-    fake = FakeScheduler(lambda submit: [[7]])
+    fake = ShortContextFake(lambda submit: [[7]])
 
     async def scenario():
         async with gateway_at(model_dir, fake) as (client, _):

@@ -51,7 +51,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def GetEngineInfo(self, request, context):
         self.num_info_calls += 1
         return scheduler_pb2.EngineInfo(
-            ready=self.ready, architecture="LlamaForCausalLM", max_model_len=64, vocab_size=1000, block_size=16,
+            ready=self.ready, architecture="LlamaForCausalLM", max_model_len=16384, vocab_size=1000, block_size=16,
             num_blocks=8, dtype="float32", eos_token_ids=[1], world_size=1,
         )
 
@@ -452,7 +452,7 @@ def test_tokenize_model_info_and_reflection(model_dir, tokenizer):
             assert await client.tokenize("hello café") == tokenizer.encode("hello café")
             info = await client.model_info()
             assert (info.model, info.architecture, info.max_model_len, info.num_kv_blocks) == (
-                "demo", "LlamaForCausalLM", 64, 8)
+                "demo", "LlamaForCausalLM", 16384, 8)
             with pytest.raises(GenerationError) as err:
                 await client.tokenize("x", model="other")
             assert (err.value.code, err.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "model")

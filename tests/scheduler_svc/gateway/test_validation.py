@@ -30,10 +30,10 @@ def encode(text: str) -> list[int]:
 def validate(req, limits: ModelLimits, encode) -> ValidRequest:
     """What the gateway does with a request, its async tokenizer pool replaced by ``encode``."""
     checked = check_request(req, limits)
-    ids = checked.prompt_token_ids
     if checked.text is not None:
-        ids = text_token_ids(encode(checked.text), limits, "text")
-    return ValidRequest(checked.request_id, ids, checked.params)
+        return checked.resolve(text_token_ids(encode(checked.text), limits, "text", checked.truncate_prompt_tokens),
+                               limits, "text")
+    return checked.resolve(checked.prompt_token_ids, limits, "token_ids.ids")
 
 
 def request(prompt="hello", **params) -> generation_pb2.GenerateRequest:
@@ -84,7 +84,7 @@ def test_set_fields_pass_through():
     (lambda: request([1] * 40), "token_ids.ids"),
     (lambda: request([5, 100]), "token_ids.ids"),
     (lambda: request(max_tokens=0), "sampling_params.max_tokens"),
-    (lambda: generation_pb2.GenerateRequest(text="hi"), "sampling_params.max_tokens"),
+    (lambda: request(max_tokens=40), "sampling_params.max_tokens"),  # prompt plus max_tokens over the context
     (lambda: request(top_p=1.5), "sampling_params.top_p"),
     (lambda: request(top_p=0.0), "sampling_params.top_p"),
     (lambda: request(temperature=-1.0), "sampling_params.temperature"),

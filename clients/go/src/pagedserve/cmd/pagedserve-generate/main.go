@@ -65,11 +65,14 @@ func main() {
 	given := map[string]bool{}
 	flag.Visit(func(f *flag.Flag) { given[f.Name] = true })
 	params := &pagedservev1.SamplingParams{
-		MaxTokens:        uint32(*maxTokens),
 		MinTokens:        uint32(*minTokens),
 		PresencePenalty:  float32(*presence),
 		FrequencyPenalty: float32(*frequency),
 		LogitBias:        bias,
+	}
+	if given["max-tokens"] || *maxTokens > 0 { // unset max_tokens: until the context ends
+		m := uint32(*maxTokens)
+		params.MaxTokens = &m
 	}
 	if given["temperature"] {
 		t := float32(*temperature)
