@@ -141,6 +141,11 @@ def run_ours(engine: EngineArgs, work: Workload, warm: Workload) -> Result:
 
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in work.output_lens]
     with LLM(engine) as llm:
+        # The pool's capacity: an fp8 cache (--kv-cache-dtype fp8) holds twice the tokens of bf16's.
+        kv_tokens = llm.info.num_blocks * llm.info.block_size
+        longest = max(len(p) + n for p, n in zip(work.prompts, work.output_lens, strict=True))
+        print(f"KV pool: {llm.info.num_blocks} blocks = {kv_tokens} tokens = {kv_tokens // longest} sequences of "
+              f"{longest} tokens", flush=True)
         llm.generate(warm.prompts, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         with tqdm(total=len(work.prompts), desc="pagedserve", unit="req", disable=None) as bar:
             t0 = time.perf_counter()
@@ -148,6 +153,7 @@ def run_ours(engine: EngineArgs, work: Workload, warm: Workload) -> Result:
             results = llm.generate(work.prompts, params, on_finish=lambda _: bar.update())
             seconds = time.perf_counter() - t0
             profile = step_profile(before, llm.stats())
+            profile["kv_blocks"], profile["kv_tokens"] = llm.info.num_blocks, kv_tokens
     produced = sum(len(r.outputs[0].token_ids) for r in results)
     if produced != work.num_output_tokens:
         raise RuntimeError(f"pagedserve produced {produced} tokens, expected {work.num_output_tokens}")
