@@ -8,6 +8,8 @@ are the held-out text. Then our engine's model, loaded from the saved checkpoint
 
 - teacher-forced perplexity over the held-out text, cut into chunks of ``--chunk`` tokens, each chunk one
   prefill (its attention reads K and V back from the paged cache, so an fp8 cache counts);
+- teacher-forced top-1 agreement: the share of held-out positions whose argmax equals the unquantized
+  model's;
 - greedy continuations of ``--gen`` tokens from the first ``--prompt`` tokens of each chunk, decoded one
   token per step through the paged cache, compared with the unquantized model's: the share of positions
   before the first divergence (1.0: identical), averaged over the prompts.
@@ -114,6 +116,7 @@ def evaluate(path: Path, mode: str, held: torch.Tensor, args, device: torch.devi
     logits = runner.step(held.tolist()).view(n, size, -1)
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                             held[:, 1:].reshape(-1).to(device))
+    top1 = logits[:, :-1].argmax(-1).cpu()
     # Greedy continuations, one decode step at a time.
     runner = MiniRunner(model, config, n, args.prompt + args.gen, kv_dtype, device)
     last = runner.step(held[:, : args.prompt].tolist()).view(n, args.prompt, -1)[:, -1]
@@ -123,7 +126,7 @@ def evaluate(path: Path, mode: str, held: torch.Tensor, args, device: torch.devi
         out.append(nxt.cpu())
         last = runner.step([[t] for t in nxt.tolist()])
     del model, runner
-    return {"ppl": math.exp(float(nll)), "greedy": torch.stack(out, 1).tolist()}
+    return {"ppl": math.exp(float(nll)), "greedy": torch.stack(out, 1).tolist(), "top1": top1}
 
 
 def agreement(got: list[list[int]], want: list[list[int]]) -> float:
@@ -164,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     base = results["base"]
     print(f"\n{device.type}, serving dtype {str(dtype).removeprefix('torch.')}"
           f"{' (fp8 emulated)' if device.type != 'cuda' else ''}")
-    print(f"{'mode':<18} {'held-out ppl':>13} {'vs base':>9} {'greedy agreement':>17}")
+    print(f"{'mode':<18} {'held-out ppl':>13} {'vs base':>9} {'top-1 agreement':>16} {'greedy agreement':>17}")
     rows = []
     for mode, r in results.items():
         rel = r["ppl"] / base["ppl"] - 1
         agree = agreement(r["greedy"], base["greedy"])
-        rows.append({"mode": mode, "ppl": r["ppl"], "rel": rel, "greedy_agreement": agree})
-        print(f"{mode:<18} {r['ppl']:>13.3f} {100 * rel:>+8.2f}% {100 * agree:>16.1f}%")
+        top1 = (r["top1"] == base["top1"]).float().mean().item()
+        rows.append({"mode": mode, "ppl": r["ppl"], "rel": rel, "top1_agreement": top1, "greedy_agreement": agree})
+        print(f"{mode:<18} {r['ppl']:>13.3f} {100 * rel:>+8.2f}% {100 * top1:>15.1f}% {100 * agree:>16.1f}%")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": args.device, "dtype": str(dtype), "steps": steps,
                                               "loss": loss, "rows": rows}, indent=1))

@@ -1,0 +1,96 @@
+"""``python -m kernels.bench.fp8_parts``: where an FP8 decode step of Llama-3-8B spends its time, part by
+part, bf16 beside fp8 (CUDA only): the four linears of a layer (bf16 F.linear against per-token
+quantization + torch._scaled_mm, and the quantization alone) and paged attention over a bf16 and an
+e4m3 cache, at W8B's decode shapes (batch 256, 640-token contexts) and at batch 1. Each time is the
+median of triton.testing.do_bench (L2 flushed) with its share of the bytes' time at the measured copy
+bandwidth, so the table says which part keeps the step from its roofline."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+# W8B's linears per layer: name, (out, in).
+LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3  # seconds
+
+
+def linear_rows(m: int, bw: float) -> list[str]:
+    from gpu_worker.fp8 import Fp8Linear
+    from kernels.quant_fp8 import quantize_per_token
+    from kernels.silu_mul_quant import silu_mul_quant
+
+    rows = []
+    for name, (n, k) in LINEARS.items():
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        torch.nn.init.normal_(lin.weight, std=0.02)
+        f8 = Fp8Linear.from_linear(lin)
+        width = 2 * k if name == "down" else k  # the down projection's input comes from gate_up
+        x = torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
+        if name == "down":
+            t_bf16 = bench(lambda: F.linear(F.silu(x[:, :k]) * x[:, k:], lin.weight))
+            t_quant = bench(lambda: silu_mul_quant(x))
+            t_fp8 = bench(lambda: f8.forward_quantized(*silu_mul_quant(x), torch.bfloat16))
+        else:
+            t_bf16 = bench(lambda: F.linear(x, lin.weight))
+            t_quant = bench(lambda: quantize_per_token(x))
+            t_fp8 = bench(lambda: f8(x))
+        floor_bf16, floor_fp8 = 2 * n * k / bw, n * k / bw
+        rows.append(f"| {name} M={m} | {t_bf16 * 1e6:.1f} ({100 * floor_bf16 / t_bf16:.0f}%) | "
+                    f"{t_fp8 * 1e6:.1f} ({100 * floor_fp8 / t_fp8:.0f}%) | {t_quant * 1e6:.1f} | "
+                    f"{t_bf16 / t_fp8:.2f}x |")
+        del lin, f8, x
+    return rows
+
+
+def attention_rows(batch: int, ctx: int, bw: float) -> list[str]:
+    from kernels.paged_attention import paged_attention_triton
+
+    heads, kv_heads, d, bs = 32, 8, 128, 16
+    per_seq = -(-ctx // bs)
+    num_blocks = batch * per_seq
+    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, per_seq)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    starts = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, heads, d, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    times = {}
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        k = torch.randn(num_blocks, bs, kv_heads, d, device="cuda").to(dtype)
+        v = torch.randn(num_blocks, bs, kv_heads, d, device="cuda").to(dtype)
+        times[dtype] = bench(lambda: paged_attention_triton(q, k, v, tables, lens, starts, d**-0.5,  # noqa: B023
+                                                            max_query_len=1, max_seq_len=ctx))
+        floor = 2 * batch * ctx * kv_heads * d * k.element_size() / bw
+        rows.append(f"| attention B={batch} ctx={ctx} {str(dtype).removeprefix('torch.')} | "
+                    f"{times[dtype] * 1e6:.1f} | {100 * floor / times[dtype]:.0f}% |")
+        del k, v
+    rows.append(f"| fp8 / bf16 time | {times[torch.float8_e4m3fn] / times[torch.bfloat16]:.2f} | |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.parse_args(argv)
+    from kernels.bench.ceilings import measure_ceilings
+
+    bw = measure_ceilings("cuda")["copy_gbps"] * 1e9
+    print(f"{torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s")
+    print("| linear | bf16 us (% of bytes floor) | fp8 us incl. quantization (% of fp8 bytes floor) | "
+          "quantization us | speed-up |\n|---|---|---|---|---|")
+    for m in (1, 256):
+        print("\n".join(linear_rows(m, bw)), flush=True)
+    print("\n| attention (decode) | us | % of bytes floor |\n|---|---|---|")
+    for batch, ctx in ((256, 640), (1, 640)):
+        print("\n".join(attention_rows(batch, ctx, bw)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
