@@ -3,7 +3,8 @@
 ``Fp8Linear`` holds ``weight`` [out, in] in float8_e4m3fn and ``weight_scale`` [out] fp32, the weight
 being W / scale with scale = max(|W[o, :]|) / 448 per output row. On CUDA its product is one
 ``torch._scaled_mm`` with row-wise scales (the activations' per-token scales from kernels/quant_fp8.py,
-or from kernels/silu_mul_quant.py for an MLP's down projection), bf16 out; elsewhere it is emulated: the
+or from kernels/silu_mul_quant.py for an MLP's down projection), bf16 out, or for up to 16 tokens the
+same product in kernels/fp8_gemv.py; elsewhere it is emulated: the
 same quantized values, dequantized, in an fp32 product, so the CPU tests exercise the same numbers.
 
 Where the fp8 weights come from (gpu_worker/loader.py):
@@ -27,9 +28,13 @@ import torch.distributed as dist
 from torch import nn
 
 from gpu_worker.models.parallel import SINGLE, RowParallelLinear, TPGroup
+from kernels.fp8_gemv import fp8_gemv
 from kernels.quant_fp8 import FP8_MAX, quantize_per_token
 
 FP8 = torch.float8_e4m3fn
+# Up to this many tokens the product runs in kernels/fp8_gemv.py (a bandwidth-bound weight stream), above
+# it in torch._scaled_mm (cuBLASLt); both compute the same row-wise-scaled product. 0 disables the former.
+GEMV_MAX_M = 16
 
 
 def weight_scales(w: torch.Tensor, tp: TPGroup = SINGLE, row_parallel: bool = False) -> torch.Tensor:
@@ -81,7 +86,9 @@ class Fp8Linear(nn.Module):
 
     def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The product from an input already quantized per token: xq [T, in] e4m3, xs [T, 1] fp32."""
-        if xq.is_cuda:
+        if xq.is_cuda and xq.shape[0] <= GEMV_MAX_M:  # decode batches: a weight-streaming kernel
+            out = fp8_gemv(xq, xs, self.weight, self.weight_scale, dtype)
+        elif xq.is_cuda:
             out = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale[None, :],
                                    out_dtype=dtype)
         else:

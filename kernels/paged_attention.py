@@ -506,6 +506,7 @@ def paged_attention(
     An fp8 cache holds K / k_scale and V / v_scale."""
     if use_triton(q):
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                      sliding_window, max_query_len, max_seq_len, k_scale=k_scale, v_scale=v_scale)
+                                      sliding_window, max_query_len, max_seq_len,
+                                      k_scale=k_scale, v_scale=v_scale)
     return paged_attention_sdpa(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
                                 k_scale, v_scale)

@@ -23,56 +23,72 @@ def bench(fn) -> float:
 
 
 def linear_rows(m: int, bw: float) -> list[str]:
-    from gpu_worker.fp8 import Fp8Linear
+    rows = []
+    for name, (n, k) in LINEARS.items():
+        rows += _linear_rows(name, n, k, m, bw)
+    return rows
+
+
+def _linear_rows(name: str, n: int, k: int, m: int, bw: float) -> list[str]:
+    import gpu_worker.fp8 as fp8_mod
     from kernels.quant_fp8 import quantize_per_token
     from kernels.silu_mul_quant import silu_mul_quant
 
-    rows = []
-    for name, (n, k) in LINEARS.items():
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        torch.nn.init.normal_(lin.weight, std=0.02)
-        f8 = Fp8Linear.from_linear(lin)
-        width = 2 * k if name == "down" else k  # the down projection's input comes from gate_up
-        x = torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
-        if name == "down":
-            t_bf16 = bench(lambda: F.linear(F.silu(x[:, :k]) * x[:, k:], lin.weight))
-            t_quant = bench(lambda: silu_mul_quant(x))
-            t_fp8 = bench(lambda: f8.forward_quantized(*silu_mul_quant(x), torch.bfloat16))
-        else:
-            t_bf16 = bench(lambda: F.linear(x, lin.weight))
-            t_quant = bench(lambda: quantize_per_token(x))
-            t_fp8 = bench(lambda: f8(x))
-        floor_bf16, floor_fp8 = 2 * n * k / bw, n * k / bw
-        rows.append(f"| {name} M={m} | {t_bf16 * 1e6:.1f} ({100 * floor_bf16 / t_bf16:.0f}%) | "
-                    f"{t_fp8 * 1e6:.1f} ({100 * floor_fp8 / t_fp8:.0f}%) | {t_quant * 1e6:.1f} | "
-                    f"{t_bf16 / t_fp8:.2f}x |")
-        del lin, f8, x
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    f8 = fp8_mod.Fp8Linear.from_linear(lin)
+    if name == "down":  # its input comes from gate_up: SiLU-and-mul first (fused with the quantization)
+        x = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)
+        t_bf16 = bench(lambda: F.linear(F.silu(x[:, :k]) * x[:, k:], lin.weight))
+        t_quant = bench(lambda: silu_mul_quant(x))
+
+        def run():
+            return f8.forward_quantized(*silu_mul_quant(x), torch.bfloat16)
+    else:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        t_bf16 = bench(lambda: F.linear(x, lin.weight))
+        t_quant = bench(lambda: quantize_per_token(x))
+
+        def run():
+            return f8(x)
+    t_fp8 = bench(run)
+    floor_bf16, floor_fp8 = 2 * n * k / bw, n * k / bw
+    rows = [f"| {name} M={m} | {t_bf16 * 1e6:.1f} ({100 * floor_bf16 / t_bf16:.0f}%) | "
+            f"{t_fp8 * 1e6:.1f} ({100 * floor_fp8 / t_fp8:.0f}%) | {t_quant * 1e6:.1f} | {t_bf16 / t_fp8:.2f}x |"]
+    if m <= fp8_mod.GEMV_MAX_M:  # the same product through cuBLASLt, for the small-M kernel's gain
+        saved, fp8_mod.GEMV_MAX_M = fp8_mod.GEMV_MAX_M, 0
+        t_mm = bench(run)
+        fp8_mod.GEMV_MAX_M = saved
+        rows.append(f"| {name} M={m} via torch._scaled_mm | | {t_mm * 1e6:.1f} ({100 * floor_fp8 / t_mm:.0f}%) | "
+                    f"| {t_bf16 / t_mm:.2f}x |")
     return rows
 
 
 def attention_rows(batch: int, ctx: int, bw: float) -> list[str]:
+    kv_heads, d, bs = 8, 128, 16
+    per_seq = -(-ctx // bs)
+    tables = torch.randperm(batch * per_seq, device="cuda", dtype=torch.int32).view(batch, per_seq)
+    times = {dtype: _attention_time(batch, ctx, tables, dtype) for dtype in (torch.bfloat16, torch.float8_e4m3fn)}
+    rows = []
+    for dtype, t in times.items():
+        floor = 2 * batch * ctx * kv_heads * d * (1 if dtype == torch.float8_e4m3fn else 2) / bw
+        rows.append(f"| attention B={batch} ctx={ctx} {str(dtype).removeprefix('torch.')} | "
+                    f"{t * 1e6:.1f} | {100 * floor / t:.0f}% |")
+    rows.append(f"| fp8 / bf16 time | {times[torch.float8_e4m3fn] / times[torch.bfloat16]:.2f} | |")
+    return rows
+
+
+def _attention_time(batch: int, ctx: int, tables: torch.Tensor, dtype: torch.dtype) -> float:
     from kernels.paged_attention import paged_attention_triton
 
     heads, kv_heads, d, bs = 32, 8, 128, 16
-    per_seq = -(-ctx // bs)
-    num_blocks = batch * per_seq
-    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, per_seq)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     starts = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, heads, d, device="cuda", dtype=torch.bfloat16)
-    rows = []
-    times = {}
-    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
-        k = torch.randn(num_blocks, bs, kv_heads, d, device="cuda").to(dtype)
-        v = torch.randn(num_blocks, bs, kv_heads, d, device="cuda").to(dtype)
-        times[dtype] = bench(lambda: paged_attention_triton(q, k, v, tables, lens, starts, d**-0.5,  # noqa: B023
-                                                            max_query_len=1, max_seq_len=ctx))
-        floor = 2 * batch * ctx * kv_heads * d * k.element_size() / bw
-        rows.append(f"| attention B={batch} ctx={ctx} {str(dtype).removeprefix('torch.')} | "
-                    f"{times[dtype] * 1e6:.1f} | {100 * floor / times[dtype]:.0f}% |")
-        del k, v
-    rows.append(f"| fp8 / bf16 time | {times[torch.float8_e4m3fn] / times[torch.bfloat16]:.2f} | |")
-    return rows
+    k = torch.randn(tables.numel(), bs, kv_heads, d, device="cuda").to(dtype)
+    v = torch.randn(tables.numel(), bs, kv_heads, d, device="cuda").to(dtype)
+    return bench(lambda: paged_attention_triton(q, k, v, tables, lens, starts, d**-0.5, max_query_len=1,
+                                                max_seq_len=ctx))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ at small shapes, compiled on the GPU at Llama-3-8B's."""
 import pytest
 import torch
 
+from kernels.fp8_gemv import fp8_gemv_ref, fp8_gemv_triton
 from kernels.paged_attention import paged_attention_ref, paged_attention_triton
 from kernels.quant_fp8 import quantize_per_token_ref, quantize_per_token_triton
 from kernels.silu_mul_quant import silu_mul_quant_ref, silu_mul_quant_triton
@@ -97,3 +98,27 @@ def test_fp8_cache_attention_gpu(cuda, seed, assert_close, q_lens, ctx):
     out, ref, exact = fp8_cache_case(cuda, seed, len(ctx), 32, 8, 128, 16, q_lens, ctx, torch.bfloat16)
     assert_close(out, ref, 1e-2, "kernel vs reference on the same fp8 cache")
     assert_close(out, exact, 0.06, "fp8 cache vs bf16 cache")
+
+
+def check_gemv(device, seed, m, n, k):
+    g = torch.Generator(device).manual_seed(seed)
+    xq = (torch.randn((m, k), generator=g, device=device) * 50).to(FP8)
+    w = (torch.randn((n, k), generator=g, device=device) * 50).to(FP8)
+    xs = torch.rand((m, 1), generator=g, device=device) * 1e-2
+    ws = torch.rand((n,), generator=g, device=device) * 1e-2
+    out = fp8_gemv_triton(xq, xs, w, ws, torch.bfloat16)
+    ref = fp8_gemv_ref(xq, xs, w, ws, torch.float32)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, f"relative error {err:.3g}"  # bf16 output rounding
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_fp8_gemv_interpreted(interpreter, seed, m):
+    check_gemv(interpreter, seed, m, 48, 300)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (28672, 4096), (1000, 264)])
+def test_fp8_gemv_gpu(cuda, seed, m, n, k):
+    check_gemv(cuda, seed, m, n, k)
