@@ -472,7 +472,8 @@ def paged_attention_triton(
     merge_rows = next_power_of_2(config.block_q * (num_heads // num_kv_heads))
     _paged_attention_kernel[grid](
         out, part, counters, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * _LOG2E * (k_scale if kv_fp8 else 1.0), float(v_scale), num_seqs, num_tokens, num_query_blocks, config.split_len, sliding_window or 0,
+        scale * _LOG2E * (k_scale if kv_fp8 else 1.0), float(v_scale),
+        num_seqs, num_tokens, num_query_blocks, config.split_len, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
