@@ -3,8 +3,8 @@
 ``Fp8Linear`` holds ``weight`` [out, in] in float8_e4m3fn and ``weight_scale`` [out] fp32, the weight
 being W / scale with scale = max(|W[o, :]|) / 448 per output row. On CUDA its product is one
 ``torch._scaled_mm`` with row-wise scales (the activations' per-token scales from kernels/quant_fp8.py,
-or from kernels/silu_mul_quant.py for an MLP's down projection), bf16 out, or for up to 16 tokens the
-same product in kernels/fp8_gemv.py; elsewhere it is emulated: the
+or from kernels/silu_mul_quant.py for an MLP's down projection), bf16 out (kernels/fp8_gemv.py computes the same
+product for up to 16 tokens; off until timed, see GEMV_MAX_M); elsewhere it is emulated: the
 same quantized values, dequantized, in an fp32 product, so the CPU tests exercise the same numbers.
 
 Where the fp8 weights come from (gpu_worker/loader.py):
@@ -32,9 +32,11 @@ from kernels.fp8_gemv import fp8_gemv
 from kernels.quant_fp8 import FP8_MAX, quantize_per_token
 
 FP8 = torch.float8_e4m3fn
-# Up to this many tokens the product runs in kernels/fp8_gemv.py (a bandwidth-bound weight stream), above
-# it in torch._scaled_mm (cuBLASLt); both compute the same row-wise-scaled product. 0 disables the former.
-GEMV_MAX_M = 16
+# Up to this many tokens the product would run in kernels/fp8_gemv.py (a bandwidth-bound weight stream),
+# above it in torch._scaled_mm (cuBLASLt); both compute the same row-wise-scaled product. 0 (the default)
+# until the kernel has been timed on a GPU: `python -m kernels.bench.fp8_parts` compares the two at M = 1,
+# and 16 turns it on (BENCHMARKS.md, issue 25).
+GEMV_MAX_M = 0
 
 
 def weight_scales(w: torch.Tensor, tp: TPGroup = SINGLE, row_parallel: bool = False) -> torch.Tensor:
