@@ -72,7 +72,7 @@ def train(path: Path, data: torch.Tensor, device: str, steps: int, batch: int, s
         optim.step()
         sched.step()
     model.to("cpu").save_pretrained(path)
-    return float(loss)
+    return loss.item()
 
 
 class MiniRunner:
