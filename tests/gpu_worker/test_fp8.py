@@ -210,3 +210,20 @@ def test_engine_with_fp8_kv_and_weights_generates_close_to_fp32(tmp_path):
     assert first >= 3 and worst < 0.6, (first, worst)
     with LLM(path, device="cpu", kv_cache_dtype="fp8") as fp8, LLM(path, device="cpu") as fp32:
         assert fp8.info.num_blocks // 4 == fp32.info.num_blocks  # the same 256 MiB CPU pool, floored
+
+
+def test_roofline_counts_the_fp8_bytes_read():
+    """bench throughput's roofline with fp8 weights and KV: 1 byte per linear weight and per KV element,
+    the LM head still 2, for one decode step of Llama-3-8B's shape at 1 TB/s."""
+    from scheduler_svc.bench.throughput import SHAPES, Workload, roofline_seconds
+
+    cfg = SHAPES["llama3-8b"]
+    step = Workload(prompts=[[1]], output_lens=[2])
+    ceilings = {"copy_gbps": 1e3, "matmul_tflops": 1e6}
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    linears = layers * (h * cfg["head_dim"] * (2 * 32 + 2 * 8) + 3 * h * cfg["intermediate_size"])
+    head = h * cfg["vocab_size"]
+    kv = 2 * 2 * layers * 8 * 128  # elements of 2 tokens' K and V
+    fp8 = roofline_seconds(cfg, step, ceilings, 2, weight_bytes=1, kv_bytes=1)
+    assert fp8 == pytest.approx((linears + 2 * head + kv) / 1e12, rel=1e-3)
+    assert roofline_seconds(cfg, step, ceilings) == pytest.approx((2 * linears + 2 * head + 2 * kv) / 1e12, rel=1e-3)
