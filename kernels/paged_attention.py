@@ -17,8 +17,7 @@ split of each (query block, KV head) to finish, found with an atomic ticket, mer
 launch. Launch configs (tiles, stages, splits) come from kernels/attention_config.py.
 
 An fp8 (e4m3) cache is dequantized in the kernel: each K/V tile is converted to the query's dtype as it
-is loaded, K's per-tensor scale is folded into the softmax scale and V's multiplies the output, so the
-cache is read once, at one byte per element.
+is loaded, K's scale folded into the softmax scale and V's into the output (one byte per element read).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kernels._triton import jit, jit_helper, next_power_of_2, sm_count, use_triton
-from kernels.attention_config import AttentionConfig, choose_config, count_query_blocks
+from kernels.attention_config import AttentionConfig, choose_config, count_query_blocks, split_counters
 from kernels.paged_attention_cpu import paged_attention_sdpa
 
 if TYPE_CHECKING:
@@ -374,20 +373,6 @@ def _merge_splits(
              merged.to(out_ptr.dtype.element_ty), mask=mr_ok[:, None] & d_ok[None, :])
 
 
-# Split-KV tickets, per device: one int32 per (query block, KV head) program column, zero between
-# launches (each launch's merging program resets its own). Calls on one device must not overlap in
-# time on different streams.
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    counters = _counters.get(device)
-    if counters is None or counters.numel() < n:
-        counters = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-        _counters[device] = counters
-    return counters
-
-
 def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
@@ -468,7 +453,7 @@ def paged_attention_triton(
                            device=q.device)
     num_query_blocks = count_query_blocks(num_tokens, num_seqs, config.block_q)
     grid = (num_query_blocks * num_kv_heads, config.num_splits)
-    counters = _split_counters(q.device, grid[0]) if split else seq_lens  # unused without splits
+    counters = split_counters(q.device, grid[0]) if split else seq_lens  # unused without splits
     merge_rows = next_power_of_2(config.block_q * (num_heads // num_kv_heads))
     _paged_attention_kernel[grid](
         out, part, counters, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
