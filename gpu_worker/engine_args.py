@@ -22,6 +22,8 @@ from typing import Any
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # fp8 is e4m3 (gpu_worker/fp8.py)
+QUANTIZATIONS = ("none", "fp8")
 
 
 def parse_bytes(text: str) -> int:
@@ -57,6 +59,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "swap_space": (lambda v: v >= 0, "must be >= 0"),
     "load_format": (lambda v: v in LOAD_FORMATS, f"must be one of {', '.join(LOAD_FORMATS)}"),
     "max_num_blocks": (lambda v: v is None or v >= 1, "must be at least 1"),
+    "kv_cache_dtype": (lambda v: v in KV_CACHE_DTYPES, f"must be one of {', '.join(KV_CACHE_DTYPES)}"),
+    "quantization": (lambda v: v in QUANTIZATIONS, f"must be one of {', '.join(QUANTIZATIONS)}"),
+    "calculate_kv_scales": (lambda v: not v, "is not supported: fp8 KV scales come from the checkpoint's "
+                            "k_scale/v_scale tensors, else 1.0"),
     "tensor_parallel_size": (lambda v: v >= 1, "must be at least 1"),
     "max_num_waiting": (lambda v: v >= 0, "must be >= 0 (0: unbounded)"),
     "step_timeout": (lambda v: v >= 0, "must be >= 0 (0: no watchdog)"),
@@ -146,6 +152,20 @@ class EngineArgs:
     max_num_blocks: int | None = _option(
         None, "--max-num-blocks", type=int,
         help="allocate at most this many KV blocks even if more fit (default: all that fit)")
+    kv_cache_dtype: str = _option(
+        "auto", "--kv-cache-dtype", type=str, choices=KV_CACHE_DTYPES,
+        help="auto: the model's dtype; fp8 (= fp8_e4m3): an e4m3 KV cache with per-layer K and V scales "
+        "(the checkpoint's k_scale/v_scale, else 1.0), half the bytes per token (default %(default)s)")
+    quantization: str = _option(
+        "none", "--quantization", type=str, choices=QUANTIZATIONS,
+        help="fp8: quantize the linear layers' weights to e4m3 at load (per-output-channel scales; "
+        "activations per token at run time). A checkpoint whose config.json names compressed-tensors FP8 "
+        "loads as fp8 without it (default %(default)s)")
+    fp8_lm_head: bool = _option(False, "--fp8-lm-head",
+                                help="with fp8 weights, quantize the LM head too (default: serving dtype)")
+    calculate_kv_scales: bool = _option(
+        False, "--calculate-kv-scales",
+        help="not supported (refused): fp8 KV scales come from the checkpoint or default to 1.0")
     seed: int = _option(0, "--seed", type=int, help="seed of unseeded sampling (default %(default)s)")
     tensor_parallel_size: int = _option(
         1, "--tensor-parallel-size", "--world-size", type=int, metavar="N",
@@ -240,18 +260,20 @@ _SCHEDULER = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model
               "async_scheduling", "tensor_parallel_size", "max_num_waiting", "step_timeout", "heartbeat_timeout",
               "kv_events_endpoint", "kv_events_topic")
 _WORKER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
-           "max_num_batched_tokens", "swap_space", "enforce_eager", "load_format", "max_num_blocks", "seed",
-           "tensor_parallel_size")
+           "max_num_batched_tokens", "swap_space", "enforce_eager", "load_format", "max_num_blocks",
+           "kv_cache_dtype", "quantization", "fp8_lm_head", "seed", "tensor_parallel_size")
 _LAUNCHER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
              "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "async_scheduling", "swap_space",
-             "enforce_eager", "load_format", "tensor_parallel_size", "step_timeout", "heartbeat_timeout")
+             "enforce_eager", "load_format", "kv_cache_dtype", "quantization", "fp8_lm_head", "calculate_kv_scales",
+             "tensor_parallel_size", "step_timeout", "heartbeat_timeout")
 ROLES: dict[str, tuple[str, ...]] = {
     "scheduler": _SCHEDULER,
     "worker": _WORKER,
     "serve": (*_LAUNCHER, "seed", "max_num_waiting", "kv_events_endpoint", "kv_events_topic"),
     "offline": _LAUNCHER,  # its --seed is the requests' seed
     "bench-throughput": ("device", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
-                         "max_num_batched_tokens", "enforce_eager", "async_scheduling", "tensor_parallel_size"),
+                         "max_num_batched_tokens", "enforce_eager", "async_scheduling", "kv_cache_dtype",
+                         "quantization", "fp8_lm_head", "tensor_parallel_size"),
     "bench-serving": ("device", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"),
     "bench-memory": ("device", "block_size"),
     "bench-scheduler": ("block_size",),

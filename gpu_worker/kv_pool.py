@@ -1,6 +1,10 @@
 """The paged KV pool: per layer, K and V of shape [num_blocks, block_size, num_kv_heads, head_dim], and a
 CPU swap pool of the same layout. The worker runs the block operations a StepPlan names: swap-out,
-swap-in, then copy-on-write copies, all before the forward pass."""
+swap-in, then copy-on-write copies, all before the forward pass.
+
+An fp8 pool (``dtype`` float8_e4m3fn, --kv-cache-dtype fp8) holds one byte per element, so the same
+memory holds twice the blocks of a bf16 pool; swaps and copies move its bytes (through uint8 views,
+since CPU float8 tensors have no indexing), so they are the same operations for every dtype."""
 
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ class KVPool:
             return
         src = torch.tensor(src_block_ids, dtype=torch.long, device=self.device)
         dst = torch.tensor(dst_cpu_block_ids, dtype=torch.long)
-        for cache, cpu_cache in zip(self.caches, self.cpu_caches, strict=True):
+        for cache, cpu_cache in zip(self._bytes(self.caches), self._bytes(self.cpu_caches), strict=True):
             for t, cpu_t in zip(cache, cpu_cache, strict=True):
                 cpu_t.index_copy_(0, dst, t.index_select(0, src).cpu())
 
@@ -60,7 +64,7 @@ class KVPool:
             return
         src = torch.tensor(src_cpu_block_ids, dtype=torch.long)
         dst = torch.tensor(dst_block_ids, dtype=torch.long, device=self.device)
-        for cache, cpu_cache in zip(self.caches, self.cpu_caches, strict=True):
+        for cache, cpu_cache in zip(self._bytes(self.caches), self._bytes(self.cpu_caches), strict=True):
             for t, cpu_t in zip(cache, cpu_cache, strict=True):
                 t.index_copy_(0, dst, cpu_t.index_select(0, src).to(self.device, non_blocking=True))
 
@@ -70,4 +74,10 @@ class KVPool:
             return
         src = torch.tensor(src_block_ids, dtype=torch.long, device=self.device)
         dst = torch.tensor(dst_block_ids, dtype=torch.long, device=self.device)
-        copy_blocks(self.caches, src, dst)
+        copy_blocks(self._bytes(self.caches), src, dst)
+
+    @staticmethod
+    def _bytes(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if not caches or caches[0][0].dtype != torch.float8_e4m3fn:
+            return caches
+        return [(k.view(torch.uint8), v.view(torch.uint8)) for k, v in caches]

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from gpu_worker.fp8 import fp8_scheme, prepare_fp8_checkpoint, quantize_linears
 from gpu_worker.model_config import ModelConfig
 from gpu_worker.models import get_model_class
 from gpu_worker.models.parallel import SINGLE, TPGroup
@@ -68,9 +69,10 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> N
     one tensor) and recompute its derived buffers (rotary tables) there."""
     new_params: dict[int, nn.Parameter] = {}
     for module in model.modules():
+        own = getattr(module, "param_dtypes", {})  # fp8 weights and their fp32 scales (gpu_worker/fp8.py)
         for name, param in module.named_parameters(recurse=False):
             if id(param) not in new_params:
-                empty = torch.empty(param.shape, device=device, dtype=dtype)
+                empty = torch.empty(param.shape, device=device, dtype=own.get(name, dtype))
                 new_params[id(param)] = nn.Parameter(empty, requires_grad=False)
             setattr(module, name, new_params[id(param)])
         if hasattr(module, "init_buffers"):
@@ -91,19 +93,26 @@ def fill_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
 
 
 def load_model(
-    model_dir: str | Path, device: torch.device, dtype: torch.dtype, load_format: str = "auto", tp: TPGroup = SINGLE
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype, load_format: str = "auto", tp: TPGroup = SINGLE,
+    quantization: str = "none", fp8_lm_head: bool = False,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model that config.json names (``tp``: this rank's shard of it) and fill it from the
     checkpoint's weights. The ModelConfig returned describes the whole model (``for_rank``: one rank's).
 
     Raises ValueError for an unsupported architecture (listing the supported ones) or a checkpoint that
     lacks a weight (naming it), FileNotFoundError when the directory holds no weights.
+
+    ``quantization="fp8"`` quantizes the linears to e4m3 after loading (the LM head too if
+    ``fp8_lm_head``); a compressed-tensors FP8 checkpoint loads its e4m3 weights as they are (gpu_worker/fp8.py).
     """
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     model_class = get_model_class(config.hf_config)
+    scheme = fp8_scheme(config.hf_config) if load_format != "dummy" else None
     with torch.device("meta"):
         model = model_class.from_hf_config(config.hf_config, tp)
+        if scheme is not None:
+            prepare_fp8_checkpoint(model, lm_head=scheme[1])
     materialize(model, device, dtype)
     if load_format == "dummy":  # config.json alone: random weights of the real shape
         fill_random(model)
@@ -113,6 +122,8 @@ def load_model(
         model.load_weights(iter_gguf_weights(config.gguf_file, config.hf_config, device))
     else:
         model.load_weights(iter_weights(checkpoint_files(model_dir), device))
+    if scheme is None and quantization == "fp8":
+        quantize_linears(model, lm_head=fp8_lm_head)
     if device.type == "cuda":
         relayout_linears(model)
     return model.eval(), config

@@ -66,6 +66,9 @@ class WorkerConfig:
     load_format: str = DEFAULTS.load_format  # "dummy": random weights from config.json alone (benchmarks)
     max_num_blocks: int | None = DEFAULTS.max_num_blocks  # cap on the pool, e.g. to make memory the limit
     seed: int = DEFAULTS.seed
+    kv_cache_dtype: str = DEFAULTS.kv_cache_dtype  # "fp8": an e4m3 pool
+    quantization: str = DEFAULTS.quantization  # "fp8": e4m3 linear weights (gpu_worker/fp8_linear.py)
+    fp8_lm_head: bool = DEFAULTS.fp8_lm_head
     swap_space: int = DEFAULTS.swap_space_bytes  # bytes of CPU swap pool (preempted sequence groups)
     dist_init_method: str | None = None  # rendezvous of the ranks; None: derived from scheduler_address
 
@@ -73,7 +76,8 @@ class WorkerConfig:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
         check(self, ("device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization",
-                     "max_num_batched_tokens", "max_num_seqs", "load_format", "max_num_blocks", "swap_space"))
+                     "max_num_batched_tokens", "max_num_seqs", "load_format", "max_num_blocks", "swap_space",
+                     "kv_cache_dtype", "quantization"))
 
     @classmethod
     def from_engine_args(cls, engine: EngineArgs, scheduler_address: str, rank: int = 0,
@@ -94,6 +98,9 @@ class WorkerConfig:
             load_format=engine.load_format,
             max_num_blocks=engine.max_num_blocks,
             seed=engine.seed,
+            kv_cache_dtype=engine.kv_cache_dtype,
+            quantization=engine.quantization,
+            fp8_lm_head=engine.fp8_lm_head,
             swap_space=engine.swap_space_bytes,
             dist_init_method=dist_init_method,
         )
@@ -103,6 +110,10 @@ class WorkerConfig:
         if self.dtype == "auto":
             return torch.float32 if self.device == "cpu" else torch.bfloat16
         return _DTYPES[self.dtype]
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.kv_cache_dtype.startswith("fp8") else self.torch_dtype
 
 
 class Worker:
@@ -122,7 +133,8 @@ class Worker:
             init_method = config.dist_init_method or default_init_method(config.scheduler_address)
             self.tp = init_tensor_parallel(config.rank, n, init_method, self.device)
         self.model, model_config = load_model(
-            config.model, self.device, config.torch_dtype, load_format=config.load_format, tp=self.tp
+            config.model, self.device, config.torch_dtype, load_format=config.load_format, tp=self.tp,
+            quantization=config.quantization, fp8_lm_head=config.fp8_lm_head,
         )
         self.model_config = model_config.for_rank(n)  # this rank's heads: its KV pool holds its KV heads
         self.runner = self._new_runner()
@@ -135,7 +147,7 @@ class Worker:
     def num_blocks_that_fit(self) -> int:
         cfg, mc = self.config, self.model_config
         per_block = KVPool.bytes_per_block(
-            mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, cfg.torch_dtype
+            mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, cfg.kv_torch_dtype
         )
         if cfg.kv_cache_memory is not None:
             fit = cfg.kv_cache_memory // per_block
@@ -148,7 +160,7 @@ class Worker:
     def num_cpu_blocks_that_fit(self) -> int:
         cfg, mc = self.config, self.model_config
         per_block = KVPool.bytes_per_block(
-            mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, cfg.torch_dtype
+            mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, cfg.kv_torch_dtype
         )
         return cfg.swap_space // per_block
 
@@ -162,7 +174,7 @@ class Worker:
         if cfg.max_num_batched_tokens % seq_len:
             lens.append(cfg.max_num_batched_tokens % seq_len)
         num_blocks = sum(-(-n // bs) for n in lens)
-        self.runner.allocate_kv(num_blocks, cfg.torch_dtype)
+        self.runner.allocate_kv(num_blocks, cfg.kv_torch_dtype)
         plan = worker_pb2.StepPlan(step_id=0)
         first_block = 0
         for i, n in enumerate(lens):
@@ -255,7 +267,7 @@ class Worker:
             if pending is not None:
                 reply.CopyFrom(self.finish(pending))
         elif kind == "init_cache":
-            self.runner.allocate_kv(cmd.init_cache.num_blocks, self.config.torch_dtype,
+            self.runner.allocate_kv(cmd.init_cache.num_blocks, self.config.kv_torch_dtype,
                                     num_cpu_blocks=cmd.init_cache.num_cpu_blocks)
             self.runner.capture_graphs()
             reply.cache_ready.rank = self.config.rank

@@ -85,3 +85,17 @@ def count_query_blocks(num_tokens: int, num_seqs: int, block_q: int) -> int:
     # an upper bound of the real count that needs no device data (programs past a sequence's end exit).
     # With block_q == 1 the blocks are the tokens themselves.
     return num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
+
+
+# Split-KV tickets, per device: one int32 per (query block, KV head) program column, zero between
+# launches (each launch's merging program resets its own). Calls on one device must not overlap in
+# time on different streams.
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _counters[device] = counters
+    return counters

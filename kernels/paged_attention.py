@@ -15,6 +15,9 @@ When there are too few programs for the GPU (small decode batches, long contexts
 split (split-KV): each split writes a partial output and its log-sum-exp to scratch, and the last
 split of each (query block, KV head) to finish, found with an atomic ticket, merges them in the same
 launch. Launch configs (tiles, stages, splits) come from kernels/attention_config.py.
+
+An fp8 (e4m3) cache is dequantized in the kernel: each K/V tile is converted to the query's dtype as it
+is loaded, K's scale folded into the softmax scale and V's into the output (one byte per element read).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kernels._triton import jit, jit_helper, next_power_of_2, sm_count, use_triton
-from kernels.attention_config import AttentionConfig, choose_config, count_query_blocks
+from kernels.attention_config import AttentionConfig, choose_config, count_query_blocks, split_counters
 from kernels.paged_attention_cpu import paged_attention_sdpa
 
 if TYPE_CHECKING:
@@ -42,11 +45,16 @@ def paged_attention_ref(
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
     scale: float,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Plain PyTorch: gather each sequence's K/V through its block table, then masked softmax in fp32."""
+    """Plain PyTorch: gather each sequence's K/V through its block table, then masked softmax in fp32.
+    An fp8 cache holds K / k_scale and V / v_scale."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
+    if k_cache.dtype == torch.float8_e4m3fn:  # dequantize the whole cache (CPU float8 cannot be indexed)
+        k_cache, v_cache = k_cache.float() * k_scale, v_cache.float() * v_scale
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     for s, seq_len in enumerate(seq_lens.tolist()):
@@ -87,7 +95,8 @@ def _paged_attention_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
-    qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
+    qk_scale,  # softmax scale * log2(e) (* k_scale for an fp8 cache): the softmax runs in base 2
+    v_scale,  # fp8 cache: the output's factor; unused otherwise
     num_seqs, num_tokens, num_query_blocks, split_len,
     sliding_window,  # keys k with k > position - sliding_window are visible; unused unless SLIDING
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -104,6 +113,7 @@ def _paged_attention_kernel(
     MERGE_ROWS: tl.constexpr,  # power of 2 >= BLOCK_Q * GROUP
     MERGE_CHUNK: tl.constexpr,  # splits merged per step
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,  # the caches are float8_e4m3fn
 ):
     pid = tl.program_id(0)
     kv_head = pid % NUM_KV_HEADS
@@ -127,6 +137,8 @@ def _paged_attention_kernel(
         q, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, row_pos, first_pos, last_pos, d, d_ok,
         split, split_len, qk_scale, sliding_window, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
         stride_vh, stride_bt, BLOCK_SIZE, BLOCK_M, HEAD_DIM_PAD, TILE_N, SLIDING, SPLIT, DOT_PRECISION)
+    if KV_FP8:
+        acc = acc * v_scale  # V was stored divided by v_scale; the sum over keys is linear in V
 
     if SPLIT:
         part_lse_ptr = part_ptr + tl.num_programs(1).to(tl.int64) * num_tokens * (NUM_KV_HEADS * GROUP * HEAD_DIM)
@@ -260,7 +272,7 @@ def _attend(
                     blocks = tl.load(table + keys // BLOCK_SIZE, mask=keys < hi, other=0)
                     kv_mask = (keys < hi)[:, None] & d_ok[None, :]
                 slot = blocks.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_kt
-                k = tl.load(k_base + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                k = tl.load(k_base + slot[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
                 if phase != 1:
                     visible = keys[None, :] <= row_pos[:, None]
@@ -272,7 +284,7 @@ def _attend(
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 slot_v = blocks.to(tl.int64) * stride_vb + (keys % BLOCK_SIZE) * stride_vt
-                v = tl.load(v_base + slot_v[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_base + slot_v[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
                 m_i = m_new
     return m_i, l_i, acc
@@ -361,20 +373,6 @@ def _merge_splits(
              merged.to(out_ptr.dtype.element_ty), mask=mr_ok[:, None] & d_ok[None, :])
 
 
-# Split-KV tickets, per device: one int32 per (query block, KV head) program column, zero between
-# launches (each launch's merging program resets its own). Calls on one device must not overlap in
-# time on different streams.
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    counters = _counters.get(device)
-    if counters is None or counters.numel() < n:
-        counters = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-        _counters[device] = counters
-    return counters
-
-
 def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
@@ -387,8 +385,9 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
         raise ValueError(f"head_dim {head_dim} > 256 is not supported")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"q dtype {q.dtype} is not fp16, bf16 or fp32")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype} must match")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise TypeError(f"q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype} must match "
+                        "(or the caches be float8_e4m3fn)")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension, strides {t.stride()}")
@@ -419,12 +418,15 @@ def paged_attention_triton(
     max_seq_len: int | None = None,
     config: AttentionConfig | None = None,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The Triton path (CPU tensors run under TRITON_INTERPRET=1). Hints left as None cost a device
     sync; a wrong hint is still correct (the last split takes the rest, a missed decode guess searches),
     only slower. ``out`` may be given (same shape and dtype as q, last dimension contiguous); tokens
     past query_start_loc[-1] are not written. ``config`` overrides choose_config (tests, tuning).
-    Split launches share per-device tickets: calls on one GPU must not run concurrently on two streams."""
+    Split launches share per-device tickets: calls on one GPU must not run concurrently on two streams.
+    ``k_scale`` / ``v_scale``: the per-tensor scales of an fp8 cache (ignored for other caches)."""
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window)
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
@@ -443,6 +445,7 @@ def paged_attention_triton(
         config = choose_config(num_tokens, num_seqs, num_heads, num_kv_heads, head_dim, q.dtype,
                                max_query_len, max_seq_len, sm_count(q))
     head_dim_pad = next_power_of_2(head_dim)
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
     split = config.num_splits > 1
     part = out  # unused without splits
     if split:
@@ -450,11 +453,12 @@ def paged_attention_triton(
                            device=q.device)
     num_query_blocks = count_query_blocks(num_tokens, num_seqs, config.block_q)
     grid = (num_query_blocks * num_kv_heads, config.num_splits)
-    counters = _split_counters(q.device, grid[0]) if split else seq_lens  # unused without splits
+    counters = split_counters(q.device, grid[0]) if split else seq_lens  # unused without splits
     merge_rows = next_power_of_2(config.block_q * (num_heads // num_kv_heads))
     _paged_attention_kernel[grid](
         out, part, counters, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * _LOG2E, num_seqs, num_tokens, num_query_blocks, config.split_len, sliding_window or 0,
+        scale * _LOG2E * (k_scale if kv_fp8 else 1.0), float(v_scale),
+        num_seqs, num_tokens, num_query_blocks, config.split_len, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -463,7 +467,7 @@ def paged_attention_triton(
         TILE_N=config.tile_n, SEARCH=128,
         SLIDING=sliding_window is not None, SPLIT=split, MERGE_ROWS=merge_rows,
         MERGE_CHUNK=max(1, min(16, next_power_of_2(config.num_splits), 8192 // (merge_rows * head_dim_pad))),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=kv_fp8,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
@@ -480,10 +484,15 @@ def paged_attention(
     sliding_window: int | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of ``q`` over the paged cache; max_query_len / max_seq_len are host-side hints. CUDA
-    tensors take the Triton kernel, the rest torch's SDPA over gathered K/V (paged_attention_cpu.py)."""
+    tensors take the Triton kernel, the rest torch's SDPA over gathered K/V (paged_attention_cpu.py).
+    An fp8 cache holds K / k_scale and V / v_scale."""
     if use_triton(q):
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                      sliding_window, max_query_len, max_seq_len)
-    return paged_attention_sdpa(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+                                      sliding_window, max_query_len, max_seq_len,
+                                      k_scale=k_scale, v_scale=v_scale)
+    return paged_attention_sdpa(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                                k_scale, v_scale)

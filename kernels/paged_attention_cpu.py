@@ -10,6 +10,9 @@ KV head's query heads stack as that head's query rows.
 Only slots a sequence has written are read: padding positions past a sequence's end read the
 sequence's first slot (always written) and are masked. So stale or NaN contents of the pool cannot
 leak into the output, as in the Triton kernel, which masks its loads.
+
+An fp8 (e4m3) cache is emulated: the gathered K/V are converted to the query's dtype and multiplied by
+their per-tensor scales, so the arithmetic is fp32 on the values the cache holds.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ def paged_attention_sdpa(
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
     scale: float,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]; rows past query_start_loc[-1] are left unset
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    k_rows = k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, H_kv, D]
-    v_rows = v_cache.view(-1, num_kv_heads, head_dim)
+    k_rows = _Rows(k_cache.view(-1, num_kv_heads, head_dim), q.dtype, k_scale)  # [num_slots, H_kv, D]
+    v_rows = _Rows(v_cache.view(-1, num_kv_heads, head_dim), q.dtype, v_scale)
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
@@ -58,6 +63,22 @@ def paged_attention_sdpa(
             out[q0:q1] = _prefill_chunk(q[q0:q1], k_rows, v_rows, block_tables[s], seq_len, block_size, scale,
                                         sliding_window)
     return out
+
+
+class _Rows:
+    """Cache rows [num_slots, H_kv, D] whose index_select returns them in the query's dtype: an fp8
+    cache's rows are dequantized (gathered as bytes, since CPU float8 tensors cannot be indexed)."""
+
+    def __init__(self, rows: torch.Tensor, dtype: torch.dtype, scale: float):
+        self.rows, self.dtype, self.scale = rows, dtype, scale
+        self.fp8 = rows.dtype == torch.float8_e4m3fn
+        self.shape = rows.shape
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        if not self.fp8:
+            return self.rows.index_select(dim, index)
+        raw = self.rows.view(torch.uint8).index_select(dim, index).view(torch.float8_e4m3fn)
+        return (raw.to(torch.float32) * self.scale).to(self.dtype)
 
 
 def _gather_slots(

@@ -23,6 +23,7 @@ from gpu_worker.models.parallel import (
     rows_shard,
 )
 from kernels import apply_rotary, paged_attention, rms_norm, silu_and_mul, store_kv
+from kernels.silu_mul_quant import silu_mul_quant
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, H_kv, D]
 
@@ -200,6 +201,8 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        # Per-tensor scales of an fp8 KV cache (K / k_scale is stored): the checkpoint's, else 1.0.
+        self.k_scale, self.v_scale = 1.0, 1.0
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -216,7 +219,7 @@ class Attention(nn.Module):
         if self.rotary is not None:
             self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         out = paged_attention(
             q,
             k_cache,
@@ -228,6 +231,8 @@ class Attention(nn.Module):
             sliding_window=self.sliding_window,
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -259,7 +264,10 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(stop - start, hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if hasattr(self.down_proj, "forward_quantized"):  # fp8 (gpu_worker/fp8.py): fused activation + quantize
+            return self.down_proj.forward_quantized(*silu_mul_quant(gate_up), gate_up.dtype)
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 class MLP(nn.Module):
@@ -353,10 +361,18 @@ def load_slots(
     Raises ValueError naming the tensors the checkpoint lacks, a tensor with the wrong shape, or a
     tensor that has no slot and is not ignored (a weight we would otherwise drop silently).
     """
+    from gpu_worker import fp8  # fp8 imports models.parallel: a module-level import would be circular
+
+    slots = fp8.with_scale_slots(model, slots, Slot)
     params = dict(model.named_parameters())
     pending = dict(slots)
     for name, ref in weights:
-        if ignore(name):
+        if ignore(name) or fp8.is_fp8_side_tensor(name):
+            continue
+        kv_scale = fp8.kv_scale_name(name)
+        if kv_scale is not None:  # an fp8 KV cache's per-layer scale: a float on the layer's attention
+            layer, which = kv_scale
+            setattr(model.get_submodule(f"layers.{layer}.self_attn"), f"{which}_scale", float(_read(name, ref, None)))
             continue
         slot = pending.pop(name, None)
         if slot is None:

@@ -74,18 +74,26 @@ def write_shape_config(shape: str, out_dir: Path, max_len: int) -> Path:
 # ---- roofline
 
 
-def roofline_seconds(cfg: dict, work: Workload, ceilings: dict[str, float], dtype_bytes: int = 2) -> float:
+def roofline_seconds(cfg: dict, work: Workload, ceilings: dict[str, float], dtype_bytes: int = 2,
+                     weight_bytes: int | None = None, kv_bytes: int | None = None) -> float:
     """Least time any engine needs on this device: prefill at the matmul rate, then each decode step at
     max(bytes / bandwidth, flops / matmul rate), reading all weights and every live sequence's KV.
-    ``ceilings`` as kernels.bench.ceilings.measure_ceilings gives them (GB/s, TFLOP/s)."""
+    ``ceilings`` as kernels.bench.ceilings.measure_ceilings gives them (GB/s, TFLOP/s). The bytes are
+    those actually read: ``weight_bytes`` per linear-layer weight (1 for fp8 weights; the LM head stays
+    at ``dtype_bytes``) and ``kv_bytes`` per KV element (1 for an fp8 cache), both ``dtype_bytes`` by
+    default; fp8 weights run their products at twice the measured (bf16) matmul rate."""
+    weight_bytes = dtype_bytes if weight_bytes is None else weight_bytes
+    kv_bytes = dtype_bytes if kv_bytes is None else kv_bytes
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads, kv_heads, hd, vocab = (cfg["num_attention_heads"], cfg["num_key_value_heads"],
                                   cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
                                   cfg["vocab_size"])
     layer_params = h * hd * (2 * heads + 2 * kv_heads) + 3 * h * inter
     params = layers * layer_params
-    kv_per_token = 2 * layers * kv_heads * hd * dtype_bytes
+    kv_per_token = 2 * layers * kv_heads * hd * kv_bytes
     bw, peak = ceilings["copy_gbps"] * 1e9, ceilings["matmul_tflops"] * 1e12  # bytes/s, FLOP/s
+    if weight_bytes < dtype_bytes:
+        peak *= dtype_bytes / weight_bytes
     prefill_flops = 0.0
     for p in work.prompts:
         n = len(p)
@@ -96,7 +104,7 @@ def roofline_seconds(cfg: dict, work: Workload, ceilings: dict[str, float], dtyp
     for step in range(1, max(work.output_lens)):  # the first output token comes from the prefill
         live = [i for i, n in enumerate(work.output_lens) if n > step]
         ctx = sum(in_lens[i] + step for i in live)
-        bytes_ = (params + h * vocab) * dtype_bytes + ctx * kv_per_token
+        bytes_ = params * weight_bytes + h * vocab * dtype_bytes + ctx * kv_per_token
         flops = 2 * (params + h * vocab) * len(live) + 4 * layers * heads * hd * ctx
         seconds += max(bytes_ / bw, flops / peak)
     return seconds
@@ -133,6 +141,11 @@ def run_ours(engine: EngineArgs, work: Workload, warm: Workload) -> Result:
 
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in work.output_lens]
     with LLM(engine) as llm:
+        # The pool's capacity: an fp8 cache (--kv-cache-dtype fp8) holds twice the tokens of bf16's.
+        kv_tokens = llm.info.num_blocks * llm.info.block_size
+        longest = max(len(p) + n for p, n in zip(work.prompts, work.output_lens, strict=True))
+        print(f"KV pool: {llm.info.num_blocks} blocks = {kv_tokens} tokens = {kv_tokens // longest} sequences of "
+              f"{longest} tokens", flush=True)
         llm.generate(warm.prompts, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         with tqdm(total=len(work.prompts), desc="pagedserve", unit="req", disable=None) as bar:
             t0 = time.perf_counter()
@@ -140,6 +153,7 @@ def run_ours(engine: EngineArgs, work: Workload, warm: Workload) -> Result:
             results = llm.generate(work.prompts, params, on_finish=lambda _: bar.update())
             seconds = time.perf_counter() - t0
             profile = step_profile(before, llm.stats())
+            profile["kv_blocks"], profile["kv_tokens"] = llm.info.num_blocks, kv_tokens
     produced = sum(len(r.outputs[0].token_ids) for r in results)
     if produced != work.num_output_tokens:
         raise RuntimeError(f"pagedserve produced {produced} tokens, expected {work.num_output_tokens}")
@@ -347,11 +361,15 @@ def run(args) -> int:
         except ValueError as exc:
             raise SystemExit(f"pagedserve bench throughput: {exc}") from None
         print(f"workload: {len(work.prompts)} prompts, {work.num_output_tokens} output tokens, "
-              f"model {args.shape or args.model} on {args.device}", flush=True)
+              f"model {args.shape or args.model} on {args.device}, weights {engine.quantization}, "
+              f"KV cache {engine.kv_cache_dtype}", flush=True)
         ceilings = measure_ceilings(args.device)
         print(f"measured ceilings: copy {ceilings['copy_gbps'] / 1e3:.2f} TB/s, "
               f"matmul {ceilings['matmul_tflops']:.1f} TFLOP/s", flush=True)
-        roof_s = roofline_seconds(cfg, work, ceilings, 2 if args.device.startswith("cuda") else 4)
+        dtype_bytes = 2 if args.device.startswith("cuda") else 4
+        roof_s = roofline_seconds(cfg, work, ceilings, dtype_bytes,
+                                  weight_bytes=1 if engine.quantization == "fp8" else dtype_bytes,
+                                  kv_bytes=1 if engine.kv_cache_dtype.startswith("fp8") else dtype_bytes)
         roof_s /= engine.tensor_parallel_size  # N devices: N times the bandwidth and FLOPs (all-reduces not counted)
         results = [run_ours(engine, work, warm)]
         profiles = _kernel_profiles(profile_out)
@@ -371,7 +389,8 @@ def run(args) -> int:
               "over fewer requests, so that the baseline fits the run's time")
     if args.out:
         Path(args.out).write_text(json.dumps({
-            "workload": args.workload, "shape": args.shape, "model": args.model, "device": args.device,
+            "workload": args.workload, "quantization": engine.quantization, "kv_cache_dtype": engine.kv_cache_dtype,
+            "shape": args.shape, "model": args.model, "device": args.device,
             "num_prompts": len(work.prompts), "input_len": args.input_len, "output_len": args.output_len,
             "ceilings": ceilings, "roofline_output_tok_s": roof_tok_s,
             "results": [dict(asdict(r), output_tok_s=r.output_tok_s, total_tok_s=r.total_tok_s) for r in results],

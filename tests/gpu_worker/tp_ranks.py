@@ -24,7 +24,9 @@ def main(argv: list[str]) -> None:
     tp = init_tensor_parallel(rank, world_size, init_method, torch.device("cpu"))
     for spec in argv[4:]:
         case, path = spec.split("=", 1)
-        model, config = load_model(path, torch.device("cpu"), torch.float32, tp=tp)
+        # A case named fp8_* quantizes its weights at load (a compressed-tensors checkpoint needs no flag).
+        quantization = "fp8" if case.startswith("fp8_") else "none"
+        model, config = load_model(path, torch.device("cpu"), torch.float32, tp=tp, quantization=quantization)
         computed, logits = run_mixed_steps(model, config.for_rank(world_size), 16)
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once

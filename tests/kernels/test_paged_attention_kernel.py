@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kernels.paged_attention import AttentionConfig, _counters, paged_attention_ref, paged_attention_triton
+from kernels.attention_config import _counters
+from kernels.paged_attention import AttentionConfig, paged_attention_ref, paged_attention_triton
 
 # (seq_len, num_queries): decode, whole prefill, prefill chunk after cached context, no queries, ...
 MIXED = [(37, 1), (5, 5), (70, 20), (16, 0), (130, 1), (33, 33)]

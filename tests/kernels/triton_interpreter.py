@@ -1,12 +1,15 @@
 """Triton 3.6 interpreter fixes that the CPU kernel tests need. They live with the tests: production
 never interprets (CUDA tensors take the compiled kernels, CPU tensors the PyTorch references)."""
 
+import torch
+
 
 def patch_interpreter() -> None:
-    """Three gaps of Triton 3.6's interpreter that the CPU tests hit, patched for the interpreter only:
+    """Four gaps of Triton 3.6's interpreter that the CPU tests hit, patched for the interpreter only:
     scalar tensors used as loop bounds go through int(array), which NumPy >= 2.4 refuses for 1-element
     arrays (use .item()); tl.dot multiplies bf16 operands as their raw uint16 bits (widen them to fp32
-    first, which is exact); fp32 -> bf16 casts truncate where GPUs round to nearest even."""
+    first, which is exact); fp32 -> bf16 casts truncate where GPUs round to nearest even; fp32 -> e4m3
+    casts lose the carry of a mantissa rounded up."""
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
@@ -40,6 +43,17 @@ def patch_interpreter() -> None:
             return interpreter.TensorHandle(rounded, tl.bfloat16)
         return cast_impl(self, src, dst_type)
 
+    fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def _create_fp_to_fp(self, src, dst_type, rounding_mode):
+        # fp32 -> e4m3: the interpreter drops the carry of a rounded-up mantissa (1.99 -> 1.0); torch rounds
+        # to nearest even like the GPU (saturation is the kernels' own clamp).
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            data = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.float8_e4m3fn)
+            return interpreter.TensorHandle(data.view(torch.uint8).numpy(), tl.float8e4nv)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
+    interpreter.InterpreterBuilder.create_fp_to_fp = _create_fp_to_fp
     interpreter._patch_lang_tensor = _patch_lang_tensor
     interpreter.InterpreterBuilder.create_dot = _create_dot
     interpreter.InterpreterBuilder.cast_impl = _cast_impl
