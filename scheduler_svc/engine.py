@@ -336,7 +336,7 @@ class EngineCore:
             return scheduler_pb2.RequestOutput(
                 request_id=sub.request_id,
                 finish_reason=FinishReason.FINISH_REASON_ERROR,
-                error=str(exc),
+                error=exc.reason,  # with error_field the reason alone: each receiver names the field its own way
                 error_field=exc.field,
                 num_prompt_tokens=len(sub.prompt_token_ids),
             )

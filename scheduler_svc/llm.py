@@ -212,7 +212,7 @@ class LLM:
                         continue
                     if o.finish_reason == scheduler_pb2.FINISH_REASON_ERROR:
                         if o.error_field:
-                            raise InvalidField(o.error_field, o.error.removeprefix(f"{o.error_field}: "))
+                            raise InvalidField(o.error_field, o.error)
                         raise RuntimeError(o.error)
                     r.result.num_cached_tokens = o.num_cached_tokens
                     if o.HasField("prompt_logprobs"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import clients  # noqa: F401
@@ -149,14 +149,6 @@ def sample_seed(seed: int, index: int) -> int:
         return seed
     digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % 2**63
-
-
-def beam_params(params: SamplingParams) -> SamplingParams:
-    """What beams send to the workers: greedy scoring, no logprob of their own; the top alternatives
-    travel as the plan's num_top_logprobs (Request.num_top_logprobs), and the scheduler chooses the
-    beams."""
-    return replace(params, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None,
-                   logprobs=False, top_logprobs=0)
 
 
 def take_prompt_logprobs(seq: Sequence, by_seq: dict) -> scheduler_pb2.PromptLogprobs | None:

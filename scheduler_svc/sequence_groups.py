@@ -32,7 +32,6 @@ from scheduler_svc.request import (
     SeqStatus,
     Sequence,
     arrival_order,
-    beam_params,
     sample_seed,
 )
 from scheduler_svc.step_plan import ForkedSeq, SchedulerOutput
@@ -68,7 +67,7 @@ class SequenceGroups:
                 params.beam_width, len(request.prompt_token_ids), max_num_tokens, request.stop_token_ids,
                 params.length_penalty, params.early_stopping,
             )
-            request.seqs[0].params = beam_params(params)
+            request.seqs[0].params = params.for_beams()
             request.num_top_logprobs = request.beam.num_candidates
         elif params.n > 1:
             request.num_pending_forks = params.n - 1

@@ -50,9 +50,15 @@ class GenerationFailed(Exception):
     ``retry_after_s`` tells a refused client when to try again (RESOURCE_EXHAUSTED)."""
 
     def __init__(self, code: grpc.StatusCode, message: str, field: str = "",
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.code, self.message, self.field, self.retry_after_s = code, message, field, retry_after_s
+        self.reason = reason  # with ``field``: the message without its "field: " prefix (OpenAI renames fields)
+
+    @classmethod
+    def invalid(cls, field: str, reason: str) -> GenerationFailed:
+        """INVALID_ARGUMENT naming ``field``, as InvalidField formats it."""
+        return cls(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {reason}", field, reason=reason)
 
 
 @dataclass(slots=True)
@@ -104,7 +110,7 @@ class GenerationCore:
             if checked.text is not None:
                 ids = text_token_ids(await self.encode(checked.text), limits, "text")
         except InvalidField as exc:
-            raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
+            raise GenerationFailed.invalid(exc.field, exc.reason) from None
         return ValidRequest(checked.request_id, ids, checked.params)
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -234,7 +240,7 @@ class GenerationCore:
             if text:
                 check_text(text, limits, "text")
         except InvalidField as exc:
-            raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
+            raise GenerationFailed.invalid(exc.field, exc.reason) from None
         return await self.encode(text) if text else []
 
 
@@ -246,9 +252,7 @@ def scheduler_error(out: scheduler_pb2.RequestOutput) -> GenerationFailed:
     named field is the caller's fault and anything else an internal error."""
     retry_after_s = out.retry_after_ms / 1000 if out.retry_after_ms else None
     if out.error_field:
-        field = public_field(out.error_field)
-        message = out.error.removeprefix(f"{out.error_field}: ")
-        return GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
+        return GenerationFailed.invalid(public_field(out.error_field), out.error)
     if out.status_code and out.status_code in _STATUS_BY_NUMBER:
         return GenerationFailed(_STATUS_BY_NUMBER[out.status_code], out.error, retry_after_s=retry_after_s)
     if out.error.startswith("engine failed"):  # a scheduler that predates status_code

@@ -64,8 +64,8 @@ class ApiError(Exception):
         status, type_ = _HTTP.get(exc.code, (500, "server_error"))
         param = openai_param(exc.field, params) if exc.field else None
         message = exc.message
-        if param and exc.field and message.startswith(f"{exc.field}: "):
-            message = f"{param}: {message[len(exc.field) + 2:]}"
+        if param and exc.field and exc.reason:
+            message = f"{param}: {exc.reason}"
         return cls(status, message, param, exc.code.name.lower(), type_)
 
 
