@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import clients  # noqa: F401
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
+from scheduler_svc.finish_reason import FinishReason
 
 if TYPE_CHECKING:
     from scheduler_svc.beam_search import BeamSearch
 
-FinishReason = scheduler_pb2.FinishReason
 
 
 class SeqStatus(enum.Enum):
@@ -87,7 +87,7 @@ class Sequence:
     index: int = 0
     num_computed_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING
-    finish_reason: int = FinishReason.FINISH_REASON_UNSPECIFIED
+    finish_reason: int = FinishReason.UNSPECIFIED
     # Sampling parameters sent to the workers when they differ from the request's (per-sample seed,
     # beam search); None: the request's.
     params: SamplingParams | None = None
@@ -128,7 +128,7 @@ class SeqOutput:
     seq: Sequence
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: int = FinishReason.FINISH_REASON_UNSPECIFIED
+    finish_reason: int = FinishReason.UNSPECIFIED
     error: str = ""
     error_field: str = ""
     final_token_ids: list[int] = field(default_factory=list)

@@ -52,9 +52,9 @@ from scheduler_svc.step_plan import ForkedSeq, ScheduledSeq, SchedulerOutput
 
 _RUNNING = SeqStatus.RUNNING
 # Plain ints: protobuf enum attribute lookups are slow on the per-token path.
-_STOP = int(FinishReason.FINISH_REASON_STOP)
-_LENGTH = int(FinishReason.FINISH_REASON_LENGTH)
-_NOT_FINISHED = int(FinishReason.FINISH_REASON_UNSPECIFIED)
+_STOP = int(FinishReason.STOP)
+_LENGTH = int(FinishReason.LENGTH)
+_NOT_FINISHED = int(FinishReason.UNSPECIFIED)
 
 
 class Scheduler:
@@ -127,7 +127,7 @@ class Scheduler:
         if request is None:
             return []
         outputs = [
-            self.finish(seq, FinishReason.FINISH_REASON_ABORT)
+            self.finish(seq, FinishReason.ABORT)
             for seq in list(request.seqs)
             if seq.status is not SeqStatus.FINISHED
         ]
@@ -390,7 +390,7 @@ class Scheduler:
     def _fail(self, request: Request, message: str) -> None:
         """Ends the whole group with an error, reported with the next update."""
         seq = next(s for s in request.seqs if s.status is not SeqStatus.FINISHED)
-        output = self.finish(seq, FinishReason.FINISH_REASON_ERROR)  # ends the siblings too
+        output = self.finish(seq, FinishReason.ERROR)  # ends the siblings too
         output.error = message
         self._pending_outputs.append(output)
 
@@ -477,7 +477,7 @@ class Scheduler:
         seq.finish_reason = reason
         request = seq.request
         request.num_pending_forks = 0  # only the unforked first sequence can end with forks pending
-        if reason == FinishReason.FINISH_REASON_ERROR:
+        if reason == FinishReason.ERROR:
             for other in request.seqs:
                 if other.status is not SeqStatus.FINISHED:
                     self.finish(other, reason)

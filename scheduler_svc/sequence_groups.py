@@ -160,7 +160,7 @@ class SequenceGroups:
         outputs = []
         for i, hyp in enumerate(request.beam.finished):
             stopped = bool(hyp.token_ids) and hyp.token_ids[-1] in request.stop_token_ids
-            reason = FinishReason.FINISH_REASON_STOP if stopped else FinishReason.FINISH_REASON_LENGTH
+            reason = FinishReason.STOP if stopped else FinishReason.LENGTH
             seq = Sequence(self._new_seq_id(), request, request.prompt_token_ids + hyp.token_ids, index=i,
                            status=SeqStatus.FINISHED, finish_reason=reason)
             outputs.append(SeqOutput(seq, [], [], reason, final_token_ids=list(hyp.token_ids)))

@@ -23,7 +23,7 @@ from gpu_worker import log
 from gpu_worker.sampling_params import InvalidField
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
-from scheduler_svc import finish_reason
+from scheduler_svc.finish_reason import FinishReason
 from scheduler_svc.gateway.detokenizer import byte_fallback_ids
 from scheduler_svc.gateway.engines import EnginePool
 from scheduler_svc.gateway.metrics import GatewayMetrics
@@ -198,7 +198,7 @@ class GenerationCore:
             for s in samples.values():
                 s.finish(generation_pb2.FINISH_REASON_ABORT)
             return
-        if item.finish_reason == scheduler_pb2.FINISH_REASON_ERROR:
+        if item.finish_reason == FinishReason.ERROR:
             for s in samples.values():
                 s.upstream_finished = True  # a failed request holds nothing in the scheduler
             raise scheduler_error(item)
@@ -216,7 +216,7 @@ class GenerationCore:
 
     def _summarize(self, summary: RequestSummary, start: float, samples: dict[int, SampleStream]) -> None:
         summary.completion_tokens = sum(s.num_tokens for s in samples.values())
-        reasons = [finish_reason.name(s.finish_reason) for s in samples.values() if s.finished]
+        reasons = [FinishReason.of_public(s.finish_reason).label for s in samples.values() if s.finished]
         if reasons:
             summary.finish_reason = reasons[0] if len(reasons) == 1 else ",".join(reasons)
         fields = {k: v for k, v in (

@@ -18,7 +18,7 @@ import grpc
 
 import clients  # noqa: F401
 from pagedserve.v1 import generation_pb2
-from scheduler_svc.finish_reason import name as finish_reason_name
+from scheduler_svc.finish_reason import FinishReason
 from scheduler_svc.gateway.generation import GenerationFailed
 
 UINT32_MAX = 2**32 - 1
@@ -225,7 +225,7 @@ def chat_messages(body: dict) -> list[dict]:
 
 def finish_reason(value: int) -> str | None:
     """The OpenAI finish_reason of a public one; None while the sample runs."""
-    return finish_reason_name(value) or None
+    return FinishReason.of_public(value).label or None
 
 
 @dataclass(slots=True)

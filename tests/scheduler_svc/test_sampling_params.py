@@ -1,7 +1,7 @@
 import pytest
 
-from scheduler_svc import InvalidField, SamplingParams
 from gpu_worker.sampling_params import EarlyStopping
+from scheduler_svc import InvalidField, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -58,8 +58,8 @@ def test_from_proto_reads_unset_fields_as_their_defaults_and_validates():
 
     p = SamplingParams.from_proto(scheduler_pb2.SamplingParams(max_tokens=1))  # what a bare plan carries
     assert p == SamplingParams(max_tokens=1, temperature=0.0, length_penalty=0.0)
-    assert (p.top_p, p.repetition_penalty, p.n, p.beam_width, p.early_stopping, p.seed) == (1.0, 1.0, 1, 1, EarlyStopping.HEURISTIC,
-                                                                                       None)
+    assert (p.top_p, p.repetition_penalty, p.n, p.beam_width, p.seed) == (1.0, 1.0, 1, 1, None)
+    assert p.early_stopping is EarlyStopping.HEURISTIC
     with pytest.raises(InvalidField) as err:
         SamplingParams.from_proto(scheduler_pb2.SamplingParams(max_tokens=0))
     assert err.value.field == "max_tokens"
@@ -81,8 +81,9 @@ def test_top_logprobs_imply_logprobs_and_beams_take_neutral_values():
 
 
 @pytest.mark.parametrize(("given", "rule", "hf"), [
-    (False, EarlyStopping.HEURISTIC, False), (True, EarlyStopping.ON_FULL, True), ("never", EarlyStopping.NEVER, "never"),
-    ("false", EarlyStopping.HEURISTIC, False), ("true", EarlyStopping.ON_FULL, True), (0, EarlyStopping.HEURISTIC, False),
+    (False, EarlyStopping.HEURISTIC, False), (True, EarlyStopping.ON_FULL, True),
+    ("never", EarlyStopping.NEVER, "never"), ("false", EarlyStopping.HEURISTIC, False),
+    ("true", EarlyStopping.ON_FULL, True), (0, EarlyStopping.HEURISTIC, False),
     (EarlyStopping.NEVER, EarlyStopping.NEVER, "never"),
 ])
 def test_early_stopping_is_one_enum_read_from_every_form(given, rule, hf):
