@@ -131,16 +131,10 @@ class ModelRunner:
         seqs = self.seqs
         for seq_id in plan.running_seq_ids:
             state = seqs.get(seq_id)
-            if (state is None or state.params.logprobs or not _plain_greedy(state.params)
-                    or _wants_prompt_logprobs(state)):
+            if state is None or not state.params.plain_greedy or _wants_prompt_logprobs(state):
                 return False
-        for new in plan.new_seqs:
-            p = new.sampling_params  # proto: unset repetition_penalty reads 0, i.e. 1.0
-            if (p.temperature != 0 or p.repetition_penalty not in (0.0, 1.0) or p.logprobs or p.top_logprobs
-                    or p.min_tokens or p.presence_penalty or p.frequency_penalty or p.logit_bias_token_ids
-                    or p.HasField("prompt_logprobs")):
-                return False
-        return True
+        new_params = [SamplingParams.from_proto(new.sampling_params) for new in plan.new_seqs]
+        return all(p.plain_greedy and p.prompt_logprobs is None for p in new_params)
 
     @torch.inference_mode()
     def launch(self, plan: worker_pb2.StepPlan, prev: PendingStep | None = None
@@ -179,7 +173,7 @@ class ModelRunner:
             if not states:  # prefill chunks only: nothing to sample
                 result.timings.total_ns = time.perf_counter_ns() - t0
                 return result
-        if not want_logprobs and all(_plain_greedy(s.params) for s in states) and not prompt_rows:
+        if not want_logprobs and all(s.params.plain_greedy for s in states) and not prompt_rows:
             # the common fast path
             device_tokens = logits.argmax(dim=-1)
             on_cuda = device_tokens.is_cuda
@@ -348,11 +342,6 @@ class ModelRunner:
 
     def _sample_request(self, state: SeqState) -> SampleRequest:
         return SampleRequest(state.params, len(state.token_ids) - state.num_prompt_tokens, state.token_ids)
-
-
-def _plain_greedy(p: SamplingParams) -> bool:
-    """A plain argmax of the raw logits: greedy, with nothing that changes the logits first."""
-    return p.temperature == 0 and not p.penalized
 
 
 def _wants_prompt_logprobs(state: SeqState) -> bool:

@@ -9,8 +9,9 @@ standard library and the generated message stubs (no grpc), so the worker import
 
 from __future__ import annotations
 
+import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import clients  # noqa: F401  (puts the generated stubs on sys.path)
 from pagedserve.internal.v1 import scheduler_pb2
@@ -20,6 +21,34 @@ MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound: -100 bans a token, 100 makes it the only choice
 MAX_PENALTY = 2.0  # OpenAI's bound on presence_penalty and frequency_penalty
+
+
+class EarlyStopping(enum.Enum):
+    """Beam search's stopping rule, transformers' ``early_stopping``; the values are the protos'
+    EARLY_STOPPING_* numbers (public and internal alike), so the edges convert with ``.value``."""
+
+    HEURISTIC = scheduler_pb2.EARLY_STOPPING_HEURISTIC  # transformers' False
+    ON_FULL = scheduler_pb2.EARLY_STOPPING_ON_FULL  # transformers' True
+    NEVER = scheduler_pb2.EARLY_STOPPING_NEVER  # transformers' "never"
+
+    @classmethod
+    def of(cls, value: EarlyStopping | bool | str | int) -> EarlyStopping:
+        """From transformers' False, True or "never", a CLI's "false"/"true"/"never", or a proto number
+        (0, unset, is the heuristic); raises InvalidField("early_stopping") otherwise."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, bool):
+            return cls.ON_FULL if value else cls.HEURISTIC
+        if isinstance(value, str) and value.upper() in _EARLY_STOPPING_NAMES:
+            return _EARLY_STOPPING_NAMES[value.upper()]
+        if isinstance(value, int) and (value == 0 or value in cls._value2member_map_):
+            return cls(value or cls.HEURISTIC)
+        raise InvalidField("early_stopping", f"must be False, True or 'never', got {value!r}")
+
+    @property
+    def transformers(self) -> bool | str:
+        """The value transformers' ``generate(early_stopping=...)`` takes."""
+        return {EarlyStopping.HEURISTIC: False, EarlyStopping.ON_FULL: True}.get(self, "never")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +67,7 @@ class SamplingParams:
     n: int = 1
     beam_width: int = 1
     length_penalty: float = 1.0
-    early_stopping: bool | str = False  # beam search, as transformers: False, True or "never"
+    early_stopping: EarlyStopping = EarlyStopping.HEURISTIC  # also given as transformers' False, True, "never"
     logprobs: bool = False
     top_logprobs: int = 0
     repetition_penalty: float = 1.0
@@ -58,6 +87,8 @@ class SamplingParams:
             object.__setattr__(self, "logit_bias", tuple(sorted(tuple(x) for x in bias)))
         elif not isinstance(self.logit_bias, tuple):
             object.__setattr__(self, "logit_bias", ())
+        if not isinstance(self.early_stopping, EarlyStopping):
+            object.__setattr__(self, "early_stopping", EarlyStopping.of(self.early_stopping))
         if self.top_logprobs and not self.logprobs:  # alternatives come with the sampled token's own
             object.__setattr__(self, "logprobs", True)
         # Messages are formatted only on failure: the worker and the scheduler construct these per
@@ -84,8 +115,6 @@ class SamplingParams:
                f"must be an integer in [1, {MAX_N}], got {{!r}}", self.beam_width)
         _check(self.n == 1 or self.beam_width == 1, "n",
                "must be 1 with beam search (beam_width > 1 returns beam_width beams)")
-        _check(self.early_stopping in (False, True, "never"), "early_stopping",
-               "must be False, True or 'never', got {!r}", self.early_stopping)
         _check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
                f"must be in [0, {MAX_TOP_LOGPROBS}], got {{}}", self.top_logprobs)
         _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0, got {}", self.repetition_penalty)
@@ -139,6 +168,22 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether a plain argmax of the raw logits gives the next token and nothing more is returned:
+        greedy, nothing changes the logits first (``penalized``), no logprobs. Only such rows take the
+        worker's device fast path (and may be pipelined); a new parameter that changes how a token is
+        chosen belongs in ``penalized`` or here, and nowhere else. (Prompt logprobs concern prefill
+        positions, not the sampled token: the worker checks them per step.)"""
+        return self.temperature == 0 and not self.penalized and not self.logprobs
+
+    def for_beams(self) -> SamplingParams:
+        """What a beam sends to the workers: greedy scoring, no logprob of its own; the top alternatives
+        travel as the plan's num_top_logprobs (Request.num_top_logprobs), and the scheduler chooses the
+        beams."""
+        return replace(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None,
+                       logprobs=False, top_logprobs=0)
+
     @classmethod
     def from_proto(cls, p: scheduler_pb2.SamplingParams) -> SamplingParams:
         """The parameters a Submit or a StepPlan carries; raises InvalidField. Fields whose zero value
@@ -156,7 +201,7 @@ class SamplingParams:
             n=p.n or 1,
             beam_width=p.beam_width or 1,
             length_penalty=p.length_penalty,
-            early_stopping=_EARLY_STOPPING_FROM_PROTO.get(p.early_stopping, p.early_stopping),  # unknown: rejected
+            early_stopping=EarlyStopping.of(p.early_stopping),  # unknown: rejected
             logprobs=p.logprobs,
             top_logprobs=p.top_logprobs,
             repetition_penalty=p.repetition_penalty or 1.0,
@@ -184,7 +229,7 @@ class SamplingParams:
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs,
             repetition_penalty=self.repetition_penalty,
-            early_stopping=_EARLY_STOPPING[self.early_stopping],
+            early_stopping=self.early_stopping.value,
             min_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
@@ -194,13 +239,9 @@ class SamplingParams:
         )
 
 
-_EARLY_STOPPING = {
-    False: scheduler_pb2.EARLY_STOPPING_HEURISTIC,
-    True: scheduler_pb2.EARLY_STOPPING_ON_FULL,
-    "never": scheduler_pb2.EARLY_STOPPING_NEVER,
-}
-_EARLY_STOPPING_FROM_PROTO = {v: k for k, v in _EARLY_STOPPING.items()} | {
-    scheduler_pb2.EARLY_STOPPING_UNSPECIFIED: False,
+_EARLY_STOPPING_NAMES = {
+    "FALSE": EarlyStopping.HEURISTIC, "TRUE": EarlyStopping.ON_FULL, "NEVER": EarlyStopping.NEVER,
+    **{member.name: member for member in EarlyStopping},
 }
 
 
@@ -215,6 +256,7 @@ def _check(ok: bool, field_name: str, message: str, *values: object) -> None:
 class InvalidField(ValueError):
     """A request field is invalid; ``field`` names it (carried to clients as INVALID_ARGUMENT)."""
 
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"{field_name}: {reason}")
         self.field = field_name
+        self.reason = reason  # the message without its "field: " prefix, for a caller that renames the field

@@ -31,6 +31,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from gpu_worker.sampling_params import EarlyStopping
+
 
 @dataclass(slots=True)
 class Hypothesis:
@@ -57,7 +59,7 @@ class BeamSearch:
         max_num_tokens: int,
         stop_token_ids: frozenset[int],
         length_penalty: float = 1.0,
-        early_stopping: bool | str = False,  # as transformers: False, True or "never"
+        early_stopping: EarlyStopping | bool | str = EarlyStopping.HEURISTIC,  # or transformers' False, True, "never"
     ) -> None:
         if beam_width < 1:
             raise ValueError(f"beam_width must be at least 1, got {beam_width}")
@@ -68,9 +70,7 @@ class BeamSearch:
         self.max_num_tokens = max_num_tokens  # prompt plus output, the length limit
         self.stop_token_ids = stop_token_ids
         self.length_penalty = length_penalty
-        if early_stopping not in (False, True, "never"):
-            raise ValueError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
-        self.early_stopping = early_stopping if early_stopping == "never" else bool(early_stopping)
+        self.early_stopping = EarlyStopping.of(early_stopping)
         self.num_candidates = max(2, 1 + len(stop_token_ids)) * beam_width
         self.finished: list[Hypothesis] = []  # best first, at most beam_width
         self.improvable = True  # transformers' is_early_stop_heuristic_unsatisfied
@@ -99,7 +99,7 @@ class BeamSearch:
         full = len(self.finished) == self.beam_width
         self.done = (
             not self.improvable
-            or (full and self.early_stopping is True)
+            or (full and self.early_stopping is EarlyStopping.ON_FULL)
             or all(stops)
         )
         return [] if self.done else running
@@ -118,7 +118,7 @@ class BeamSearch:
         """Only the first beam_width candidates may finish; the rest are there to keep beams running."""
         if not self.improvable:
             return
-        if len(self.finished) == self.beam_width and self.early_stopping is True:
+        if len(self.finished) == self.beam_width and self.early_stopping is EarlyStopping.ON_FULL:
             return
         new = [
             Hypothesis(length_normalized(c.score, num_out, self.length_penalty), outputs[c.beam] + [c.token_id])
@@ -132,7 +132,7 @@ class BeamSearch:
 
     def _can_improve(self, best_running_score: float, num_out: int) -> bool:
         length = num_out
-        if self.early_stopping == "never" and self.length_penalty > 0:
+        if self.early_stopping is EarlyStopping.NEVER and self.length_penalty > 0:
             length = self.max_num_tokens - self.num_prompt_tokens
         best_possible = length_normalized(best_running_score, length, self.length_penalty)
         return best_possible > min(h.score for h in self.finished)

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from scheduler_svc.client_cli import add_connection_arguments, client_kwargs
+from scheduler_svc.sampling_flags import add_sampling_flags, sampling_kwargs
 
 PROMPT = "> "
 
@@ -25,11 +26,7 @@ def add_parser(sub) -> None:
                        "model's chat template). Ctrl-C during a reply stops it; Ctrl-C or Ctrl-D at the "
                        "prompt exits.")
     p.add_argument("--system", default=None, help="system message that opens the conversation")
-    p.add_argument("--max-tokens", type=int, default=512, help="largest reply, in tokens (default 512)")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's, 1.0)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus threshold in (0, 1] (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="0 disables (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="seed of each reply's random choices")
+    add_sampling_flags(p, max_tokens=512, several=False)  # one reply a turn: no --n, no beams
     add_connection_arguments(p)
     p.set_defaults(func=run)
 
@@ -44,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(**sampling_kwargs(args))
     history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
     fatal = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED}
     with Client(args.target, **client_kwargs(args)) as client:

@@ -12,6 +12,7 @@ from gpu_worker.engine_args import EngineArgs, check_device_present
 from gpu_worker.model_files import resolve_model
 from scheduler_svc import chat_cli, client_cli
 from scheduler_svc.client_cli import INTERRUPTED
+from scheduler_svc.sampling_flags import add_sampling_flags, sampling_kwargs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,20 +29,7 @@ def _add_offline(sub) -> None:
     src.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
     src.add_argument("--prompt-ids", metavar="FILE.json",
                      help="JSON file holding a list of prompts, each a list of token ids")
-    p.add_argument("--max-tokens", type=int, required=True, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
-    p.add_argument("--top-k", type=int, default=0, help="0 disables (default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold in (0, 1] (default 1)")
-    p.add_argument("--seed", type=int, default=None, help="per-request seed")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt, sharing the prompt's KV blocks (default 1)")
-    p.add_argument("--beam-width", type=int, default=1,
-                   help="beam search with this many beams, as transformers' num_beams (default 1: off)")
-    p.add_argument("--length-penalty", type=float, default=1.0,
-                   help="beam search: score = log probability / length ** length_penalty (default 1)")
-    p.add_argument("--early-stopping", choices=("false", "true", "never"), default="false",
-                   help="beam search stopping rule, as transformers' early_stopping (default false)")
+    add_sampling_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     EngineArgs.add_args(p.add_argument_group("engine"), "offline")
     p.set_defaults(func=_run_offline)
@@ -65,12 +53,7 @@ def _run_offline(args) -> int:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"pagedserve offline: {exc}") from None
     try:
-        params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, n=args.n,
-            beam_width=args.beam_width, length_penalty=args.length_penalty,
-            early_stopping={"false": False, "true": True, "never": "never"}[args.early_stopping],
-        )
+        params = SamplingParams(**sampling_kwargs(args))
     except ValueError as exc:  # InvalidField names the setting: --n, --beam-width, ...
         print(f"pagedserve offline: error: {exc}", file=sys.stderr)
         return 2

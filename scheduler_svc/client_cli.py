@@ -1,6 +1,6 @@
 """``pagedserve generate``: one completion from a running gateway, streamed; and the flags that every
-client command (generate, chat) shares: the target, TLS and the bearer token, and argparse types that
-refuse what a request cannot carry (the server checks every value itself)."""
+client command (generate, chat) shares: the target, TLS and the bearer token. The sampling flags are
+sampling_flags' (the same for offline, generate and chat); the server checks every value itself."""
 
 from __future__ import annotations
 
@@ -9,23 +9,9 @@ import json
 import sys
 from pathlib import Path
 
+from scheduler_svc.sampling_flags import add_sampling_flags, sampling_kwargs, uint
+
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
-_EARLY_STOPPING = {"false": False, "true": True, "never": "never"}
-
-
-def uint(bits: int, name: str = "an integer"):
-    """An argparse type: a non-negative integer that fits ``bits`` bits (what the request can carry)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not 0 <= value < 2**bits:
-            raise argparse.ArgumentTypeError(f"must be {name} in [0, 2**{bits}), got {value}")
-        return value
-
-    return parse
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,27 +44,11 @@ def add_parser(sub) -> None:
                        description="Stream one completion from a pagedserve gateway and print the text as "
                        "it arrives (several samples or beams print whole, each under a header).")
     p.add_argument("--prompt", required=True, help="prompt text (with --chat: the user's message)")
-    p.add_argument("--max-tokens", type=uint(32), required=True, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's, 1.0)")
-    p.add_argument("--top-k", type=uint(32), default=0, help="0 disables (default 0)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus threshold in (0, 1] (default: 1.0)")
-    p.add_argument("--seed", type=uint(63, "a seed"), default=None, help="per-request seed")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    add_sampling_flags(p)
     p.add_argument("--logprobs", type=uint(32), default=None, metavar="N",
                    help="return each token's log probability and its N most likely alternatives (0 to 20)")
-    p.add_argument("--min-tokens", type=uint(32), default=0, help="no stop before this many tokens (default 0)")
-    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's presence penalty, -2 to 2")
-    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's frequency penalty, -2 to 2")
-    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
-                   help="add BIAS (-100 to 100) to token ID's logit (repeatable)")
     p.add_argument("--prompt-logprobs", type=uint(32), default=None, metavar="N",
                    help="return each prompt token's log probability and its N most likely alternatives")
-    p.add_argument("--n", type=uint(32), default=None, help="independent samples of the prompt (default 1)")
-    p.add_argument("--beam-width", type=uint(32), default=0, help="beam search with this many beams (default: off)")
-    p.add_argument("--length-penalty", type=float, default=None, help="beam search length penalty (default 1)")
-    p.add_argument("--early-stopping", choices=tuple(_EARLY_STOPPING), default=None,
-                   help="beam search stopping rule, as transformers' early_stopping (default false)")
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user message through the model's chat template (the Chat RPC)")
     p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
@@ -93,16 +63,9 @@ def run(args) -> int:
     import clients  # noqa: F401  (puts pagedserve.* on sys.path)
     from pagedserve.client import Client, GenerationError, SamplingParams
 
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-        logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0, n=args.n,
-        beam_width=args.beam_width, length_penalty=args.length_penalty,
-        early_stopping=None if args.early_stopping is None else _EARLY_STOPPING[args.early_stopping],
-        min_tokens=args.min_tokens, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        logit_bias=_logit_bias(args.logit_bias), prompt_logprobs=args.prompt_logprobs,
-    )
-    several = (args.n or 1) > 1 or args.beam_width > 1
+    params = SamplingParams(**sampling_kwargs(args), logprobs=args.logprobs is not None,
+                            top_logprobs=args.logprobs or 0, prompt_logprobs=args.prompt_logprobs)
+    several = (params.n or 1) > 1 or params.beam_width > 1
     chunks = []
     try:
         with Client(args.target, **client_kwargs(args)) as client:
@@ -125,7 +88,7 @@ def run(args) -> int:
         print(f"pagedserve generate: {what}", file=sys.stderr)
         return 1
     if several:
-        _print_samples(chunks, "beam" if args.beam_width > 1 else "sample", args.json)
+        _print_samples(chunks, "beam" if params.beam_width > 1 else "sample", args.json)
     else:
         _print_completion(chunks, args.json)
     return 0
@@ -165,20 +128,6 @@ def _print_completion(chunks: list, as_json: bool) -> None:
     if prompt_logprobs:
         out["prompt_logprobs"] = prompt_logprobs  # prompt tokens from the second on
     print(json.dumps(out, ensure_ascii=False))
-
-
-def _logit_bias(pairs: list[str]) -> dict[int, float]:
-    """--logit-bias ID=BIAS values (the server checks the ranges and names the field)."""
-    out = {}
-    for pair in pairs:
-        token_id, sep, bias = pair.partition("=")
-        try:
-            out[int(token_id)] = float(bias)
-        except ValueError:
-            raise SystemExit(f"pagedserve generate: --logit-bias takes ID=BIAS, got {pair!r}") from None
-        if not sep:
-            raise SystemExit(f"pagedserve generate: --logit-bias takes ID=BIAS, got {pair!r}")
-    return out
 
 
 def _print_samples(chunks: list, kind: str, as_json: bool) -> None:

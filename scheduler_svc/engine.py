@@ -33,6 +33,7 @@ import clients  # noqa: F401
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
 from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.engine_stats import StepTimes, engine_stats
 from scheduler_svc.kv_events import KVEventLog
 from scheduler_svc.request import (
     FinishReason,
@@ -138,7 +139,7 @@ class EngineCore:
             num_cpu_blocks=num_cpu_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
         )
-        self.timing = scheduler_pb2.EngineStats()  # only the step-time fields are used
+        self.times = StepTimes()
         self._unpublished: tuple[int, list[SeqOutput]] | None = None
         self._in_flight: deque[tuple[object, int]] = deque()  # (SchedulerOutput, send time) sent, not applied
         self._last_result_ns = 0
@@ -178,22 +179,7 @@ class EngineCore:
     def engine_info(self) -> scheduler_pb2.EngineInfo:
         info = scheduler_pb2.EngineInfo()
         info.CopyFrom(self.info)
-        s = self.scheduler
-        st = info.stats
-        st.num_steps = s.stats.num_steps
-        st.num_preemptions = s.stats.num_preemptions
-        st.num_computed_prompt_tokens = s.stats.num_computed_prompt_tokens
-        st.num_free_blocks = s.pool.num_free_blocks
-        st.num_running = len(s.running)
-        st.num_waiting = len(s.waiting)
-        st.num_requests = len(s.requests)
-        st.num_cached_prompt_tokens = s.stats.num_cached_prompt_tokens
-        st.num_swapped = len(s.swapped)
-        st.num_swap_preemptions = s.stats.num_swap_preemptions
-        st.num_evictions = s.pool.num_evictions
-        st.num_ahead_steps = s.stats.num_ahead_steps
-        st.num_queried_prompt_tokens = s.stats.num_queried_prompt_tokens
-        st.MergeFrom(self.timing)
+        info.stats.CopyFrom(engine_stats(self.scheduler, self.times))
         info.ready = not self.stopped.is_set()
         return info
 
@@ -266,7 +252,7 @@ class EngineCore:
         self._flush()  # the previous step's outputs go out while the workers run this one
         out, sent_ns = self._in_flight.popleft()
         result = self.workers.recv_step(timeout_s=self._step_timeout(), alive=self.alive)
-        self._time_step(out, result, max(sent_ns, self._last_result_ns))
+        self.times.add(out, result.timings, time.perf_counter_ns() - max(sent_ns, self._last_result_ns))
         self._last_result_ns = time.perf_counter_ns()
         if result.error:
             outputs = [self._fail_seq(s.seq, f"step failed on a worker: {result.error}")
@@ -314,20 +300,6 @@ class EngineCore:
             self._unpublished = None
             self._publish(step_id, outputs)
 
-    def _time_step(self, out, result, t0: int) -> None:
-        """Accumulates where step time goes (exposed in EngineStats)."""
-        t = self.timing
-        wall = time.perf_counter_ns() - t0
-        t.step_wall_ns += wall
-        tim = result.timings
-        t.worker_total_ns += tim.total_ns
-        t.worker_forward_ns += tim.forward_ns
-        t.worker_sample_ns += tim.sample_ns
-        t.worker_prepare_ns += tim.prepare_ns
-        if not out.new_seqs and out.running and all(s.num_scheduled_tokens == 1 for s in out.running):
-            t.num_decode_steps += 1
-            t.decode_step_wall_ns += wall
-
     def _drain_inbox(self, block: bool) -> None:
         outputs: list[SeqOutput] = []
         errors: list[tuple[int, scheduler_pb2.RequestOutput]] = []
@@ -361,15 +333,15 @@ class EngineCore:
         except InvalidField as exc:
             return scheduler_pb2.RequestOutput(
                 request_id=sub.request_id,
-                finish_reason=FinishReason.FINISH_REASON_ERROR,
-                error=str(exc),
+                finish_reason=FinishReason.ERROR,
+                error=exc.reason,  # with error_field the reason alone: each receiver names the field its own way
                 error_field=exc.field,
                 num_prompt_tokens=len(sub.prompt_token_ids),
             )
         except QueueFull as exc:
             return scheduler_pb2.RequestOutput(
                 request_id=sub.request_id,
-                finish_reason=FinishReason.FINISH_REASON_ERROR,
+                finish_reason=FinishReason.ERROR,
                 error=str(exc),
                 status_code=RESOURCE_EXHAUSTED,
                 retry_after_ms=RETRY_AFTER_MS,
@@ -379,7 +351,7 @@ class EngineCore:
             print_request_failure(sub.request_id, exc)
             return scheduler_pb2.RequestOutput(
                 request_id=sub.request_id,
-                finish_reason=FinishReason.FINISH_REASON_ERROR,
+                finish_reason=FinishReason.ERROR,
                 error=f"the scheduler could not accept this request: {describe_exception(exc)}",
                 status_code=INTERNAL,
                 num_prompt_tokens=len(sub.prompt_token_ids),
@@ -387,7 +359,7 @@ class EngineCore:
         return None
 
     def _fail_seq(self, seq, message: str, status_code: int = 0) -> SeqOutput:
-        out = self.scheduler.finish(seq, FinishReason.FINISH_REASON_ERROR)
+        out = self.scheduler.finish(seq, FinishReason.ERROR)
         out.error = message
         out.status_code = status_code
         return out

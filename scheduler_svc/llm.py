@@ -26,7 +26,7 @@ from gpu_worker.model_files import resolve_model
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from pagedserve.v1 import generation_pb2
-from scheduler_svc import finish_reason
+from scheduler_svc.finish_reason import FinishReason
 from scheduler_svc.gateway.detokenizer import byte_fallback_ids
 from scheduler_svc.gateway.response_stream import SampleStream, stop_token_ids
 from scheduler_svc.gateway.tokenizer import Tokenizer, has_tokenizer
@@ -80,7 +80,7 @@ class _Running:
         if self.samples[index].params.top_logprobs:
             out.top_logprobs += [[(t.token_id, t.logprob) for t in lp.top] for lp in resp.logprobs]
         if resp.finish_reason:
-            out.finish_reason = finish_reason.name(resp.finish_reason)
+            out.finish_reason = FinishReason.of_public(resp.finish_reason).label
 
 
 class LLM:
@@ -206,9 +206,9 @@ class LLM:
                     r = running.get(o.request_id)
                     if r is None:
                         continue
-                    if o.finish_reason == scheduler_pb2.FINISH_REASON_ERROR:
+                    if o.finish_reason == FinishReason.ERROR:
                         if o.error_field:
-                            raise InvalidField(o.error_field, o.error.removeprefix(f"{o.error_field}: "))
+                            raise InvalidField(o.error_field, o.error)
                         raise RuntimeError(o.error)
                     r.result.num_cached_tokens = o.num_cached_tokens
                     if o.HasField("prompt_logprobs"):

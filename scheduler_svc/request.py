@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import clients  # noqa: F401
 from gpu_worker import log
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
+from scheduler_svc.finish_reason import FinishReason
 
 if TYPE_CHECKING:
     from scheduler_svc.beam_search import BeamSearch
 
-FinishReason = scheduler_pb2.FinishReason
 
 
 class SeqStatus(enum.Enum):
@@ -88,7 +88,7 @@ class Sequence:
     index: int = 0
     num_computed_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING
-    finish_reason: int = FinishReason.FINISH_REASON_UNSPECIFIED
+    finish_reason: int = FinishReason.UNSPECIFIED
     # Sampling parameters sent to the workers when they differ from the request's (per-sample seed,
     # beam search); None: the request's.
     params: SamplingParams | None = None
@@ -129,7 +129,7 @@ class SeqOutput:
     seq: Sequence
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: int = FinishReason.FINISH_REASON_UNSPECIFIED
+    finish_reason: int = FinishReason.UNSPECIFIED
     error: str = ""
     error_field: str = ""
     final_token_ids: list[int] = field(default_factory=list)
@@ -150,14 +150,6 @@ def sample_seed(seed: int, index: int) -> int:
         return seed
     digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % 2**63
-
-
-def beam_params(params: SamplingParams) -> SamplingParams:
-    """What beams send to the workers: greedy scoring, no logprob of their own; the top alternatives
-    travel as the plan's num_top_logprobs (Request.num_top_logprobs), and the scheduler chooses the
-    beams."""
-    return replace(params, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None,
-                   logprobs=False, top_logprobs=0)
 
 
 def take_prompt_logprobs(seq: Sequence, by_seq: dict) -> scheduler_pb2.PromptLogprobs | None:

@@ -55,9 +55,9 @@ from scheduler_svc.step_plan import ForkedSeq, ScheduledSeq, SchedulerOutput
 
 _RUNNING = SeqStatus.RUNNING
 # Plain ints: protobuf enum attribute lookups are slow on the per-token path.
-_STOP = int(FinishReason.FINISH_REASON_STOP)
-_LENGTH = int(FinishReason.FINISH_REASON_LENGTH)
-_NOT_FINISHED = int(FinishReason.FINISH_REASON_UNSPECIFIED)
+_STOP = int(FinishReason.STOP)
+_LENGTH = int(FinishReason.LENGTH)
+_NOT_FINISHED = int(FinishReason.UNSPECIFIED)
 INTERNAL = 13  # google.rpc.Code of a request whose processing raised
 
 
@@ -131,7 +131,7 @@ class Scheduler(AheadPlanningMixin):
         if request is None:
             return []
         outputs = [
-            self.finish(seq, FinishReason.FINISH_REASON_ABORT)
+            self.finish(seq, FinishReason.ABORT)
             for seq in list(request.seqs)
             if seq.status is not SeqStatus.FINISHED
         ]
@@ -344,7 +344,7 @@ class Scheduler(AheadPlanningMixin):
     def _fail(self, request: Request, message: str) -> None:
         """Ends the whole group with an error, reported with the next update."""
         seq = next(s for s in request.seqs if s.status is not SeqStatus.FINISHED)
-        output = self.finish(seq, FinishReason.FINISH_REASON_ERROR)  # ends the siblings too
+        output = self.finish(seq, FinishReason.ERROR)  # ends the siblings too
         output.error = message
         self._pending_outputs.append(output)
 
@@ -431,11 +431,11 @@ class Scheduler(AheadPlanningMixin):
         report = next((s for s in request.seqs if s.status is not SeqStatus.FINISHED), None)
         for seq in [*request.seqs, *orphans]:
             if seq.status is not SeqStatus.FINISHED:
-                self.finish(seq, FinishReason.FINISH_REASON_ERROR)
+                self.finish(seq, FinishReason.ERROR)
         self.requests.pop((request.stream_id, request.request_id), None)
         if report is None:  # nothing left running (a finished beam search): report as its first beam
             report = Sequence(self._new_seq_id(), request, [], status=SeqStatus.FINISHED)
-        return SeqOutput(report, [], [], FinishReason.FINISH_REASON_ERROR, error=message, status_code=INTERNAL)
+        return SeqOutput(report, [], [], FinishReason.ERROR, error=message, status_code=INTERNAL)
 
     def _stop_reason(self, seq: Sequence, token: int) -> int:
         request = seq.request
@@ -460,7 +460,7 @@ class Scheduler(AheadPlanningMixin):
         seq.finish_reason = reason
         request = seq.request
         request.num_pending_forks = 0  # only the unforked first sequence can end with forks pending
-        if reason == FinishReason.FINISH_REASON_ERROR:
+        if reason == FinishReason.ERROR:
             for other in request.seqs:
                 if other.status is not SeqStatus.FINISHED:
                     self.finish(other, reason)

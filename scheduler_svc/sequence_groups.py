@@ -32,7 +32,6 @@ from scheduler_svc.request import (
     SeqStatus,
     Sequence,
     arrival_order,
-    beam_params,
     sample_seed,
 )
 from scheduler_svc.step_plan import ForkedSeq, SchedulerOutput
@@ -68,7 +67,7 @@ class SequenceGroups:
                 params.beam_width, len(request.prompt_token_ids), max_num_tokens, request.stop_token_ids,
                 params.length_penalty, params.early_stopping,
             )
-            request.seqs[0].params = beam_params(params)
+            request.seqs[0].params = params.for_beams()
             request.num_top_logprobs = request.beam.num_candidates
         elif params.n > 1:
             request.num_pending_forks = params.n - 1
@@ -161,7 +160,7 @@ class SequenceGroups:
         outputs = []
         for i, hyp in enumerate(request.beam.finished):
             stopped = bool(hyp.token_ids) and hyp.token_ids[-1] in request.stop_token_ids
-            reason = FinishReason.FINISH_REASON_STOP if stopped else FinishReason.FINISH_REASON_LENGTH
+            reason = FinishReason.STOP if stopped else FinishReason.LENGTH
             seq = Sequence(self._new_seq_id(), request, request.prompt_token_ids + hyp.token_ids, index=i,
                            status=SeqStatus.FINISHED, finish_reason=reason)
             outputs.append(SeqOutput(seq, [], [], reason, final_token_ids=list(hyp.token_ids)))

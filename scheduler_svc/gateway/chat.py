@@ -215,7 +215,7 @@ class ChatPrompts:
         try:
             return self.template.render(validate_messages(messages), add_generation_prompt, continue_final_message)
         except InvalidField as exc:
-            raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
+            raise GenerationFailed.invalid(exc.field, exc.reason) from None
 
     def prompt_token_ids(self, messages: Sequence[dict]) -> list[int]:
         """The token ids of the rendered conversation, tokenized here, as transformers' apply_chat_template
@@ -231,7 +231,7 @@ class ChatPrompts:
         try:
             return check(value, limits or self.core.limits, "messages")
         except InvalidField as exc:
-            raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
+            raise GenerationFailed.invalid(exc.field, exc.reason) from None
 
     async def request(self, request_id: str, model: str, messages: Sequence[dict],
                       sampling_params: generation_pb2.SamplingParams, **render) -> generation_pb2.GenerateRequest:

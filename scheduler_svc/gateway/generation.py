@@ -23,7 +23,7 @@ from gpu_worker import log
 from gpu_worker.sampling_params import InvalidField
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
-from scheduler_svc import finish_reason
+from scheduler_svc.finish_reason import FinishReason
 from scheduler_svc.gateway.detokenizer import byte_fallback_ids
 from scheduler_svc.gateway.engines import EnginePool
 from scheduler_svc.gateway.metrics import GatewayMetrics
@@ -51,9 +51,15 @@ class GenerationFailed(Exception):
     ``retry_after_s`` tells a refused client when to try again (RESOURCE_EXHAUSTED)."""
 
     def __init__(self, code: grpc.StatusCode, message: str, field: str = "",
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.code, self.message, self.field, self.retry_after_s = code, message, field, retry_after_s
+        self.reason = reason  # with ``field``: the message without its "field: " prefix (OpenAI renames fields)
+
+    @classmethod
+    def invalid(cls, field: str, reason: str) -> GenerationFailed:
+        """INVALID_ARGUMENT naming ``field``, as InvalidField formats it."""
+        return cls(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {reason}", field, reason=reason)
 
 
 @dataclass(slots=True)
@@ -106,7 +112,7 @@ class GenerationCore:
                 return checked.resolve(ids, limits, "text")
             return checked.resolve(checked.prompt_token_ids, limits, "token_ids.ids")
         except InvalidField as exc:
-            raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
+            raise GenerationFailed.invalid(exc.field, exc.reason) from None
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids through the bounded tokenizer pool (long texts off the event loop)."""
@@ -197,7 +203,7 @@ class GenerationCore:
             for s in samples.values():
                 s.finish(generation_pb2.FINISH_REASON_ABORT)
             return
-        if item.finish_reason == scheduler_pb2.FINISH_REASON_ERROR:
+        if item.finish_reason == FinishReason.ERROR:
             for s in samples.values():
                 s.upstream_finished = True  # a failed request holds nothing in the scheduler
             raise scheduler_error(item)
@@ -215,7 +221,7 @@ class GenerationCore:
 
     def _summarize(self, summary: RequestSummary, start: float, samples: dict[int, SampleStream]) -> None:
         summary.completion_tokens = sum(s.num_tokens for s in samples.values())
-        reasons = [finish_reason.name(s.finish_reason) for s in samples.values() if s.finished]
+        reasons = [FinishReason.of_public(s.finish_reason).label for s in samples.values() if s.finished]
         if reasons:
             summary.finish_reason = reasons[0] if len(reasons) == 1 else ",".join(reasons)
         fields = {k: v for k, v in (
@@ -239,7 +245,7 @@ class GenerationCore:
             if text:
                 check_text(text, limits, "text")
         except InvalidField as exc:
-            raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
+            raise GenerationFailed.invalid(exc.field, exc.reason) from None
         return await self.encode(text) if text else []
 
 
@@ -251,9 +257,7 @@ def scheduler_error(out: scheduler_pb2.RequestOutput) -> GenerationFailed:
     named field is the caller's fault and anything else an internal error."""
     retry_after_s = out.retry_after_ms / 1000 if out.retry_after_ms else None
     if out.error_field:
-        field = public_field(out.error_field)
-        message = out.error.removeprefix(f"{out.error_field}: ")
-        return GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
+        return GenerationFailed.invalid(public_field(out.error_field), out.error)
     if out.status_code and out.status_code in _STATUS_BY_NUMBER:
         return GenerationFailed(_STATUS_BY_NUMBER[out.status_code], out.error, retry_after_s=retry_after_s)
     if out.error.startswith("engine failed"):  # a scheduler that predates status_code

@@ -18,7 +18,7 @@ import grpc
 
 import clients  # noqa: F401
 from pagedserve.v1 import generation_pb2
-from scheduler_svc.finish_reason import name as finish_reason_name
+from scheduler_svc.finish_reason import FinishReason
 from scheduler_svc.gateway.context_window import is_context_error
 from scheduler_svc.gateway.generation import GenerationFailed
 from scheduler_svc.gateway.validation import shown
@@ -66,8 +66,8 @@ class ApiError(Exception):
         status, type_ = _HTTP.get(exc.code, (500, "server_error"))
         param = openai_param(exc.field, params) if exc.field else None
         message = exc.message
-        if param and exc.field and message.startswith(f"{exc.field}: "):
-            message = f"{param}: {message[len(exc.field) + 2:]}"
+        if param and exc.field and exc.reason:
+            message = f"{param}: {exc.reason}"
         # OpenAI's code for an over-long request, which LangChain maps to its context overflow error
         code = "context_length_exceeded" if is_context_error(message) else exc.code.name.lower()
         return cls(status, message, param, code, type_)
@@ -246,7 +246,7 @@ def chat_messages(body: dict) -> list[dict]:
 
 def finish_reason(value: int) -> str | None:
     """The OpenAI finish_reason of a public one; None while the sample runs."""
-    return finish_reason_name(value) or None
+    return FinishReason.of_public(value).label or None
 
 
 @dataclass(slots=True)

@@ -12,12 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import clients  # noqa: F401
-from gpu_worker.sampling_params import MAX_TOP_LOGPROBS
+from gpu_worker.sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.openai_protocol import ApiError, _finite, float_param, int_param
 from scheduler_svc.gateway.openai_protocol import finish_reason as _reason
-
-MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 def engine_params(body: dict, p: generation_pb2.SamplingParams) -> None:

@@ -15,7 +15,7 @@ import clients  # noqa: F401
 from gpu_worker.sampling_params import SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
 from pagedserve.v1 import generation_pb2
-from scheduler_svc import finish_reason
+from scheduler_svc.finish_reason import FinishReason
 from scheduler_svc.gateway.detokenizer import Decode, IncrementalDetokenizer, StopStrings
 
 
@@ -90,7 +90,7 @@ class SampleStream:
                 self.finish(generation_pb2.FINISH_REASON_LENGTH)
                 return
         if reason:
-            self.finish(finish_reason.to_public(reason))
+            self.finish(FinishReason(reason).public)
 
     def finish(self, reason: int) -> None:
         """Ends the sample: releases held-back text (unless it completes a stop string)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import clients  # noqa: F401
-from gpu_worker.sampling_params import InvalidField, SamplingParams
+from gpu_worker.sampling_params import EarlyStopping, InvalidField, SamplingParams
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.context_window import check_prompt_fits, resolve_max_tokens
 from scheduler_svc.gateway.options import DEFAULT_LIMITS, GatewayLimits
@@ -184,19 +184,6 @@ def token_prompt(ids: Sequence[int], limits: ModelLimits, name: str) -> list[int
     return ids
 
 
-_EARLY_STOPPING = {
-    generation_pb2.EARLY_STOPPING_UNSPECIFIED: False,
-    generation_pb2.EARLY_STOPPING_HEURISTIC: False,
-    generation_pb2.EARLY_STOPPING_ON_FULL: True,
-    generation_pb2.EARLY_STOPPING_NEVER: "never",
-}
-
-
-def _early_stopping(value: int) -> bool | str:
-    """The public enum as SamplingParams.early_stopping (transformers' False, True or "never")."""
-    if value not in _EARLY_STOPPING:
-        raise InvalidField("early_stopping", f"unknown value {value}")
-    return _EARLY_STOPPING[value]
 
 
 def validate_messages(messages: Sequence) -> list[dict]:
@@ -275,9 +262,9 @@ def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> S
             beam_width=max(p.beam_width, 1),
             logprobs=p.logprobs or p.top_logprobs > 0,
             top_logprobs=p.top_logprobs,
-            early_stopping=_early_stopping(p.early_stopping),
+            early_stopping=EarlyStopping.of(p.early_stopping),  # the public enum has the internal one's numbers
             **floats,
         )
     except InvalidField as exc:
-        raise InvalidField(f"sampling_params.{exc.field}", str(exc)[len(exc.field) + 2 :]) from None
+        raise InvalidField(f"sampling_params.{exc.field}", exc.reason) from None
     return params

@@ -115,7 +115,7 @@ def test_offline_cli_prints_one_json_object_per_prompt(checkpoint, prompts, hf_g
     ids_file.write_text(json.dumps(prompts[:3]))
     proc = subprocess.run(
         [sys.executable, "-m", "scheduler_svc.cli", "offline", "--model", str(checkpoint),
-         "--prompt-ids", str(ids_file), "--max-tokens", str(MAX_TOKENS), "--json"],
+         "--prompt-ids", str(ids_file), "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

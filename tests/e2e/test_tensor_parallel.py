@@ -63,7 +63,8 @@ def test_offline_cli_two_ranks_equal_transformers(arch, tmp_path):
     ids_file.write_text(json.dumps(prompts))
     proc = subprocess.run(
         [sys.executable, "-m", "scheduler_svc.cli", "offline", "--model", str(path), "--prompt-ids", str(ids_file),
-         "--max-tokens", str(MAX_TOKENS), "--json", "--device", "cpu", "--tensor-parallel-size", "2"],
+         "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json", "--device", "cpu",
+         "--tensor-parallel-size", "2"],
         capture_output=True, text=True, timeout=300, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     assert proc.returncode == 0, proc.stderr

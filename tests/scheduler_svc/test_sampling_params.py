@@ -1,5 +1,6 @@
 import pytest
 
+from gpu_worker.sampling_params import EarlyStopping
 from scheduler_svc import InvalidField, SamplingParams
 
 
@@ -65,7 +66,8 @@ def test_from_proto_reads_unset_fields_as_their_defaults_and_validates():
 
     p = SamplingParams.from_proto(scheduler_pb2.SamplingParams(max_tokens=1))  # what a bare plan carries
     assert p == SamplingParams(max_tokens=1, temperature=0.0, length_penalty=0.0)
-    assert (p.top_p, p.repetition_penalty, p.n, p.beam_width, p.early_stopping, p.seed) == (1.0, 1.0, 1, 1, False, None)
+    assert (p.top_p, p.repetition_penalty, p.n, p.beam_width, p.seed) == (1.0, 1.0, 1, 1, None)
+    assert p.early_stopping is EarlyStopping.HEURISTIC
     with pytest.raises(InvalidField) as err:
         SamplingParams.from_proto(scheduler_pb2.SamplingParams(max_tokens=0))
     assert err.value.field == "max_tokens"
@@ -84,3 +86,48 @@ def test_top_logprobs_imply_logprobs_and_beams_take_neutral_values():
     assert SamplingParams(top_logprobs=3).logprobs
     for temperature in (0.0, 1.0):  # unset (1) or greedy (0): the distribution beam search scores
         assert SamplingParams(beam_width=2, temperature=temperature).beam_width == 2
+
+
+@pytest.mark.parametrize(("given", "rule", "hf"), [
+    (False, EarlyStopping.HEURISTIC, False), (True, EarlyStopping.ON_FULL, True),
+    ("never", EarlyStopping.NEVER, "never"), ("false", EarlyStopping.HEURISTIC, False),
+    ("true", EarlyStopping.ON_FULL, True), (0, EarlyStopping.HEURISTIC, False),
+    (EarlyStopping.NEVER, EarlyStopping.NEVER, "never"),
+])
+def test_early_stopping_is_one_enum_read_from_every_form(given, rule, hf):
+    p = SamplingParams(beam_width=2, early_stopping=given)
+    assert p.early_stopping is rule and rule.transformers == hf
+    assert p.to_proto().early_stopping == rule.value and SamplingParams.from_proto(p.to_proto()) == p
+    with pytest.raises(InvalidField, match="^early_stopping: must be False, True or 'never'"):
+        SamplingParams(early_stopping="sometimes")
+
+
+def test_invalid_field_keeps_the_reason_apart_from_the_field():
+    with pytest.raises(InvalidField) as err:
+        SamplingParams(top_p=0)
+    assert (err.value.field, err.value.reason) == ("top_p", "must be in (0, 1], got 0")
+    assert str(err.value) == "top_p: must be in (0, 1], got 0"
+
+
+@pytest.mark.parametrize(("params", "plain"), [
+    (SamplingParams(temperature=0), True),
+    (SamplingParams(temperature=0, prompt_logprobs=2), True),  # prompt positions: checked per step by the worker
+    (SamplingParams(temperature=0.5), False),
+    (SamplingParams(temperature=0, logprobs=True), False),
+    (SamplingParams(temperature=0, top_logprobs=2), False),
+    (SamplingParams(temperature=0, repetition_penalty=1.2), False),
+    (SamplingParams(temperature=0, presence_penalty=0.5), False),
+    (SamplingParams(temperature=0, frequency_penalty=0.5), False),
+    (SamplingParams(temperature=0, logit_bias={3: 1.0}), False),
+    (SamplingParams(temperature=0, min_tokens=2), False),
+])
+def test_plain_greedy_is_decided_beside_the_fields(params, plain):
+    assert params.plain_greedy is plain
+    assert SamplingParams.from_proto(params.to_proto()).plain_greedy is plain  # as the worker sees a plan's
+
+
+def test_for_beams_scores_the_model_unchanged():
+    p = SamplingParams(beam_width=3, temperature=1.0, seed=5, length_penalty=0.5, early_stopping=True)
+    beams = p.for_beams()
+    assert (beams.temperature, beams.seed, beams.logprobs, beams.plain_greedy) == (0.0, None, False, True)
+    assert (beams.beam_width, beams.length_penalty, beams.early_stopping) == (3, 0.5, EarlyStopping.ON_FULL)

@@ -279,7 +279,7 @@ def test_stop_string_ends_the_stream_and_aborts_upstream(model_dir, tokenizer):
 def test_scheduler_errors_map_to_status_codes(model_dir):
     errors = {
         "big": scheduler_pb2.RequestOutput(finish_reason=scheduler_pb2.FINISH_REASON_ERROR,
-                                           error="max_tokens: needs 9 KV blocks; the pool has 8",
+                                           error="needs 9 KV blocks; the pool has 8",
                                            error_field="max_tokens"),
         "dead": scheduler_pb2.RequestOutput(finish_reason=scheduler_pb2.FINISH_REASON_ERROR,
                                             error="engine failed: a worker disconnected"),

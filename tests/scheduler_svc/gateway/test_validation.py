@@ -126,7 +126,7 @@ def test_scheduler_fields_map_to_public_paths():
 ])
 def test_early_stopping_maps_to_transformers_values(value, expected):
     params = validate(request(beam_width=2, early_stopping=value), LIMITS, encode).params
-    assert params.early_stopping == expected and type(params.early_stopping) is type(expected)
+    assert params.early_stopping.transformers == expected and type(params.early_stopping.transformers) is type(expected)
 
 
 def test_chat_messages_are_checked_and_normalized():
