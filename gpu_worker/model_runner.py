@@ -26,6 +26,7 @@ import clients  # noqa: F401
 from gpu_worker.attention_metadata import AttentionMetadata
 from gpu_worker.cpu_linears import pack_linears
 from gpu_worker.cuda_graphs import DecodeGraphs
+from gpu_worker.grammar import GrammarCache, SeqGrammar, apply_masks, token_masks
 from gpu_worker.input_batch import BlockTableRows, StepInputs, build_inputs
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.sampler import SampleRequest, sample
@@ -63,6 +64,7 @@ class SeqState:
     row: int = -1  # row in the runner's BlockTableRows
     # Entries of block_table already copied to the row; set to 0 after replacing entries in place.
     num_synced_blocks: int = 0
+    grammar: SeqGrammar | None = None  # the output constraint's matcher (gpu_worker/grammar.py)
 
 
 class ModelRunner:
@@ -74,6 +76,7 @@ class ModelRunner:
         block_size: int,
         max_num_seqs: int = 256,
         use_cuda_graphs: bool = True,
+        grammars: GrammarCache | None = None,
     ) -> None:
         if device.type == "cpu" and isinstance(model, torch.nn.Module):  # (unit tests pass stand-ins)
             pack_linears(model)  # oneDNN with prepacked weights: much faster than MKL at decode sizes
@@ -90,6 +93,7 @@ class ModelRunner:
         self.staging = HostStaging(device)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(0)
+        self.grammars = grammars  # compiles output constraints; None: constrained sequences are refused
 
     def allocate_kv(self, num_blocks: int, dtype: torch.dtype, num_cpu_blocks: int = 0) -> None:
         cfg = self.model_config
@@ -130,6 +134,8 @@ class ModelRunner:
             state = seqs.get(seq_id)
             if state is None or state.params.logprobs or not _plain_greedy(state.params):
                 return False
+            if state.grammar is not None:  # its mask needs prev's token on the host
+                return False
         for new in plan.new_seqs:
             p = new.sampling_params  # proto: unset repetition_penalty reads 0, i.e. 1.0
             if p.temperature != 0 or p.repetition_penalty not in (0.0, 1.0) or p.logprobs or p.top_logprobs:
@@ -161,6 +167,9 @@ class ModelRunner:
             logits = self._forward_eager(inputs, fixups)
         t2 = time.perf_counter_ns()
         states = inputs.sample_states
+        masks = token_masks(states, logits.shape[-1])
+        if masks is not None:
+            logits = apply_masks(logits, *masks)
         want_logprobs = plan.num_top_logprobs > 0 or any(s.params.logprobs for s in states)
         result.timings.prepare_ns = t1 - t0
         result.timings.forward_ns = t2 - t1
@@ -275,6 +284,8 @@ class ModelRunner:
                 SamplingParams.from_proto(new.sampling_params),
                 row=self.rows.acquire(),
             )
+            if state.params.constraint is not None:
+                state.grammar = SeqGrammar(self._grammar_cache().get(state.params.constraint))
             self.seqs[new.seq_id] = state
             batch.append((state, new.num_scheduled_tokens))
         for update in plan.table_updates:
@@ -306,6 +317,8 @@ class ModelRunner:
             child.token_ids[-1] = fork.token_id
         if fork.HasField("sampling_params"):
             child.params = SamplingParams.from_proto(fork.sampling_params)
+        if child.grammar is not None:
+            child.grammar = child.grammar.fork()
         self._drop(child.seq_id)
         self.seqs[child.seq_id] = child
 
@@ -317,6 +330,11 @@ class ModelRunner:
         self.kv.swap_out(list(plan.swap_out_src_block_ids), list(plan.swap_out_dst_block_ids))
         self.kv.swap_in(list(plan.swap_in_src_block_ids), list(plan.swap_in_dst_block_ids))
         self.kv.copy(list(plan.copy_src_block_ids), list(plan.copy_dst_block_ids))
+
+    def _grammar_cache(self) -> GrammarCache:
+        if self.grammars is None:
+            raise RuntimeError("this runner has no grammar cache: output constraints are not supported")
+        return self.grammars
 
     def _drop(self, seq_id: int) -> None:
         state = self.seqs.pop(seq_id, None)

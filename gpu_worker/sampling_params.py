@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import clients  # noqa: F401  (puts the generated stubs on sys.path)
+from gpu_worker.constraint import Constraint
 from pagedserve.internal.v1 import scheduler_pb2
 
 MAX_N = 16
@@ -38,6 +39,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     repetition_penalty: float = 1.0
+    constraint: Constraint | None = None  # structured output (gpu_worker/constraint.py)
 
     def __post_init__(self) -> None:
         # Sequences given as lists become tuples: the parameters stay immutable and hashable.
@@ -73,6 +75,9 @@ class SamplingParams:
         _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0, got {}", self.repetition_penalty)
         if self.beam_width > 1:
             self._check_beam_search()
+        # A constrained sequence ends when its grammar allows only end-of-sequence: it needs EOS.
+        _check(self.constraint is None or not self.ignore_eos, "ignore_eos",
+               "must be false with an output constraint (the constraint ends with end-of-sequence)")
 
     def _check_beam_search(self) -> None:
         """Beam search scores the model's own log probabilities and returns whole beams: refuse what it
@@ -111,6 +116,7 @@ class SamplingParams:
             logprobs=p.logprobs,
             top_logprobs=p.top_logprobs,
             repetition_penalty=p.repetition_penalty or 1.0,
+            constraint=Constraint.from_proto(p.constraint) if p.HasField("constraint") else None,
         )
 
     def to_proto(self) -> scheduler_pb2.SamplingParams:
@@ -131,6 +137,7 @@ class SamplingParams:
             top_logprobs=self.top_logprobs,
             repetition_penalty=self.repetition_penalty,
             early_stopping=_EARLY_STOPPING[self.early_stopping],
+            constraint=self.constraint.to_proto() if self.constraint is not None else None,
         )
 
 

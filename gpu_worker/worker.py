@@ -37,6 +37,7 @@ from gpu_worker.loader import load_model
 from gpu_worker.model_config import ModelConfig
 from gpu_worker.model_runner import ModelRunner, PendingStep
 from gpu_worker.models.parallel import SINGLE
+from gpu_worker.grammar import GrammarCache
 from gpu_worker.step_profile import StepProfiler
 from pagedserve.internal.v1 import worker_pb2
 
@@ -125,8 +126,10 @@ class Worker:
 
     def _new_runner(self) -> ModelRunner:
         cfg = self.config
-        return ModelRunner(self.model, self.model_config, self.device, cfg.block_size,
-                           max_num_seqs=cfg.max_num_seqs, use_cuda_graphs=not cfg.enforce_eager)
+        mc = self.model_config
+        return ModelRunner(self.model, mc, self.device, cfg.block_size,
+                           max_num_seqs=cfg.max_num_seqs, use_cuda_graphs=not cfg.enforce_eager,
+                           grammars=GrammarCache(cfg.model, mc.vocab_size, mc.eos_token_ids))
 
     def num_blocks_that_fit(self) -> int:
         cfg, mc = self.config, self.model_config

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&pagedserve/internal/v1/scheduler.proto\x12\x16pagedserve.internal.v1\"\xec\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x10\n\x08has_seed\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\t\n\x01n\x18\n \x01(\r\x12\x12\n\nbeam_width\x18\x0b \x01(\r\x12\x16\n\x0elength_penalty\x18\x0c \x01(\x02\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x0f \x01(\x02\x12=\n\x0e\x65\x61rly_stopping\x18\x10 \x01(\x0e\x32%.pagedserve.internal.v1.EarlyStopping\"z\n\x0eGatewayMessage\x12\x30\n\x06submit\x18\x01 \x01(\x0b\x32\x1e.pagedserve.internal.v1.SubmitH\x00\x12.\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1d.pagedserve.internal.v1.AbortH\x00\x42\x06\n\x04kind\"w\n\x06Submit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12?\n\x0fsampling_params\x18\x03 \x01(\x0b\x32&.pagedserve.internal.v1.SamplingParams\"\x1b\n\x05\x41\x62ort\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xef\x02\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x39\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32#.pagedserve.internal.v1.TopLogprobs\x12;\n\rfinish_reason\x18\x06 \x01(\x0e\x32$.pagedserve.internal.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x13\n\x0b\x65rror_field\x18\n \x01(\t\x12\x17\n\x0f\x66inal_token_ids\x18\x0b \x03(\r\x12\x13\n\x0bstatus_code\x18\x0c \x01(\r\x12\x16\n\x0eretry_after_ms\x18\r \x01(\r\"\x8b\x01\n\x0eSchedulerEvent\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x36\n\x07outputs\x18\x02 \x03(\x0b\x32%.pagedserve.internal.v1.RequestOutput\x12\x30\n\x04load\x18\x03 \x01(\x0b\x32\".pagedserve.internal.v1.EngineLoad\"\xe5\x01\n\nEngineLoad\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x05 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\x12\x1c\n\x14num_requests_swapped\x18\x08 \x01(\r\"\x16\n\x14GetEngineInfoRequest\"\xbe\x02\n\nEngineInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x12\n\nworld_size\x18\t \x01(\r\x12\x32\n\x05stats\x18\n \x01(\x0b\x32#.pagedserve.internal.v1.EngineStats\x12\x16\n\x0enum_cpu_blocks\x18\x0b \x01(\r\x12\x1d\n\x15\x65nable_prefix_caching\x18\x0c \x01(\x08\x12\x13\n\x0b\x65ngine_name\x18\r \x01(\t\"\x94\x04\n\x0b\x45ngineStats\x12\x11\n\tnum_steps\x18\x01 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x02 \x01(\x04\x12\"\n\x1anum_computed_prompt_tokens\x18\x03 \x01(\x04\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x14\n\x0cnum_requests\x18\x07 \x01(\r\x12 \n\x18num_cached_prompt_tokens\x18\x08 \x01(\x04\x12\x13\n\x0bnum_swapped\x18\t \x01(\r\x12\x1c\n\x14num_swap_preemptions\x18\n \x01(\x04\x12\x15\n\rnum_evictions\x18\x0b \x01(\x04\x12\x14\n\x0cstep_wall_ns\x18\x0c \x01(\x04\x12\x17\n\x0fworker_total_ns\x18\r \x01(\x04\x12\x19\n\x11worker_forward_ns\x18\x0e \x01(\x04\x12\x18\n\x10worker_sample_ns\x18\x0f \x01(\x04\x12\x19\n\x11worker_prepare_ns\x18\x10 \x01(\x04\x12\x18\n\x10num_decode_steps\x18\x11 \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_step_wall_ns\x18\x12 \x01(\x04\x12\x17\n\x0fnum_ahead_steps\x18\x13 \x01(\x04\x12!\n\x19num_queried_prompt_tokens\x18\x14 \x01(\x04*\x83\x01\n\rEarlyStopping\x12\x1e\n\x1a\x45\x41RLY_STOPPING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45\x41RLY_STOPPING_HEURISTIC\x10\x01\x12\x1a\n\x16\x45\x41RLY_STOPPING_ON_FULL\x10\x02\x12\x18\n\x14\x45\x41RLY_STOPPING_NEVER\x10\x03*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xd4\x01\n\x10SchedulerService\x12]\n\x07\x43onnect\x12&.pagedserve.internal.v1.GatewayMessage\x1a&.pagedserve.internal.v1.SchedulerEvent(\x01\x30\x01\x12\x61\n\rGetEngineInfo\x12,.pagedserve.internal.v1.GetEngineInfoRequest\x1a\".pagedserve.internal.v1.EngineInfoB#Z!pagedserve/internal/v1;internalv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&pagedserve/internal/v1/scheduler.proto\x12\x16pagedserve.internal.v1\"\xa4\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x10\n\x08has_seed\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\t\n\x01n\x18\n \x01(\r\x12\x12\n\nbeam_width\x18\x0b \x01(\r\x12\x16\n\x0elength_penalty\x18\x0c \x01(\x02\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x0f \x01(\x02\x12=\n\x0e\x65\x61rly_stopping\x18\x10 \x01(\x0e\x32%.pagedserve.internal.v1.EarlyStopping\x12\x36\n\nconstraint\x18< \x01(\x0b\x32\".pagedserve.internal.v1.Constraint\"R\n\nConstraint\x12\x34\n\x04kind\x18\x01 \x01(\x0e\x32&.pagedserve.internal.v1.ConstraintKind\x12\x0e\n\x06source\x18\x02 \x01(\t\"z\n\x0eGatewayMessage\x12\x30\n\x06submit\x18\x01 \x01(\x0b\x32\x1e.pagedserve.internal.v1.SubmitH\x00\x12.\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1d.pagedserve.internal.v1.AbortH\x00\x42\x06\n\x04kind\"w\n\x06Submit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12?\n\x0fsampling_params\x18\x03 \x01(\x0b\x32&.pagedserve.internal.v1.SamplingParams\"\x1b\n\x05\x41\x62ort\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xef\x02\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x39\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32#.pagedserve.internal.v1.TopLogprobs\x12;\n\rfinish_reason\x18\x06 \x01(\x0e\x32$.pagedserve.internal.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x13\n\x0b\x65rror_field\x18\n \x01(\t\x12\x17\n\x0f\x66inal_token_ids\x18\x0b \x03(\r\x12\x13\n\x0bstatus_code\x18\x0c \x01(\r\x12\x16\n\x0eretry_after_ms\x18\r \x01(\r\"\x8b\x01\n\x0eSchedulerEvent\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x36\n\x07outputs\x18\x02 \x03(\x0b\x32%.pagedserve.internal.v1.RequestOutput\x12\x30\n\x04load\x18\x03 \x01(\x0b\x32\".pagedserve.internal.v1.EngineLoad\"\xe5\x01\n\nEngineLoad\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x05 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\x12\x1c\n\x14num_requests_swapped\x18\x08 \x01(\r\"\x16\n\x14GetEngineInfoRequest\"\xbe\x02\n\nEngineInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x12\n\nworld_size\x18\t \x01(\r\x12\x32\n\x05stats\x18\n \x01(\x0b\x32#.pagedserve.internal.v1.EngineStats\x12\x16\n\x0enum_cpu_blocks\x18\x0b \x01(\r\x12\x1d\n\x15\x65nable_prefix_caching\x18\x0c \x01(\x08\x12\x13\n\x0b\x65ngine_name\x18\r \x01(\t\"\x94\x04\n\x0b\x45ngineStats\x12\x11\n\tnum_steps\x18\x01 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x02 \x01(\x04\x12\"\n\x1anum_computed_prompt_tokens\x18\x03 \x01(\x04\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x14\n\x0cnum_requests\x18\x07 \x01(\r\x12 \n\x18num_cached_prompt_tokens\x18\x08 \x01(\x04\x12\x13\n\x0bnum_swapped\x18\t \x01(\r\x12\x1c\n\x14num_swap_preemptions\x18\n \x01(\x04\x12\x15\n\rnum_evictions\x18\x0b \x01(\x04\x12\x14\n\x0cstep_wall_ns\x18\x0c \x01(\x04\x12\x17\n\x0fworker_total_ns\x18\r \x01(\x04\x12\x19\n\x11worker_forward_ns\x18\x0e \x01(\x04\x12\x18\n\x10worker_sample_ns\x18\x0f \x01(\x04\x12\x19\n\x11worker_prepare_ns\x18\x10 \x01(\x04\x12\x18\n\x10num_decode_steps\x18\x11 \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_step_wall_ns\x18\x12 \x01(\x04\x12\x17\n\x0fnum_ahead_steps\x18\x13 \x01(\x04\x12!\n\x19num_queried_prompt_tokens\x18\x14 \x01(\x04*\xa2\x01\n\x0e\x43onstraintKind\x12\x13\n\x0f\x43ONSTRAINT_NONE\x10\x00\x12\x1a\n\x16\x43ONSTRAINT_JSON_SCHEMA\x10\x01\x12\x1a\n\x16\x43ONSTRAINT_JSON_OBJECT\x10\x02\x12\x14\n\x10\x43ONSTRAINT_REGEX\x10\x03\x12\x15\n\x11\x43ONSTRAINT_CHOICE\x10\x04\x12\x16\n\x12\x43ONSTRAINT_GRAMMAR\x10\x05*\x83\x01\n\rEarlyStopping\x12\x1e\n\x1a\x45\x41RLY_STOPPING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45\x41RLY_STOPPING_HEURISTIC\x10\x01\x12\x1a\n\x16\x45\x41RLY_STOPPING_ON_FULL\x10\x02\x12\x18\n\x14\x45\x41RLY_STOPPING_NEVER\x10\x03*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xd4\x01\n\x10SchedulerService\x12]\n\x07\x43onnect\x12&.pagedserve.internal.v1.GatewayMessage\x1a&.pagedserve.internal.v1.SchedulerEvent(\x01\x30\x01\x12\x61\n\rGetEngineInfo\x12,.pagedserve.internal.v1.GetEngineInfoRequest\x1a\".pagedserve.internal.v1.EngineInfoB#Z!pagedserve/internal/v1;internalv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,32 +32,36 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.internal.v1.sche
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z!pagedserve/internal/v1;internalv1'
-  _globals['_EARLYSTOPPING']._serialized_start=2384
-  _globals['_EARLYSTOPPING']._serialized_end=2515
-  _globals['_FINISHREASON']._serialized_start=2518
-  _globals['_FINISHREASON']._serialized_end=2663
+  _globals['_CONSTRAINTKIND']._serialized_start=2524
+  _globals['_CONSTRAINTKIND']._serialized_end=2686
+  _globals['_EARLYSTOPPING']._serialized_start=2689
+  _globals['_EARLYSTOPPING']._serialized_end=2820
+  _globals['_FINISHREASON']._serialized_start=2823
+  _globals['_FINISHREASON']._serialized_end=2968
   _globals['_SAMPLINGPARAMS']._serialized_start=67
-  _globals['_SAMPLINGPARAMS']._serialized_end=431
-  _globals['_GATEWAYMESSAGE']._serialized_start=433
-  _globals['_GATEWAYMESSAGE']._serialized_end=555
-  _globals['_SUBMIT']._serialized_start=557
-  _globals['_SUBMIT']._serialized_end=676
-  _globals['_ABORT']._serialized_start=678
-  _globals['_ABORT']._serialized_end=705
-  _globals['_TOPLOGPROBS']._serialized_start=707
-  _globals['_TOPLOGPROBS']._serialized_end=757
-  _globals['_REQUESTOUTPUT']._serialized_start=760
-  _globals['_REQUESTOUTPUT']._serialized_end=1127
-  _globals['_SCHEDULEREVENT']._serialized_start=1130
-  _globals['_SCHEDULEREVENT']._serialized_end=1269
-  _globals['_ENGINELOAD']._serialized_start=1272
-  _globals['_ENGINELOAD']._serialized_end=1501
-  _globals['_GETENGINEINFOREQUEST']._serialized_start=1503
-  _globals['_GETENGINEINFOREQUEST']._serialized_end=1525
-  _globals['_ENGINEINFO']._serialized_start=1528
-  _globals['_ENGINEINFO']._serialized_end=1846
-  _globals['_ENGINESTATS']._serialized_start=1849
-  _globals['_ENGINESTATS']._serialized_end=2381
-  _globals['_SCHEDULERSERVICE']._serialized_start=2666
-  _globals['_SCHEDULERSERVICE']._serialized_end=2878
+  _globals['_SAMPLINGPARAMS']._serialized_end=487
+  _globals['_CONSTRAINT']._serialized_start=489
+  _globals['_CONSTRAINT']._serialized_end=571
+  _globals['_GATEWAYMESSAGE']._serialized_start=573
+  _globals['_GATEWAYMESSAGE']._serialized_end=695
+  _globals['_SUBMIT']._serialized_start=697
+  _globals['_SUBMIT']._serialized_end=816
+  _globals['_ABORT']._serialized_start=818
+  _globals['_ABORT']._serialized_end=845
+  _globals['_TOPLOGPROBS']._serialized_start=847
+  _globals['_TOPLOGPROBS']._serialized_end=897
+  _globals['_REQUESTOUTPUT']._serialized_start=900
+  _globals['_REQUESTOUTPUT']._serialized_end=1267
+  _globals['_SCHEDULEREVENT']._serialized_start=1270
+  _globals['_SCHEDULEREVENT']._serialized_end=1409
+  _globals['_ENGINELOAD']._serialized_start=1412
+  _globals['_ENGINELOAD']._serialized_end=1641
+  _globals['_GETENGINEINFOREQUEST']._serialized_start=1643
+  _globals['_GETENGINEINFOREQUEST']._serialized_end=1665
+  _globals['_ENGINEINFO']._serialized_start=1668
+  _globals['_ENGINEINFO']._serialized_end=1986
+  _globals['_ENGINESTATS']._serialized_start=1989
+  _globals['_ENGINESTATS']._serialized_end=2521
+  _globals['_SCHEDULERSERVICE']._serialized_start=2971
+  _globals['_SCHEDULERSERVICE']._serialized_end=3183
 # @@protoc_insertion_point(module_scope)
