@@ -10,6 +10,7 @@ module imports xgrammar only inside ``check`` and ``to_grammar``: the scheduler 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import clients  # noqa: F401  (puts the generated stubs on sys.path)
@@ -102,4 +103,5 @@ def _ebnf_string(s: str) -> str:
 
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    # xgrammar prefixes its messages with "[hh:mm:ss] /source/file.cc:line: "
+    return re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", text.splitlines()[0])[:300]

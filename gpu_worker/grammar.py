@@ -109,6 +109,8 @@ class SeqGrammar:
 
     def sync(self, outputs: list[int]) -> None:
         """Brings the matcher to ``outputs`` (the sequence's generated tokens so far)."""
+        if self.future.exception() is not None:
+            return
         matcher = self._ensure()
         accepted = self.accepted
         common = 0
@@ -130,7 +132,15 @@ class SeqGrammar:
                 break
             accepted.append(token)
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+    def fill(self, bitmask: torch.Tensor, row: int, eos_token_ids: list[int]) -> None:
+        if self.future.exception() is not None:
+            # Entry points check constraints, so only a caller bypassing them gets here: that sequence
+            # ends at once (only EOS allowed) and the step's other sequences are untouched.
+            bitmask[row] = 0
+            for token in eos_token_ids:
+                bit = 1 << (token % 32)
+                bitmask[row, token // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # int32 sign bit
+            return
         self._ensure().fill_next_token_bitmask(bitmask, row)
 
     def fork(self) -> SeqGrammar:
@@ -142,7 +152,7 @@ class SeqGrammar:
         return child
 
 
-def token_masks(states: list, vocab_size: int) -> tuple[list[int], torch.Tensor] | None:
+def token_masks(states: list, vocab_size: int, eos_token_ids: list[int]) -> tuple[list[int], torch.Tensor] | None:
     """(rows, bitmask) for the constrained sequences among ``states`` (a sampling step's rows): their
     matchers are synced and ``bitmask[j]`` is row ``rows[j]``'s allowed tokens (xgrammar's int32 bit
     layout). None when no row is constrained: unconstrained steps pay one attribute check per row."""
@@ -155,7 +165,7 @@ def token_masks(states: list, vocab_size: int) -> tuple[list[int], torch.Tensor]
     for j, i in enumerate(rows):
         state = states[i]
         state.grammar.sync(state.token_ids[state.num_prompt_tokens:])
-        state.grammar.fill(bitmask, j)
+        state.grammar.fill(bitmask, j, eos_token_ids)
     return rows, bitmask
 
 

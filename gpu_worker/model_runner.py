@@ -167,7 +167,7 @@ class ModelRunner:
             logits = self._forward_eager(inputs, fixups)
         t2 = time.perf_counter_ns()
         states = inputs.sample_states
-        masks = token_masks(states, logits.shape[-1])
+        masks = token_masks(states, logits.shape[-1], self.model_config.eos_token_ids)
         if masks is not None:
             logits = apply_masks(logits, *masks)
         want_logprobs = plan.num_top_logprobs > 0 or any(s.params.logprobs for s in states)

@@ -72,6 +72,13 @@ def add_parser(sub) -> None:
     p.add_argument("--length-penalty", type=float, default=None, help="beam search length penalty (default 1)")
     p.add_argument("--early-stopping", choices=tuple(_EARLY_STOPPING), default=None,
                    help="beam search stopping rule, as transformers' early_stopping (default false)")
+    constraint = p.add_argument_group("output constraint (structured output; at most one)").add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE", help="generate JSON that validates against this schema")
+    constraint.add_argument("--json-object", action="store_true", help="generate any JSON object")
+    constraint.add_argument("--regex", help="generate text matching this regular expression")
+    constraint.add_argument("--choice", action="append", default=None, help="generate exactly one of these "
+                            "strings (repeatable)")
+    constraint.add_argument("--grammar", metavar="FILE", help="generate text of this EBNF (GBNF) grammar (rule root)")
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user message through the model's chat template (the Chat RPC)")
     p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
@@ -92,6 +99,9 @@ def run(args) -> int:
         logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0, n=args.n,
         beam_width=args.beam_width, length_penalty=args.length_penalty,
         early_stopping=None if args.early_stopping is None else _EARLY_STOPPING[args.early_stopping],
+        json_schema=Path(args.json_schema).read_text() if args.json_schema else None,
+        json_object=args.json_object, regex=args.regex, choice=args.choice,
+        grammar=Path(args.grammar).read_text() if args.grammar else None,
     )
     several = (args.n or 1) > 1 or args.beam_width > 1
     chunks = []

@@ -16,6 +16,7 @@ import clients  # noqa: F401
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.options import DEFAULT_LIMITS, GatewayLimits
+from scheduler_svc.gateway.structured import constraint_of
 
 MAX_REQUEST_ID_CHARS = 256
 # No token spans more text than this many times its vocabulary entry's UTF-8 length (pre-tokenizers
@@ -228,6 +229,7 @@ def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> S
     if bad is not None:
         raise InvalidField("sampling_params.stop_token_ids",
                            f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+    constraint = constraint_of(p)  # raises InvalidField("sampling_params.<its field>")
     try:
         params = SamplingParams(
             max_tokens=p.max_tokens,
@@ -241,6 +243,7 @@ def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> S
             logprobs=p.logprobs or p.top_logprobs > 0,
             top_logprobs=p.top_logprobs,
             early_stopping=_early_stopping(p.early_stopping),
+            constraint=constraint,
             **floats,
         )
     except InvalidField as exc:

@@ -23,6 +23,7 @@ A gateway with TLS: ``Client(target, tls=True, ca_cert="ca.pem")`` (mutual TLS: 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,12 @@ class SamplingParams:
     top_logprobs: int = 0
     repetition_penalty: float | None = None
     early_stopping: bool | str | None = None  # beam search, as transformers: False, True or "never"; server: False
+    # Output constraint (structured output): at most one of these.
+    json_schema: dict | str | None = None  # a JSON schema (dict or its JSON text)
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None  # EBNF (GBNF), start rule `root`
 
     def to_proto(self) -> generation_pb2.SamplingParams:
         p = generation_pb2.SamplingParams(
@@ -83,7 +90,24 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 setattr(p, name, value)
+        self._set_constraint(p)
         return p
+
+    def _set_constraint(self, p: generation_pb2.SamplingParams) -> None:
+        given = [name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) > 1:
+            raise ValueError(f"at most one output constraint, got {', '.join(given)}")
+        if self.json_schema is not None:
+            p.json_schema = self.json_schema if isinstance(self.json_schema, str) else json.dumps(self.json_schema)
+        elif self.json_object:
+            p.json_object = True
+        elif self.choice is not None:
+            p.choice.choices.extend(self.choice)
+        elif self.regex is not None:
+            p.regex = self.regex
+        elif self.grammar is not None:
+            p.grammar = self.grammar
 
 
 @dataclass(frozen=True, slots=True)
