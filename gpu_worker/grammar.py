@@ -133,9 +133,11 @@ class SeqGrammar:
             accepted.append(token)
 
     def fill(self, bitmask: torch.Tensor, row: int, eos_token_ids: list[int]) -> None:
-        if self.future.exception() is not None:
-            # Entry points check constraints, so only a caller bypassing them gets here: that sequence
-            # ends at once (only EOS allowed) and the step's other sequences are untouched.
+        # A failed compile: entry points check constraints, so only a caller bypassing them gets here;
+        # that sequence ends at once (only EOS allowed) and the step's other sequences are untouched.
+        # A terminated matcher: the sequence sampled EOS and the scheduler, planning ahead, ran one
+        # more step for it, whose token it drops.
+        if self.future.exception() is not None or self._ensure().is_terminated():
             bitmask[row] = 0
             for token in eos_token_ids:
                 bit = 1 << (token % 32)
