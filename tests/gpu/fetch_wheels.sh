@@ -14,7 +14,8 @@ cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
 names=(grpcio grpcio-tools grpcio-health-checking grpcio-reflection grpcio-status googleapis-common-protos
-  pyzmq structlog gguf prometheus-client "$@")
+  pyzmq structlog gguf prometheus-client xgrammar apache-tvm-ffi pydantic pydantic-core annotated-types
+  typing-inspection "$@")
 
 # One requirement per name: the name with pyproject.toml's specifier, or the bare name.
 mapfile -t requirements < <("$PYTHON" - "${names[@]}" <<'PY'
