@@ -29,6 +29,7 @@ from gpu_worker.model_files import resolve_model
 from gpu_worker.sampling_params import InvalidField
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.generation import GenerationCore, GenerationFailed
+from scheduler_svc.gateway.tools import validated_messages
 from scheduler_svc.gateway.validation import check_text, token_prompt, validate_messages
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -108,11 +109,11 @@ class ChatTemplate:
                 special = _gguf_special_tokens(reader, id_to_token)
         return cls(source, special) if source else None
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
         """The prompt text of a conversation; InvalidField("messages") when the template refuses it
         (many raise an exception for roles out of order) or fails on it."""
         try:
-            return self._template.render(messages=list(messages), tools=None, documents=None,
+            return self._template.render(messages=list(messages), tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.exceptions.TemplateError as exc:
             raise InvalidField("messages", f"the model's chat template refused the conversation: {exc}") from None
@@ -189,7 +190,7 @@ class ChatPrompts:
         self.core = core
         self.template = template
 
-    def render(self, messages: Sequence[dict]) -> str:
+    def render(self, messages: Sequence[dict], tools: list | None = None) -> str:
         """The conversation as the model's template renders it; GenerationFailed when the model has no
         template (FAILED_PRECONDITION) or the conversation is invalid (INVALID_ARGUMENT, ``messages``)."""
         if self.template is None:
@@ -197,7 +198,7 @@ class ChatPrompts:
                                    f"model {self.core.model_name!r} has no chat template (no chat_template.jinja, "
                                    "no chat_template in tokenizer_config.json): send a prompt to Generate instead")
         try:
-            return self.template.render(validate_messages(messages))
+            return self.template.render(validated_messages(messages, validate_messages), tools=tools)
         except InvalidField as exc:
             raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
 
@@ -206,10 +207,10 @@ class ChatPrompts:
         does (no special tokens added: the template spells them out)."""
         return self._checked(token_prompt, self.core.tokenizer.encode(self._text(messages), add_special_tokens=False))
 
-    def _text(self, messages: Sequence[dict]) -> str:
+    def _text(self, messages: Sequence[dict], tools: list | None = None) -> str:
         """The rendered conversation, refused before tokenizing when it is longer than any prompt that
         fits (as Generate refuses a text prompt)."""
-        return self._checked(check_text, self.render(messages))
+        return self._checked(check_text, self.render(messages, tools))
 
     def _checked(self, check, value):
         try:
@@ -218,10 +219,11 @@ class ChatPrompts:
             raise GenerationFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
 
     async def request(self, request_id: str, model: str, messages: Sequence[dict],
-                      sampling_params: generation_pb2.SamplingParams) -> generation_pb2.GenerateRequest:
+                      sampling_params: generation_pb2.SamplingParams, tools: list | None = None
+                      ) -> generation_pb2.GenerateRequest:
         """The GenerateRequest of a conversation (its prompt as token ids); a long one is tokenized in
         the gateway's bounded tokenizer pool, off the event loop."""
-        ids = self._checked(token_prompt, await self.core.encode(self._text(messages), add_special_tokens=False))
+        ids = self._checked(token_prompt, await self.core.encode(self._text(messages, tools), add_special_tokens=False))
         request = generation_pb2.GenerateRequest(request_id=request_id, model=model, sampling_params=sampling_params)
         request.token_ids.ids.extend(ids)
         return request

@@ -28,6 +28,7 @@ from pagedserve.v1 import generation_pb2
 from scheduler_svc import log
 from scheduler_svc.gateway.chat import ChatPrompts
 from scheduler_svc.gateway.generation import GenerationCore, GenerationFailed
+from scheduler_svc.gateway.tools import TOOL_FIELDS, ToolCallsShape, parse_tool_request
 from scheduler_svc.gateway.openai_protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     MAX_TOP_LOGPROBS,
@@ -154,6 +155,10 @@ class _ChatShape(_Shape):
         return out
 
 
+class _ToolChatShape(ToolCallsShape, _ChatShape):
+    pass
+
+
 def _sse(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
@@ -207,10 +212,12 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
 class OpenAIServer:
     """The HTTP front end of one gateway process."""
 
-    def __init__(self, core: GenerationCore, chat: ChatPrompts, token: str | None = None) -> None:
+    def __init__(self, core: GenerationCore, chat: ChatPrompts, token: str | None = None,
+                 tool_call_parser: str | None = None) -> None:
         """``token``: the gateway's bearer token (--auth-token-file); every route but /health then needs
         ``Authorization: Bearer <token>``, as the gRPC API does (and as OpenAI clients send their key)."""
         self.core, self.chat = core, chat
+        self.tool_call_parser = tool_call_parser  # None: from the chat template (tool_parsers.py)
         self.created = int(time.time())
         # One token's text, for logprobs (up to 21 a token with top_logprobs): decoded once per token id.
         self._token_text = functools.lru_cache(maxsize=65536)(self._decode_one)
@@ -288,18 +295,30 @@ class OpenAIServer:
         if top_logprobs and not logprobs:
             raise ApiError.invalid("top_logprobs", "needs logprobs set to true")
         max_tokens = max_tokens_of(body)
-        params = sampling_params(body, max_tokens, logprobs, top_logprobs)
+        template = self.chat.template
+        tool_request = parse_tool_request(body, template.source if template else None, self.tool_call_parser)
+        params = sampling_params({k: v for k, v in body.items() if k not in TOOL_FIELDS}, max_tokens, logprobs,
+                                 top_logprobs)
+        if tool_request is not None and (schema := tool_request.constraint_schema()) is not None:
+            if params.WhichOneof("constraint"):
+                raise ApiError.invalid("tool_choice", "cannot be required or a named function together with an "
+                                       "output constraint (response_format, structured_outputs, guided_*)")
+            params.json_schema = json.dumps(schema)
         options = stream_options(body)  # checked before the template renders
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         renames = {"sampling_params.max_tokens": "max_completion_tokens" if "max_completion_tokens" in body
                    else "max_tokens", "token_ids.ids": "messages", "prompt": "messages"}
         try:
-            req = await self.chat.request(response_id, model, messages, params)
+            req = await self.chat.request(response_id, model, messages, params,
+                                          tool_request.tools if tool_request else None)
             if max_tokens is None:  # as OpenAI: up to the context length
                 req.sampling_params.max_tokens = max(self.core.limits.max_model_len - len(req.token_ids.ids), 1)
         except GenerationFailed as exc:
             raise ApiError.from_failure(exc, renames) from None
         shape = _ChatShape(LogprobFormat(self._token_text, chat=True), logprobs)
+        if tool_request is not None:
+            shape = _ToolChatShape(LogprobFormat(self._token_text, chat=True), logprobs)
+            shape.tool_request = tool_request
         return await self._respond(request, response_id, [req], options, renames, shape)
 
     # ---- helpers
