@@ -19,6 +19,7 @@ from pagedserve.internal.v1 import scheduler_pb2
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 MAX_SOURCE_CHARS = 200_000
 MAX_CHOICES = 1024
+_MAX_SPACE = 8  # whitespace characters in a row inside JSON output
 
 _TO_PROTO = {
     "json_schema": scheduler_pb2.CONSTRAINT_JSON_SCHEMA,
@@ -78,10 +79,13 @@ class Constraint:
         import xgrammar as xgr
 
         try:
+            # JSON: whitespace between tokens is allowed, but at most a few characters in a row, so a
+            # small model cannot spend its max_tokens on blank space (an unbounded vLLM failure mode).
             if self.kind == "json_schema":
-                return xgr.Grammar.from_json_schema(self.source, strict_mode=True)
+                return xgr.Grammar.from_json_schema(self.source, strict_mode=True, max_whitespace_cnt=_MAX_SPACE)
             if self.kind == "json_object":
-                return xgr.Grammar.from_json_schema('{"type": "object"}', strict_mode=False)
+                return xgr.Grammar.from_json_schema('{"type": "object"}', strict_mode=False,
+                                                    max_whitespace_cnt=_MAX_SPACE)
             if self.kind == "regex":
                 return xgr.Grammar.from_regex(self.source)
             if self.kind == "choice":

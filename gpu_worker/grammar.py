@@ -63,11 +63,18 @@ class GrammarCache:
 
         with self._lock:
             if self._compiler is None:
-                info = xgr.TokenizerInfo.from_huggingface(
-                    _load_tokenizer(self.model), vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids)
+                info = self._tokenizer_info(xgr)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2)
             compiler = self._compiler
         return compiler.compile_grammar(constraint.to_grammar())
+
+    def _tokenizer_info(self, xgr):
+        tokenizer = _load_tokenizer(self.model)
+        if tokenizer is None:  # a benchmark shape (config.json only): a synthetic byte-level vocabulary
+            return xgr.TokenizerInfo(synthetic_vocab(self.vocab_size), xgr.VocabType.RAW,
+                                     stop_token_ids=self.eos_token_ids)
+        return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
+                                                  stop_token_ids=self.eos_token_ids)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -78,6 +85,9 @@ def _load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
     path = Path(model)
+    if path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")) \
+            and not any(path.glob("*.gguf")):
+        return None
     if path.is_file() and path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if path.is_dir() and not (path / "tokenizer.json").exists():
@@ -85,6 +95,19 @@ def _load_tokenizer(model: str):
         if ggufs:
             return AutoTokenizer.from_pretrained(path, gguf_file=ggufs[0].name)
     return AutoTokenizer.from_pretrained(path)
+
+
+def synthetic_vocab(size: int, seed: int = 0) -> list[str]:
+    """A stand-in vocabulary for shapes without a tokenizer: the 256 bytes' characters, then random
+    ASCII pieces of 2 to 8 characters (a mask costs about what a real vocabulary's of this size does)."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-.,:;\"{}[]"
+    vocab = [chr(i) for i in range(min(size, 256))]
+    while len(vocab) < size:
+        vocab.append("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 8))))
+    return vocab
 
 
 class SeqGrammar:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from scheduler_svc.gateway.openai_protocol import ApiError, finish_reason
 from scheduler_svc.gateway.tool_parsers import PARSERS, ToolCall, parser_for_template
 
-TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "tool_call_parser")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +72,9 @@ class ToolRequest:
 
 
 def parse_tool_request(body: dict, template_source: str | None, parser: str | None = None) -> ToolRequest | None:
-    """The body's tool fields; None without tools. Raises ApiError naming the field."""
+    """The body's tool fields; None without tools. ``parser``: the server's --tool-call-parser, which the
+    body's ``tool_call_parser`` (an extension) overrides. Raises ApiError naming the field."""
+    parser = body.get("tool_call_parser") or parser
     tools = body.get("tools")
     choice = body.get("tool_choice")
     if not tools:
