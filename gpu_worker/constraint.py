@@ -22,11 +22,11 @@ MAX_CHOICES = 1024
 _MAX_SPACE = 8  # whitespace characters in a row inside JSON output
 
 _TO_PROTO = {
-    "json_schema": scheduler_pb2.CONSTRAINT_JSON_SCHEMA,
-    "json_object": scheduler_pb2.CONSTRAINT_JSON_OBJECT,
-    "regex": scheduler_pb2.CONSTRAINT_REGEX,
-    "choice": scheduler_pb2.CONSTRAINT_CHOICE,
-    "grammar": scheduler_pb2.CONSTRAINT_GRAMMAR,
+    "json_schema": scheduler_pb2.CONSTRAINT_KIND_JSON_SCHEMA,
+    "json_object": scheduler_pb2.CONSTRAINT_KIND_JSON_OBJECT,
+    "regex": scheduler_pb2.CONSTRAINT_KIND_REGEX,
+    "choice": scheduler_pb2.CONSTRAINT_KIND_CHOICE,
+    "grammar": scheduler_pb2.CONSTRAINT_KIND_GRAMMAR,
 }
 _FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
 

@@ -32,12 +32,12 @@ from gpu_worker.distributed import (
     shutdown_tensor_parallel,
 )
 from gpu_worker.engine_args import CPU_KV_CACHE_MEMORY, DEFAULTS, EngineArgs, check
+from gpu_worker.grammar import GrammarCache
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
 from gpu_worker.model_config import ModelConfig
 from gpu_worker.model_runner import ModelRunner, PendingStep
 from gpu_worker.models.parallel import SINGLE
-from gpu_worker.grammar import GrammarCache
 from gpu_worker.step_profile import StepProfiler
 from pagedserve.internal.v1 import worker_pb2
 

@@ -72,7 +72,8 @@ def add_parser(sub) -> None:
     p.add_argument("--length-penalty", type=float, default=None, help="beam search length penalty (default 1)")
     p.add_argument("--early-stopping", choices=tuple(_EARLY_STOPPING), default=None,
                    help="beam search stopping rule, as transformers' early_stopping (default false)")
-    constraint = p.add_argument_group("output constraint (structured output; at most one)").add_mutually_exclusive_group()
+    constraint = p.add_argument_group("output constraint (structured output; at most one)")
+    constraint = constraint.add_mutually_exclusive_group()
     constraint.add_argument("--json-schema", metavar="FILE", help="generate JSON that validates against this schema")
     constraint.add_argument("--json-object", action="store_true", help="generate any JSON object")
     constraint.add_argument("--regex", help="generate text matching this regular expression")

@@ -28,7 +28,6 @@ from pagedserve.v1 import generation_pb2
 from scheduler_svc import log
 from scheduler_svc.gateway.chat import ChatPrompts
 from scheduler_svc.gateway.generation import GenerationCore, GenerationFailed
-from scheduler_svc.gateway.tools import TOOL_FIELDS, ToolCallsShape, parse_tool_request
 from scheduler_svc.gateway.openai_protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     MAX_TOP_LOGPROBS,
@@ -47,6 +46,7 @@ from scheduler_svc.gateway.openai_protocol import (
     sampling_params,
     stream_options,
 )
+from scheduler_svc.gateway.tools import TOOL_FIELDS, ToolCallsShape, parse_tool_request
 
 MAX_BODY_BYTES = 64 * 2**20  # as the gRPC side's largest message; larger bodies get 413
 Batch = tuple[int, list[generation_pb2.GenerateResponse]]  # (prompt index, responses)

@@ -19,8 +19,8 @@ import grpc
 import clients  # noqa: F401
 from gpu_worker.sampling_params import InvalidField
 from pagedserve.v1 import generation_pb2
-from scheduler_svc.gateway import structured
 from scheduler_svc.finish_reason import name as finish_reason_name
+from scheduler_svc.gateway import structured
 from scheduler_svc.gateway.generation import GenerationFailed
 
 UINT32_MAX = 2**32 - 1

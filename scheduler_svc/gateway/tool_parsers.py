@@ -1,11 +1,11 @@
 """Tool-call parsers: a model's raw output -> (content, [ToolCall]), one per format that the families we
 serve are trained on. Chosen from the chat template (the markers it spells) unless named.
 
-| parser        | families                      | output format                                              |
-|---------------|-------------------------------|------------------------------------------------------------|
-| `hermes`      | Qwen 2/2.5/3, Hermes, SmolLM3 | `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, repeated; text before it is content |
-| `llama3_json` | Llama 3.1 / 3.2 / 3.3         | `{"name": ..., "parameters": {...}}` (optionally after `<|python_tag|>`), several joined by `;` |
-| `mistral`     | Mistral / Mixtral (v0.3+)     | `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`   |
+- ``hermes`` (Qwen 2/2.5/3, Hermes, SmolLM3): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
+  repeated; text before the first tag is content.
+- ``llama3_json`` (Llama 3.1/3.2/3.3): ``{"name": ..., "parameters": {...}}``, optionally after
+  ``<|python_tag|>``, several joined by ``;``.
+- ``mistral`` (Mistral/Mixtral v0.3+): ``[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]``.
 
 Output that does not parse as the format is plain content (no tool call), as vLLM's parsers do.
 """

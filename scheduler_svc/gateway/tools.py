@@ -139,7 +139,8 @@ def template_messages(messages: list) -> list:
                 except json.JSONDecodeError:
                     raise ApiError.invalid(f"messages[{i}].tool_calls[{j}].function.arguments",
                                            "must be JSON text") from None
-            calls.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+            calls.append({"id": call.get("id"), "type": "function",
+                          "function": {"name": fn["name"], "arguments": args}})
         if calls:
             m["tool_calls"] = calls
         out.append(m)

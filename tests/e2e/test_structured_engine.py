@@ -8,14 +8,12 @@ import random
 import pytest
 import torch
 
-xgr = pytest.importorskip("xgrammar")
-
-# isort: split
 from gpu_worker.constraint import Constraint
 from scheduler_svc import LLM, SamplingParams
 from tests.factories import make_checkpoint
 
 pytestmark = pytest.mark.slow
+xgr = pytest.importorskip("xgrammar")
 
 MAX_TOKENS = 24
 SCHEMA = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99},

@@ -12,18 +12,17 @@ from pathlib import Path
 
 import pytest
 
+import clients  # noqa: F401
+
+# isort: split
+from pagedserve.client import AsyncClient, Client, GenerationError, SamplingParams
+from tests.e2e.structured_schemas import SCHEMAS
+from tests.e2e.test_serving import Service
+
+pytestmark = pytest.mark.slow
 jsonschema = pytest.importorskip("jsonschema")
 openai = pytest.importorskip("openai")
 pytest.importorskip("xgrammar")
-
-# isort: split
-import clients  # noqa: F401
-from pagedserve.client import AsyncClient, Client, GenerationError, SamplingParams
-from tests.e2e.test_chat_serving import http_base
-from tests.e2e.test_serving import Service
-from tests.e2e.structured_schemas import SCHEMAS
-
-pytestmark = pytest.mark.slow
 
 MODEL = Path("out/smollm2")
 MAX_TOKENS = 160
@@ -56,6 +55,11 @@ def service(tmp_path_factory):
 def client(service):
     with openai.OpenAI(base_url=service.http_base, api_key="unused", max_retries=0, timeout=600) as c:
         yield c
+
+
+def http_base(svc: Service) -> str:
+    port = svc.wait_for(r"OpenAI-compatible HTTP API on http://127\.0\.0\.1:(\d+)/v1")
+    return f"http://127.0.0.1:{port}/v1"
 
 
 def _http_json(client, i, schema, temperature):

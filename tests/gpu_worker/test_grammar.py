@@ -8,14 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # xgrammar and transformers imports take seconds
-xgr = pytest.importorskip("xgrammar")
-
-# isort: split
 from gpu_worker.constraint import Constraint, ConstraintError
 from gpu_worker.grammar import GrammarCache, SeqGrammar, apply_masks, token_masks
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from tests.factories import make_checkpoint
+
+pytestmark = pytest.mark.slow  # xgrammar and transformers imports take seconds
+xgr = pytest.importorskip("xgrammar")
 
 EOS = 2
 

@@ -469,6 +469,7 @@ type Choice struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
+	// The allowed outputs, each a non-empty string.
 	Choices []string `protobuf:"bytes,1,rep,name=choices,proto3" json:"choices,omitempty"`
 }
 

@@ -9,12 +9,12 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 class ConstraintKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    CONSTRAINT_NONE: _ClassVar[ConstraintKind]
-    CONSTRAINT_JSON_SCHEMA: _ClassVar[ConstraintKind]
-    CONSTRAINT_JSON_OBJECT: _ClassVar[ConstraintKind]
-    CONSTRAINT_REGEX: _ClassVar[ConstraintKind]
-    CONSTRAINT_CHOICE: _ClassVar[ConstraintKind]
-    CONSTRAINT_GRAMMAR: _ClassVar[ConstraintKind]
+    CONSTRAINT_KIND_UNSPECIFIED: _ClassVar[ConstraintKind]
+    CONSTRAINT_KIND_JSON_SCHEMA: _ClassVar[ConstraintKind]
+    CONSTRAINT_KIND_JSON_OBJECT: _ClassVar[ConstraintKind]
+    CONSTRAINT_KIND_REGEX: _ClassVar[ConstraintKind]
+    CONSTRAINT_KIND_CHOICE: _ClassVar[ConstraintKind]
+    CONSTRAINT_KIND_GRAMMAR: _ClassVar[ConstraintKind]
 
 class EarlyStopping(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,12 +30,12 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
     FINISH_REASON_ERROR: _ClassVar[FinishReason]
-CONSTRAINT_NONE: ConstraintKind
-CONSTRAINT_JSON_SCHEMA: ConstraintKind
-CONSTRAINT_JSON_OBJECT: ConstraintKind
-CONSTRAINT_REGEX: ConstraintKind
-CONSTRAINT_CHOICE: ConstraintKind
-CONSTRAINT_GRAMMAR: ConstraintKind
+CONSTRAINT_KIND_UNSPECIFIED: ConstraintKind
+CONSTRAINT_KIND_JSON_SCHEMA: ConstraintKind
+CONSTRAINT_KIND_JSON_OBJECT: ConstraintKind
+CONSTRAINT_KIND_REGEX: ConstraintKind
+CONSTRAINT_KIND_CHOICE: ConstraintKind
+CONSTRAINT_KIND_GRAMMAR: ConstraintKind
 EARLY_STOPPING_UNSPECIFIED: EarlyStopping
 EARLY_STOPPING_HEURISTIC: EarlyStopping
 EARLY_STOPPING_ON_FULL: EarlyStopping
