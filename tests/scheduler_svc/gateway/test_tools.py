@@ -31,7 +31,8 @@ def test_parsers():
     assert parse_llama3_json('<|python_tag|>{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {}}') \
         == (None, [ToolCall("f", '{"a": 1}'), ToolCall("g", "{}")])
     assert parse_llama3_json("Paris is sunny.") == ("Paris is sunny.", [])
-    assert parse_mistral('[TOOL_CALLS] [{"name": "f", "arguments": "{\\"a\\": 2}"}]') == (None, [ToolCall("f", '{"a": 2}')])
+    assert parse_mistral('[TOOL_CALLS] [{"name": "f", "arguments": "{\\"a\\": 2}"}]') == (
+        None, [ToolCall("f", '{"a": 2}')])
     assert parser_for_template("{{ '[TOOL_CALLS]' }}") == "mistral"
     assert parser_for_template("<|python_tag|>") == "llama3_json"
     assert parser_for_template(None) == "hermes"
@@ -49,7 +50,8 @@ def test_tool_request_fields_and_constraints():
     assert named.parse('{"city": "Oslo"}') == (None, [ToolCall("get_weather", '{"city": "Oslo"}')])
     auto = parse_tool_request({"tools": [WEATHER]}, "<|python_tag|>")
     assert auto.choice == "auto" and auto.parser == "llama3_json" and auto.constraint_schema() is None
-    assert parse_tool_request({"tools": [WEATHER], "tool_choice": "none"}, None).parse("<tool_call>") == ("<tool_call>", [])
+    none = parse_tool_request({"tools": [WEATHER], "tool_choice": "none"}, None)
+    assert none.parse("<tool_call>") == ("<tool_call>", [])
     bad = [({"tool_choice": "required"}, "tool_choice"),
            ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
            ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
