@@ -3,6 +3,7 @@ enums, bounded numbers, required and optional properties. Strings are bounded so
 output ends within the tests' max_tokens."""
 
 S = {"type": "string", "maxLength": 16}
+INT = {"type": "integer", "minimum": 0, "maximum": 999}
 
 SCHEMAS = [
     {"type": "object", "properties": {"name": S, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
@@ -15,20 +16,22 @@ SCHEMAS = [
      "additionalProperties": False},
     {"type": "object", "properties": {"tags": {"type": "array", "items": S, "minItems": 1, "maxItems": 3}},
      "required": ["tags"], "additionalProperties": False},
-    {"type": "object", "properties": {"user": {"type": "object", "properties": {"id": {"type": "integer"}, "name": S},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {"id": INT, "name": S},
                                                "required": ["id", "name"], "additionalProperties": False}},
      "required": ["user"], "additionalProperties": False},
     {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 9}, "minItems": 2, "maxItems": 4},
     {"type": "object", "properties": {"title": S, "year": {"type": "integer", "minimum": 1900, "maximum": 2030},
                                       "genre": {"enum": ["fiction", "science", "history"]}},
      "required": ["title", "year", "genre"], "additionalProperties": False},
-    {"type": "object", "properties": {"point": {"type": "array", "items": {"type": "number"}, "minItems": 2,
+    {"type": "object", "properties": {"point": {"type": "array", "items": {"type": "number", "minimum": -90,
+                                                                          "maximum": 90},
+                                                "minItems": 2,
                                                 "maxItems": 2}}, "required": ["point"], "additionalProperties": False},
     {"type": "object", "properties": {"status": {"const": "done"}, "count": {"type": "integer", "minimum": 0,
                                                                             "maximum": 99}},
      "required": ["status", "count"], "additionalProperties": False},
     {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "object", "properties": {
-        "c": {"type": "integer"}}, "required": ["c"], "additionalProperties": False}}, "required": ["b"],
+        "c": INT}, "required": ["c"], "additionalProperties": False}}, "required": ["b"],
         "additionalProperties": False}}, "required": ["a"], "additionalProperties": False},
     {"type": "object", "properties": {"items": {"type": "array", "maxItems": 2, "items": {
         "type": "object", "properties": {"sku": S, "qty": {"type": "integer", "minimum": 1, "maximum": 5}},
@@ -36,7 +39,7 @@ SCHEMAS = [
      "additionalProperties": False},
     {"type": "object", "properties": {"email": {"type": "string", "pattern": "^[a-z]{1,8}@[a-z]{1,8}\\.com$"}},
      "required": ["email"], "additionalProperties": False},
-    {"type": "object", "properties": {"value": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 8}]}},
+    {"type": "object", "properties": {"value": {"anyOf": [INT, {"type": "string", "maxLength": 8}]}},
      "required": ["value"], "additionalProperties": False},
     {"type": "object", "properties": {"name": S, "nickname": S, "age": {"type": "integer", "minimum": 0,
                                                                        "maximum": 99}},

@@ -105,11 +105,11 @@ def test_regex_and_choice_hold_on_twenty_prompts(service):
 
 
 def test_openai_sdk_json_object_structured_outputs_and_parse(client):
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
 
-    class City(BaseModel):
-        name: str
-        population: int
+    class City(BaseModel):  # bounded, so that greedy output ends within max_tokens
+        name: str = Field(max_length=20)
+        population: int = Field(ge=0, le=99_999_999)
         coastal: bool
 
     parsed = client.beta.chat.completions.parse(
@@ -175,11 +175,11 @@ def test_tool_calls_required_named_and_auto(client, stream):
 
 def test_langchain_structured_output_and_bind_tools(service):
     lc = pytest.importorskip("langchain_openai")
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
 
     class Person(BaseModel):
-        name: str
-        age: int
+        name: str = Field(max_length=20)
+        age: int = Field(ge=0, le=120)
 
     llm = lc.ChatOpenAI(base_url=service.http_base, api_key="unused", model="smollm2", temperature=0,
                         max_tokens=MAX_TOKENS, max_retries=0)
