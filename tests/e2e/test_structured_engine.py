@@ -114,6 +114,9 @@ def test_samples_and_beams_stay_in_the_grammar(checkpoint, cases):
         sampled = llm.generate(prompts, SamplingParams(max_tokens=16, n=4, temperature=1.5, seed=3, constraint=choice))
         beams = llm.generate(prompts, SamplingParams(max_tokens=16, beam_width=3, constraint=choice))
         regex = llm.generate(prompts, SamplingParams(max_tokens=12, n=3, temperature=1.0, constraint=CONSTRAINTS[1]))
+        with pytest.raises(ValueError) as err:  # checked before it reaches the engine
+            llm.generate(prompts[:1], SamplingParams(constraint=Constraint("grammar", "root ::= nope")))
+        assert err.value.field == "constraint"
     for r in sampled + beams:
         for out in r.outputs:
             assert out.text in allowed and out.finish_reason == "stop", out
