@@ -26,6 +26,7 @@ import clients  # noqa: F401
 from gpu_worker.attention_metadata import AttentionMetadata
 from gpu_worker.cpu_linears import pack_linears
 from gpu_worker.cuda_graphs import DecodeGraphs
+from gpu_worker.grammar import GrammarCache, SeqGrammar, apply_masks, token_masks
 from gpu_worker.input_batch import BlockTableRows, StepInputs, build_inputs
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.prompt_logprobs import prompt_logprob_rows
@@ -64,6 +65,7 @@ class SeqState:
     row: int = -1  # row in the runner's BlockTableRows
     # Entries of block_table already copied to the row; set to 0 after replacing entries in place.
     num_synced_blocks: int = 0
+    grammar: SeqGrammar | None = None  # the output constraint's matcher (gpu_worker/grammar.py)
 
 
 class ModelRunner:
@@ -75,6 +77,7 @@ class ModelRunner:
         block_size: int,
         max_num_seqs: int = 256,
         use_cuda_graphs: bool = True,
+        grammars: GrammarCache | None = None,
     ) -> None:
         if device.type == "cpu" and isinstance(model, torch.nn.Module):  # (unit tests pass stand-ins)
             pack_linears(model)  # oneDNN with prepacked weights: much faster than MKL at decode sizes
@@ -93,6 +96,7 @@ class ModelRunner:
         self.generator.manual_seed(0)
         # min_tokens holds these back (unit tests' stand-in configs may have none).
         self.eos_token_ids = tuple(getattr(model_config, "eos_token_ids", ()) or ())
+        self.grammars = grammars  # compiles output constraints; None: constrained sequences are refused
 
     def allocate_kv(self, num_blocks: int, dtype: torch.dtype, num_cpu_blocks: int = 0) -> None:
         cfg = self.model_config
@@ -133,8 +137,10 @@ class ModelRunner:
             state = seqs.get(seq_id)
             if state is None or not state.params.plain_greedy or _wants_prompt_logprobs(state):
                 return False
+            if state.grammar is not None:  # its mask needs prev's token on the host
+                return False
         new_params = [SamplingParams.from_proto(new.sampling_params) for new in plan.new_seqs]
-        return all(p.plain_greedy and p.prompt_logprobs is None for p in new_params)
+        return all(p.plain_greedy and p.prompt_logprobs is None and p.constraint is None for p in new_params)
 
     @torch.inference_mode()
     def launch(self, plan: worker_pb2.StepPlan, prev: PendingStep | None = None
@@ -165,6 +171,9 @@ class ModelRunner:
             logits = self._forward_eager(inputs, fixups)
         t2 = time.perf_counter_ns()
         states = inputs.sample_states
+        masks = token_masks(states, logits.shape[-1], self.model_config.eos_token_ids)
+        if masks is not None:
+            logits = apply_masks(logits, *masks)
         want_logprobs = plan.num_top_logprobs > 0 or any(s.params.logprobs for s in states)
         result.timings.prepare_ns = t1 - t0
         result.timings.forward_ns = t2 - t1
@@ -292,6 +301,8 @@ class ModelRunner:
                 SamplingParams.from_proto(new.sampling_params),
                 row=self.rows.acquire(),
             )
+            if state.params.constraint is not None:
+                state.grammar = SeqGrammar(self._grammar_cache().get(state.params.constraint))
             self.seqs[new.seq_id] = state
             batch.append((state, new.num_scheduled_tokens))
         for update in plan.table_updates:
@@ -323,6 +334,8 @@ class ModelRunner:
             child.token_ids[-1] = fork.token_id
         if fork.HasField("sampling_params"):
             child.params = SamplingParams.from_proto(fork.sampling_params)
+        if child.grammar is not None:
+            child.grammar = child.grammar.fork()
         self._drop(child.seq_id)
         self.seqs[child.seq_id] = child
 
@@ -334,6 +347,11 @@ class ModelRunner:
         self.kv.swap_out(list(plan.swap_out_src_block_ids), list(plan.swap_out_dst_block_ids))
         self.kv.swap_in(list(plan.swap_in_src_block_ids), list(plan.swap_in_dst_block_ids))
         self.kv.copy(list(plan.copy_src_block_ids), list(plan.copy_dst_block_ids))
+
+    def _grammar_cache(self) -> GrammarCache:
+        if self.grammars is None:
+            raise RuntimeError("this runner has no grammar cache: output constraints are not supported")
+        return self.grammars
 
     def _drop(self, seq_id: int) -> None:
         state = self.seqs.pop(seq_id, None)

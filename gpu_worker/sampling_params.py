@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, replace
 
 import clients  # noqa: F401  (puts the generated stubs on sys.path)
+from gpu_worker.constraint import Constraint
 from pagedserve.internal.v1 import scheduler_pb2
 
 MAX_N = 16
@@ -76,6 +77,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's, over the output tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by token id
     prompt_logprobs: int | None = None  # alternatives per prompt position; None: no prompt logprobs
+    constraint: Constraint | None = None  # structured output (gpu_worker/constraint.py)
 
     def __post_init__(self) -> None:
         # Sequences given as lists become tuples: the parameters stay immutable and hashable.
@@ -121,6 +123,9 @@ class SamplingParams:
         self._check_openai_params()
         if self.beam_width > 1:
             self._check_beam_search()
+        # A constrained sequence ends when its grammar allows only end-of-sequence: it needs EOS.
+        _check(self.constraint is None or not self.ignore_eos, "ignore_eos",
+               "must be false with an output constraint (the constraint ends with end-of-sequence)")
 
     def _check_openai_params(self) -> None:
         """min_tokens, the OpenAI penalties, logit_bias and prompt_logprobs (vLLM's ranges)."""
@@ -210,6 +215,7 @@ class SamplingParams:
             frequency_penalty=p.frequency_penalty,
             logit_bias=tuple(zip(p.logit_bias_token_ids, p.logit_bias_values, strict=True)),
             prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
+            constraint=Constraint.from_proto(p.constraint) if p.HasField("constraint") else None,
         )
 
     def to_proto(self) -> scheduler_pb2.SamplingParams:
@@ -236,6 +242,7 @@ class SamplingParams:
             logit_bias_token_ids=[t for t, _ in self.logit_bias],
             logit_bias_values=[b for _, b in self.logit_bias],
             prompt_logprobs=self.prompt_logprobs,
+            constraint=self.constraint.to_proto() if self.constraint is not None else None,
         )
 
 

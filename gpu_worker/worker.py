@@ -34,6 +34,7 @@ from gpu_worker.distributed import (
     shutdown_tensor_parallel,
 )
 from gpu_worker.engine_args import CPU_KV_CACHE_MEMORY, DEFAULTS, EngineArgs, check, check_device_present
+from gpu_worker.grammar import GrammarCache
 from gpu_worker.heartbeat import start_heartbeat
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
@@ -141,8 +142,10 @@ class Worker:
 
     def _new_runner(self) -> ModelRunner:
         cfg = self.config
-        return ModelRunner(self.model, self.model_config, self.device, cfg.block_size,
-                           max_num_seqs=cfg.max_num_seqs, use_cuda_graphs=not cfg.enforce_eager)
+        mc = self.model_config
+        return ModelRunner(self.model, mc, self.device, cfg.block_size,
+                           max_num_seqs=cfg.max_num_seqs, use_cuda_graphs=not cfg.enforce_eager,
+                           grammars=GrammarCache(cfg.model, mc.vocab_size, mc.eos_token_ids))
 
     def num_blocks_that_fit(self) -> int:
         cfg, mc = self.config, self.model_config

@@ -49,6 +49,14 @@ def add_parser(sub) -> None:
                    help="return each token's log probability and its N most likely alternatives (0 to 20)")
     p.add_argument("--prompt-logprobs", type=uint(32), default=None, metavar="N",
                    help="return each prompt token's log probability and its N most likely alternatives")
+    constraint = p.add_argument_group("output constraint (structured output; at most one)")
+    constraint = constraint.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE", help="generate JSON that validates against this schema")
+    constraint.add_argument("--json-object", action="store_true", help="generate any JSON object")
+    constraint.add_argument("--regex", help="generate text matching this regular expression")
+    constraint.add_argument("--choice", action="append", default=None, help="generate exactly one of these "
+                            "strings (repeatable)")
+    constraint.add_argument("--grammar", metavar="FILE", help="generate text of this EBNF (GBNF) grammar (rule root)")
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user message through the model's chat template (the Chat RPC)")
     p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
@@ -63,8 +71,13 @@ def run(args) -> int:
     import clients  # noqa: F401  (puts pagedserve.* on sys.path)
     from pagedserve.client import Client, GenerationError, SamplingParams
 
-    params = SamplingParams(**sampling_kwargs(args), logprobs=args.logprobs is not None,
-                            top_logprobs=args.logprobs or 0, prompt_logprobs=args.prompt_logprobs)
+    params = SamplingParams(
+        **sampling_kwargs(args), logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0,
+        prompt_logprobs=args.prompt_logprobs,
+        json_schema=Path(args.json_schema).read_text() if args.json_schema else None,
+        json_object=args.json_object, regex=args.regex, choice=args.choice,
+        grammar=Path(args.grammar).read_text() if args.grammar else None,
+    )
     several = (params.n or 1) > 1 or params.beam_width > 1
     chunks = []
     try:

@@ -164,6 +164,8 @@ class LLM:
         for i, p in enumerate(params_list):
             if not isinstance(p, SamplingParams):
                 raise InvalidField(f"params[{i}]", "must be a SamplingParams")
+        for c in dict.fromkeys(p.constraint for p in params_list if p.constraint is not None):
+            check_constraint(c)  # as the gateway does: a bad grammar never reaches the engine
         return self._run(token_lists, params_list, on_finish)
 
     def _prompt_token_ids(self, name: str, prompt) -> list[int]:
@@ -249,6 +251,15 @@ class LLM:
 
     def __del__(self) -> None:
         self.close()
+
+
+def check_constraint(constraint) -> None:
+    from gpu_worker.constraint import ConstraintError
+
+    try:
+        constraint.check()
+    except ConstraintError as exc:
+        raise InvalidField("constraint", str(exc)) from None
 
 
 def _no_text(token_ids: list[int]) -> str:

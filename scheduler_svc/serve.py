@@ -40,6 +40,7 @@ from scheduler_svc.gateway.options import (
     add_security_arguments,
 )
 from scheduler_svc.gateway.router import POLICIES  # standard library only
+from scheduler_svc.gateway.tool_parsers import PARSERS  # standard library only
 from scheduler_svc.gateway_group import GatewayFailed, GatewayGroup, check_port_free, default_num_gateways
 from scheduler_svc.launcher import Child, ProcessGroup
 
@@ -63,6 +64,8 @@ def _gateway_argv(args: argparse.Namespace, scheduler_address: str, http_port_fi
     if args.http_port is not None:  # every gateway writes the same port (one chosen before, when several)
         argv += ["--http-port", str(args.http_port), "--http-port-file", str(http_port_file),
                  *HttpLimits.from_args(args).to_argv()]
+    if args.tool_call_parser:
+        argv += ["--tool-call-parser", args.tool_call_parser]
     return argv
 
 
@@ -230,6 +233,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                    "/v1/models) on this port of the gateway; 0 picks a free one (default: off)")
     p.add_argument("--model-name", default=None, help="model name clients may send (default: the directory's name)")
+    p.add_argument("--tool-call-parser", choices=tuple(PARSERS), default=None,
+                   help="tool-call format of the model's output on /v1/chat/completions: hermes, llama3_json "
+                   "or mistral (default: chosen from the chat template's markers; hermes when it has none)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running streams get to finish after SIGINT/SIGTERM (default 30)")
     p.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log (default: stderr)")

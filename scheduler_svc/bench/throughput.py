@@ -371,6 +371,11 @@ def run(args) -> int:
                                   weight_bytes=1 if engine.quantization == "fp8" else dtype_bytes,
                                   kv_bytes=1 if engine.kv_cache_dtype.startswith("fp8") else dtype_bytes)
         roof_s /= engine.tensor_parallel_size  # N devices: N times the bandwidth and FLOPs (all-reduces not counted)
+        if args.json_schema:  # constrained decoding's cost instead (bench/constrained.py)
+            from scheduler_svc.bench.constrained import run_constrained, write
+
+            write(args.out, run_constrained(engine, work, warm, args.json_schema, engine.max_num_seqs))
+            return 0
         results = [run_ours(engine, work, warm)]
         profiles = _kernel_profiles(profile_out)
         runners = {"hf-static": run_hf_static, "hf-cb": run_hf_cb}
@@ -442,4 +447,7 @@ def add_parser(bench) -> None:
                    "time goes, e.g. decode:100:10,prefill:20:2 (KIND decode or prefill; steps counted from "
                    "the worker's start, warm-up included). Perturbs the run's throughput.")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--json-schema", metavar="FILE", help="measure constrained decoding instead: the workload "
+                   "unconstrained and with every request under this JSON schema (greedy, EOS honoured), then the "
+                   "per-step mask cost at --max-num-seqs (bench/constrained.py)")
     p.set_defaults(func=run)

@@ -30,6 +30,7 @@ from gpu_worker.model_files import resolve_model
 from gpu_worker.sampling_params import InvalidField
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.generation import GenerationCore, GenerationFailed
+from scheduler_svc.gateway.tools import validated_messages
 from scheduler_svc.gateway.validation import check_text, token_prompt, validate_messages
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -110,12 +111,12 @@ class ChatTemplate:
         return cls(source, special) if source else None
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> str:
+               continue_final_message: bool = False, tools: list | None = None) -> str:
         """The prompt text of a conversation; InvalidField("messages") when the template refuses it
         (many raise an exception for roles out of order) or fails on it. ``continue_final_message``
         ends the text inside the last message, so the model continues it (as transformers does)."""
         try:
-            text = self._template.render(messages=list(messages), tools=None, documents=None,
+            text = self._template.render(messages=list(messages), tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.exceptions.TemplateError as exc:
             raise InvalidField("messages", f"the model's chat template refused the conversation: {exc}") from None
@@ -205,7 +206,7 @@ class ChatPrompts:
         self.template = template
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> str:
+               continue_final_message: bool = False, tools: list | None = None) -> str:
         """The conversation as the model's template renders it; GenerationFailed when the model has no
         template (FAILED_PRECONDITION) or the conversation is invalid (INVALID_ARGUMENT, ``messages``)."""
         if self.template is None:
@@ -213,7 +214,8 @@ class ChatPrompts:
                                    f"model {self.core.model_name!r} has no chat template (no chat_template.jinja, "
                                    "no chat_template in tokenizer_config.json): send a prompt to Generate instead")
         try:
-            return self.template.render(validate_messages(messages), add_generation_prompt, continue_final_message)
+            return self.template.render(validated_messages(messages, validate_messages), add_generation_prompt,
+                                        continue_final_message, tools)
         except InvalidField as exc:
             raise GenerationFailed.invalid(exc.field, exc.reason) from None
 
@@ -237,7 +239,7 @@ class ChatPrompts:
                       sampling_params: generation_pb2.SamplingParams, **render) -> generation_pb2.GenerateRequest:
         """The GenerateRequest of a conversation (its prompt as token ids); a long one is tokenized in
         the gateway's bounded tokenizer pool, off the event loop. ``render``: add_generation_prompt,
-        continue_final_message."""
+        continue_final_message, tools (OpenAI's function definitions, passed to the template)."""
         limits = self.core.limits
         if sampling_params.HasField("truncate_prompt_tokens"):  # may be longer than the context: cut later
             limits = replace(limits, max_model_len=2**31, max_token_bytes=None)

@@ -58,6 +58,7 @@ from scheduler_svc.gateway.openai_protocol import (
 from scheduler_svc.gateway.openai_routes import add_routes
 from scheduler_svc.gateway.openai_sampling import EchoShape, engine_params, generation_free
 from scheduler_svc.gateway.security import bearer_matches
+from scheduler_svc.gateway.tools import TOOL_FIELDS, ToolCallsShape, parse_tool_request
 from scheduler_svc.gateway.validation import shown
 
 Batch = tuple[int, list[generation_pb2.GenerateResponse]]  # (prompt index, responses)
@@ -174,6 +175,10 @@ class _ChatShape(_Shape):
         return out
 
 
+class _ToolChatShape(ToolCallsShape, _ChatShape):
+    pass
+
+
 def _sse(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
@@ -228,7 +233,7 @@ class OpenAIServer:
     """The HTTP front end of one gateway process."""
 
     def __init__(self, core: GenerationCore, chat: ChatPrompts, token: str | None = None,
-                 limits: HttpLimits | None = None) -> None:
+                 limits: HttpLimits | None = None, tool_call_parser: str | None = None) -> None:
         """``token``: the gateway's bearer token (--auth-token-file); every route but /health then needs
         ``Authorization: Bearer <token>``, as the gRPC API does (and as OpenAI clients send their key).
         ``limits``: the port's timeouts and caps (http_limits.py); bodies are bounded by the gateway's
@@ -237,6 +242,7 @@ class OpenAIServer:
         self.limits = limits or HttpLimits()
         self.max_body_bytes = core.gateway_limits.max_request_bytes
         self.guard = ConnectionGuard(self.limits)
+        self.tool_call_parser = tool_call_parser  # None: from the chat template (tool_parsers.py)
         self.created = int(time.time())
         # One token's text, for logprobs (up to 21 a token with top_logprobs): decoded once per token id.
         self._token_text = functools.lru_cache(maxsize=65536)(self._decode_one)
@@ -350,20 +356,32 @@ class OpenAIServer:
         if top_logprobs and not logprobs:
             raise ApiError.invalid("top_logprobs", "needs logprobs set to true")
         max_tokens = max_tokens_of(body)
-        params = sampling_params(body, max_tokens, logprobs, top_logprobs)  # unset max_tokens: the context's end
+        template = self.chat.template
+        tool_request = parse_tool_request(body, template.source if template else None, self.tool_call_parser)
+        params = sampling_params({k: v for k, v in body.items() if k not in TOOL_FIELDS}, max_tokens, logprobs,
+                                 top_logprobs)  # unset max_tokens: the context's end
         if body.get("prompt_logprobs") is not None:
             raise ApiError.invalid("prompt_logprobs", "is supported on /v1/completions only")
         engine_params(body, params)
         vllm_sampling(body, params)
+        if tool_request is not None and (schema := tool_request.constraint_schema()) is not None:
+            if params.WhichOneof("constraint"):
+                raise ApiError.invalid("tool_choice", "cannot be required or a named function together with an "
+                                       "output constraint (response_format, structured_outputs, guided_*)")
+            params.json_schema = json.dumps(schema)
         options = stream_options(body)  # checked before the template renders
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         renames = {"sampling_params.max_tokens": "max_completion_tokens" if "max_completion_tokens" in body
                    else "max_tokens", "token_ids.ids": "messages", "prompt": "messages"}
         try:
-            req = await self.chat.request(response_id, model, messages, params, **render)
+            req = await self.chat.request(response_id, model, messages, params,
+                                          tools=tool_request.tools if tool_request else None, **render)
         except GenerationFailed as exc:
             raise ApiError.from_failure(exc, renames) from None
-        shape = _ChatShape(LogprobFormat(self._token_text, chat=True), logprobs)
+        fmt = LogprobFormat(self._token_text, chat=True)
+        shape = _ChatShape(fmt, logprobs) if tool_request is None else _ToolChatShape(fmt, logprobs)
+        if tool_request is not None:
+            shape.tool_request = tool_request
         shape.echo = chat_echo(body, messages)
         return await self._respond(request, response_id, [req], options, renames, shape)
 

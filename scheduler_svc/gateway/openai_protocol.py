@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import grpc
 
 import clients  # noqa: F401
+from gpu_worker.sampling_params import InvalidField
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.finish_reason import FinishReason
+from scheduler_svc.gateway import structured
 from scheduler_svc.gateway.context_window import is_context_error
 from scheduler_svc.gateway.generation import GenerationFailed
 from scheduler_svc.gateway.validation import shown
@@ -124,9 +126,6 @@ def _stop(body: dict) -> list[str]:
 def _refuse_unsupported(body: dict) -> None:
     if body.get("tools") or body.get("functions"):
         raise ApiError.invalid("tools", "tool calling is not supported")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise ApiError.invalid("response_format", "only {\"type\": \"text\"} is supported")
 
 
 def sampling_params(body: dict, max_tokens: int | None, logprobs: bool, top_logprobs: int
@@ -151,6 +150,10 @@ def sampling_params(body: dict, max_tokens: int | None, logprobs: bool, top_logp
                                                for t in stop_ids)):
         raise ApiError.invalid("stop_token_ids", "must be a list of token ids")
     p.stop_token_ids.extend(stop_ids)
+    try:  # response_format, structured_outputs, guided_*: the output constraint (structured.py)
+        structured.set_from_body(body, p)
+    except InvalidField as exc:
+        raise ApiError.invalid(exc.field, str(exc)[len(exc.field) + 2:]) from None
     return p
 
 

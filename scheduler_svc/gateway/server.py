@@ -54,6 +54,7 @@ from scheduler_svc.gateway.options import (
 from scheduler_svc.gateway.router import POLICIES, Router
 from scheduler_svc.gateway.scheduler_link import channel_options
 from scheduler_svc.gateway.tokenizer import Tokenizer
+from scheduler_svc.gateway.tool_parsers import PARSERS
 
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"]
 SERVICE_NAME = SERVICE.full_name
@@ -228,7 +229,8 @@ async def _start_http(args: argparse.Namespace, gateway: Gateway, secure: Securi
     from scheduler_svc.gateway.openai_http import OpenAIServer  # aiohttp: only when serving HTTP
 
     token = read_token(secure.auth_token_file) if secure.auth_token_file else None
-    http = OpenAIServer(gateway.core, gateway.chat, token, HttpLimits.from_args(args))
+    http = OpenAIServer(gateway.core, gateway.chat, token, HttpLimits.from_args(args),
+                        tool_call_parser=args.tool_call_parser)
     port = await http.start(args.host, args.http_port, security.http_ssl_context(secure), args.reuse_port)
     if args.http_port_file:
         _write_atomically(Path(args.http_port_file), port)
@@ -352,6 +354,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                    "/v1/models) on this port; 0 picks a free one (default: off)")
+    p.add_argument("--tool-call-parser", choices=tuple(PARSERS), default=None,
+                   help="tool-call format of the model's output on /v1/chat/completions: hermes, llama3_json "
+                   "or mistral (default: chosen from the chat template's markers; hermes when it has none)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running streams get to finish after SIGTERM (default 30)")
     log.add_arguments(p)

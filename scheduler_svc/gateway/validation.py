@@ -17,6 +17,7 @@ from gpu_worker.sampling_params import EarlyStopping, InvalidField, SamplingPara
 from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.context_window import check_prompt_fits, resolve_max_tokens
 from scheduler_svc.gateway.options import DEFAULT_LIMITS, GatewayLimits
+from scheduler_svc.gateway.structured import constraint_of
 
 MAX_REQUEST_ID_CHARS = 256
 # No token spans more text than this many times its vocabulary entry's UTF-8 length (pre-tokenizers
@@ -247,6 +248,7 @@ def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> S
                            f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
     if not all(math.isfinite(e.bias) for e in p.logit_bias):
         raise InvalidField("sampling_params.logit_bias", "biases must be finite numbers")
+    constraint = constraint_of(p)  # raises InvalidField("sampling_params.<its field>")
     try:
         params = SamplingParams(
             max_tokens=p.max_tokens if p.HasField("max_tokens") else limits.max_model_len,  # unset: resolved later
@@ -263,6 +265,7 @@ def _sampling_params(p: generation_pb2.SamplingParams, limits: ModelLimits) -> S
             logprobs=p.logprobs or p.top_logprobs > 0,
             top_logprobs=p.top_logprobs,
             early_stopping=EarlyStopping.of(p.early_stopping),  # the public enum has the internal one's numbers
+            constraint=constraint,
             **floats,
         )
     except InvalidField as exc:

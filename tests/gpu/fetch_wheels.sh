@@ -14,7 +14,8 @@ cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
 names=(grpcio grpcio-tools grpcio-health-checking grpcio-reflection grpcio-status googleapis-common-protos
-  pyzmq msgpack structlog gguf prometheus-client "$@")
+  pyzmq msgpack structlog gguf prometheus-client xgrammar apache-tvm-ffi pydantic pydantic-core annotated-types
+  typing-inspection "$@")
 # Fetched with their dependencies, resolved by pip (their trees change between releases: pydantic pins its
 # core exactly, openai moved from httpx to httpx2): the official client the HTTP API's tests speak with.
 with_deps=(openai)

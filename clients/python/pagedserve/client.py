@@ -23,6 +23,7 @@ A gateway with TLS: ``Client(target, tls=True, ca_cert="ca.pem")`` (mutual TLS: 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # alternatives per prompt token; None: no prompt logprobs
     include_stop_str_in_output: bool = False  # keep the stop string that ended a sample in its text
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens
+    # Output constraint (structured output): at most one of these.
+    json_schema: dict | str | None = None  # a JSON schema (dict or its JSON text)
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None  # EBNF (GBNF), start rule `root`
 
     def to_proto(self) -> generation_pb2.SamplingParams:
         p = generation_pb2.SamplingParams(
@@ -96,7 +103,24 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 setattr(p, name, value)
+        self._set_constraint(p)
         return p
+
+    def _set_constraint(self, p: generation_pb2.SamplingParams) -> None:
+        given = [name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) > 1:
+            raise ValueError(f"at most one output constraint, got {', '.join(given)}")
+        if self.json_schema is not None:
+            p.json_schema = self.json_schema if isinstance(self.json_schema, str) else json.dumps(self.json_schema)
+        elif self.json_object:
+            p.json_object = True
+        elif self.choice is not None:
+            p.choice.choices.extend(self.choice)
+        elif self.regex is not None:
+            p.regex = self.regex
+        elif self.grammar is not None:
+            p.grammar = self.grammar
 
 
 @dataclass(frozen=True, slots=True)

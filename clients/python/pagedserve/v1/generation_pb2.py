@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epagedserve/v1/generation.proto\x12\rpagedserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf1\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0e\n\x01n\x18\n \x01(\rH\x04\x88\x01\x01\x12\x12\n\nbeam_width\x18\x0b \x01(\r\x12\x1b\n\x0elength_penalty\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x06\x88\x01\x01\x12\x34\n\x0e\x65\x61rly_stopping\x18\x10 \x01(\x0e\x32\x1c.pagedserve.v1.EarlyStopping\x12\x12\n\nmin_tokens\x18\x11 \x01(\r\x12\x18\n\x10presence_penalty\x18\x12 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x13 \x01(\x02\x12,\n\nlogit_bias\x18\x14 \x03(\x0b\x32\x18.pagedserve.v1.LogitBias\x12\x1c\n\x0fprompt_logprobs\x18\x15 \x01(\rH\x07\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x1a \x01(\x08\x12#\n\x16truncate_prompt_tokens\x18\x1b \x01(\rH\x08\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x04\n\x02_nB\x11\n\x0f_length_penaltyB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobsB\x19\n\x17_truncate_prompt_tokens\"+\n\tLogitBias\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x02\"\xb4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.pagedserve.v1.TokenIdsH\x00\x12\x36\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParamsB\x08\n\x06prompt\"u\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.pagedserve.v1.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x94\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12-\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.pagedserve.v1.Usage\x12\x34\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\".\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xb7\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x01\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\x12\x36\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams*\x83\x01\n\rEarlyStopping\x12\x1e\n\x1a\x45\x41RLY_STOPPING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45\x41RLY_STOPPING_HEURISTIC\x10\x01\x12\x1a\n\x16\x45\x41RLY_STOPPING_ON_FULL\x10\x02\x12\x18\n\x14\x45\x41RLY_STOPPING_NEVER\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xcf\x02\n\x11GenerationService\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.pagedserve.v1.TokenizeRequest\x1a\x1f.pagedserve.v1.TokenizeResponse\x12W\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a#.pagedserve.v1.GetModelInfoResponse\x12\x45\n\x04\x43hat\x12\x1a.pagedserve.v1.ChatRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x42\x1cZ\x1apagedserve/v1;pagedservev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epagedserve/v1/generation.proto\x12\rpagedserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xfa\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0e\n\x01n\x18\n \x01(\rH\x05\x88\x01\x01\x12\x12\n\nbeam_width\x18\x0b \x01(\r\x12\x1b\n\x0elength_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x07\x88\x01\x01\x12\x34\n\x0e\x65\x61rly_stopping\x18\x10 \x01(\x0e\x32\x1c.pagedserve.v1.EarlyStopping\x12\x12\n\nmin_tokens\x18\x11 \x01(\r\x12\x18\n\x10presence_penalty\x18\x12 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x13 \x01(\x02\x12,\n\nlogit_bias\x18\x14 \x03(\x0b\x32\x18.pagedserve.v1.LogitBias\x12\x1c\n\x0fprompt_logprobs\x18\x15 \x01(\rH\x08\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x1a \x01(\x08\x12#\n\x16truncate_prompt_tokens\x18\x1b \x01(\rH\t\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x1e \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x1f \x01(\x08H\x00\x12\x0f\n\x05regex\x18  \x01(\tH\x00\x12\'\n\x06\x63hoice\x18! \x01(\x0b\x32\x15.pagedserve.v1.ChoiceH\x00\x12\x11\n\x07grammar\x18\" \x01(\tH\x00\x42\x0c\n\nconstraintB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x04\n\x02_nB\x11\n\x0f_length_penaltyB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobsB\x19\n\x17_truncate_prompt_tokens\"+\n\tLogitBias\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x02\"\x19\n\x06\x43hoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xb4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.pagedserve.v1.TokenIdsH\x00\x12\x36\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParamsB\x08\n\x06prompt\"u\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.pagedserve.v1.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x94\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12-\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.pagedserve.v1.Usage\x12\x34\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\".\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xb7\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x01\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\x12\x36\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams*\x83\x01\n\rEarlyStopping\x12\x1e\n\x1a\x45\x41RLY_STOPPING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45\x41RLY_STOPPING_HEURISTIC\x10\x01\x12\x1a\n\x16\x45\x41RLY_STOPPING_ON_FULL\x10\x02\x12\x18\n\x14\x45\x41RLY_STOPPING_NEVER\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xcf\x02\n\x11GenerationService\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.pagedserve.v1.TokenizeRequest\x1a\x1f.pagedserve.v1.TokenizeResponse\x12W\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a#.pagedserve.v1.GetModelInfoResponse\x12\x45\n\x04\x43hat\x12\x1a.pagedserve.v1.ChatRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x42\x1cZ\x1apagedserve/v1;pagedservev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,38 +32,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.v1.generation_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\032pagedserve/v1;pagedservev1'
-  _globals['_EARLYSTOPPING']._serialized_start=2120
-  _globals['_EARLYSTOPPING']._serialized_end=2251
-  _globals['_FINISHREASON']._serialized_start=2253
-  _globals['_FINISHREASON']._serialized_end=2373
+  _globals['_EARLYSTOPPING']._serialized_start=2284
+  _globals['_EARLYSTOPPING']._serialized_end=2415
+  _globals['_FINISHREASON']._serialized_start=2417
+  _globals['_FINISHREASON']._serialized_end=2537
   _globals['_TOKENIDS']._serialized_start=49
   _globals['_TOKENIDS']._serialized_end=72
   _globals['_SAMPLINGPARAMS']._serialized_start=75
-  _globals['_SAMPLINGPARAMS']._serialized_end=828
-  _globals['_LOGITBIAS']._serialized_start=830
-  _globals['_LOGITBIAS']._serialized_end=873
-  _globals['_GENERATEREQUEST']._serialized_start=876
-  _globals['_GENERATEREQUEST']._serialized_end=1056
-  _globals['_TOKENLOGPROB']._serialized_start=1058
-  _globals['_TOKENLOGPROB']._serialized_end=1175
-  _globals['_TOPLOGPROB']._serialized_start=1177
-  _globals['_TOPLOGPROB']._serialized_end=1238
-  _globals['_USAGE']._serialized_start=1240
-  _globals['_USAGE']._serialized_end=1327
-  _globals['_GENERATERESPONSE']._serialized_start=1330
-  _globals['_GENERATERESPONSE']._serialized_end=1606
-  _globals['_TOKENIZEREQUEST']._serialized_start=1608
-  _globals['_TOKENIZEREQUEST']._serialized_end=1654
-  _globals['_TOKENIZERESPONSE']._serialized_start=1656
-  _globals['_TOKENIZERESPONSE']._serialized_end=1709
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1711
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1732
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1735
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1918
-  _globals['_CHATMESSAGE']._serialized_start=1920
-  _globals['_CHATMESSAGE']._serialized_end=1964
-  _globals['_CHATREQUEST']._serialized_start=1967
-  _globals['_CHATREQUEST']._serialized_end=2117
-  _globals['_GENERATIONSERVICE']._serialized_start=2376
-  _globals['_GENERATIONSERVICE']._serialized_end=2711
+  _globals['_SAMPLINGPARAMS']._serialized_end=965
+  _globals['_LOGITBIAS']._serialized_start=967
+  _globals['_LOGITBIAS']._serialized_end=1010
+  _globals['_CHOICE']._serialized_start=1012
+  _globals['_CHOICE']._serialized_end=1037
+  _globals['_GENERATEREQUEST']._serialized_start=1040
+  _globals['_GENERATEREQUEST']._serialized_end=1220
+  _globals['_TOKENLOGPROB']._serialized_start=1222
+  _globals['_TOKENLOGPROB']._serialized_end=1339
+  _globals['_TOPLOGPROB']._serialized_start=1341
+  _globals['_TOPLOGPROB']._serialized_end=1402
+  _globals['_USAGE']._serialized_start=1404
+  _globals['_USAGE']._serialized_end=1491
+  _globals['_GENERATERESPONSE']._serialized_start=1494
+  _globals['_GENERATERESPONSE']._serialized_end=1770
+  _globals['_TOKENIZEREQUEST']._serialized_start=1772
+  _globals['_TOKENIZEREQUEST']._serialized_end=1818
+  _globals['_TOKENIZERESPONSE']._serialized_start=1820
+  _globals['_TOKENIZERESPONSE']._serialized_end=1873
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1875
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1896
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1899
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2082
+  _globals['_CHATMESSAGE']._serialized_start=2084
+  _globals['_CHATMESSAGE']._serialized_end=2128
+  _globals['_CHATREQUEST']._serialized_start=2131
+  _globals['_CHATREQUEST']._serialized_end=2281
+  _globals['_GENERATIONSERVICE']._serialized_start=2540
+  _globals['_GENERATIONSERVICE']._serialized_end=2875
 # @@protoc_insertion_point(module_scope)

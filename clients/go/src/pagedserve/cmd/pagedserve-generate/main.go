@@ -4,6 +4,7 @@
 //	pagedserve-generate -target localhost:50051 -prompt "Hello, paged world" -max-tokens 32
 //	pagedserve-generate -chat -system "Answer briefly." -prompt "What is the capital of France?"
 //
+// -json-schema FILE, -regex RE or -choice A,B,C constrain the output (structured output).
 // With -chat the prompt is a user message (after -system's, if given) that the gateway's Chat RPC
 // renders through the model's chat template.
 // With -logprobs N each token's log probability and its N most likely alternatives follow the text,
@@ -58,6 +59,9 @@ func main() {
 	frequency := flag.Float64("frequency-penalty", 0, "OpenAI's frequency penalty over the generated tokens, -2 to 2")
 	bias := biasFlag{}
 	flag.Var(&bias, "logit-bias", "ID=BIAS: add BIAS (-100 to 100) to token ID's logit (repeatable)")
+	jsonSchema := flag.String("json-schema", "", "file holding a JSON schema the output must validate against")
+	regex := flag.String("regex", "", "regular expression the whole output must match")
+	choice := flag.String("choice", "", "comma-separated strings, one of which is the output")
 	flag.Parse()
 
 	// temperature, seed and logprobs are sent only when given on the command line, so that the
@@ -84,6 +88,22 @@ func main() {
 	if given["logprobs"] {
 		params.Logprobs = true
 		params.TopLogprobs = uint32(*logprobs)
+	}
+	// At most one output constraint (the sampling parameters' oneof); the server refuses a bad one
+	// with INVALID_ARGUMENT naming the field.
+	switch {
+	case *jsonSchema != "":
+		schema, err := os.ReadFile(*jsonSchema)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "pagedserve-generate:", err)
+			os.Exit(2)
+		}
+		params.Constraint = &pagedservev1.SamplingParams_JsonSchema{JsonSchema: string(schema)}
+	case *regex != "":
+		params.Constraint = &pagedservev1.SamplingParams_Regex{Regex: *regex}
+	case *choice != "":
+		params.Constraint = &pagedservev1.SamplingParams_Choice{
+			Choice: &pagedservev1.Choice{Choices: strings.Split(*choice, ",")}}
 	}
 
 	// Ctrl-C cancels the call; the gateway then aborts the request and frees its blocks.
