@@ -52,7 +52,8 @@ HTTP_CASES = _numbers() + [
     Case("negative temperature", "400", "temperature: must be >= 0, got -1.0", "temperature",
          body(temperature=-1), COMPLETIONS),
     Case("top_p above 1", "400", "top_p: must be in (0, 1], got 2.0", "top_p", body(top_p=2), COMPLETIONS),
-    Case("max_tokens 0", "400", "max_tokens: must be an integer >= 1, got 0", "max_tokens", body(max_tokens=0),
+    Case("max_tokens 0 without echo", "400", "max_tokens: must be at least 1 (0 is allowed only with echo or "
+         "prompt_logprobs)", "max_tokens", body(max_tokens=0),
          COMPLETIONS),
     Case("negative max_tokens", "400", "max_tokens: must be in [0, 4294967295], got -1", "max_tokens",
          body(max_tokens=-1), COMPLETIONS),
@@ -84,13 +85,14 @@ HTTP_CASES = _numbers() + [
          body(stop_token_ids="x"), COMPLETIONS),
     Case("stop token id outside the vocabulary", "400", "stop_token_ids: token id 1000 is outside the vocabulary "
          "[0, 1000)", "stop_token_ids", body(stop_token_ids=[1000]), COMPLETIONS),
-    Case("logit_bias", "400", "logit_bias: is not supported", "logit_bias", body(logit_bias={"5": 1}), COMPLETIONS),
-    Case("presence_penalty", "400", "presence_penalty: is not supported (use repetition_penalty)",
-         "presence_penalty", body(presence_penalty=0.5), COMPLETIONS),
-    Case("tools", "400", "tools: tool calling is not supported", "tools", body(tools=[{"type": "function"}]),
-         COMPLETIONS),
-    Case("response_format json_object", "400", 'response_format: only {"type": "text"} is supported',
-         "response_format", body(response_format={"type": "json_object"}), COMPLETIONS),
+    Case("logit_bias 101", "400", "logit_bias: bias of token 5 must be a number in [-100, 100]", "logit_bias",
+         body(logit_bias={"5": 101}), COMPLETIONS),
+    Case("presence_penalty 3", "400", "presence_penalty: must be in [-2.0, 2.0], got 3.0", "presence_penalty",
+         body(presence_penalty=3), COMPLETIONS),
+    Case("tools on completions", "400", "tools: is not a parameter of /v1/completions on this server (see "
+         "docs/OPENAI.md)", "tools", body(tools=[{"type": "function"}]), COMPLETIONS),
+    Case("response_format xml", "400", "response_format.type: must be text, json_object or json_schema, got "
+         "'xml'", "response_format.type", body(response_format={"type": "xml"}), COMPLETIONS),
     # ---- the prompt
     Case("no prompt", "400", "prompt: must be a string, a list of strings, a list of token ids or a list of such "
          "lists", "prompt", {"max_tokens": 4}, COMPLETIONS),
@@ -104,14 +106,14 @@ HTTP_CASES = _numbers() + [
     Case("prompt token id outside the vocabulary", "400", "prompt: ids[1] = 1000 is outside the vocabulary "
          "[0, 1000)", "prompt", body(prompt=[5, 1000]), COMPLETIONS),
     Case("prompt of 2100 token ids", "400", "prompt: a list of 2100 items is longer than a prompt of the context "
-         "length (2048 tokens) and than --max-sequences-per-request (128 prompts)", "prompt",
+         "length (1024 tokens) and than --max-sequences-per-request (128 prompts)", "prompt",
          body(prompt=[5] * 2100), COMPLETIONS),
     Case("129 prompts", "400", "prompt: 129 prompt(s) x n=1 is 129 sequences; the limit is 128 per request "
          "(--max-sequences-per-request)", "prompt", body(prompt=["a"] * 129), COMPLETIONS),
     Case("65 prompts x n=2", "400", "prompt: 65 prompt(s) x n=2 is 130 sequences; the limit is 128 per request "
          "(--max-sequences-per-request)", "prompt", body(prompt=["a"] * 65, n=2, best_of=2), COMPLETIONS),
-    Case("2000 prompts", "400", "prompt: 2000 prompt(s) x n=1 is 2000 sequences; the limit is 128 per request "
-         "(--max-sequences-per-request)", "prompt", body(prompt=["a"] * 2000), COMPLETIONS),
+    Case("1000 prompts", "400", "prompt: 1000 prompt(s) x n=1 is 1000 sequences; the limit is 128 per request "
+         "(--max-sequences-per-request)", "prompt", body(prompt=["a"] * 1000), COMPLETIONS),
     Case("n beyond the step's sequences", "400", "n: 2 sequences exceed the scheduler's step limit 1", "n",
          body(n=2, best_of=2, seed=1), COMPLETIONS),
     # ---- the model
