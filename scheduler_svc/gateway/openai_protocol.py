@@ -186,6 +186,8 @@ def stream_options(body: dict) -> StreamOptions:
         return StreamOptions(stream, False)
     if not isinstance(options, dict):
         raise ApiError.invalid("stream_options", "must be an object")
+    if not stream:  # as vLLM: options of a stream that is not asked for are a mistake, not a no-op
+        raise ApiError.invalid("stream_options", "is allowed only with stream: true")
     unknown = sorted(set(options) - {"include_usage", "continuous_usage_stats", "include_obfuscation"})
     if unknown:
         raise ApiError.invalid(f"stream_options.{unknown[0]}", "is not supported")

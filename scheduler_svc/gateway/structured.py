@@ -53,7 +53,11 @@ def set_from_body(body: dict, p: generation_pb2.SamplingParams) -> str | None:
         for key, kind in _VLLM_KEYS.items():
             if so.get(key) is not None and so.get(key) is not False:
                 found.append((f"structured_outputs.{key}", kind, so[key]))
-        unknown = sorted(set(so) - set(_VLLM_KEYS) - {"disable_any_whitespace", "whitespace_pattern"})
+        # vLLM's whitespace controls: the neutral values only (JSON grammars here allow up to 8 whitespace
+        # characters in a row; neither "none" nor a custom pattern is implemented).
+        neutral = {k for k, v in so.items()
+                   if (k, v) in (("disable_any_whitespace", False), ("whitespace_pattern", None))}
+        unknown = sorted(set(so) - set(_VLLM_KEYS) - neutral)
         if unknown:
             raise InvalidField(f"structured_outputs.{unknown[0]}", "is not supported (json, json_object, regex, "
                                "choice, grammar)")
