@@ -115,8 +115,9 @@ def test_heads_that_do_not_split_fail_at_start(llama):
         LLM(llama, tensor_parallel_size=3, startup_timeout_s=120)
     message = str(err.value)
     assert "num_attention_heads 4 is not divisible by the tensor-parallel size 3" in message
-    # refused by the check before the rendezvous, not while loading (the workers' tracebacks are in the message)
-    assert "check_tensor_parallel" in message and "load_model" not in message
+    # refused by check_tensor_parallel before the rendezvous (its message, above; loading would fail on a
+    # tensor's shape instead), as one line per process: a setting the worker cannot serve is not a bug
+    assert "cannot start" in message and "Traceback" not in message
 
 
 def test_a_killed_rank_ends_every_stream_unavailable(llama, tmp_path):
