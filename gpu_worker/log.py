@@ -64,3 +64,14 @@ def add_arguments(p) -> None:
     p.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
     p.add_argument("--log-format", default="auto", choices=FORMATS,
                    help="auto: JSON unless stderr is a terminal (default auto)")
+
+
+def describe_exception(exc: BaseException) -> str:
+    """An exception as one readable line for a client: its type and message, without the errno tuple
+    that some carry as their arguments (OverflowError(34, 'Numerical result out of range'))."""
+    args = exc.args
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        detail = args[1]
+    else:
+        detail = str(exc)
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__

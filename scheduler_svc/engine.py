@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import clients  # noqa: F401
+from gpu_worker import log
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2
 from scheduler_svc.config import SchedulerConfig
@@ -40,7 +41,6 @@ from scheduler_svc.request import (
     QueueFull,
     SeqOutput,
     SeqStatus,
-    describe_exception,
     print_request_failure,
 )
 from scheduler_svc.scheduler import INTERNAL, Scheduler
@@ -352,7 +352,7 @@ class EngineCore:
             return scheduler_pb2.RequestOutput(
                 request_id=sub.request_id,
                 finish_reason=FinishReason.ERROR,
-                error=f"the scheduler could not accept this request: {describe_exception(exc)}",
+                error=f"the scheduler could not accept this request: {log.describe_exception(exc)}",
                 status_code=INTERNAL,
                 num_prompt_tokens=len(sub.prompt_token_ids),
             )

@@ -175,21 +175,10 @@ def take_prompt_logprobs(seq: Sequence, by_seq: dict) -> scheduler_pb2.PromptLog
     return entry
 
 
-def describe_exception(exc: BaseException) -> str:
-    """An exception as one readable line for a client: its type and message, without the errno tuple
-    that some carry as their arguments (OverflowError(34, 'Numerical result out of range'))."""
-    args = exc.args
-    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
-        detail = args[1]
-    else:
-        detail = str(exc)
-    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-
-
 def print_request_failure(request_id: str, exc: BaseException) -> None:
     """The scheduler's record of a request that its own code failed on (a bug): one line naming the
     request, then the traceback."""
-    log.get_logger().error("request failed", request_id=request_id[:64], error=describe_exception(exc),
+    log.get_logger().error("request failed", request_id=request_id[:64], error=log.describe_exception(exc),
                            exc_info=exc)
 
 

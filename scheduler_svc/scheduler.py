@@ -27,6 +27,7 @@ import bisect
 from collections import deque
 from itertools import chain
 
+from gpu_worker import log
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.config import SchedulerConfig
@@ -42,7 +43,6 @@ from scheduler_svc.request import (
     SeqStatus,
     Sequence,
     arrival_order,
-    describe_exception,
     print_request_failure,
     take_prompt_logprobs,
     validate_request,
@@ -426,7 +426,7 @@ class Scheduler(AheadPlanningMixin):
         half-done beam re-selection forked) stops and frees its blocks, and the one output reports
         INTERNAL naming the exception. The engine and every other request go on."""
         print_request_failure(request.request_id, exc)
-        message = f"the scheduler could not process this request: {describe_exception(exc)}"
+        message = f"the scheduler could not process this request: {log.describe_exception(exc)}"
         orphans = [s for s in chain(self.running, self.waiting, self.swapped) if s.request is request]
         report = next((s for s in request.seqs if s.status is not SeqStatus.FINISHED), None)
         for seq in [*request.seqs, *orphans]:

@@ -41,7 +41,6 @@ from scheduler_svc.gateway.validation import (
     public_field,
     text_token_ids,
 )
-from scheduler_svc.request import describe_exception
 
 SHUTDOWN = object()  # queued to requests still running when the drain period is over
 
@@ -167,7 +166,7 @@ class GenerationCore:
             raise
         except Exception as exc:  # a bug that this request's data reached (detokenizing, a stop check...)
             failed = GenerationFailed(grpc.StatusCode.INTERNAL,
-                                      f"the gateway could not process this request: {describe_exception(exc)}")
+                                      f"the gateway could not process this request: {log.describe_exception(exc)}")
             summary.status, summary.error = failed.code.name, failed.message
             self._log.error("request failed in the gateway", request_id=summary.request_id or "-", exc_info=exc)
             raise failed from exc

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[3]
 SCHEDULER_SVC = {"scheduler_svc", "scheduler_svc.block_hash", "scheduler_svc.finish_reason", "scheduler_svc.metrics"}
 # No torch: logging, file names, sampling rules, the tokenizer's child process.
 GPU_WORKER = {"gpu_worker", "gpu_worker.lifetime", "gpu_worker.log", "gpu_worker.model_files",
-              "gpu_worker.sampling_params", "gpu_worker.gguf_tokenizer"}
+              "gpu_worker.sampling_params", "gpu_worker.gguf_tokenizer",
+              "gpu_worker.constraint"}  # the output constraint record (json, re: no torch, no xgrammar)
 CHILD = """
 import json, sys
 from scheduler_svc.gateway import server
