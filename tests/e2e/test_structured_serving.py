@@ -24,7 +24,6 @@ jsonschema = pytest.importorskip("jsonschema")
 openai = pytest.importorskip("openai")
 pytest.importorskip("xgrammar")
 
-MODEL = Path("out/smollm2")
 MAX_TOKENS = 160
 PROMPTS = [f"Write a JSON record number {i} about {topic}:" for i, topic in enumerate(
     ["a person", "a city", "a book", "a car", "a planet", "a recipe", "a song", "a company", "a tree", "a river"] * 2)]
@@ -42,11 +41,10 @@ TIME = {"type": "function", "function": {
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    if not (MODEL / "tokenizer.json").exists():
-        pytest.skip("out/smollm2 is missing (mkdir -p out && ln -s /work/models/smollm2 out/smollm2)")
-    svc = Service(MODEL.resolve(), tmp_path_factory.mktemp("logs"), "--http-port", "0")
+def service(tmp_path_factory, smollm2_dir):
+    svc = Service(smollm2_dir, tmp_path_factory.mktemp("logs"), "--http-port", "0")
     svc.http_base = http_base(svc)
+    svc.model_dir = smollm2_dir
     yield svc
     assert svc.stop() == 0, "\n".join(svc.lines)
 
@@ -104,7 +102,7 @@ def test_regex_and_choice_hold_on_twenty_prompts(service):
         assert reason == "stop" and text in CHOICES, text
 
 
-def test_openai_sdk_json_object_structured_outputs_and_parse(client):
+def test_openai_sdk_json_object_structured_outputs_and_parse(service, client):
     from pydantic import BaseModel, Field
 
     class City(BaseModel):  # bounded, so that greedy output ends within max_tokens
@@ -118,7 +116,7 @@ def test_openai_sdk_json_object_structured_outputs_and_parse(client):
     assert isinstance(parsed.choices[0].message.parsed, City)
     r = client.chat.completions.create(model="", messages=[{"role": "user", "content": 'Repeat: {"ok": true}'}],
                                        response_format={"type": "json_object"}, max_tokens=MAX_TOKENS, temperature=0)
-    _check_json_object(r.choices[0].message.content, r.choices[0].finish_reason)
+    _check_json_object(service.model_dir, r.choices[0].message.content, r.choices[0].finish_reason)
     r = client.completions.create(model="", prompt="The answer is", max_tokens=8, temperature=0,
                                   extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
     assert r.choices[0].text in ("yes", "no")
@@ -130,7 +128,7 @@ def test_openai_sdk_json_object_structured_outputs_and_parse(client):
     assert r.choices[0].text in ("left", "right")
 
 
-def _check_json_object(text: str, reason: str) -> None:
+def _check_json_object(model_dir, text: str, reason: str) -> None:
     """A finished output is a JSON object; one cut by max_tokens is the start of one (an xgrammar
     matcher of "any JSON object" accepts it)."""
     if reason == "stop":
@@ -141,7 +139,7 @@ def _check_json_object(text: str, reason: str) -> None:
 
     from gpu_worker.constraint import Constraint
 
-    info = xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(MODEL))
+    info = xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(model_dir))
     matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_grammar(Constraint("json_object").to_grammar()))
     assert reason == "length" and matcher.accept_string(text), text
 
