@@ -77,7 +77,7 @@ def test_served_context_fits_the_default_pool(service, client):
 
 def test_readme_curl_example(service):
     block = readme_block("sh", "curl -s localhost:8000/v1/chat/completions")
-    command, shown = block.split("\n$ curl", 1)[1].split("\n{", 1)
+    command, shown = re.split(r"^\$ curl", block, maxsplit=1, flags=re.M)[1].split("\n{", 1)
     command = "curl" + command.replace("localhost:8000", f"127.0.0.1:{service.http_port}")
     out = subprocess.run(["bash", "-c", command + " -w '\\n%{http_code}'"], capture_output=True, text=True,
                          timeout=300, check=True).stdout
