@@ -34,7 +34,7 @@ from kernels.quant_fp8 import FP8_MAX, quantize_per_token
 FP8 = torch.float8_e4m3fn
 # Up to this many tokens the product would run in kernels/fp8_gemv.py (a bandwidth-bound weight stream),
 # above it in torch._scaled_mm (cuBLASLt); both compute the same row-wise-scaled product. 0 (the default)
-# until the kernel has been timed on a GPU: `python -m kernels.bench.fp8_parts` compares the two at M = 1,
+# until the kernel has been timed on a GPU: `python -m scheduler_svc.bench.fp8_parts` compares the two at M = 1,
 # and 16 turns it on (BENCHMARKS.md, issue 25).
 GEMV_MAX_M = 0
 

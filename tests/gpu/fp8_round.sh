@@ -22,7 +22,7 @@ for stage in ${STAGES:-tests accuracy w8b}; do
              | grep -v Warning | tee "$OUT/accuracy.log" | tail -n 8 ;;
     w8b) bench w8b-bf16 --workload W8B
          bench w8b-fp8 --workload W8B --quantization fp8 --kv-cache-dtype fp8 ;;
-    parts) timeout 150 python3 -m kernels.bench.fp8_parts 2>&1 | tee "$OUT/parts.log" | tail -n 20 ;;
+    parts) timeout 150 python3 -m scheduler_svc.bench.fp8_parts 2>&1 | tee "$OUT/parts.log" | tail -n 20 ;;
     kvonly) bench w8b-fp8kv --workload W8B --kv-cache-dtype fp8 ;;
     itl) bench itl-bf16 --workload W8B --num-prompts 1 --output-len 128
          bench itl-fp8 --workload W8B --num-prompts 1 --output-len 128 --quantization fp8 ;;

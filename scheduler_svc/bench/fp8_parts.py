@@ -1,4 +1,4 @@
-"""``python -m kernels.bench.fp8_parts``: where an FP8 decode step of Llama-3-8B spends its time, part by
+"""``python -m scheduler_svc.bench.fp8_parts``: where an FP8 decode step of Llama-3-8B spends its time, part by
 part, bf16 beside fp8 (CUDA only): the four linears of a layer (bf16 F.linear against per-token
 quantization + torch._scaled_mm, and the quantization alone) and paged attention over a bf16 and an
 e4m3 cache, at W8B's decode shapes (batch 256, 640-token contexts) and at batch 1. Each time is the
