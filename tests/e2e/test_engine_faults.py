@@ -57,19 +57,28 @@ def test_a_killed_and_a_stopped_worker_end_their_streams_and_both_engines_recove
                 started = [asyncio.Event() for _ in range(4)]
                 tasks = [asyncio.create_task(_stream(client, i, started[i])) for i in range(4)]
                 await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
-                for e in ENGINES:
-                    assert fleet.total("pagedserve_num_requests_running", engine=e) == 2, e
+                # Both engines hold streams (the metrics follow the engines' load reports: wait for them).
+                # The router aims at two and two; on a loaded machine a report can come late and the split
+                # be 3 and 1, so the checks below take the split as it is.
+                def running():
+                    return [fleet.total("pagedserve_num_requests_running", engine=e) for e in ENGINES]
+
+                wait_until(lambda: sum(running()) == 4 and min(running()) >= 1, 30, 0.2,
+                           what="every stream running, on both engines")
+                split[:] = running()
                 os.kill(killed, signal.SIGKILL)
                 os.kill(stopped, signal.SIGSTOP)
                 t0 = time.monotonic()
                 return t0, await asyncio.wait_for(asyncio.gather(*tasks), 60)
 
+        split: list[float] = []
         t0, results = asyncio.run(faults())
+        num_killed = int(split[0])  # streams on engine0, whose worker was killed; the rest on the stopped one
         assert [code for code, _, _ in results] == [grpc.StatusCode.UNAVAILABLE] * 4, results
         ends = sorted(end - t0 for _, _, end in results)
-        assert ends[1] < 2.0, ends  # the dead worker's streams: at once
+        assert ends[num_killed - 1] < 2.0, (split, ends)  # the dead worker's streams: at once
         assert ends[3] < HEARTBEAT_TIMEOUT_S + 2.0, ends  # the stopped worker's: within the heartbeat timeout
-        assert sum("stalled: no heartbeat" in message for _, message, _ in results) == 2, results
+        assert sum("stalled: no heartbeat" in message for _, message, _ in results) == 4 - num_killed, results
 
         for e in ENGINES:  # both restarted and ready again; the stopped worker was ended by the launcher
             fleet.wait_for(rf"({e}) restarted", 60)
