@@ -36,7 +36,10 @@ def test_a_subscriber_receives_the_prompts_blocks(tmp_path):
         prompt = [(7 * i) % 200 + 3 for i in range(3 * BLOCK_SIZE + 5)]  # three full blocks and 5 tokens
         with Client(svc.target) as client:
             client.wait_ready(180)
-            client.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+            # complete, not generate: a stream nobody reads is cancelled when the channel closes, and
+            # then whether the prefill ran first is a race (CI lost it once)
+            [done] = client.complete(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+            assert len(done.token_ids) == 2
         stored, seqs = [], []
         while sub.poll(5000):
             topic, seq, payload = sub.recv_multipart()
