@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import clients  # noqa: F401
+from gpu_worker import log
 from gpu_worker.attention_metadata import AttentionMetadata
 from gpu_worker.cpu_linears import pack_linears
 from gpu_worker.cuda_graphs import DecodeGraphs
@@ -30,19 +30,20 @@ from gpu_worker.grammar import GrammarCache, SeqGrammar, apply_masks, token_mask
 from gpu_worker.input_batch import BlockTableRows, StepInputs, build_inputs
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.prompt_logprobs import prompt_logprob_rows
-from gpu_worker.sampler import SampleRequest, sample
+from gpu_worker.sampler import SampleRequest, SampleResult, sample
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.staging import HostStaging
-from pagedserve.internal.v1 import worker_pb2
+from gpu_worker.step_io import Fork, StepOutput, StepPlan
 
 PLACEHOLDER = -1  # token id of a sampled token not read back yet
+_logger = log.get_logger()
 
 
 @dataclass(slots=True)
 class PendingStep:
     """A launched step whose sampled tokens are still on their way to the host."""
 
-    result: worker_pb2.StepResult  # timings and everything but the tokens
+    result: StepOutput  # timings and everything but the tokens
     states: list  # SeqState of each sampled row
     positions: list[int]  # where each state's placeholder sits in its token_ids
     device_tokens: torch.Tensor  # [num_sampled] int64 on the device
@@ -119,18 +120,17 @@ class ModelRunner:
 
     # ---- one step
 
-    def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+    def execute(self, plan: StepPlan) -> StepOutput:
         """Launches and finishes one step."""
         step = self.launch(plan)
         return self.finish(step) if isinstance(step, PendingStep) else step
 
-    def can_follow(self, plan: worker_pb2.StepPlan, prev: PendingStep) -> bool:
+    def can_follow(self, plan: StepPlan, prev: PendingStep) -> bool:
         """Whether ``plan`` may be launched before ``prev`` is finished: every sequence that may sample
         is greedy without logprobs (so the step samples on the device too), a decode's input is known
         or is prev's token, prefill chunks and new sequences bring their tokens, and nothing reads or
         moves tokens or blocks on the host (forks, beam tokens, swaps, copies)."""
-        if (plan.forks or plan.last_token_seq_ids or plan.table_updates or plan.num_top_logprobs
-                or plan.swap_out_src_block_ids or plan.swap_in_src_block_ids or plan.copy_src_block_ids):
+        if plan.forks or plan.last_tokens or plan.table_updates or plan.num_top_logprobs or plan.has_block_ops:
             return False
         seqs = self.seqs
         for seq_id in plan.running_seq_ids:
@@ -139,18 +139,17 @@ class ModelRunner:
                 return False
             if state.grammar is not None:  # its mask needs prev's token on the host
                 return False
-        new_params = [SamplingParams.from_proto(new.sampling_params) for new in plan.new_seqs]
-        return all(p.plain_greedy and p.prompt_logprobs is None and p.constraint is None for p in new_params)
+        return all(n.params.plain_greedy and n.params.prompt_logprobs is None and n.params.constraint is None
+                   for n in plan.new_seqs)
 
     @torch.inference_mode()
-    def launch(self, plan: worker_pb2.StepPlan, prev: PendingStep | None = None
-               ) -> PendingStep | worker_pb2.StepResult:
+    def launch(self, plan: StepPlan, prev: PendingStep | None = None) -> PendingStep | StepOutput:
         """Applies the plan and starts the step on the device. Greedy steps without logprobs return a
         PendingStep (finish it for the result); the others run to the end and return their result.
         ``prev``: a step launched before and not finished, which ``can_follow(plan, prev)`` accepted."""
         t0 = time.perf_counter_ns()
         batch = self._apply_plan(plan)
-        result = worker_pb2.StepResult(step_id=plan.step_id)
+        result = StepOutput(plan.step_id)
         if not batch:
             result.timings.total_ns = time.perf_counter_ns() - t0
             return result
@@ -199,21 +198,13 @@ class ModelRunner:
             return PendingStep(result, states, positions, device_tokens, host_tokens, event, t0)
         if prev is not None:
             raise RuntimeError("a step that samples on the host cannot follow an unfinished step")
-        sampled = sample(logits, [self._sample_request(s) for s in states], plan.num_top_logprobs,
-                         self.generator, want_logprobs=want_logprobs, eos_token_ids=self.eos_token_ids)
-        for state, token in zip(states, sampled.token_ids, strict=True):
-            state.token_ids.append(token)
+        self._sample_into(result, logits, states, plan.num_top_logprobs, want_logprobs)
         t3 = time.perf_counter_ns()
-        result.seq_ids.extend([s.seq_id for s in states])
-        result.sampled_token_ids.extend(sampled.token_ids)
-        result.sampled_logprobs.extend(sampled.logprobs)
-        for ids, lps in zip(sampled.top_token_ids, sampled.top_logprobs, strict=True):
-            result.top_logprobs.add(token_ids=ids, logprobs=lps)
         result.timings.sample_ns = t3 - t2
         result.timings.total_ns = time.perf_counter_ns() - t0
         return result
 
-    def finish(self, step: PendingStep) -> worker_pb2.StepResult:
+    def finish(self, step: PendingStep) -> StepOutput:
         """Waits for the step's tokens (its own event only: later launches keep running), puts them in
         place of the placeholders and returns the result."""
         t = time.perf_counter_ns()
@@ -276,7 +267,7 @@ class ModelRunner:
         num_sampled = len(inputs.logits_indices)
         return logits[:num_sampled], logits[num_sampled:]
 
-    def _apply_plan(self, plan: worker_pb2.StepPlan) -> list[tuple[SeqState, int]]:
+    def _apply_plan(self, plan: StepPlan) -> list[tuple[SeqState, int]]:
         """Updates per-sequence state from the plan and runs its block operations; returns
         (state, num_scheduled_tokens) in batch order.
 
@@ -286,21 +277,14 @@ class ModelRunner:
             self._drop(seq_id)
         for fork in plan.forks:
             self._fork(fork)
-        for seq_id, token_id in zip(plan.last_token_seq_ids, plan.last_token_ids, strict=True):
+        for seq_id, token_id in plan.last_tokens:
             self.seqs[seq_id].token_ids[-1] = token_id
         self._run_block_ops(plan)
         batch = []
         for new in plan.new_seqs:
             self._drop(new.seq_id)
-            state = SeqState(
-                new.seq_id,
-                list(new.token_ids),
-                new.num_prompt_tokens,
-                new.num_computed_tokens,
-                list(new.block_ids),
-                SamplingParams.from_proto(new.sampling_params),
-                row=self.rows.acquire(),
-            )
+            state = SeqState(new.seq_id, new.token_ids, new.num_prompt_tokens, new.num_computed_tokens,
+                             new.block_ids, new.params, row=self.rows.acquire())
             if state.params.constraint is not None:
                 state.grammar = SeqGrammar(self._grammar_cache().get(state.params.constraint))
             self.seqs[new.seq_id] = state
@@ -322,7 +306,7 @@ class ModelRunner:
             batch.append((state, num_tokens))
         return batch
 
-    def _fork(self, fork: worker_pb2.Fork) -> None:
+    def _fork(self, fork: Fork) -> None:
         """The child starts as a copy of the parent: same tokens, same block table (shared blocks)."""
         child = copy.copy(self.seqs[fork.parent_seq_id])
         child.seq_id = fork.child_seq_id
@@ -330,23 +314,23 @@ class ModelRunner:
         child.block_table = list(child.block_table)
         child.row = self.rows.acquire()
         child.num_synced_blocks = 0
-        if fork.HasField("token_id"):
+        if fork.token_id is not None:
             child.token_ids[-1] = fork.token_id
-        if fork.HasField("sampling_params"):
-            child.params = SamplingParams.from_proto(fork.sampling_params)
+        if fork.params is not None:
+            child.params = fork.params
         if child.grammar is not None:
             child.grammar = child.grammar.fork()
         self._drop(child.seq_id)
         self.seqs[child.seq_id] = child
 
-    def _run_block_ops(self, plan: worker_pb2.StepPlan) -> None:
+    def _run_block_ops(self, plan: StepPlan) -> None:
         """Swaps and copy-on-write copies, before anything reads or writes the blocks this step."""
-        if not (plan.swap_out_src_block_ids or plan.swap_in_src_block_ids or plan.copy_src_block_ids):
+        if not plan.has_block_ops:
             return
         assert self.kv is not None, "block operations before InitCache"
-        self.kv.swap_out(list(plan.swap_out_src_block_ids), list(plan.swap_out_dst_block_ids))
-        self.kv.swap_in(list(plan.swap_in_src_block_ids), list(plan.swap_in_dst_block_ids))
-        self.kv.copy(list(plan.copy_src_block_ids), list(plan.copy_dst_block_ids))
+        self.kv.swap_out(*plan.swap_out)
+        self.kv.swap_in(*plan.swap_in)
+        self.kv.copy(*plan.copies)
 
     def _grammar_cache(self) -> GrammarCache:
         if self.grammars is None:
@@ -360,6 +344,41 @@ class ModelRunner:
 
     def _sample_request(self, state: SeqState) -> SampleRequest:
         return SampleRequest(state.params, len(state.token_ids) - state.num_prompt_tokens, state.token_ids)
+
+    def _sample_into(self, result: StepOutput, logits: torch.Tensor, states: list[SeqState], num_top: int,
+                     want_logprobs: bool) -> None:
+        """Samples every row on the host path and appends the tokens to the states and ``result``. When
+        the batch raises, each row is sampled alone: a row that still raises is its sequence's own
+        failure (``result.seq_errors``; its state gets token 0 so a step planned ahead still lines up,
+        and the scheduler drops it), and the other rows keep their tokens."""
+        def run(rows: torch.Tensor, batch: list[SeqState]) -> SampleResult:
+            return sample(rows, [self._sample_request(s) for s in batch], num_top, self.generator,
+                          want_logprobs=want_logprobs, eos_token_ids=self.eos_token_ids)
+
+        try:
+            whole = run(logits, states)
+            picks = [(state, whole, j) for j, state in enumerate(states)]
+        except Exception as batch_exc:  # noqa: BLE001 - isolated below, row by row
+            picks = []
+            for j, state in enumerate(states):
+                try:
+                    picks.append((state, run(logits[j : j + 1], [state]), 0))
+                except Exception as exc:  # noqa: BLE001 - this sequence's failure, reported in-band
+                    result.seq_errors[state.seq_id] = log.describe_exception(exc)
+                    state.token_ids.append(0)
+                    _logger.error("sampling failed for one sequence", seq_id=state.seq_id, step_id=result.step_id,
+                                  error=log.describe_exception(exc), exc_info=exc)
+            if not result.seq_errors:  # every row sampled alone: the batch's failure was not one row's
+                raise batch_exc
+        for state, sampled, j in picks:
+            token = sampled.token_ids[j]
+            state.token_ids.append(token)
+            result.seq_ids.append(state.seq_id)
+            result.sampled_token_ids.append(token)
+            if sampled.logprobs:
+                result.sampled_logprobs.append(sampled.logprobs[j])
+            if sampled.top_token_ids:
+                result.top_logprobs.append((sampled.top_token_ids[j], sampled.top_logprobs[j]))
 
 
 def _wants_prompt_logprobs(state: SeqState) -> bool:

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import clients  # noqa: F401
-from pagedserve.internal.v1 import worker_pb2
+from gpu_worker.step_io import PromptLogprobs, StepOutput
 
 
 @dataclass(slots=True)
@@ -29,7 +28,7 @@ class PromptRows:
     def __bool__(self) -> bool:
         return bool(self.indices)
 
-    def add_to(self, result: worker_pb2.StepResult, logits: torch.Tensor) -> None:
+    def add_to(self, result: StepOutput, logits: torch.Tensor) -> None:
         """Appends each sequence's PromptLogprobs to ``result``; ``logits``: [len(indices), vocab]."""
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = torch.tensor(self.targets, device=logprobs.device, dtype=torch.long)
@@ -42,11 +41,9 @@ class PromptRows:
         top_ids_h = top_ids.tolist() if k else None
         row = 0
         for seq_id, first, n, want in self.spans:
-            out = result.prompt_logprobs.add(seq_id=seq_id, first_position=first,
-                                             logprobs=token_lp_h[row:row + n], ranks=ranks_h[row:row + n])
-            if want:
-                for j in range(row, row + n):
-                    out.top.add(token_ids=top_ids_h[j][:want], logprobs=top_lp_h[j][:want])
+            top = [(top_ids_h[j][:want], top_lp_h[j][:want]) for j in range(row, row + n)] if want else []
+            result.prompt_logprobs.append(PromptLogprobs(seq_id, first, token_lp_h[row:row + n],
+                                                         ranks_h[row:row + n], top))
             row += n
 
 

@@ -41,6 +41,8 @@ from gpu_worker.loader import load_model
 from gpu_worker.model_config import ModelConfig
 from gpu_worker.model_runner import ModelRunner, PendingStep
 from gpu_worker.models.parallel import SINGLE
+from gpu_worker.sampling_params import SamplingParams
+from gpu_worker.step_io import NewSequence, StepOutput, StepPlan, decode_plan
 from gpu_worker.step_profile import StepProfiler
 from pagedserve.internal.v1 import worker_pb2
 
@@ -178,13 +180,12 @@ class Worker:
             lens.append(cfg.max_num_batched_tokens % seq_len)
         num_blocks = sum(-(-n // bs) for n in lens)
         self.runner.allocate_kv(num_blocks, cfg.kv_torch_dtype)
-        plan = worker_pb2.StepPlan(step_id=0)
+        plan = StepPlan(step_id=0)
         first_block = 0
         for i, n in enumerate(lens):
             nb = -(-n // bs)
-            new = plan.new_seqs.add(seq_id=i, token_ids=[0] * n, num_prompt_tokens=n, num_scheduled_tokens=n,
-                                    block_ids=range(first_block, first_block + nb))
-            new.sampling_params.max_tokens = 1
+            plan.new_seqs.append(NewSequence(i, [0] * n, n, 0, n, list(range(first_block, first_block + nb)),
+                                             SamplingParams(max_tokens=1)))
             first_block += nb
         self.runner.execute(plan)
         self.runner = self._new_runner()
@@ -222,7 +223,7 @@ class Worker:
         )
         return reply
 
-    def step(self, plan: worker_pb2.StepPlan, pending: PendingStep | None, send) -> PendingStep | None:
+    def step(self, plan: StepPlan, pending: PendingStep | None, send) -> PendingStep | None:
         """Launches ``plan``; ``send`` gets the replies in step order. A step still on the device is
         finished first unless the plan can follow it, in which case it is finished right after the
         plan's launch (the device runs both back to back). Returns the step now left unfinished."""
@@ -254,9 +255,12 @@ class Worker:
         traceback.print_exc()
         if self.config.world_size > 1:
             raise RankFailed(f"rank {self.config.rank}, step {step_id}: {type(exc).__name__}: {exc}") from exc
-        return self._reply(worker_pb2.StepResult(step_id=step_id, error=f"{type(exc).__name__}: {exc}"))
+        return self._send_result(worker_pb2.StepResult(step_id=step_id, error=f"{type(exc).__name__}: {exc}"))
 
-    def _reply(self, result: worker_pb2.StepResult) -> worker_pb2.WorkerReply:
+    def _reply(self, output: StepOutput) -> worker_pb2.WorkerReply:
+        return self._send_result(output.to_proto())
+
+    def _send_result(self, result: worker_pb2.StepResult) -> worker_pb2.WorkerReply:
         result.rank = self.config.rank
         return worker_pb2.WorkerReply(step_result=result)
 
@@ -266,7 +270,7 @@ class Worker:
         reply = worker_pb2.WorkerReply()
         kind = cmd.WhichOneof("kind")
         if kind == "step":
-            pending = self.step(cmd.step, None, reply.CopyFrom)
+            pending = self.step(decode_plan(cmd.step), None, reply.CopyFrom)
             if pending is not None:
                 reply.CopyFrom(self.finish(pending))
         elif kind == "init_cache":
@@ -347,9 +351,10 @@ def _serve_steps(worker: Worker, sock: zmq.Socket, profiler: StepProfiler | None
                 continue
         cmd = worker_pb2.WorkerCommand.FromString(sock.recv())
         if cmd.WhichOneof("kind") == "step":
+            plan = decode_plan(cmd.step)
             if profiler is not None:
-                profiler.observe(cmd.step)
-            pending = worker.step(cmd.step, pending, send)
+                profiler.observe(plan)
+            pending = worker.step(plan, pending, send)
             continue
         if pending is not None:
             send(worker.finish(pending))

@@ -260,7 +260,7 @@ class EngineCore:
         else:
             decoded = decode_result(result)
             outputs = self.scheduler.update(out, decoded.sampled, decoded.logprobs, decoded.top,
-                                            decoded.prompt_logprobs)
+                                            decoded.prompt_logprobs, decoded.seq_errors)
         self._unpublished = (out.step_id, outputs)
         self._publish_kv_events()
 

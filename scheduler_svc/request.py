@@ -182,6 +182,11 @@ def print_request_failure(request_id: str, exc: BaseException) -> None:
                            exc_info=exc)
 
 
+class WorkerSeqError(Exception):
+    """A sequence's own sampling failed on the worker (StepResult.seq_errors): its request fails alone,
+    and the message is the worker's (type and text of what it raised)."""
+
+
 class QueueFull(Exception):
     """The waiting queue is at its bound (``max_num_waiting``): the request is refused now, not queued,
     and may be retried later."""

@@ -42,6 +42,7 @@ from scheduler_svc.request import (
     SeqOutput,
     SeqStatus,
     Sequence,
+    WorkerSeqError,
     arrival_order,
     print_request_failure,
     take_prompt_logprobs,
@@ -357,9 +358,11 @@ class Scheduler(AheadPlanningMixin):
         logprobs: dict[int, float] | None = None,
         top: dict[int, tuple[list[int], list[float]]] | None = None,
         prompt_logprobs: dict | None = None,
+        seq_errors: dict[int, str] | None = None,
     ) -> list[SeqOutput]:
         """Applies a step's result: ``sampled`` maps seq_id -> token for sequences that sampled;
-        ``top`` their top candidates (needed by beam search)."""
+        ``top`` their top candidates (needed by beam search); ``seq_errors`` the sequences whose own
+        sampling failed on the worker (their requests fail alone)."""
         results, self._pending_outputs = self._pending_outputs, []
         beam_rows: dict[int, tuple[Request, dict[int, tuple[list[int], list[float]]]]] = {}
         for sched in chain(out.new_seqs, out.running):
@@ -367,6 +370,8 @@ class Scheduler(AheadPlanningMixin):
             if seq.status is not _RUNNING:
                 continue  # aborted while the step ran (or its request failed below)
             try:
+                if seq_errors and seq.seq_id in seq_errors:
+                    raise WorkerSeqError(seq_errors[seq.seq_id])
                 output = self._apply(sched, sampled, logprobs, top, prompt_logprobs, beam_rows)
             except Exception as exc:  # one request's data must not end the engine: that request fails alone
                 output = self.fail_request(seq.request, exc)
@@ -425,8 +430,11 @@ class Scheduler(AheadPlanningMixin):
         """Ends a request whose processing raised, alone: every sequence of it (including any that a
         half-done beam re-selection forked) stops and frees its blocks, and the one output reports
         INTERNAL naming the exception. The engine and every other request go on."""
-        print_request_failure(request.request_id, exc)
-        message = f"the scheduler could not process this request: {log.describe_exception(exc)}"
+        if isinstance(exc, WorkerSeqError):  # the worker's failure, already logged there with its traceback
+            message = f"the worker could not sample this request: {exc}"
+        else:
+            print_request_failure(request.request_id, exc)
+            message = f"the scheduler could not process this request: {log.describe_exception(exc)}"
         orphans = [s for s in chain(self.running, self.waiting, self.swapped) if s.request is request]
         report = next((s for s in request.seqs if s.status is not SeqStatus.FINISHED), None)
         for seq in [*request.seqs, *orphans]:

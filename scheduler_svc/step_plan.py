@@ -143,6 +143,7 @@ class DecodedResult:
     error: str
     top: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # seq_id -> candidates
     prompt_logprobs: dict[int, object] = field(default_factory=dict)  # seq_id -> scheduler_pb2.PromptLogprobs
+    seq_errors: dict[int, str] = field(default_factory=dict)  # seq_id -> why its own sampling failed
 
 
 def decode_result(result: worker_pb2.StepResult) -> DecodedResult:
@@ -153,4 +154,5 @@ def decode_result(result: worker_pb2.StepResult) -> DecodedResult:
         for seq_id, t in zip(result.seq_ids, result.top_logprobs, strict=False)
     }
     prompt = {p.seq_id: p for p in result.prompt_logprobs}
-    return DecodedResult(result.step_id, sampled, logprobs, result.timings, result.error, top, prompt)
+    errors = {e.seq_id: e.error for e in result.seq_errors}
+    return DecodedResult(result.step_id, sampled, logprobs, result.timings, result.error, top, prompt, errors)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import clients  # noqa: F401
+from gpu_worker.step_io import StepPlan, decode_plan
 from gpu_worker.worker import Worker, WorkerConfig
 from pagedserve.internal.v1 import worker_pb2
 from scheduler_svc.config import SchedulerConfig
@@ -20,8 +21,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 
 
-def plan_of(out) -> worker_pb2.StepPlan:
-    return worker_pb2.WorkerCommand.FromString(encode_step(out)).step
+def plan_of(out) -> StepPlan:
+    """The plan as a worker gets it: through the wire encoding, decoded at its edge."""
+    return decode_plan(worker_pb2.WorkerCommand.FromString(encode_step(out)).step)
 
 
 def run(path, device: str, pipelined: bool, odd_params: dict | None = None):

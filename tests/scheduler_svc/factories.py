@@ -10,6 +10,7 @@ import torch
 import clients  # noqa: F401
 from gpu_worker.model_runner import ModelRunner
 from gpu_worker.sampling_params import SamplingParams
+from gpu_worker.step_io import decode_plan
 from pagedserve.internal.v1 import worker_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.request import SeqStatus
@@ -95,7 +96,7 @@ class ToyWorker:
         plan = worker_pb2.WorkerCommand.FromString(encode_step(out)).step
         self.num_copies += len(plan.copy_src_block_ids)
         self.num_swapped_blocks += len(plan.swap_out_src_block_ids)
-        batch = self.runner._apply_plan(plan)
+        batch = self.runner._apply_plan(decode_plan(plan))
         if sched is not None:
             self.check(sched)
         result = worker_pb2.StepResult(step_id=plan.step_id)

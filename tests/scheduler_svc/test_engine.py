@@ -18,6 +18,7 @@ import clients  # noqa: F401
 from pagedserve.internal.v1 import scheduler_pb2, worker_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.engine import EngineCore
+from scheduler_svc.scheduler import INTERNAL
 from scheduler_svc.worker_group import WorkerFailure
 from tests.waiting import wait_until
 
@@ -51,7 +52,9 @@ class FakeWorkers:
     order), queues its StepResult and hands results back first in, first out. Records every plan.
 
     ``fail_on_recv``: the k-th recv_step (0-based) raises WorkerFailure; ``step_errors``: step_id ->
-    error string set on that step's result."""
+    error string set on that step's result; ``seq_errors``: (step_id, first prompt token) -> the error
+    that sequence's sampling raises in that step (as ModelRunner reports it: in seq_errors, with token 0
+    kept on the worker)."""
 
     num_blocks: tuple[int, ...] = (64,)
     block_size: int = 4
@@ -59,6 +62,7 @@ class FakeWorkers:
     sample: object = next_token
     fail_on_recv: int | None = None
     step_errors: dict[int, str] = field(default_factory=dict)
+    seq_errors: dict[tuple[int, int], str] = field(default_factory=dict)
     plans: list[worker_pb2.StepPlan] = field(default_factory=list)
     init_cache_calls: list[tuple[int, int]] = field(default_factory=list)
     seqs: dict[int, _FakeSeq] = field(default_factory=dict)
@@ -102,6 +106,11 @@ class FakeWorkers:
             seq.num_computed_tokens += n
             assert seq.num_computed_tokens <= len(seq.token_ids)
             if seq.num_computed_tokens == len(seq.token_ids):
+                error = self.seq_errors.get((plan.step_id, seq.token_ids[0]))
+                if error is not None:
+                    result.seq_errors.add(seq_id=seq_id, error=error)
+                    seq.token_ids.append(0)
+                    continue
                 token = self.sample(seq.token_ids)
                 seq.token_ids.append(token)
                 result.seq_ids.append(seq_id)
@@ -366,3 +375,25 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on():
     assert r2 == expected_tokens([4, 5], 3)
     info = engine.engine_info()
     assert (info.stats.num_requests, info.stats.num_free_blocks) == (0, 64)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_sequence_whose_sampling_failed_on_the_worker_fails_its_request_alone(async_scheduling):
+    # Step 2 samples for both requests; r1's row raises on the worker, r2's does not.
+    workers = FakeWorkers(seq_errors={(2, 1): "ValueError: a row that cannot be sampled"})
+    engine, _ = make_engine(workers, async_scheduling=async_scheduling)
+    events = []
+    stream = engine.open_stream(events.append)
+    engine.submit(stream, submit("r1", [1, 2, 3], 8))
+    engine.submit(stream, submit("r2", [4, 5], 6))
+    assert run_until(engine, lambda: finished(events, {"r1", "r2"})) is None
+    r1 = [(list(o.token_ids), o.finish_reason, o.error, o.status_code)
+          for e in events for o in e.outputs if o.request_id == "r1"]
+    assert r1[:-1] == [([t], 0, "", 0) for t in expected_tokens([1, 2, 3], 2)]
+    assert r1[-1] == ([], ERROR, "the worker could not sample this request: ValueError: a row that cannot be "
+                      "sampled", INTERNAL)
+    r2 = [t for e in events for o in e.outputs if o.request_id == "r2" for t in o.token_ids]
+    assert r2 == expected_tokens([4, 5], 6)
+    info = engine.engine_info()
+    assert (info.stats.num_requests, info.stats.num_free_blocks) == (0, 64)
+    assert engine.failure is None

@@ -132,7 +132,7 @@ class StepTimings(_message.Message):
     def __init__(self, prepare_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., sample_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "seq_ids", "sampled_token_ids", "sampled_logprobs", "top_logprobs", "timings", "error", "rank", "prompt_logprobs")
+    __slots__ = ("step_id", "seq_ids", "sampled_token_ids", "sampled_logprobs", "top_logprobs", "timings", "error", "rank", "prompt_logprobs", "seq_errors")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class StepResult(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ERRORS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     sampled_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -151,7 +152,16 @@ class StepResult(_message.Message):
     error: str
     rank: int
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_scheduler_pb2.PromptLogprobs]
-    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., sampled_token_ids: _Optional[_Iterable[int]] = ..., sampled_logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[_scheduler_pb2.TopLogprobs, _Mapping]]] = ..., timings: _Optional[_Union[StepTimings, _Mapping]] = ..., error: _Optional[str] = ..., rank: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_scheduler_pb2.PromptLogprobs, _Mapping]]] = ...) -> None: ...
+    seq_errors: _containers.RepeatedCompositeFieldContainer[SeqError]
+    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., sampled_token_ids: _Optional[_Iterable[int]] = ..., sampled_logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[_scheduler_pb2.TopLogprobs, _Mapping]]] = ..., timings: _Optional[_Union[StepTimings, _Mapping]] = ..., error: _Optional[str] = ..., rank: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_scheduler_pb2.PromptLogprobs, _Mapping]]] = ..., seq_errors: _Optional[_Iterable[_Union[SeqError, _Mapping]]] = ...) -> None: ...
+
+class SeqError(_message.Message):
+    __slots__ = ("seq_id", "error")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    error: str
+    def __init__(self, seq_id: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Shutdown(_message.Message):
     __slots__ = ()
