@@ -10,6 +10,7 @@ interface (its queues, its KV cache manager, its sequence groups and its admissi
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import chain
 
 from scheduler_svc.kv_cache_manager import KVCacheManager
@@ -20,20 +21,19 @@ from scheduler_svc.step_budget import StepBudget
 from scheduler_svc.step_plan import SchedulerOutput
 
 
+@dataclass(slots=True)
 class AheadPlanner:
     """Plans the step after one in flight, over the scheduler's queues (shared, read here) and its KV
     cache manager (whose blocks the plan takes). ``admit(step, out)`` admits waiting requests into a
     plan as the scheduler's own steps do (the scheduler's); the scheduler numbers the plan and closes
     the step (``Scheduler.schedule_ahead``)."""
 
-    def __init__(self, kv: KVCacheManager, queues: SeqQueues, groups: SequenceGroups, max_num_batched_tokens: int,
-                 max_model_len: int, admit: Callable[[StepBudget, SchedulerOutput], None]) -> None:
-        self.kv = kv
-        self.queues = queues
-        self.groups = groups
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
-        self.admit = admit
+    kv: KVCacheManager
+    queues: SeqQueues
+    groups: SequenceGroups
+    max_num_batched_tokens: int
+    max_model_len: int
+    admit: Callable[[StepBudget, SchedulerOutput], None]
 
     def plan(self, prev: SchedulerOutput, step_id: int) -> SchedulerOutput | None:
         """The step after ``prev`` (numbered ``step_id``), planned while ``prev`` still runs on the

@@ -44,9 +44,4 @@ _HELP = {
 
 
 def add_http_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    defaults = HttpLimits()
-    for name, help_text in _HELP.items():
-        default = getattr(defaults, name)
-        parser.add_argument(flag(name), dest=name, type=type(default), default=default,
-                            metavar="S" if isinstance(default, float) else "N",
-                            help=f"{help_text} (default {default:g})")
+    HttpLimits.add_number_flags(parser, _HELP)

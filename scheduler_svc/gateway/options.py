@@ -32,6 +32,17 @@ class FlagGroup:
         values = ((f.name, getattr(self, f.name)) for f in fields(self))
         return [a for name, value in values if value is not None for a in (flag(name), str(value))]
 
+    @classmethod
+    def add_number_flags(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup, helps: dict[str, str]) -> None:
+        """A flag for each numeric field named in ``helps``, of the field's type, with its default."""
+        defaults = cls()
+        for name, help_text in helps.items():
+            default = getattr(defaults, name)
+            real = isinstance(default, float)
+            parser.add_argument(flag(name), dest=name, type=type(default), default=default,
+                                metavar="S" if real else "N",
+                                help=f"{help_text} (default {f'{default:g}' if real else default})")
+
 
 @dataclass(frozen=True, slots=True)
 class GatewayLimits(FlagGroup):
@@ -66,11 +77,7 @@ _LIMIT_HELP = {
 
 def add_limit_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The GatewayLimits flags (the gateway's, and ``serve``'s which passes them on)."""
-    defaults = GatewayLimits()
-    for name, help_text in _LIMIT_HELP.items():
-        default = getattr(defaults, name)
-        parser.add_argument(flag(name), dest=name, type=int, default=default, metavar="N",
-                            help=f"{help_text} (default {default})")
+    GatewayLimits.add_number_flags(parser, _LIMIT_HELP)
 
 
 DEFAULT_LIMITS = GatewayLimits()
