@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Self
 
 
 def flag(name: str) -> str:
@@ -24,7 +25,7 @@ class FlagGroup:
     __slots__ = ()
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace):
+    def from_args(cls, args: argparse.Namespace) -> Self:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
     def to_argv(self) -> list[str]:
