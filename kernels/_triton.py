@@ -100,4 +100,5 @@ def next_power_of_2(n: int) -> int:
 
 
 def cdiv(a: int, b: int) -> int:
+    # scheduler_svc/kv_cache_manager.py has the same line: the scheduler must not import kernels (torch).
     return -(-a // b)

@@ -14,21 +14,16 @@ import argparse
 import sys
 
 from scheduler_svc.client_cli import add_connection_arguments, client_kwargs
+from scheduler_svc.command import Command
 from scheduler_svc.sampling_flags import add_sampling_flags, sampling_kwargs
 
 PROMPT = "> "
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("chat", help="chat with a served model in the terminal (replies stream)",
-                       description="Chat with the model a gateway serves: type a message, the reply streams "
-                       "back; the conversation is kept and sent whole each turn (the gateway applies the "
-                       "model's chat template). Ctrl-C during a reply stops it; Ctrl-C or Ctrl-D at the "
-                       "prompt exits.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message that opens the conversation")
     add_sampling_flags(p, max_tokens=512, several=False)  # one reply a turn: no --n, no beams
     add_connection_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,3 +70,9 @@ def _stream_reply(stream) -> str:
         print(" [stopped]", end="")
     print(flush=True)
     return "".join(parts)
+
+
+COMMAND = Command("chat", "chat with a served model in the terminal (replies stream)",
+                  "Chat with the model a gateway serves: type a message, the reply streams back; the "
+                  "conversation is kept and sent whole each turn (the gateway applies the model's chat template). "
+                  "Ctrl-C during a reply stops it; Ctrl-C or Ctrl-D at the prompt exits.", add_arguments, run)

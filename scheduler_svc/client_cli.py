@@ -9,9 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from scheduler_svc.command import INTERRUPTED, Command
 from scheduler_svc.sampling_flags import add_sampling_flags, sampling_kwargs, uint
-
-INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,10 +38,7 @@ def client_kwargs(args) -> dict:
     return kwargs
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="stream one completion from a running gateway",
-                       description="Stream one completion from a pagedserve gateway and print the text as "
-                       "it arrives (several samples or beams print whole, each under a header).")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="prompt text (with --chat: the user's message)")
     add_sampling_flags(p)
     p.add_argument("--logprobs", type=uint(32), default=None, metavar="N",
@@ -64,7 +60,6 @@ def add_parser(sub) -> None:
                    help="print one JSON object (token_ids, text, finish_reason, usage, logprobs) at the end instead; "
                    "with several samples one per line, each with its index")
     add_connection_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -154,3 +149,8 @@ def _print_samples(chunks: list, kind: str, as_json: bool) -> None:
         else:
             print(f"--- {kind} {c.index} ({c.finish_reason}, {len(c.token_ids)} tokens) ---")
             print(c.text)
+
+
+COMMAND = Command("generate", "stream one completion from a running gateway",
+                  "Stream one completion from a pagedserve gateway and print the text as it arrives (several "
+                  "samples or beams print whole, each under a header).", add_arguments, run)

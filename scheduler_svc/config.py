@@ -1,13 +1,14 @@
 """Scheduler process configuration: one frozen dataclass, validated on construction.
 
-Derived from the engine's settings (``EngineArgs``), whose defaults and checks it shares. Sizes
+Derived from the engine's settings (``EngineArgs``), whose defaults and checks it shares, by name: a field
+named as a setting is that setting (``from_engine_args``), never copied by hand. Sizes
 discovered at start (number of KV blocks, the model's context length) are not here: they arrive in the
 workers' hello messages and are passed to the scheduler as plain values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from gpu_worker.engine_args import DEFAULTS, EngineArgs, check
 
@@ -35,16 +36,10 @@ class SchedulerConfig:
 
     @classmethod
     def from_engine_args(cls, engine: EngineArgs) -> SchedulerConfig:
-        return cls(
-            block_size=engine.block_size,
-            max_num_seqs=engine.max_num_seqs,
-            max_num_batched_tokens=engine.max_num_batched_tokens,
-            max_model_len=engine.max_model_len,
-            enable_prefix_caching=engine.enable_prefix_caching,
-            async_scheduling=engine.async_scheduling,
-            max_num_waiting=engine.max_num_waiting,
-            step_timeout=engine.step_timeout,
-            kv_events_endpoint=engine.kv_events_endpoint,
-            kv_events_topic=engine.kv_events_topic,
-            heartbeat_timeout=engine.heartbeat_timeout,
-        )
+        """Every field named as a setting takes the setting's value, by name: a new scheduler setting is
+        its EngineArgs field (flag, default, rule, the scheduler's role) and a field here of the same name.
+        The others (watermark) keep their defaults."""
+        return cls(**{f.name: getattr(engine, f.name) for f in fields(cls) if f.name in ENGINE_SETTINGS})
+
+
+ENGINE_SETTINGS = frozenset(f.name for f in fields(EngineArgs))

@@ -25,6 +25,8 @@ from scheduler_svc.request import Sequence
 
 
 def cdiv(a: int, b: int) -> int:
+    # The same line as kernels._triton.cdiv, kept here: importing kernels loads torch, which the scheduler
+    # process (no model) never imports; a shared module for one expression would be a new bottom package.
     return -(-a // b)
 
 

@@ -2,49 +2,42 @@
 
 The engine (scheduler_svc.engine) sends the plan this returns before it reads the previous step's
 results, so the workers start it as soon as they are done; the plan therefore must not depend on those
-results. ``schedule_ahead`` says when it does not (and returns None): the common decode-only case
-qualifies, forks, beams, swaps and preemption do not.
+results. ``AheadPlanner.plan`` says when it does not (and returns None): the common decode-only case
+qualifies, forks, beams, swaps and preemption do not. A collaborator of the scheduler with an explicit
+interface (its queues, its KV cache manager, its sequence groups and its admission), as the Preemptor is.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING
 
-from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.kv_cache_manager import KVCacheManager
+from scheduler_svc.preemption import SeqQueues
 from scheduler_svc.request import Sequence
+from scheduler_svc.sequence_groups import SequenceGroups
 from scheduler_svc.step_budget import StepBudget
 from scheduler_svc.step_plan import SchedulerOutput
 
-if TYPE_CHECKING:
-    from scheduler_svc.preemption import SeqQueues
-    from scheduler_svc.scheduler_stats import SchedulerStats
-    from scheduler_svc.sequence_groups import SequenceGroups
 
+@dataclass(slots=True)
+class AheadPlanner:
+    """Plans the step after one in flight, over the scheduler's queues (shared, read here) and its KV
+    cache manager (whose blocks the plan takes). ``admit(step, out)`` admits waiting requests into a
+    plan as the scheduler's own steps do (the scheduler's); the scheduler numbers the plan and closes
+    the step (``Scheduler.schedule_ahead``)."""
 
-class AheadPlanningMixin:
-    """Scheduler methods that plan a step ahead, over the scheduler's state below."""
-
-    config: SchedulerConfig
     kv: KVCacheManager
-    max_model_len: int
-    running: list[Sequence]
-    waiting: deque[Sequence]
-    swapped: list[Sequence]
-    groups: SequenceGroups
-    stats: SchedulerStats
-    _next_step_id: int
     queues: SeqQueues
+    groups: SequenceGroups
+    max_num_batched_tokens: int
+    max_model_len: int
+    admit: Callable[[StepBudget, SchedulerOutput], None]
 
-    if TYPE_CHECKING:  # the scheduler's own
-
-        def _admit(self, step: StepBudget, out: SchedulerOutput) -> None: ...
-
-    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
-        """The step after ``prev``, planned while ``prev`` still runs on the workers (its results not
-        applied yet), or None where the plan would depend on them.
+    def plan(self, prev: SchedulerOutput, step_id: int) -> SchedulerOutput | None:
+        """The step after ``prev`` (numbered ``step_id``), planned while ``prev`` still runs on the
+        workers (its results not applied yet), or None where the plan would depend on them.
 
         Qualifies: every running sequence is one request's only sequence and is in ``prev``; nothing
         is swapped or waits for a fork or a beam re-selection; the pool has the blocks without
@@ -56,39 +49,34 @@ class AheadPlanningMixin:
         ``prev`` ends by a stop token, or that is aborted meanwhile, computes one extra token, which
         ``update`` ignores (it is no longer running) and whose KV slot lies past its end, in blocks
         freed by then, and any later step that reuses them runs after this one on the workers."""
-        if self.swapped or self.groups.has_pending:
+        if self.queues.swapped or self.groups.has_pending:
             return None
         if prev.preempted or prev.forks or prev.swap_out or prev.swap_in:
             return None
-        picks = self._ahead_picks(prev)
+        picks = self._picks(prev)
         if picks is None or self.kv.num_blocks_needed([(s.seq_id, a, b) for s, a, b in picks]) > (
                 self.kv.num_free_blocks):
             return None
-        out = SchedulerOutput(self._next_step_id)
-        step = StepBudget(self.config.max_num_batched_tokens, num_seqs=len(picks))
+        out = SchedulerOutput(step_id)
+        step = StepBudget(self.max_num_batched_tokens, num_seqs=len(picks))
         for seq, start, end in picks:
             out.add_running(seq, end - start, self.kv.allocate_slots(seq.seq_id, start, end))
             step.budget -= end - start
         if step.budget > 0:
-            self._admit(step, out)
-        if out.is_empty:
-            return None
-        self._next_step_id += 1
-        out.finished_seq_ids = self.queues.take_dropped()
-        self.stats.num_steps += 1
-        self.stats.num_ahead_steps += 1
-        return out
+            self.admit(step, out)
+        return None if out.is_empty else out
 
-    def _ahead_picks(self, prev: SchedulerOutput) -> list[tuple[Sequence, int, int]] | None:
+    def _picks(self, prev: SchedulerOutput) -> list[tuple[Sequence, int, int]] | None:
         """(sequence, start, end) of each running sequence's share of the step after ``prev``: decodes
         first, then prefill chunks, under the token budget; None where a sequence rules planning out."""
         scheduled = {id(s.seq): s.num_scheduled_tokens for s in chain(prev.new_seqs, prev.running)}
-        if len(scheduled) < len(self.running):
+        running = self.queues.running
+        if len(scheduled) < len(running):
             return None  # someone left out of prev (budget, seq cap) must not be skipped again
         picks: list[tuple[Sequence, int, int]] = []
         chunks: list[tuple[Sequence, int]] = []
         max_model_len = self.max_model_len
-        for seq in self.running:
+        for seq in running:
             n = scheduled.get(id(seq))
             request = seq.request
             if n is None or request.beam is not None or request.num_pending_forks or len(request.seqs) > 1:
@@ -101,7 +89,7 @@ class AheadPlanningMixin:
             if num_tokens + 1 - len(request.prompt_token_ids) >= request.max_tokens or num_tokens + 1 >= max_model_len:
                 continue  # prev's token ends it
             picks.append((seq, num_tokens, num_tokens + 1))
-        budget = self.config.max_num_batched_tokens - len(picks)
+        budget = self.max_num_batched_tokens - len(picks)
         if budget < 0:
             return None
         for seq, start in chunks:

@@ -48,7 +48,7 @@ from scheduler_svc.request import (
     take_prompt_logprobs,
     validate_request,
 )
-from scheduler_svc.schedule_ahead import AheadPlanningMixin
+from scheduler_svc.schedule_ahead import AheadPlanner
 from scheduler_svc.scheduler_stats import SchedulerStats
 from scheduler_svc.sequence_groups import SequenceGroups
 from scheduler_svc.step_budget import Pick, StepBudget
@@ -62,7 +62,7 @@ _NOT_FINISHED = int(FinishReason.UNSPECIFIED)
 INTERNAL = 13  # google.rpc.Code of a request whose processing raised
 
 
-class Scheduler(AheadPlanningMixin):
+class Scheduler:
     def __init__(
         self,
         config: SchedulerConfig,
@@ -98,6 +98,8 @@ class Scheduler(AheadPlanningMixin):
         self.groups = SequenceGroups(self.kv, self.running, self._retire, self._new_seq_id)
         self.preemptor = Preemptor(self.kv, self.queues, self.stats, config.max_num_seqs, self._watermark_blocks,
                                    self._fail, self._start)
+        self.ahead = AheadPlanner(self.kv, self.queues, self.groups, config.max_num_batched_tokens, self.max_model_len,
+                                  self._admit)
 
     # ---- requests in and out
 
@@ -184,6 +186,18 @@ class Scheduler(AheadPlanningMixin):
         self.groups.take_pending(out)
         out.finished_seq_ids = self.queues.take_dropped()
         self.stats.num_steps += 1
+        return out
+
+    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after ``prev``, planned while ``prev`` still runs on the workers, or None where the plan
+        would depend on ``prev``'s results (scheduler_svc.schedule_ahead says when)."""
+        out = self.ahead.plan(prev, self._next_step_id)
+        if out is None:
+            return None
+        self._next_step_id += 1
+        out.finished_seq_ids = self.queues.take_dropped()
+        self.stats.num_steps += 1
+        self.stats.num_ahead_steps += 1
         return out
 
     def _pick_running(self, step: StepBudget, out: SchedulerOutput) -> None:

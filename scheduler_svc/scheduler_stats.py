@@ -1,5 +1,5 @@
 """The scheduler's counters (EngineInfo's stats, the metrics): changed by the scheduler and its
-preemption mixin, read by the engine loop."""
+Preemptor, read by the engine loop."""
 
 from __future__ import annotations
 
@@ -14,4 +14,4 @@ class SchedulerStats:
     num_computed_prompt_tokens: int = 0  # prompt tokens computed (not served from cache)
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_queried_prompt_tokens: int = 0  # prompt tokens looked up in the prefix cache, at every admission
-    num_ahead_steps: int = 0  # steps planned by schedule_ahead, before the previous step's results
+    num_ahead_steps: int = 0  # steps planned ahead (Scheduler.schedule_ahead), before the previous step's results

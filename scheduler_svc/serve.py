@@ -30,6 +30,7 @@ from pathlib import Path
 from gpu_worker import log
 from gpu_worker.engine_args import EngineArgs, check_device_present
 from gpu_worker.model_files import resolve_model
+from scheduler_svc.command import Command
 from scheduler_svc.engine_set import EngineSet
 from scheduler_svc.gateway.http_options import HttpLimits, add_http_arguments
 from scheduler_svc.gateway.options import (
@@ -278,3 +279,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"pagedserve serve: {exc}") from None
     return launcher.run()
+
+
+COMMAND = Command("serve", "serve a model over gRPC (gateway, scheduler and worker processes)",
+                  "Start a gateway, a scheduler and the workers as separate processes and supervise them. "
+                  "SIGINT/SIGTERM drains running streams, then exits 0; if any process dies, the others are "
+                  "stopped and the exit status is 1.", add_arguments, run)

@@ -18,6 +18,7 @@ so the figure is the text side's and the transport's.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from scheduler_svc.bench import load_clients, process_profile
+from scheduler_svc.command import Command
 from scheduler_svc.gateway_group import GatewayFailed, GatewayGroup, default_num_gateways
 from scheduler_svc.launcher import ProcessGroup
 
@@ -156,11 +158,7 @@ def _print_stages(profile_dir: Path, report: dict) -> None:
             print(f"  {stage:<42} {share * per_token_us:6.2f} us  {100 * share:5.1f}%")
 
 
-def add_parser(bench) -> None:
-    p = bench.add_parser("gateway", help="tokens/s the gateways carry against a synthetic engine (no GPU)",
-                         description="Run gateway processes against a synthetic engine that emits tokens as fast "
-                         "as they are taken (real tokenizer, detokenization and gRPC; client processes keep "
-                         "--streams streams busy) and print the tokens/s delivered to the clients.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=256, help="concurrent streams (default 256)")
     p.add_argument("--gateways", type=int, default=1, help="gateway processes sharing the port (default 1)")
     p.add_argument("--client-processes", type=int, default=default_num_gateways(),
@@ -176,4 +174,9 @@ def add_parser(bench) -> None:
     p.add_argument("--profile-dir", help="also sample every process's Python stacks with py-spy into DIR")
     p.add_argument("--log-dir", help="keep the processes' logs here")
     p.add_argument("--out", help="write the report as JSON here")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command("gateway", "tokens/s the gateways carry against a synthetic engine (no GPU)",
+                  "Run gateway processes against a synthetic engine that emits tokens as fast as they are taken "
+                  "(real tokenizer, detokenization and gRPC; client processes keep --streams streams busy) and "
+                  "print the tokens/s delivered to the clients.", add_arguments, run)

@@ -19,6 +19,7 @@ not depend on the model, only the beam paths do.
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import statistics
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpu_worker.engine_args import EngineArgs
+from scheduler_svc.command import Command
 
 # Length distributions of the paper's traces (mean input / output tokens), drawn log-normally.
 TRACES = {"alpaca": (19.31, 58.45), "sharegpt": (161.31, 337.99)}
@@ -35,9 +37,7 @@ VOCAB = 32000
 MAX_LEN = 2048  # context length of the simulated model (OPT's, as in the paper)
 
 
-def add_parser(bench) -> None:
-    p = bench.add_parser("memory", help="KV utilization, sharing savings and prefix-cache speed-up",
-                         description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=300, help="requests per simulated workload (default 300)")
     EngineArgs.add_args(p, "bench-memory")  # --device (of the real worker) and --block-size
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic traces (default 0)")
@@ -54,7 +54,6 @@ def add_parser(bench) -> None:
                    "with --device cuda; the pool is still capped at --prefix-kv-blocks")
     p.add_argument("--repeats", type=int, default=3, help="shared-prefix runs per setting, best kept (default 3)")
     p.add_argument("--skip-prefix", action="store_true", help="skip the shared-prefix throughput runs")
-    p.set_defaults(func=run)
 
 
 def lognormal_lengths(mean: float, n: int, rng: random.Random, sigma: float = 0.8, cap: int = 1024) -> list[int]:
@@ -266,3 +265,7 @@ def run(args) -> int:
         print("\n".join(section(args)), flush=True)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     return 0
+
+
+COMMAND = Command("memory", "KV utilization, sharing savings and prefix-cache speed-up", __doc__.split("\n\n")[0],
+                  add_arguments, run)

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
-from gpu_worker.engine_args import DEFAULTS
-from gpu_worker.sampling_params import SamplingParams
-from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.step_plan import encode_step
+from gpu_worker.engine_args import DEFAULTS, EngineArgs
+from scheduler_svc.command import Command
 
 
-def run(args) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-seqs", type=int, default=256, help="running decode sequences (default 256)")
+    p.add_argument("--context-len", type=int, default=512, help="tokens per sequence (default 512)")
+    EngineArgs.add_args(p, "bench-scheduler")
+    p.add_argument("--steps", type=int, default=2000, help="steps to time (default 2000)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpu_worker.sampling_params import SamplingParams
+    from scheduler_svc.config import SchedulerConfig
+    from scheduler_svc.scheduler import Scheduler
+    from scheduler_svc.step_plan import encode_step
+
     n, ctx, bs = args.num_seqs, args.context_len, args.block_size
     budget = max(DEFAULTS.max_num_batched_tokens, n)
     # Early arrivals decode while later prompts prefill: leave room for those steps too.
@@ -42,3 +52,7 @@ def run(args) -> int:
     print(f"steps timed: {args.steps}; block size {bs}; context {ctx}; p90 {p90:.3f} ms")
     print(f"scheduler step: {med:.3f} ms ({n} seqs)")
     return 0
+
+
+COMMAND = Command("scheduler", "time one scheduling step (plan + encode the StepPlan)",
+                  "Time one scheduling step with N running decode sequences.", add_arguments, run)

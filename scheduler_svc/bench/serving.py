@@ -12,6 +12,7 @@ throughput next to the JSON.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -32,6 +33,7 @@ from scheduler_svc.bench.throughput import (
     run_ours,
     write_shape_config,
 )
+from scheduler_svc.command import Command
 from scheduler_svc.gateway_group import default_num_gateways
 
 
@@ -238,11 +240,7 @@ def plot_sweep(points: list[dict], path: Path, title: str = "") -> str:
     return f"plot: {path}"
 
 
-def add_parser(bench) -> None:
-    p = bench.add_parser("serving", help="throughput and latency through the gRPC gateway",
-                         description="Send a seeded workload through pagedserve gateways (started here, or "
-                         "--target) from several client processes and report throughput, time to first token "
-                         "and inter-token latency, at one request rate or a sweep of them.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="a running gateway HOST:PORT (default: start `pagedserve serve` here)")
     add_workload_args(p)
     p.add_argument("--concurrency", type=int, help="requests in flight at most (default: all)")
@@ -262,4 +260,9 @@ def add_parser(bench) -> None:
     p.add_argument("--out", help="write the report as JSON here (and a sweep's plot beside it, as .png)")
     p.add_argument("--profile-dir", help="measure each process's CPU time over the timed region and, with py-spy "
                    "on the PATH, sample its Python stacks into DIR (see scheduler_svc/bench/process_profile.py)")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command("serving", "throughput and latency through the gRPC gateway",
+                  "Send a seeded workload through pagedserve gateways (started here, or --target) from several "
+                  "client processes and report throughput, time to first token and inter-token latency, at one "
+                  "request rate or a sweep of them.", add_arguments, run)

@@ -12,6 +12,7 @@ as unexpected and fails the run, as do leaked blocks and memory growth.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler_svc.bench.local_service import LocalService
+from scheduler_svc.command import Command
 
 KINDS = {"normal": 0.55, "cancelled": 0.15, "deadline": 0.10, "bad": 0.15, "oversized": 0.05}
 PROMPTS = ["Hello, paged world", "The quick brown fox", "café 日本語 and more", "memory block table",
@@ -227,9 +229,7 @@ def run(args) -> int:
     return 1 if problems else 0
 
 
-def add_parser(bench) -> None:
-    p = bench.add_parser("soak", help="N streams for M minutes of mixed good and bad requests; then no leak",
-                         description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--streams", type=int, default=16, help="concurrent streams (default 16)")
     p.add_argument("--minutes", type=float, default=5.0, help="duration (default 5)")
@@ -241,4 +241,7 @@ def add_parser(bench) -> None:
                    help="fail if the gateway's resident memory grows more than this after warm-up (default 64)")
     p.add_argument("--log-dir", default=None, help="keep the service's logs here")
     p.add_argument("--out", default=None, help="write the report as JSON here")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command("soak", "N streams for M minutes of mixed good and bad requests; then no leak",
+                  __doc__.split("\n\n")[0], add_arguments, run)

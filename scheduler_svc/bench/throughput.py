@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gpu_worker.engine_args import EngineArgs
+from scheduler_svc.command import Command
 
 # Random-weight shapes (Llama architecture, bf16, untied head), as in docs/DESIGN.md.
 SHAPES: dict[str, dict] = {
@@ -429,12 +430,7 @@ def add_workload_args(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of prompts and lengths (default 0)")
 
 
-def add_parser(bench) -> None:
-    p = bench.add_parser("throughput", help="offline throughput beside transformers and the roofline",
-                         description="Offline throughput (output tokens/s) of pagedserve, optionally beside "
-                         "transformers generate (static batches) and its continuous batching, on the same "
-                         "prompts in the same run; the roofline comes from ceilings measured at the start. "
-                         "--max-num-seqs defaults to the number of prompts (at most 1024).")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_args(p)
     p.add_argument("--compare", default="", help="comma-separated: hf-static, hf-cb")
     p.add_argument("--hf-batch-size", type=int, help="batch size of hf-static (default from the workload or 64)")
@@ -450,4 +446,10 @@ def add_parser(bench) -> None:
     p.add_argument("--json-schema", metavar="FILE", help="measure constrained decoding instead: the workload "
                    "unconstrained and with every request under this JSON schema (greedy, EOS honoured), then the "
                    "per-step mask cost at --max-num-seqs (bench/constrained.py)")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command("throughput", "offline throughput beside transformers and the roofline",
+                  "Offline throughput (output tokens/s) of pagedserve, optionally beside transformers generate "
+                  "(static batches) and its continuous batching, on the same prompts in the same run; the roofline "
+                  "comes from ceilings measured at the start. --max-num-seqs defaults to the number of prompts (at "
+                  "most 1024).", add_arguments, run)

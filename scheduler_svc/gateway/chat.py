@@ -219,16 +219,6 @@ class ChatPrompts:
         except InvalidField as exc:
             raise GenerationFailed.invalid(exc.field, exc.reason) from None
 
-    def prompt_token_ids(self, messages: Sequence[dict]) -> list[int]:
-        """The token ids of the rendered conversation, tokenized here, as transformers' apply_chat_template
-        does (no special tokens added: the template spells them out)."""
-        return self._checked(token_prompt, self.core.tokenizer.encode(self._text(messages), add_special_tokens=False))
-
-    def _text(self, messages: Sequence[dict], **render) -> str:
-        """The rendered conversation, refused before tokenizing when it is longer than any prompt that
-        fits (as Generate refuses a text prompt)."""
-        return self._checked(check_text, self.render(messages, **render))
-
     def _checked(self, check, value, limits=None):
         try:
             return check(value, limits or self.core.limits, "messages")

@@ -259,6 +259,4 @@ def scheduler_error(out: scheduler_pb2.RequestOutput) -> GenerationFailed:
         return GenerationFailed.invalid(public_field(out.error_field), out.error)
     if out.status_code and out.status_code in _STATUS_BY_NUMBER:
         return GenerationFailed(_STATUS_BY_NUMBER[out.status_code], out.error, retry_after_s=retry_after_s)
-    if out.error.startswith("engine failed"):  # a scheduler that predates status_code
-        return GenerationFailed(grpc.StatusCode.UNAVAILABLE, out.error)
     return GenerationFailed(grpc.StatusCode.INTERNAL, out.error or "the scheduler failed the request")

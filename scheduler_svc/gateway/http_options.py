@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from scheduler_svc.gateway.options import FlagGroup, flag
+
 
 @dataclass(frozen=True, slots=True)
-class HttpLimits:
+class HttpLimits(FlagGroup):
     """Bounds of the HTTP port (the gateway's flags; ``serve`` passes them on)."""
 
     http_header_timeout: float = 10.0  # from a connection's first byte of a request to its last header line
@@ -25,15 +27,7 @@ class HttpLimits:
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> HttpLimits:
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
-
-    def to_argv(self) -> list[str]:
-        """The gateway flags that parse back to these limits."""
-        return [a for name in self.__dataclass_fields__ for a in (_flag(name), str(getattr(self, name)))]
+                raise ValueError(f"{flag(name)} must be positive, got {getattr(self, name)}")
 
 
 _HELP = {
@@ -49,14 +43,5 @@ _HELP = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def add_http_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    defaults = HttpLimits()
-    for name, help_text in _HELP.items():
-        default = getattr(defaults, name)
-        parser.add_argument(_flag(name), dest=name, type=type(default), default=default,
-                            metavar="S" if isinstance(default, float) else "N",
-                            help=f"{help_text} (default {default:g})")
+    HttpLimits.add_number_flags(parser, _HELP)

@@ -7,12 +7,46 @@ validation.py the limits.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Self
+
+
+def flag(name: str) -> str:
+    """A setting's command-line flag: its field name in dashes."""
+    return "--" + name.replace("_", "-")
+
+
+class FlagGroup:
+    """A frozen dataclass of gateway settings whose flags are named after its fields: read back from parsed
+    arguments, and written as a gateway's command line (``serve`` passes them on), by name, so a new
+    setting is its field, its flag and its use."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Self:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def to_argv(self) -> list[str]:
+        """The gateway flags that parse back to these settings (unset ones left out)."""
+        values = ((f.name, getattr(self, f.name)) for f in fields(self))
+        return [a for name, value in values if value is not None for a in (flag(name), str(value))]
+
+    @classmethod
+    def add_number_flags(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup, helps: dict[str, str]) -> None:
+        """A flag for each numeric field named in ``helps``, of the field's type, with its default."""
+        defaults = cls()
+        for name, help_text in helps.items():
+            default = getattr(defaults, name)
+            real = isinstance(default, float)
+            parser.add_argument(flag(name), dest=name, type=type(default), default=default,
+                                metavar="S" if real else "N",
+                                help=f"{help_text} (default {f'{default:g}' if real else default})")
 
 
 @dataclass(frozen=True, slots=True)
-class GatewayLimits:
+class GatewayLimits(FlagGroup):
     """Bounds on one request that hold before any work is done on it (the gateway's flags)."""
 
     max_request_bytes: int = 4 * 2**20  # a larger message is refused by gRPC itself (RESOURCE_EXHAUSTED)
@@ -28,14 +62,6 @@ class GatewayLimits:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> GatewayLimits:
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
-
-    def to_argv(self) -> list[str]:
-        """The gateway flags that parse back to these limits."""
-        return [a for name in self.__dataclass_fields__ for a in (_flag(name), str(getattr(self, name)))]
-
 
 _LIMIT_HELP = {
     "max_request_bytes": "largest request message in bytes; gRPC refuses a larger one with RESOURCE_EXHAUSTED",
@@ -50,24 +76,16 @@ _LIMIT_HELP = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def add_limit_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The GatewayLimits flags (the gateway's, and ``serve``'s which passes them on)."""
-    defaults = GatewayLimits()
-    for name, help_text in _LIMIT_HELP.items():
-        default = getattr(defaults, name)
-        parser.add_argument(_flag(name), dest=name, type=int, default=default, metavar="N",
-                            help=f"{help_text} (default {default})")
+    GatewayLimits.add_number_flags(parser, _LIMIT_HELP)
 
 
 DEFAULT_LIMITS = GatewayLimits()
 
 
 @dataclass(frozen=True, slots=True)
-class SecurityConfig:
+class SecurityConfig(FlagGroup):
     """TLS, mutual TLS and the bearer token of the public port, and the plaintext health port; all
     off by default (see security.py)."""
 
@@ -85,26 +103,13 @@ class SecurityConfig:
         for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
-                raise ValueError(f"--{name.replace('_', '-')}: {path} is not a readable file")
+                raise ValueError(f"{flag(name)}: {path} is not a readable file")
         if self.auth_token_file is not None and not read_token(self.auth_token_file):
             raise ValueError(f"--auth-token-file: {self.auth_token_file} is empty")
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> SecurityConfig:
-        return cls(args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file, args.health_port)
-
-    def to_argv(self) -> list[str]:
-        """The gateway flags for these settings."""
-        argv: list[str] = []
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            if value is not None:
-                argv += [f"--{name.replace('_', '-')}", str(value)]
-        return argv
 
 
 def read_token(path: str) -> str:

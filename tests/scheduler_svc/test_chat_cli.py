@@ -15,6 +15,7 @@ import pytest
 import clients  # noqa: F401
 
 # isort: split
+from pagedserve.v1 import generation_pb2
 from scheduler_svc.gateway.chat import CHAT_TEMPLATE_FILE
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from tests.factories import make_checkpoint
@@ -35,6 +36,11 @@ class FakeScheduler(BaseFake):
         info = await super().GetEngineInfo(request, context)
         info.max_model_len = 65536
         return info
+
+
+async def prompt_token_ids(chat, messages) -> list[int]:
+    """The prompt the gateway sends upstream for a conversation."""
+    return list((await chat.request("r", "", messages, generation_pb2.SamplingParams())).token_ids.ids)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +108,8 @@ def test_ctrl_c_stops_the_reply_then_exits(model_dir):
             first, second = (list(s.prompt_token_ids) for s in fake.submits)
             history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": shown},
                        {"role": "user", "content": "and?"}]
-            assert second == gateway.chat.prompt_token_ids(history)  # the partial reply is in the history
-            assert first == gateway.chat.prompt_token_ids(history[:1])
+            assert second == await prompt_token_ids(gateway.chat, history)  # the partial reply is in the history
+            assert first == await prompt_token_ids(gateway.chat, history[:1])
 
     asyncio.run(scenario())
 

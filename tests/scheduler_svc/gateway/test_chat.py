@@ -130,10 +130,16 @@ class _Core:
         return self.tokenizer.encode(text, add_special_tokens)
 
 
+def prompt_token_ids(prompts: ChatPrompts, messages) -> list[int]:
+    """The prompt of the GenerateRequest a conversation becomes (what the gateway sends upstream)."""
+    request = asyncio.run(prompts.request("r", "demo", messages, generation_pb2.SamplingParams()))
+    return list(request.token_ids.ids)
+
+
 def test_model_without_template_is_a_failed_precondition(base_dir):
     assert ChatTemplate.from_model(base_dir, Tokenizer(base_dir).id_to_token) is None
     with pytest.raises(GenerationFailed) as err:
-        ChatPrompts(_Core(base_dir), None).prompt_token_ids(CONVERSATION)
+        prompt_token_ids(ChatPrompts(_Core(base_dir), None), CONVERSATION)
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "no chat template" in err.value.message
 
 
@@ -141,13 +147,13 @@ def test_chat_prompts_checks_messages_and_length(base_dir, tmp_path):
     path = with_template(base_dir, tmp_path, CHATML, "jinja")
     core = _Core(path)
     prompts = ChatPrompts(core, ChatTemplate.from_model(path, core.tokenizer.id_to_token))
-    ids = prompts.prompt_token_ids(CONVERSATION[1:2])
+    ids = prompt_token_ids(prompts, CONVERSATION[1:2])
     hf = AutoTokenizer.from_pretrained(path)
     assert ids == hf.apply_chat_template(CONVERSATION[1:2], add_generation_prompt=True)["input_ids"]
     for messages, field in (([], "messages"), ([{"role": "user"}], "messages[0].content"),
                             (CONVERSATION * 4, "messages")):  # over 256 tokens
         with pytest.raises(GenerationFailed) as err:
-            prompts.prompt_token_ids(messages)
+            prompt_token_ids(prompts, messages)
         assert (err.value.code, err.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, field)
 
 
@@ -173,7 +179,7 @@ def test_chat_request_becomes_a_generate_request(base_dir, tmp_path):
     chat.messages.add(role="user", content="hello")
     request = asyncio.run(prompts.from_proto(chat))
     assert (request.request_id, request.model, request.sampling_params.max_tokens) == ("r1", "demo", 3)
-    assert list(request.token_ids.ids) == prompts.prompt_token_ids([{"role": "user", "content": "hello"}])
+    assert list(request.token_ids.ids) == prompt_token_ids(prompts, [{"role": "user", "content": "hello"}])
     chat.ClearField("sampling_params")
     assert not asyncio.run(prompts.from_proto(chat)).HasField("sampling_params")
 

@@ -16,6 +16,7 @@ import clients  # noqa: F401
 
 # isort: split
 from pagedserve.internal.v1 import scheduler_pb2
+from scheduler_svc.engine import UNAVAILABLE
 from scheduler_svc.gateway.chat import CHAT_TEMPLATE_FILE
 from scheduler_svc.gateway.openai_http import OpenAIServer
 from scheduler_svc.gateway.tokenizer import Tokenizer
@@ -300,7 +301,8 @@ def test_errors_are_openai_shaped(model_dir, plain_dir):
 def test_status_codes_of_engine_failures(model_dir):
     errors = {
         2: scheduler_pb2.RequestOutput(finish_reason=scheduler_pb2.FINISH_REASON_ERROR,
-                                       error="engine failed: a worker disconnected"),
+                                       error="engine failed: a worker disconnected",
+                                       status_code=UNAVAILABLE),  # as the engine sends it
         3: scheduler_pb2.RequestOutput(finish_reason=scheduler_pb2.FINISH_REASON_ERROR, error="step failed: boom"),
     }
     fake = FakeScheduler(lambda submit: errors[submit.sampling_params.max_tokens])

@@ -15,6 +15,7 @@ import clients  # noqa: F401
 # isort: split
 from pagedserve.client import AsyncClient, Client, GenerationError, SamplingParams
 from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc.engine import UNAVAILABLE
 from scheduler_svc.gateway.server import SERVICE_NAME, Gateway
 from scheduler_svc.gateway.tokenizer import Tokenizer
 from tests.factories import make_checkpoint
@@ -282,7 +283,8 @@ def test_scheduler_errors_map_to_status_codes(model_dir):
                                            error="needs 9 KV blocks; the pool has 8",
                                            error_field="max_tokens"),
         "dead": scheduler_pb2.RequestOutput(finish_reason=scheduler_pb2.FINISH_REASON_ERROR,
-                                            error="engine failed: a worker disconnected"),
+                                            error="engine failed: a worker disconnected",
+                                            status_code=UNAVAILABLE),  # as the engine sends it
         "odd": scheduler_pb2.RequestOutput(finish_reason=scheduler_pb2.FINISH_REASON_ERROR,
                                            error="step failed on a worker: boom"),
     }
