@@ -249,6 +249,15 @@ class EngineArgs:
         return argv
 
 
+def settings_of(config_cls, engine: EngineArgs, **given) -> dict:
+    """Keyword arguments for ``config_cls``: each of its fields named as an engine setting takes that
+    setting's value, by name, and ``given`` (values the setting does not hold as is: a process's rank,
+    a unit conversion) wins over them. A new setting is its field here and a field of the same name in
+    the config that reads it, never a copied line."""
+    names = {f.name for f in fields(EngineArgs)}
+    return {f.name: getattr(engine, f.name) for f in fields(config_cls) if f.name in names} | given
+
+
 def _fields(role: str) -> list[Field]:
     names = ROLES[role]
     return [f for f in fields(EngineArgs) if f.name in names]

@@ -42,12 +42,6 @@ class KVPool:
             for _ in range(num_layers if num_cpu_blocks else 0)
         ]
 
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        element = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * element
-
     def swap_out(self, src_block_ids: list[int], dst_cpu_block_ids: list[int]) -> None:
         """Device blocks -> CPU blocks, every layer."""
         if not src_block_ids:

@@ -33,10 +33,16 @@ from gpu_worker.distributed import (
     init_tensor_parallel,
     shutdown_tensor_parallel,
 )
-from gpu_worker.engine_args import CPU_KV_CACHE_MEMORY, DEFAULTS, EngineArgs, check, check_device_present
+from gpu_worker.engine_args import (
+    CPU_KV_CACHE_MEMORY,
+    DEFAULTS,
+    EngineArgs,
+    check,
+    check_device_present,
+    settings_of,
+)
 from gpu_worker.grammar import GrammarCache
 from gpu_worker.heartbeat import start_heartbeat
-from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
 from gpu_worker.model_config import ModelConfig
 from gpu_worker.model_runner import ModelRunner, PendingStep
@@ -85,28 +91,10 @@ class WorkerConfig:
     @classmethod
     def from_engine_args(cls, engine: EngineArgs, scheduler_address: str, rank: int = 0,
                          dist_init_method: str | None = None) -> WorkerConfig:
-        return cls(
-            model=engine.model,
-            scheduler_address=scheduler_address,
-            device=engine.device,
-            dtype=engine.dtype,
-            block_size=engine.block_size,
-            rank=rank,
-            world_size=engine.tensor_parallel_size,
-            kv_cache_memory=engine.kv_cache_memory,
-            gpu_memory_utilization=engine.gpu_memory_utilization,
-            max_num_batched_tokens=engine.max_num_batched_tokens,
-            max_num_seqs=engine.max_num_seqs,
-            enforce_eager=engine.enforce_eager,
-            load_format=engine.load_format,
-            max_num_blocks=engine.max_num_blocks,
-            seed=engine.seed,
-            kv_cache_dtype=engine.kv_cache_dtype,
-            quantization=engine.quantization,
-            fp8_lm_head=engine.fp8_lm_head,
-            swap_space=engine.swap_space_bytes,
-            dist_init_method=dist_init_method,
-        )
+        # By name (settings_of), but for the two whose names or units differ here.
+        return cls(**settings_of(cls, engine, scheduler_address=scheduler_address, rank=rank,
+                                 world_size=engine.tensor_parallel_size, swap_space=engine.swap_space_bytes,
+                                 dist_init_method=dist_init_method))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -151,9 +139,7 @@ class Worker:
 
     def num_blocks_that_fit(self) -> int:
         cfg, mc = self.config, self.model_config
-        per_block = KVPool.bytes_per_block(
-            mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, cfg.kv_torch_dtype
-        )
+        per_block = cfg.block_size * mc.kv_bytes_per_token(cfg.kv_torch_dtype)
         if cfg.kv_cache_memory is not None:
             fit = cfg.kv_cache_memory // per_block
         elif self.device.type == "cpu":
@@ -164,9 +150,7 @@ class Worker:
 
     def num_cpu_blocks_that_fit(self) -> int:
         cfg, mc = self.config, self.model_config
-        per_block = KVPool.bytes_per_block(
-            mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, cfg.kv_torch_dtype
-        )
+        per_block = cfg.block_size * mc.kv_bytes_per_token(cfg.kv_torch_dtype)
         return cfg.swap_space // per_block
 
     def profile_step(self) -> int:

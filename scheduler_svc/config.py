@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from gpu_worker.engine_args import DEFAULTS, EngineArgs, check
+from gpu_worker.engine_args import DEFAULTS, EngineArgs, check, settings_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ class SchedulerConfig:
         """Every field named as a setting takes the setting's value, by name: a new scheduler setting is
         its EngineArgs field (flag, default, rule, the scheduler's role) and a field here of the same name.
         The others (watermark) keep their defaults."""
-        return cls(**{f.name: getattr(engine, f.name) for f in fields(cls) if f.name in ENGINE_SETTINGS})
+        return cls(**settings_of(cls, engine))
 
 
 ENGINE_SETTINGS = frozenset(f.name for f in fields(EngineArgs))

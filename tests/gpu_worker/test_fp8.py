@@ -3,6 +3,7 @@ against fp32, compressed-tensors FP8 checkpoints against on-the-fly quantization
 torch._scaled_mm product against the emulation at Llama-3-8B's shapes."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from gpu_worker.engine_args import EngineArgs
 from gpu_worker.fp8 import Fp8Linear, fp8_scheme, quantize_weight, weight_scales
 from gpu_worker.kv_pool import KVPool
 from gpu_worker.loader import load_model
+from gpu_worker.model_config import ModelConfig
 from tests.factories import make_checkpoint, run_mixed_steps
 
 FP8 = torch.float8_e4m3fn
@@ -41,9 +43,15 @@ def test_fp8_linear_emulation_is_the_quantized_product():
 
 
 def test_kv_pool_fp8_holds_twice_the_blocks():
-    args = (4, 16, 2, 64)
-    assert KVPool.bytes_per_block(*args, torch.bfloat16) == 2 * KVPool.bytes_per_block(*args, FP8)
-    assert KVPool.bytes_per_block(*args, torch.float32) == 4 * KVPool.bytes_per_block(*args, FP8)
+    # The one formula the worker sizes its pool with (ModelConfig.kv_bytes_per_token) is what the pool
+    # allocates, per dtype: an fp8 pool takes half of bf16's bytes, so twice the blocks fit.
+    mc = SimpleNamespace(num_layers=4, num_kv_heads=2, head_dim=64)
+    per_token = {dtype: ModelConfig.kv_bytes_per_token(mc, dtype) for dtype in (torch.bfloat16, FP8, torch.float32)}
+    for dtype, want in per_token.items():
+        pool = KVPool(4, 3, 16, 2, 64, dtype, torch.device("cpu"))
+        allocated = sum(t.numel() * t.element_size() for layer in pool.caches for t in layer)
+        assert allocated == 3 * 16 * want
+    assert per_token[torch.bfloat16] == 2 * per_token[FP8] and per_token[torch.float32] == 4 * per_token[FP8]
 
 
 def test_kv_pool_fp8_swap_and_copy_move_bytes():

@@ -61,3 +61,15 @@ def test_the_scheduler_config_takes_exactly_the_scheduler_settings():
     assert (config.block_size, config.max_num_waiting, config.kv_events_topic, config.async_scheduling) == (
         32, 3, "t", False)
     assert config.watermark == SchedulerConfig().watermark  # not a setting: its own default
+
+
+def test_the_worker_config_takes_exactly_the_worker_settings():
+    from gpu_worker.worker import WorkerConfig
+
+    named = {f.name for f in fields(WorkerConfig)} & ENGINE_SETTINGS
+    # swap_space is there by name but in bytes (converted); tensor_parallel_size arrives as world_size.
+    assert named == set(ROLES["worker"]) - {"tensor_parallel_size"}
+    changed = EngineArgs(block_size=32, swap_space=0.5, tensor_parallel_size=2, seed=7, kv_cache_dtype="fp8")
+    config = WorkerConfig.from_engine_args(changed, "ipc:///tmp/w", rank=1)
+    assert (config.block_size, config.swap_space, config.world_size, config.rank, config.seed,
+            config.kv_cache_dtype, config.scheduler_address) == (32, 2**29, 2, 1, 7, "fp8", "ipc:///tmp/w")
