@@ -182,6 +182,15 @@ def print_request_failure(request_id: str, exc: BaseException) -> None:
                            exc_info=exc)
 
 
+def failure_message(request_id: str, exc: BaseException) -> str:
+    """What a request that failed alone reports: the worker's own words for a sequence its sampler
+    failed on (already logged there, with the traceback), else the scheduler's, logged here."""
+    if isinstance(exc, WorkerSeqError):
+        return f"the worker could not sample this request: {exc}"
+    print_request_failure(request_id, exc)
+    return f"the scheduler could not process this request: {log.describe_exception(exc)}"
+
+
 class WorkerSeqError(Exception):
     """A sequence's own sampling failed on the worker (StepResult.seq_errors): its request fails alone,
     and the message is the worker's (type and text of what it raised)."""

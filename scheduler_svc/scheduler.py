@@ -27,7 +27,6 @@ import bisect
 from collections import deque
 from itertools import chain
 
-from gpu_worker import log
 from gpu_worker.sampling_params import InvalidField, SamplingParams
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.config import SchedulerConfig
@@ -44,7 +43,7 @@ from scheduler_svc.request import (
     Sequence,
     WorkerSeqError,
     arrival_order,
-    print_request_failure,
+    failure_message,
     take_prompt_logprobs,
     validate_request,
 )
@@ -444,11 +443,7 @@ class Scheduler:
         """Ends a request whose processing raised, alone: every sequence of it (including any that a
         half-done beam re-selection forked) stops and frees its blocks, and the one output reports
         INTERNAL naming the exception. The engine and every other request go on."""
-        if isinstance(exc, WorkerSeqError):  # the worker's failure, already logged there with its traceback
-            message = f"the worker could not sample this request: {exc}"
-        else:
-            print_request_failure(request.request_id, exc)
-            message = f"the scheduler could not process this request: {log.describe_exception(exc)}"
+        message = failure_message(request.request_id, exc)
         orphans = [s for s in chain(self.running, self.waiting, self.swapped) if s.request is request]
         report = next((s for s in request.seqs if s.status is not SeqStatus.FINISHED), None)
         for seq in [*request.seqs, *orphans]:
