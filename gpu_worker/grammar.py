@@ -190,8 +190,14 @@ def fill_eos(bitmask: torch.Tensor, row: int, eos_token_ids: list[int]) -> None:
 
 
 def fill_threads(num_rows: int) -> int:
-    """Threads of one step's batched fill: one per row, up to the cores this process may run on."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Threads of one step's batched fill: one per row, up to the cores this process may run on, or up
+    to ``PAGEDSERVE_GRAMMAR_THREADS`` when set (1: fill the rows in turn on the calling thread, which
+    measured faster on a 2-core host that other work kept busy; BENCHMARKS.md)."""
+    cap = os.environ.get("PAGEDSERVE_GRAMMAR_THREADS")
+    if cap:
+        cores = int(cap)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(num_rows, cores))
 
 
@@ -211,9 +217,12 @@ def token_masks(states: list, vocab_size: int, eos_token_ids: list[int], threads
     rows = [i for i, s in enumerate(states) if s.grammar is not None]
     if not rows:
         return None
+    import numpy as np
     import xgrammar as xgr
 
-    bitmask = xgr.allocate_token_bitmask(len(states), vocab_size)
+    # All ones, as xgrammar.allocate_token_bitmask makes it, but filled by numpy: torch.full's parallel
+    # region waits for every OpenMP thread, milliseconds on a busy host (measured: 10 ms vs 0.08 ms).
+    bitmask = torch.from_numpy(np.full((len(states), (vocab_size + 31) // 32), -1, dtype=np.int32))
     matchers, indices = [], []
     for i in rows:
         state = states[i]

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.slow  # xgrammar and transformers imports take seconds
 xgr = pytest.importorskip("xgrammar")
 
 EOS = 2
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
-                                           "n": {"type": "integer"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
-          "required": ["name", "n"]}
+SCHEMA = {"type": "object", "required": ["name", "n"], "properties": {
+    "name": {"type": "string", "maxLength": 6}, "n": {"type": "integer"},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}}}}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_batched_fill_equals_the_serial_fill(cache):
     states = []
     for i in range(12):  # constrained rows of three grammars, a failed compile, unconstrained rows
         future = None if i % 5 == 4 else bad if i == 7 else choice if i % 3 == 0 else schema
-        states.append(SimpleNamespace(grammar=SeqGrammar(future) if future else None, token_ids=[5, 6], num_prompt_tokens=2))
+        grammar = SeqGrammar(future) if future else None
+        states.append(SimpleNamespace(grammar=grammar, token_ids=[5, 6], num_prompt_tokens=2))
     twins = [SimpleNamespace(grammar=SeqGrammar(s.grammar.future) if s.grammar else None, token_ids=s.token_ids,
                              num_prompt_tokens=2) for s in states]
     seen_terminated = False
@@ -76,3 +77,12 @@ def test_kernel_apply_equals_the_reference(cache, dtype):
         assert torch.isinf(want[rows]).any() and not torch.isinf(want[[r for r in range(5) if r not in rows]]).any()
     wide = torch.randn(5, 2 * cache.vocab_size).to(dtype)[:, ::2]  # strided rows
     assert torch.equal(apply_masks(wide, [0, 2], bitmask), apply_masks_reference(wide, [0, 2], bitmask))
+
+
+def test_mask_fill_benchmark_runs_both_variants(cache, tmp_path):
+    from scheduler_svc.bench import mask_fill
+
+    out = mask_fill.main(["--rows", "3", "--steps", "3", "--model", cache.model, "--threads", "2",
+                          "--json", str(tmp_path / "m.json")])  # it raises if the variants' masks differ
+    assert json.loads((tmp_path / "m.json").read_text()) == out
+    assert out["threads"] == 2 and all(out[v]["fill_ms"] > 0 and out[v]["apply_ms"] > 0 for v in ("before", "after"))

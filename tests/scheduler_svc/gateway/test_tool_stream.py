@@ -24,9 +24,10 @@ HERMES_TWO = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {
               '<tool_call>\n{"arguments": {"tz": "Europe/Paris"}, "name": "get_time"}\n</tool_call>')
 LLAMA_TWO = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "n": -12.5e2}}; '
              '{"name": "get_time", "parameters": {}}')
-MISTRAL_ESCAPED = ('[TOOL_CALLS] [{"name": "say", "arguments": "{\\"text\\": \\"caf\\u00e9 \\ud83d\\ude00 a\\\\\\\\b\\"}"}, '
-                   '{"name": "noop"}]')
-REQUIRED = '[{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}, {"name": "get_time", "arguments": {"timezone": "UTC"}}]'
+MISTRAL_ESCAPED = ('[TOOL_CALLS] [{"name": "say", "arguments": '
+                   '"{\\"text\\": \\"caf\\u00e9 \\ud83d\\ude00 a\\\\\\\\b\\"}"}, {"name": "noop"}]')
+REQUIRED = ('[{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}, '
+            '{"name": "get_time", "arguments": {"timezone": "UTC"}}]')
 
 CASES = [  # (scanner, text, content of the whole response, calls)
     (scan_hermes, HERMES_TWO, "Let me check.", [
