@@ -53,14 +53,14 @@ class Scan:
     parsed: bool = False  # the whole text is the format with these calls (what a final scan decides)
 
 
-Scanner = Callable[[str, bool], Scan]
+Scanner = Callable[..., Scan]  # (text, final, memo=None): memo as partial_json.value_end's
 
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _arguments(text: str, span: tuple[int, int | None] | None, done: bool) -> str | None:
+def _arguments(text: str, span: tuple[int, int | None] | None, done: bool, memo: dict | None) -> str | None:
     if span is None:
         return "{}" if done else ""  # a call without arguments takes none
     start, end = span
@@ -71,7 +71,7 @@ def _arguments(text: str, span: tuple[int, int | None] | None, done: bool) -> st
             return json.loads(text[start:end])
         except json.JSONDecodeError:
             return None
-    return string_prefix(text[start + 1:])
+    return string_prefix(text[start + 1:], memo, start)
 
 
 def _string(text: str, start: int, end: int) -> str | None:
@@ -92,7 +92,7 @@ def _check(call: PartialCall, text: str, start: int, end: int) -> None:
         call.valid = False
 
 
-def scan_call(text: str, i: int) -> tuple[PartialCall, int | None]:
+def scan_call(text: str, i: int, memo: dict | None = None) -> tuple[PartialCall, int | None]:
     """The call object opening at ``text[i]`` (a brace): its name and arguments so far; the index past
     it once it closed, else None (still open, or not a call object: then ``valid`` is False)."""
     call, span, n, j = PartialCall(), None, len(text), i + 1
@@ -120,7 +120,7 @@ def scan_call(text: str, i: int) -> tuple[PartialCall, int | None]:
         j = skip_ws(text, j + 1)
         if j >= n:
             break
-        end = value_end(text, j)
+        end = value_end(text, j, memo)
         if key == "name" and end is not None:
             call.name = _string(text, j, end)
         if key in _ARGS_KEYS and span is None:
@@ -128,7 +128,7 @@ def scan_call(text: str, i: int) -> tuple[PartialCall, int | None]:
         if end is None:
             break
         j = end
-    arguments = _arguments(text, span, call.done)
+    arguments = _arguments(text, span, call.done, memo)
     call.arguments = arguments if arguments is not None else ""
     if arguments is None:
         call.valid = False
@@ -148,7 +148,7 @@ def _held(text: str, marker: str) -> str:
     return text.rstrip()
 
 
-def scan_hermes(text: str, final: bool) -> Scan:
+def scan_hermes(text: str, final: bool, memo: dict | None = None) -> Scan:
     start = text.find(HERMES_OPEN)
     if start < 0:
         return Scan(text if final else _held(text, HERMES_OPEN))
@@ -157,7 +157,7 @@ def scan_hermes(text: str, final: bool) -> Scan:
         j = skip_ws(text, pos + len(HERMES_OPEN))
         if j >= len(text) or text[j] != "{":
             return scan
-        call, end = scan_call(text, j)
+        call, end = scan_call(text, j, memo)
         scan.calls.append(call)
         if end is None or not call.valid:
             return scan
@@ -169,7 +169,7 @@ def scan_hermes(text: str, final: bool) -> Scan:
     return scan
 
 
-def scan_llama3_json(text: str, final: bool) -> Scan:
+def scan_llama3_json(text: str, final: bool, memo: dict | None = None) -> Scan:
     i = skip_ws(text, 0)
     if text.startswith(PYTHON_TAG, i):
         i = skip_ws(text, i + len(PYTHON_TAG))
@@ -181,7 +181,7 @@ def scan_llama3_json(text: str, final: bool) -> Scan:
         return Scan(text)  # plain content, streamed as it comes
     scan = Scan("")
     while True:
-        call, end = scan_call(text, i)
+        call, end = scan_call(text, i, memo)
         scan.calls.append(call)
         if end is None or not call.valid:
             return scan
@@ -194,12 +194,12 @@ def scan_llama3_json(text: str, final: bool) -> Scan:
     return scan
 
 
-def scan_call_list(text: str, i: int) -> tuple[list[PartialCall], bool]:
+def scan_call_list(text: str, i: int, memo: dict | None = None) -> tuple[list[PartialCall], bool]:
     """Calls in the JSON list at ``text[i:]`` (or one call object), and whether the rest of the text is
     exactly that list, complete, of valid calls."""
     i = skip_ws(text, i)
     if i < len(text) and text[i] == "{":
-        call, end = scan_call(text, i)
+        call, end = scan_call(text, i, memo)
         return [call], end is not None and call.valid and skip_ws(text, end) == len(text)
     if i >= len(text) or text[i] != "[":
         return [], False
@@ -215,7 +215,7 @@ def scan_call_list(text: str, i: int) -> tuple[list[PartialCall], bool]:
             continue
         if text[j] != "{":
             return calls, False
-        call, end = scan_call(text, j)
+        call, end = scan_call(text, j, memo)
         calls.append(call)
         if end is None or not call.valid:
             return calls, False
@@ -229,24 +229,24 @@ def scan_call_list(text: str, i: int) -> tuple[list[PartialCall], bool]:
     return calls, True
 
 
-def scan_mistral(text: str, final: bool) -> Scan:
+def scan_mistral(text: str, final: bool, memo: dict | None = None) -> Scan:
     start = text.find(MISTRAL_MARK)
     if start < 0:
         return Scan(text if final else _held(text, MISTRAL_MARK))
-    calls, parsed = scan_call_list(text, start + len(MISTRAL_MARK))
+    calls, parsed = scan_call_list(text, start + len(MISTRAL_MARK), memo)
     return Scan(text[:start].rstrip(), calls, parsed)
 
 
-def scan_required(text: str, final: bool) -> Scan:
+def scan_required(text: str, final: bool, memo: dict | None = None) -> Scan:
     """tool_choice required: the output is a JSON list of calls (generated under its schema)."""
-    calls, parsed = scan_call_list(text, 0)
+    calls, parsed = scan_call_list(text, 0, memo)
     return Scan("", calls, parsed)
 
 
 def named_scanner(name: str) -> Scanner:
     """A named function: the output is its arguments object (generated under its parameters schema)."""
 
-    def scan(text: str, final: bool) -> Scan:
+    def scan(text: str, final: bool, memo: dict | None = None) -> Scan:
         arguments = text.strip()  # while streaming: trailing whitespace waits for what follows it
         try:
             parsed = isinstance(json.loads(arguments), dict)
@@ -257,7 +257,7 @@ def named_scanner(name: str) -> Scanner:
     return scan
 
 
-def scan_none(text: str, final: bool) -> Scan:
+def scan_none(text: str, final: bool, memo: dict | None = None) -> Scan:
     return Scan(text, [], True)
 
 

@@ -27,6 +27,7 @@ class ToolCallStream:
         self.content_sent = 0  # characters of content sent (a prefix of the text)
         self.ids: list[str] = []  # the calls whose header went out
         self.args_sent: list[str] = []  # their arguments sent so far
+        self.memo: dict = {}  # what the scans learned of the text, which only grows (partial_json.py)
 
     @property
     def has_calls(self) -> bool:
@@ -35,11 +36,11 @@ class ToolCallStream:
     def feed(self, piece: str) -> list[dict]:
         """The deltas that ``piece`` (the choice's next text) makes certain."""
         self.text += piece
-        return self._deltas(self.scan(self.text, False))
+        return self._deltas(self.scan(self.text, False, self.memo))
 
     def finish(self) -> list[dict]:
         """The last deltas, once the choice ended; ``has_calls`` then says whether it made calls."""
-        scan = self.scan(self.text, True)
+        scan = self.scan(self.text, True, self.memo)
         if not self.ids and not (scan.parsed and scan.calls):
             rest = self.text[self.content_sent:]  # plain content after all
             self.content_sent = len(self.text)
