@@ -22,6 +22,7 @@ the sequence's prefill forward; only a sampling step whose grammar is still comp
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -155,18 +156,22 @@ class SeqGrammar:
                 break
             accepted.append(token)
 
-    def fill(self, bitmask: torch.Tensor, row: int, eos_token_ids: list[int]) -> None:
-        # A failed compile: entry points check constraints, so only a caller bypassing them gets here;
-        # that sequence ends at once (only EOS allowed) and the step's other sequences are untouched.
-        # A terminated matcher: the sequence sampled EOS and the scheduler, planning ahead, ran one
-        # more step for it, whose token it drops.
+    def live_matcher(self):
+        """The matcher that gives this step's mask; None when only EOS is allowed: a failed compile (entry
+        points check constraints, so only a caller bypassing them gets here; that sequence ends at once
+        and the step's other sequences are untouched), or a terminated matcher (the sequence sampled EOS
+        and the scheduler, planning ahead, ran one more step for it, whose token it drops)."""
         if self.future.exception() is not None or self._ensure().is_terminated():
-            bitmask[row] = 0
-            for token in eos_token_ids:
-                bit = 1 << (token % 32)
-                bitmask[row, token // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # int32 sign bit
-            return
-        self._ensure().fill_next_token_bitmask(bitmask, row)
+            return None
+        return self.matcher
+
+    def fill(self, bitmask: torch.Tensor, row: int, eos_token_ids: list[int]) -> None:
+        """``bitmask[row]``: this sequence's allowed tokens (one row at a time; token_masks batches them)."""
+        matcher = self.live_matcher()
+        if matcher is None:
+            fill_eos(bitmask, row, eos_token_ids)
+        else:
+            matcher.fill_next_token_bitmask(bitmask, row)
 
     def fork(self) -> SeqGrammar:
         child = SeqGrammar(self.future)
@@ -177,33 +182,103 @@ class SeqGrammar:
         return child
 
 
-def token_masks(states: list, vocab_size: int, eos_token_ids: list[int]) -> tuple[list[int], torch.Tensor] | None:
+def fill_eos(bitmask: torch.Tensor, row: int, eos_token_ids: list[int]) -> None:
+    bitmask[row] = 0
+    for token in eos_token_ids:
+        bit = 1 << (token % 32)
+        bitmask[row, token // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # int32 sign bit
+
+
+def fill_threads(num_rows: int) -> int:
+    """Threads of one step's batched fill: one per row, up to the cores this process may run on, or up
+    to ``PAGEDSERVE_GRAMMAR_THREADS`` when set (1: fill the rows in turn on the calling thread, which
+    measured faster on a 2-core host that other work kept busy; BENCHMARKS.md)."""
+    cap = os.environ.get("PAGEDSERVE_GRAMMAR_THREADS")
+    if cap:
+        cores = int(cap)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(num_rows, cores))
+
+
+_BATCHERS: dict[int, object] = {}  # xgrammar BatchGrammarMatcher by thread count (each owns a pool)
+
+
+def token_masks(states: list, vocab_size: int, eos_token_ids: list[int], threads: int | None = None
+                ) -> tuple[list[int], torch.Tensor] | None:
     """(rows, bitmask) for the constrained sequences among ``states`` (a sampling step's rows): their
-    matchers are synced and ``bitmask[j]`` is row ``rows[j]``'s allowed tokens (xgrammar's int32 bit
-    layout). None when no row is constrained: unconstrained steps pay one attribute check per row."""
+    matchers are synced and ``bitmask[i]`` is row ``i``'s allowed tokens (xgrammar's int32 bit layout;
+    [len(states), ceil(vocab/32)], the rows not in ``rows`` unused). None when no row is constrained:
+    unconstrained steps pay one attribute check per row.
+
+    The rows with a live matcher are filled together by xgrammar's batched fill, on ``threads`` threads
+    (default fill_threads) that run without the GIL; the EOS-only rows are set here. Syncing stays
+    serial: it accepts about one token per row and step."""
     rows = [i for i, s in enumerate(states) if s.grammar is not None]
     if not rows:
         return None
+    import numpy as np
     import xgrammar as xgr
 
-    bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)
-    for j, i in enumerate(rows):
+    # All ones, as xgrammar.allocate_token_bitmask makes it, but filled by numpy: torch.full's parallel
+    # region waits for every OpenMP thread, milliseconds on a busy host (measured: 10 ms vs 0.08 ms).
+    bitmask = torch.from_numpy(np.full((len(states), (vocab_size + 31) // 32), -1, dtype=np.int32))
+    matchers, indices = [], []
+    for i in rows:
         state = states[i]
         state.grammar.sync(state.token_ids[state.num_prompt_tokens:])
-        state.grammar.fill(bitmask, j, eos_token_ids)
+        matcher = state.grammar.live_matcher()
+        if matcher is None:
+            fill_eos(bitmask, i, eos_token_ids)
+        else:
+            matchers.append(matcher)
+            indices.append(i)
+    threads = threads or fill_threads(len(matchers))
+    if len(matchers) == 1 or threads == 1:
+        for matcher, i in zip(matchers, indices, strict=True):
+            matcher.fill_next_token_bitmask(bitmask, i)
+    elif matchers:
+        batcher = _BATCHERS.get(threads)
+        if batcher is None:
+            batcher = _BATCHERS[threads] = xgr.BatchGrammarMatcher(max_threads=threads)
+        batcher.batch_fill_next_token_bitmask(matchers, bitmask, indices)
     return rows, bitmask
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def apply_masks(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """Sets the disallowed tokens of ``rows`` to -inf, in place (returns ``logits``, or a contiguous copy
+    when its rows were strided). ``bitmask``: [logits rows, ceil(vocab/32)] int32 on the host, row i for
+    logits row i (token_masks). xgrammar's kernel: on CUDA its Triton kernel (one launch over the rows,
+    after a [rows, vocab/32] upload), on the host a C++ loop; other dtypes use the PyTorch reference."""
+    device = logits.device
+    if logits.dtype not in _KERNEL_DTYPES:
+        return apply_masks_reference(logits, rows, bitmask)
+    import xgrammar as xgr
+
+    if logits.stride(-1) != 1:  # the kernels index rows by stride(0) and tokens contiguously
+        logits = logits.contiguous()
+    if device.type == "cuda":
+        bitmask = bitmask.pin_memory().to(device, non_blocking=True)
+    indices = None if len(rows) == logits.shape[0] else rows
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=indices)
+    return logits
 
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
-def apply_masks(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
-    """Sets the disallowed tokens of ``rows`` to -inf, on the logits' device (a [rows, vocab/32] int32
-    upload and three small kernels; no triton, so the serving image needs no compiler)."""
+def apply_masks_reference(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """apply_masks in PyTorch ops (a new tensor): unpacks the bits ([rows, vocab/32] int32 -> [rows, vocab]
+    bool) and fills -inf. The reference the kernel path is tested against, and the serial baseline of
+    ``python -m scheduler_svc.bench.mask_fill``."""
     device = logits.device
     shifts = _SHIFTS.get(device)
     if shifts is None:
         shifts = _SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    bitmask = bitmask[rows]
     if device.type == "cuda":
         bitmask = bitmask.pin_memory().to(device, non_blocking=True)
     vocab = logits.shape[-1]

@@ -67,7 +67,7 @@ FIELDS: dict[str, Field] = {
     "structured_outputs": Field(HONOURED, "both", (), "vLLM's json, json_object, regex, choice, grammar"),
     **{f"guided_{k}": Field(HONOURED, "both", (), "vLLM's older name of structured_outputs") for k in (
         "json", "regex", "choice", "grammar")},
-    "tools": _honoured("chat"),
+    "tools": Field(HONOURED, "chat", (), "streamed calls: the header, then argument fragments as generated"),
     "tool_choice": _honoured("chat"),
     "parallel_tool_calls": Field(HONOURED, "chat", (), "false: at most one call (tool_choice required: one item)"),
     "tool_call_parser": Field(HONOURED, "chat", (), "pagedserve's: the per-request --tool-call-parser"),

@@ -10,19 +10,31 @@ request, tool-call history in the messages, and OpenAI ``tool_calls`` in the res
   ``parallel_tool_calls``); a named function: under that function's parameters schema, the output being
   its arguments. Both always parse and validate. ``"none"``: no call is parsed.
 - Responses carry ``tool_calls`` (``call_<hex>`` ids, names, JSON arguments) and finish_reason
-  ``"tool_calls"``. Streams withhold the text of a tool-enabled choice until it ends, then send its
-  content, or each call as OpenAI streams one (id, type and name with empty arguments, then the
-  arguments), then the finish reason.
+  ``"tool_calls"``. Streams send content as it comes and each call as OpenAI streams one while the
+  model writes it: id, type and name with empty arguments once the name is known, then the arguments'
+  JSON text in fragments (tool_stream.py), then the finish reason. ``parallel_tool_calls`` false keeps
+  the first call (any parser).
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 
 from scheduler_svc.gateway.openai_protocol import ApiError, finish_reason
-from scheduler_svc.gateway.tool_parsers import PARSERS, ToolCall, parser_for_template
+from scheduler_svc.gateway.tool_parsers import (
+    PARSERS,
+    SCANNERS,
+    Scanner,
+    ToolCall,
+    named_scanner,
+    new_call_id,
+    parse_whole,
+    parser_for_template,
+    scan_none,
+    scan_required,
+)
+from scheduler_svc.gateway.tool_stream import ToolCallStream
 
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "tool_call_parser")
 
@@ -53,22 +65,24 @@ class ToolRequest:
         fn = next(t["function"] for t in self.tools if t["function"]["name"] == name)
         return fn.get("parameters") or {"type": "object"}
 
-    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+    def scanner(self) -> Scanner:
+        """How this request's output is read (tool_parsers.py): by its choice, else the family's parser."""
         if self.choice == "none":
-            return text, []
+            return scan_none
         if self.choice == "named":
-            try:
-                args = json.loads(text)
-            except json.JSONDecodeError:
-                return text, []  # cut by max_tokens
-            return None, [ToolCall(self.named, json.dumps(args, ensure_ascii=False))]
+            return named_scanner(self.named)
         if self.choice == "required":
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError:
-                return text, []
-            return None, [ToolCall(x["name"], json.dumps(x["arguments"], ensure_ascii=False)) for x in items]
-        return PARSERS[self.parser](text)
+            return scan_required
+        return SCANNERS[self.parser]
+
+    @property
+    def max_calls(self) -> int | None:
+        return None if self.parallel else 1
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) of a finished output; the text as content when it holds no whole call (a
+        required or named output cut by max_tokens, say)."""
+        return parse_whole(self.scanner(), text, self.max_calls)
 
 
 def parse_tool_request(body: dict, template_source: str | None, parser: str | None = None) -> ToolRequest | None:
@@ -148,7 +162,7 @@ def template_messages(messages: list) -> list:
 
 
 def _tool_calls(calls: list[ToolCall]) -> list[dict]:
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+    return [{"id": new_call_id(), "type": "function",
              "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
@@ -167,26 +181,22 @@ class ToolCallsShape:
         return body
 
     def chunks(self, index: int, resp, c) -> list[dict]:
+        """Content as it comes and each call as OpenAI streams one (tool_stream.py), then the finish reason."""
+        streams = vars(self).setdefault("_tool_streams", {})  # by choice index; the shape is per request
+        stream = streams.get(index)
         out = []
-        if not c.started:
-            c.started = True
+        if stream is None:  # a choice opens with the assistant's role, as OpenAI's streams do
+            stream = streams[index] = ToolCallStream(self.tool_request.scanner(), self.tool_request.max_calls)
             out.append({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None})
+        c.started = True
         c.text.append(resp.text)
         reason = finish_reason(resp.finish_reason)
-        if not reason:
-            return out
-        content, calls = self.tool_request.parse("".join(c.text))
-        if content:
-            out.append({"index": index, "delta": {"content": content}, "logprobs": None, "finish_reason": None})
-        for k, call in enumerate(_tool_calls(calls)):
-            head = {"index": k, "id": call["id"], "type": "function",
-                    "function": {"name": call["function"]["name"], "arguments": ""}}
-            out.append({"index": index, "delta": {"tool_calls": [head]}, "logprobs": None, "finish_reason": None})
-            args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
-            out.append({"index": index, "delta": {"tool_calls": [args]}, "logprobs": None, "finish_reason": None})
-        out.append({"index": index, "delta": {}, "logprobs": None,
-                    "finish_reason": "tool_calls" if calls and reason == "stop" else reason})
+        deltas = stream.feed(resp.text) + (stream.finish() if reason else [])
+        out += [{"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+        if reason:
+            out.append({"index": index, "delta": {}, "logprobs": None,
+                        "finish_reason": "tool_calls" if stream.has_calls and reason == "stop" else reason})
         return out
 
 

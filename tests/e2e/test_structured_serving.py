@@ -187,6 +187,29 @@ def test_tool_calls_required_named_and_auto(client, stream):
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_streamed_tool_call_arguments_arrive_in_fragments(client, tool_choice):
+    """A streamed call sends its arguments as the model writes them (several deltas), and what the SDK
+    gathers from them equals the non-streamed response's call."""
+    messages = [{"role": "user", "content": "What is the weather in Paris in celsius?"}]
+    kwargs = dict(model="", messages=messages, tools=[WEATHER, TIME], max_tokens=MAX_TOKENS, temperature=0,
+                  tool_choice=tool_choice)
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    fragments = []
+    with client.beta.chat.completions.stream(**kwargs) as s:
+        for event in s:
+            if event.type == "tool_calls.function.arguments.delta":
+                fragments.append((event.index, event.arguments_delta))
+        final = s.get_final_completion().choices[0]
+    assert whole.finish_reason == final.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == \
+        [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    first = whole.message.tool_calls[0].function.arguments
+    assert len(first) > 8 and len([f for i, f in fragments if i == 0]) > 1, fragments
+    assert "".join(f for i, f in fragments if i == 0) == first
+    _check_calls(final.message, {"get_weather", "get_time"})
+
+
 def test_langchain_structured_output_and_bind_tools(service):
     lc = pytest.importorskip("langchain_openai")
     from pydantic import BaseModel, Field

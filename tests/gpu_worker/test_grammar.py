@@ -74,9 +74,11 @@ def test_device_mask_equals_xgrammar(cache):
     logits = torch.randn(3, cache.vocab_size)
     want = logits.clone()
     xgr.apply_token_bitmask_inplace(want[1:2], bitmask)
-    got = apply_masks(logits, [1], bitmask)
+    rows_mask = xgr.allocate_token_bitmask(3, cache.vocab_size)  # row i of the mask is logits row i
+    rows_mask[1] = bitmask[0]
+    got = apply_masks(logits.clone(), [1], rows_mask)
     assert torch.equal(got, want)
-    assert torch.equal(apply_masks(logits[1:2], [0], bitmask), want[1:2])
+    assert torch.equal(apply_masks(logits[1:2].clone(), [0], bitmask), want[1:2])
 
 
 def test_choice_matcher_replays_rolls_back_and_forks(cache, tokenizer):

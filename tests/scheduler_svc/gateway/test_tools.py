@@ -104,13 +104,15 @@ def test_tool_calls_whole_and_streamed():
             self.text, self.finish_reason = text, reason
 
     c = Choice()
-    assert [ch["delta"] for ch in shape.chunks(0, Resp('<tool_call>{"name": "get_weather", ', 0), c)] == [
-        {"role": "assistant", "content": ""}]  # withheld until the end
+    first = shape.chunks(0, Resp('<tool_call>{"name": "get_weather", ', 0), c)
+    role, head = [ch["delta"] for ch in first]  # the header goes out as soon as the name is known
+    assert role == {"role": "assistant", "content": ""}
+    assert head["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert head["tool_calls"][0]["index"] == 0 and head["tool_calls"][0]["id"].startswith("call_")
     chunks = shape.chunks(0, Resp('"arguments": {"city": "Rome"}}</tool_call>', 2), c)  # 2: FINISH_REASON_STOP
-    head, args, last = chunks
-    assert head["delta"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
-    assert json.loads(args["delta"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Rome"}
-    assert last["finish_reason"] == "tool_calls"
+    args, last = chunks
+    assert args["delta"]["tool_calls"] == [{"index": 0, "function": {"arguments": '{"city": "Rome"}'}}]
+    assert last["finish_reason"] == "tool_calls" and last["delta"] == {}
 
 
 def test_body_constraints():
