@@ -251,17 +251,17 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def apply_masks(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
     """Sets the disallowed tokens of ``rows`` to -inf, in place (returns ``logits``, or a contiguous copy
     when its rows were strided). ``bitmask``: [logits rows, ceil(vocab/32)] int32 on the host, row i for
-    logits row i (token_masks). xgrammar's kernel: on CUDA its Triton kernel (one launch over the rows,
-    after a [rows, vocab/32] upload), on the host a C++ loop; other dtypes use the PyTorch reference."""
+    logits row i (token_masks). On the host xgrammar's C++ kernel; on CUDA, and for other dtypes, the
+    PyTorch reference. (xgrammar's Triton kernel for CUDA is tested against the reference in
+    tests/gpu_worker/test_grammar_batch.py but has not run on a GPU yet, and it compiles on first use:
+    it replaces the reference on CUDA once a GPU round has passed that test and timed both.)"""
     device = logits.device
-    if logits.dtype not in _KERNEL_DTYPES:
+    if logits.dtype not in _KERNEL_DTYPES or device.type == "cuda":
         return apply_masks_reference(logits, rows, bitmask)
     import xgrammar as xgr
 
     if logits.stride(-1) != 1:  # the kernels index rows by stride(0) and tokens contiguously
         logits = logits.contiguous()
-    if device.type == "cuda":
-        bitmask = bitmask.pin_memory().to(device, non_blocking=True)
     indices = None if len(rows) == logits.shape[0] else rows
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=indices)
     return logits

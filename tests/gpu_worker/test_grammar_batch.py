@@ -91,8 +91,9 @@ def test_mask_fill_benchmark_runs_both_variants(cache, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_apply_equals_the_reference(cache, dtype):
-    """On CUDA apply_masks runs xgrammar's Triton kernel; the PyTorch reference is the judge."""
+def test_xgrammars_cuda_kernel_equals_the_reference(cache, dtype):
+    """xgrammar's Triton kernel on CUDA, against the PyTorch reference that apply_masks runs there today:
+    the check a GPU round makes before the kernel may replace the reference (gpu_worker/grammar.py)."""
     matcher = xgr.GrammarMatcher(cache.get(Constraint.json_schema(SCHEMA)).result())
     bitmask = xgr.allocate_token_bitmask(4, cache.vocab_size)
     for row in range(4):
@@ -100,4 +101,8 @@ def test_cuda_apply_equals_the_reference(cache, dtype):
         matcher.accept_string('{"na'[row])
     logits = torch.randn(4, cache.vocab_size, device="cuda").to(dtype)
     for rows in ([0, 1, 2, 3], [2], [0, 3]):
-        assert torch.equal(apply_masks(logits.clone(), rows, bitmask), apply_masks_reference(logits, rows, bitmask))
+        kernel = logits.clone()
+        xgr.apply_token_bitmask_inplace(kernel, bitmask.to("cuda"), vocab_size=cache.vocab_size,
+                                        indices=None if len(rows) == 4 else rows)
+        assert torch.equal(kernel, apply_masks_reference(logits, rows, bitmask))
+        assert torch.equal(apply_masks(logits.clone(), rows, bitmask), kernel)  # what the runner applies
