@@ -218,6 +218,8 @@ class EngineArgs:
         for f in _fields(role):
             meta = f.metadata
             kw: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+            if f.name in defaults and "%(default)s" not in meta["help"]:  # the engine's default is not this one
+                kw["help"] += "; here %(default)s"
             if meta["type"] is None:
                 kw["action"] = "store_false" if f.default else "store_true"
             else:
@@ -285,6 +287,7 @@ ROLES: dict[str, tuple[str, ...]] = {
                          "quantization", "fp8_lm_head", "tensor_parallel_size"),
     "bench-serving": ("device", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"),
     "bench-memory": ("device", "block_size"),
+    "bench-soak": ("device", "kv_cache_memory", "max_num_seqs"),  # of the service it starts
     "bench-scheduler": ("block_size",),
 }
 

@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpu_worker.engine_args import EngineArgs
 from scheduler_svc.bench.local_service import LocalService
 from scheduler_svc.command import Command
 
@@ -213,8 +214,7 @@ def failures(report: SoakReport, max_rss_growth_mib: float) -> list[str]:
 
 
 def run(args) -> int:
-    serve_args = ("--device", args.device, "--kv-cache-memory", args.kv_cache_memory,
-                  "--max-num-seqs", str(args.max_num_seqs))
+    serve_args = tuple(EngineArgs.from_args(args, "bench-soak").to_argv("bench-soak"))
     print(f"soak: {args.streams} streams for {args.minutes:g} min on {args.model}", flush=True)
     report = run_soak(args.model, args.streams, args.minutes * 60, args.seed, serve_args, args.log_dir)
     summary = report.as_dict()
@@ -234,9 +234,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=16, help="concurrent streams (default 16)")
     p.add_argument("--minutes", type=float, default=5.0, help="duration (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix (default 0)")
-    p.add_argument("--device", default="cpu", help="device of the service started here (default cpu)")
-    p.add_argument("--kv-cache-memory", default="64MiB", help="its KV pool on CPU (default 64MiB)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="its sequences per step (default 256)")
+    # The service's engine settings, as serve declares them, with a small CPU service's defaults.
+    EngineArgs.add_args(p.add_argument_group("the service started here"), "bench-soak", device="cpu",
+                        kv_cache_memory=64 * 2**20)
     p.add_argument("--max-rss-growth-mib", type=float, default=64.0,
                    help="fail if the gateway's resident memory grows more than this after warm-up (default 64)")
     p.add_argument("--log-dir", default=None, help="keep the service's logs here")
