@@ -2,30 +2,19 @@
 device mask equals xgrammar's own, matchers replay, roll back and fork as sequences do, and a grammar
 that fails to compile ends only its own sequence."""
 
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from gpu_worker.constraint import Constraint, ConstraintError
-from gpu_worker.grammar import GrammarCache, SeqGrammar, apply_masks, token_masks
+from gpu_worker.grammar import SeqGrammar, apply_masks, token_masks
 from gpu_worker.sampling_params import InvalidField, SamplingParams
-from tests.factories import make_checkpoint
 
 pytestmark = pytest.mark.slow  # xgrammar and transformers imports take seconds
 xgr = pytest.importorskip("xgrammar")
 
-EOS = 2
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama")
-    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    c = GrammarCache(str(path), vocab, [EOS])
-    yield c
-    c.close()
+EOS = 2  # the cache fixture's (tests/gpu_worker/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -10,25 +10,16 @@ import pytest
 import torch
 
 from gpu_worker.constraint import Constraint
-from gpu_worker.grammar import GrammarCache, SeqGrammar, apply_masks, apply_masks_reference, fill_threads, token_masks
-from tests.factories import make_checkpoint
+from gpu_worker.grammar import SeqGrammar, apply_masks, apply_masks_reference, fill_threads, token_masks
 
 pytestmark = pytest.mark.slow  # xgrammar and transformers imports take seconds
 xgr = pytest.importorskip("xgrammar")
 
-EOS = 2
+EOS = 2  # the cache fixture's (tests/gpu_worker/conftest.py)
+
 SCHEMA = {"type": "object", "required": ["name", "n"], "properties": {
     "name": {"type": "string", "maxLength": 6}, "n": {"type": "integer"},
     "tags": {"type": "array", "items": {"enum": ["a", "b"]}}}}
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama")
-    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    c = GrammarCache(str(path), vocab, [EOS])
-    yield c
-    c.close()
 
 
 def _allowed(bitmask: torch.Tensor, row: int, vocab: int) -> list[int]:
