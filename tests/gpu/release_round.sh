@@ -3,7 +3,7 @@
 # (same call, same card: the "within noise of before" checks), the constrained-decoding benchmark, and
 # the FP8 KV-only run. From the repository root, with the wheels in .whl/ (tests/gpu/fetch_wheels.sh)
 # and the baseline tree in $BASE (e.g. `git archive e986828 | tar -x -C .gpuwork/base`):
-#   BASE=.gpuwork/base STAGES="tests w06 constrained kvonly" bash tests/gpu/release_round.sh
+#   BASE=.gpuwork/base STAGES="tests w06 constrained maskfill kvonly" bash tests/gpu/release_round.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -32,8 +32,18 @@ for stage in ${STAGES:-tests w06 constrained kvonly}; do
         bench "${BASE:?BASE names the baseline tree}" "w06-base-$i" --workload W06
         bench "$ROOT" "w06-now-$i" --workload W06
       done ;;
-    constrained) bench "$ROOT" w06-constrained --workload W06 --num-prompts 256 --max-num-seqs 64 \
-                   --json-schema scheduler_svc/bench/w06_schema.json ;;
+    constrained)  # the same batch unconstrained, then every request under the schema (issue 24's -10% target)
+      bench "$ROOT" w06-b64 --workload W06 --num-prompts 256 --max-num-seqs 64
+      bench "$ROOT" w06-constrained --workload W06 --num-prompts 256 --max-num-seqs 64 \
+        --json-schema scheduler_svc/bench/w06_schema.json ;;
+    maskfill)  # the per-step mask cost on this host's cores, W06's vocabulary, serial and batched fill
+      PYTHONPATH=/tmp/site:$ROOT python3 -c "from pathlib import Path
+from scheduler_svc.bench.throughput import write_shape_config
+write_shape_config('qwen3-0.6b', Path('/tmp/w06_shape'), 4096)"
+      for t in 1 "$(nproc)"; do
+        PYTHONPATH=/tmp/site:$ROOT python3 -m scheduler_svc.bench.mask_fill --rows 64 --model /tmp/w06_shape \
+          --device cuda --threads "$t" --json "$OUT/maskfill-$t.json" 2>&1 | tail -n 4
+      done ;;
     kvonly) bench "$ROOT" w8b-fp8kv --workload W8B --kv-cache-dtype fp8 ;;
   esac
 done
