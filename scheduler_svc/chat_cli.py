@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scheduler_svc.client_cli import add_connection_arguments, client_kwargs
+from scheduler_svc.client_cli import CtrlC, add_connection_arguments, client_kwargs
 from scheduler_svc.command import Command
 from scheduler_svc.sampling_flags import add_sampling_flags, sampling_kwargs
 
@@ -61,12 +61,11 @@ def run(args: argparse.Namespace) -> int:
 def _stream_reply(stream) -> str:
     """Prints the reply as it streams and returns it; Ctrl-C cancels the call and keeps what was shown."""
     parts: list[str] = []
-    try:
+    with CtrlC(stream) as ctrl_c:  # Ctrl-C cancels the call; the stream then ends
         for chunk in stream:
             print(chunk.text, end="", flush=True)
             parts.append(chunk.text)
-    except KeyboardInterrupt:
-        stream.cancel()
+    if ctrl_c.pressed:
         print(" [stopped]", end="")
     print(flush=True)
     return "".join(parts)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from scheduler_svc.command import INTERRUPTED, Command
@@ -24,6 +26,31 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
     tls.add_argument("--token-file", metavar="FILE", help="send 'authorization: Bearer TOKEN', TOKEN being the "
                      "file's content")
+
+
+class CtrlC:
+    """Ctrl-C while a stream is read: the SIGINT handler only notes it and cancels the call from another
+    thread, and the stream then ends as cancelled. A KeyboardInterrupt raised wherever the main thread
+    happens to be can land inside grpc's own code, where it can stall the stream with the call's lock
+    held or be lost (both seen on a loaded machine). Outside the ``with``, SIGINT is as before."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.pressed = False
+        self._previous = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.pressed = True
+        threading.Thread(target=self.stream.cancel, name="ctrl-c", daemon=True).start()
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def client_kwargs(args) -> dict:
@@ -82,10 +109,13 @@ def run(args) -> int:
                 stream = client.chat(messages, params, timeout=args.timeout)
             else:
                 stream = client.generate(args.prompt, params, timeout=args.timeout)
-            for chunk in stream:
-                chunks.append(chunk)
-                if not (args.json or several):
-                    print(chunk.text, end="", flush=True)
+            with CtrlC(stream) as ctrl_c:
+                for chunk in stream:
+                    chunks.append(chunk)
+                    if not (args.json or several):
+                        print(chunk.text, end="", flush=True)
+            if ctrl_c.pressed:
+                raise KeyboardInterrupt
     except (GenerationError, KeyboardInterrupt, OSError) as exc:
         if chunks and not (args.json or several):
             print()
