@@ -18,6 +18,7 @@ from pagedserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.engine import UNAVAILABLE
 from scheduler_svc.gateway.server import SERVICE_NAME, Gateway
 from scheduler_svc.gateway.tokenizer import Tokenizer
+from scheduler_svc.service import SERVER_OPTIONS
 from tests.factories import make_checkpoint
 from tests.waiting import wait_until_async
 
@@ -112,7 +113,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
 async def gateway_stack(model_dir, fake, build_server, limits=None, **client_kw):
     """``fake`` served as the scheduler, a Gateway on it, the gRPC server ``build_server(gateway)`` makes
     (it returns the server and its target), and a client of it; yields (client, gateway, target)."""
-    sched = grpc.aio.server()
+    # The scheduler service's own options: its keepalive permit, so an idle gateway is not told
+    # too_many_pings (a long test would see the stream dropped and reopened)
+    sched = grpc.aio.server(options=SERVER_OPTIONS)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(fake, sched)
     sched_port = sched.add_insecure_port("127.0.0.1:0")
     await sched.start()
