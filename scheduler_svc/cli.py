@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from gpu_worker import lifetime
 from scheduler_svc import chat_cli, client_cli, offline_cli, serve
 from scheduler_svc.bench import gateway, memory, serving, soak, throughput  # stdlib-only at import time
 from scheduler_svc.bench import scheduler as bench_scheduler
@@ -112,4 +113,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    lifetime.dump_stacks_on_sigusr1()  # every process of the service: kill -USR1 PID shows where it is
     sys.exit(main())

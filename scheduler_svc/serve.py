@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from gpu_worker import log
+from gpu_worker import lifetime, log
 from gpu_worker.engine_args import EngineArgs, check_device_present
 from gpu_worker.model_files import resolve_model
 from scheduler_svc.command import Command
@@ -103,16 +101,10 @@ class Launcher:
                                      _gateway_argv(args, ",".join(self.engines.scheduler_addresses),
                                                    self.tmp / "gateway.http.port"), _say, self.metrics_dir)
         self.http_port_file: Path | None = self.tmp / "gateway.http.port" if args.http_port is not None else None
-        self.signals = 0
-        self.signalled = threading.Event()
-
-    def _on_signal(self, *_: object) -> None:
-        self.signals += 1
-        self.signalled.set()
+        self.signals: lifetime.StopSignals | None = None
 
     def run(self) -> int:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
+        self.signals = lifetime.StopSignals()
         try:
             self.gateways.check_port()
         except (OSError, OverflowError) as exc:  # in use, not our address, not a port number
@@ -154,7 +146,7 @@ class Launcher:
 
     def _supervise(self) -> int:
         announced_port = False
-        while not self.signalled.is_set():
+        while not self.signals.count:
             dead = self._dead_engine_process()
             if dead is not None:
                 news = self.engines.lost(dead, self.group)  # None: not a replica it can start again
@@ -178,7 +170,7 @@ class Launcher:
             if announced_port and not self.gateways.announced_ready and self.gateways.ready:
                 _say(f"ready: serving {self.args.model} (device {self.args.device})")
                 self.gateways.announced_ready = True
-            self.signalled.wait(POLL_S)
+            self.signals.wait(POLL_S)
         if not self.gateways.announced_ready:  # nothing runs yet: nothing to drain, stop at once
             _say("interrupted before the service was ready; stopping")
             self.group.stop(timeout_s=5.0)
@@ -194,13 +186,10 @@ class Launcher:
         """The gateways first (they finish running streams), then the rest."""
         _say(f"draining: running streams get {self.args.drain_timeout:g} s to finish")
 
-        def wait() -> None:
-            self.signalled.clear()
-            self.signalled.wait(POLL_S)
-
         try:
             failed = self.gateways.drain(time.monotonic() + self.args.drain_timeout + 15.0,
-                                         lambda: self.signals > 1, self._dead_engine_process, wait)
+                                         lambda: self.signals.count > 1, self._dead_engine_process,
+                                         lambda: self.signals.wait(POLL_S))
         except TimeoutError:
             _say("stopping now")
             return 1

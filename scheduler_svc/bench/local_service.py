@@ -106,11 +106,17 @@ class LocalService:
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
 
     def stop(self, timeout_s: float = 90.0) -> int:
-        """SIGTERM (drain), then the launcher's exit code; SIGKILL after ``timeout_s``."""
+        """SIGTERM (drain), then the launcher's exit code; SIGKILL after ``timeout_s``, once the launcher
+        has printed where each of its threads was (SIGUSR1, into ``lines``)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            self.lines.append(f"--- the launcher did not exit {timeout_s:g} s after SIGTERM; its threads:")
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(2.0)
             self.proc.kill()
-            return self.proc.wait()
+            code = self.proc.wait()
+            self._reader.join(10)
+            return code
