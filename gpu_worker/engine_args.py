@@ -55,6 +55,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gpu_memory_utilization": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "max_num_seqs": (lambda v: v >= 1, "must be at least 1"),
     "max_num_batched_tokens": (lambda v: v >= 1, "must be at least 1"),
+    "max_prefill_tokens_with_decodes": (lambda v: v >= 0, "must be >= 0 (0: no cap)"),
     "max_model_len": (lambda v: v is None or v >= 1, "must be at least 1"),
     "swap_space": (lambda v: v >= 0, "must be >= 0"),
     "load_format": (lambda v: v in LOAD_FORMATS, f"must be one of {', '.join(LOAD_FORMATS)}"),
@@ -128,6 +129,12 @@ class EngineArgs:
         2048, "--max-num-batched-tokens", type=int,
         help="tokens per step, prefill chunks included; the workers size their memory by a step this large "
         "(default %(default)s)")
+    max_prefill_tokens_with_decodes: int = _option(
+        0, "--max-prefill-tokens-with-decodes", type=int, metavar="N",
+        help="while sequences decode, a step computes at most this many prompt tokens (prefill chunks and "
+        "admissions together), so that a burst of arrivals lengthens the decodes' steps, and so their "
+        "inter-token latency, less; steps with no decode still take --max-num-batched-tokens "
+        "(default 0: no cap)")
     max_model_len: int | None = _option(None, "--max-model-len", type=int,
                                         help="context length served (prompt plus completion); the KV pool must "
                                         "hold one sequence of it or the engine refuses to start (default: the model's, "
@@ -267,25 +274,26 @@ def _fields(role: str) -> list[Field]:
 
 # The settings each role takes, in the order of the fields. Processes: scheduler, worker; launchers: serve,
 # offline (the LLM takes every setting as a keyword); benchmarks, whose --seed and --model mean other things.
-_SCHEDULER = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_prefix_caching",
-              "async_scheduling", "tensor_parallel_size", "max_num_waiting", "step_timeout", "heartbeat_timeout",
-              "kv_events_endpoint", "kv_events_topic")
+_SCHEDULER = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_with_decodes",
+              "max_model_len", "enable_prefix_caching", "async_scheduling", "tensor_parallel_size", "max_num_waiting",
+              "step_timeout", "heartbeat_timeout", "kv_events_endpoint", "kv_events_topic")
 _WORKER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
            "max_num_batched_tokens", "swap_space", "enforce_eager", "load_format", "max_num_blocks",
            "kv_cache_dtype", "quantization", "fp8_lm_head", "seed", "tensor_parallel_size")
 _LAUNCHER = ("model", "device", "dtype", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
-             "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "async_scheduling", "swap_space",
-             "enforce_eager", "load_format", "kv_cache_dtype", "quantization", "fp8_lm_head", "calculate_kv_scales",
-             "tensor_parallel_size", "step_timeout", "heartbeat_timeout")
+             "max_num_batched_tokens", "max_prefill_tokens_with_decodes", "max_model_len", "enable_prefix_caching",
+             "async_scheduling", "swap_space", "enforce_eager", "load_format", "kv_cache_dtype", "quantization",
+             "fp8_lm_head", "calculate_kv_scales", "tensor_parallel_size", "step_timeout", "heartbeat_timeout")
 ROLES: dict[str, tuple[str, ...]] = {
     "scheduler": _SCHEDULER,
     "worker": _WORKER,
     "serve": (*_LAUNCHER, "seed", "max_num_waiting", "kv_events_endpoint", "kv_events_topic"),
     "offline": _LAUNCHER,  # its --seed is the requests' seed
     "bench-throughput": ("device", "block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
-                         "max_num_batched_tokens", "enforce_eager", "async_scheduling", "kv_cache_dtype",
-                         "quantization", "fp8_lm_head", "tensor_parallel_size"),
-    "bench-serving": ("device", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"),
+                         "max_num_batched_tokens", "max_prefill_tokens_with_decodes", "enforce_eager",
+                         "async_scheduling", "kv_cache_dtype", "quantization", "fp8_lm_head", "tensor_parallel_size"),
+    "bench-serving": ("device", "max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_with_decodes",
+                      "tensor_parallel_size"),
     "bench-memory": ("device", "block_size"),
     "bench-soak": ("device", "kv_cache_memory", "max_num_seqs"),  # of the service it starts
     "bench-scheduler": ("block_size",),

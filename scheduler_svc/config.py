@@ -18,6 +18,8 @@ class SchedulerConfig:
     block_size: int = DEFAULTS.block_size
     max_num_seqs: int = DEFAULTS.max_num_seqs  # sequences in one step
     max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens  # tokens in one step (prefill chunks plus decodes)
+    # prompt tokens in a step that also decodes; 0: no cap beyond max_num_batched_tokens
+    max_prefill_tokens_with_decodes: int = DEFAULTS.max_prefill_tokens_with_decodes
     max_model_len: int | None = DEFAULTS.max_model_len  # cap below the model's own context length
     watermark: float = 0.01  # fraction of blocks kept free when admitting, to avoid instant preemption
     enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching  # reuse cached full blocks of earlier prefixes
@@ -29,8 +31,8 @@ class SchedulerConfig:
     heartbeat_timeout: float = DEFAULTS.heartbeat_timeout  # seconds without a worker's heartbeat; 0: not watched
 
     def __post_init__(self) -> None:
-        check(self, ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_num_waiting",
-                     "step_timeout", "heartbeat_timeout"))
+        check(self, ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_with_decodes",
+                     "max_model_len", "max_num_waiting", "step_timeout", "heartbeat_timeout"))
         if not 0 <= self.watermark < 1:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
 

@@ -34,6 +34,7 @@ class AheadPlanner:
     max_num_batched_tokens: int
     max_model_len: int
     admit: Callable[[StepBudget, SchedulerOutput], None]
+    max_prefill_tokens_with_decodes: int = 0  # as the scheduler's own steps cap them (StepBudget.cap_prefill)
 
     def plan(self, prev: SchedulerOutput, step_id: int) -> SchedulerOutput | None:
         """The step after ``prev`` (numbered ``step_id``), planned while ``prev`` still runs on the
@@ -59,6 +60,7 @@ class AheadPlanner:
             return None
         out = SchedulerOutput(step_id)
         step = StepBudget(self.max_num_batched_tokens, num_seqs=len(picks))
+        step.cap_prefill(self.max_prefill_tokens_with_decodes, self._num_decodes(picks))
         for seq, start, end in picks:
             out.add_running(seq, end - start, self.kv.allocate_slots(seq.seq_id, start, end))
             step.budget -= end - start
@@ -89,7 +91,9 @@ class AheadPlanner:
             if num_tokens + 1 - len(request.prompt_token_ids) >= request.max_tokens or num_tokens + 1 >= max_model_len:
                 continue  # prev's token ends it
             picks.append((seq, num_tokens, num_tokens + 1))
-        budget = self.max_num_batched_tokens - len(picks)
+        step = StepBudget(self.max_num_batched_tokens)
+        step.cap_prefill(self.max_prefill_tokens_with_decodes, len(picks))
+        budget = step.budget - len(picks)
         if budget < 0:
             return None
         for seq, start in chunks:
@@ -99,3 +103,8 @@ class AheadPlanner:
             picks.append((seq, start, end))
             budget -= end - start
         return picks
+
+    @staticmethod
+    def _num_decodes(picks: list[tuple[Sequence, int, int]]) -> int:
+        """The picks that sample a new token (start at the end of the known tokens)."""
+        return sum(start == len(seq.token_ids) for seq, start, _ in picks)

@@ -98,7 +98,7 @@ class Scheduler:
         self.preemptor = Preemptor(self.kv, self.queues, self.stats, config.max_num_seqs, self._watermark_blocks,
                                    self._fail, self._start)
         self.ahead = AheadPlanner(self.kv, self.queues, self.groups, config.max_num_batched_tokens, self.max_model_len,
-                                  self._admit)
+                                  self._admit, config.max_prefill_tokens_with_decodes)
 
     # ---- requests in and out
 
@@ -209,6 +209,7 @@ class Scheduler:
                 decodes.append(s)
             elif remaining > 1:
                 chunks.append(s)
+        step.cap_prefill(self.config.max_prefill_tokens_with_decodes, len(decodes))
         grouped: set[int] = set()  # beam groups already picked as a whole
         cap = self.config.max_num_seqs
         kv = self.kv

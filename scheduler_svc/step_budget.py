@@ -3,6 +3,11 @@
 A ``Pick`` is decided before any block is taken (phase one of ``Scheduler.schedule``), so that
 preemption can still give a pick's reservation back; ``StepBudget`` is the running account of the
 step's token budget, sequence seats and reserved blocks.
+
+``--max-prefill-tokens-with-decodes`` caps the prompt tokens of a step that also decodes: the decodes are
+picked first, one token each, so the step's budget becomes the decodes plus the cap (``cap_prefill``),
+and what prefill chunks, swap-ins and admissions take comes out of that cap. A step with no decode keeps
+the whole ``--max-num-batched-tokens``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ class StepBudget:
     num_seqs: int = 0
     num_reserved_blocks: int = 0
     picks: list[Pick] = field(default_factory=list)
+
+    def cap_prefill(self, max_prefill_tokens: int, num_decodes: int) -> None:
+        """With decodes in the step and a cap (> 0): the budget is at most the decodes plus the cap."""
+        if max_prefill_tokens and num_decodes:
+            self.budget = min(self.budget, num_decodes + max_prefill_tokens)
 
     def unpick(self, request: Request) -> None:
         """Gives back what the request's picks took (its group is being preempted)."""

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call that checks a merged main: the GPU tests, W06 throughput now and at a baseline commit
 # (same call, same card: the "within noise of before" checks), the constrained-decoding benchmark, and
-# the FP8 KV-only run. From the repository root, with the wheels in .whl/ (tests/gpu/fetch_wheels.sh)
+# the FP8 KV-only run, and W8B's ITL tail with and without a prefill cap (stage itltail: two W8B rate
+# sweeps, best given a call of its own). From the repository root, with the wheels in .whl/ (tests/gpu/fetch_wheels.sh)
 # and the baseline tree in $BASE (e.g. `git archive e986828 | tar -x -C .gpuwork/base`):
 #   BASE=.gpuwork/base STAGES="tests w06 constrained maskfill kvonly" bash tests/gpu/release_round.sh
 set -uo pipefail
@@ -45,6 +46,14 @@ write_shape_config('qwen3-0.6b', Path('/tmp/w06_shape'), 4096)"
           --device cuda --threads "$t" --json "$OUT/maskfill-$t.json" 2>&1 | tail -n 4
       done ;;
     kvonly) bench "$ROOT" w8b-fp8kv --workload W8B --kv-cache-dtype fp8 ;;
+    itltail)  # issue 25 item 5: W8B's ITL tail under Poisson arrivals, without and with a prefill cap while
+      # decoding (--max-prefill-tokens-with-decodes); "% of peak" against the same run's all-at-once rate
+      for cap in 0 ${PREFILL_CAP:-1024}; do
+        (cd "$ROOT" && PYTHONPATH=/tmp/site:$ROOT timeout "${SERVING_TIMEOUT:-240}" python3 -m scheduler_svc.cli \
+          bench serving --workload W8B --concurrency 256 --gateways 4 --client-processes 4 \
+          --request-rates "${RATES:-inf,20,40}" --max-prefill-tokens-with-decodes "$cap" \
+          --out "$OUT/s8b-cap$cap.json" 2>&1) | grep -v -e '^\s*$' -e 'it/s\]' | tail -n 8
+      done ;;
   esac
 done
 echo "=== done $(date +%T)"

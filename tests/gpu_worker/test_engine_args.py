@@ -12,8 +12,8 @@ from gpu_worker.engine_args import DEFAULTS, ROLES, EngineArgs
 # A value other than the default for every setting, each one valid.
 CHANGED = dict(
     model="/models/m", device="cuda:1", dtype="bfloat16", block_size=32, kv_cache_memory=3 * 2**20,
-    gpu_memory_utilization=0.5, max_num_seqs=7, max_num_batched_tokens=300, max_model_len=1000,
-    enable_prefix_caching=False, async_scheduling=False, swap_space=0.25, enforce_eager=True,
+    gpu_memory_utilization=0.5, max_num_seqs=7, max_num_batched_tokens=300, max_prefill_tokens_with_decodes=64,
+    max_model_len=1000, enable_prefix_caching=False, async_scheduling=False, swap_space=0.25, enforce_eager=True,
     load_format="dummy", max_num_blocks=40, seed=9, tensor_parallel_size=2, max_num_waiting=5, step_timeout=2.5,
     kv_events_endpoint="tcp://*:5599", kv_events_topic="kv@10.0.0.1@m", heartbeat_timeout=4.0,
     kv_cache_dtype="fp8", quantization="fp8", fp8_lm_head=True,
@@ -32,6 +32,7 @@ def test_changed_covers_every_setting_with_a_new_value():
     ("gpu_memory_utilization", 0.0), ("gpu_memory_utilization", 1.5), ("max_num_seqs", 0),
     ("max_num_batched_tokens", 0), ("max_model_len", 0), ("swap_space", -1.0), ("load_format", "gguf"),
     ("max_num_blocks", 0), ("tensor_parallel_size", 0), ("max_num_waiting", -1), ("step_timeout", -1.0),
+    ("max_prefill_tokens_with_decodes", -1),
 ])
 def test_a_broken_rule_names_the_setting(name, value):
     with pytest.raises(ValueError, match=rf"^{name} must .*, got {value!r}$"):
@@ -73,8 +74,8 @@ def test_process_configs_share_the_defaults_and_rules():
     assert (sched.block_size, sched.max_num_seqs, sched.max_num_batched_tokens) == (
         DEFAULTS.block_size, DEFAULTS.max_num_seqs, DEFAULTS.max_num_batched_tokens)
     assert SchedulerConfig.from_engine_args(EngineArgs(**CHANGED)) == SchedulerConfig(
-        block_size=32, max_num_seqs=7, max_num_batched_tokens=300, max_model_len=1000,
-        enable_prefix_caching=False, async_scheduling=False, max_num_waiting=5, step_timeout=2.5,
+        block_size=32, max_num_seqs=7, max_num_batched_tokens=300, max_prefill_tokens_with_decodes=64,
+        max_model_len=1000, enable_prefix_caching=False, async_scheduling=False, max_num_waiting=5, step_timeout=2.5,
         kv_events_endpoint="tcp://*:5599", kv_events_topic="kv@10.0.0.1@m", heartbeat_timeout=4.0)
     with pytest.raises(ValueError, match="^block_size must be a power of two"):
         SchedulerConfig(block_size=3)

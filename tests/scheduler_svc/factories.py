@@ -25,9 +25,10 @@ def params(max_tokens=4, **kw) -> SamplingParams:
 
 
 def scheduler(num_blocks=16, block_size=4, max_num_seqs=8, budget=64, max_model_len=128, eos=(99,),
-              watermark=0.0, num_cpu_blocks=0, prefix_caching=True) -> Scheduler:
+              watermark=0.0, num_cpu_blocks=0, prefix_caching=True, prefill_cap=0) -> Scheduler:
     config = SchedulerConfig(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                             watermark=watermark, enable_prefix_caching=prefix_caching)
+                             watermark=watermark, enable_prefix_caching=prefix_caching,
+                             max_prefill_tokens_with_decodes=prefill_cap)
     return Scheduler(config, num_blocks, max_model_len, list(eos), vocab_size=100, num_cpu_blocks=num_cpu_blocks)
 
 

@@ -157,3 +157,41 @@ def test_no_plan_ahead_where_the_next_step_depends_on_results():
     s.update(out, worker.run(out)[0])
     s.update(ahead, worker.run(ahead)[0])
     assert not s.running and s.pool.num_free_blocks == 64 and not s.requests
+
+
+class RecordingWorker(ToyWorker):
+    """The toy worker, noting the tokens each slot of each plan computes when it runs the plan."""
+
+    def __init__(self, sched):
+        super().__init__(sched)
+        self.steps: list[list[int]] = []
+
+    def run(self, out, sched=None):
+        self.steps.append([r.num_scheduled_tokens for r in out.new_seqs + out.running])
+        return super().run(out, sched)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-step", "planned-ahead"])
+def test_a_prefill_cap_bounds_the_prompt_tokens_of_steps_that_decode_and_changes_no_token(pipelined):
+    """--max-prefill-tokens-with-decodes 5: every step that decodes computes at most 5 prompt tokens (so
+    arrivals lengthen the decodes' steps less), a step without decodes still takes the whole budget, and
+    the tokens generated are the same as without the cap, in more steps."""
+    reqs = [(rid, prompt, params(max_tokens=12)) for rid, prompt, _ in reversed(workload())]  # 48 tokens first
+    runs = {}
+    for cap in (0, 5):
+        s = scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, prefill_cap=cap)
+        worker = RecordingWorker(s)
+        s.add_request(0, *reqs[0])
+        adds = {2 * i: [r] for i, r in enumerate(reqs[1:], 1)}  # arrivals beside decodes
+        runs[cap] = drive(s, worker, pipelined, add_at=adds)
+        assert s.pool.num_free_blocks == 64 and not s.requests
+        # A slot of one token is a decode (or a prompt's last token): the rest are prompt tokens.
+        mixed = [sum(n for n in slots if n > 1) for slots in worker.steps if 1 in slots and max(slots) > 1]
+        assert len(mixed) >= 5
+        if cap:
+            assert max(mixed) <= cap, mixed
+            assert any(sum(slots) > cap for slots in worker.steps if 1 not in slots)  # whole budget: no decode
+        else:
+            assert max(mixed) > 5
+    assert runs[5][0] == runs[0][0]
+    assert runs[5][1] > runs[0][1]  # the same tokens, in more steps
