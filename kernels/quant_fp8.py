@@ -55,19 +55,30 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """The Triton path (CPU tensors run under TRITON_INTERPRET=1)."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be 2-D, contiguous in its last dimension; got {tuple(x.shape)} {x.stride()}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"x dtype {x.dtype} is not fp16, bf16 or fp32")
     m, k = x.shape
     if k > MAX_K:
         raise ValueError(f"rows of {k} > {MAX_K} elements are not supported")
-    out = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    out, scale = empty_fp8_rows(x, k)
     if m == 0:
         return out, scale
     block = next_power_of_2(k)
     _quant_per_token_kernel[(m,)](x, out, scale, k, x.stride(0), out.stride(0), BLOCK_K=block,
-                                  num_warps=max(1, min(16, block // 512)))
+                                  num_warps=row_warps(block))
     return out, scale
+
+
+def empty_fp8_rows(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of a per-token quantization of ``x``'s rows into ``width`` e4m3 values each: the rows
+    and their fp32 scales, uninitialised; TypeError for an input dtype the kernels do not read."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x dtype {x.dtype} is not fp16, bf16 or fp32")
+    return (torch.empty((x.shape[0], width), dtype=torch.float8_e4m3fn, device=x.device),
+            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
+
+
+def row_warps(block: int) -> int:
+    """Warps for a program that holds one row of ``block`` elements: one per 512, 1 to 16."""
+    return max(1, min(16, block // 512))
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 
 from kernels._triton import jit, next_power_of_2, use_triton
 from kernels.activation import silu_and_mul_ref
-from kernels.quant_fp8 import quantize_per_token_ref
+from kernels.quant_fp8 import empty_fp8_rows, quantize_per_token_ref, row_warps
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -55,18 +55,15 @@ def silu_mul_quant_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path (CPU tensors run under TRITON_INTERPRET=1)."""
     if x.dim() != 2 or x.shape[-1] % 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [M, 2 * d], contiguous in its last dimension; got {tuple(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"x dtype {x.dtype} is not fp16, bf16 or fp32")
     m, d = x.shape[0], x.shape[1] // 2
     if d > MAX_D:
         raise ValueError(f"d = {d} > {MAX_D} is not supported")
-    out = torch.empty((m, d), dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    out, scale = empty_fp8_rows(x, d)
     if m == 0:
         return out, scale
     block = next_power_of_2(d)
     _silu_mul_quant_kernel[(m,)](x, out, scale, d, x.stride(0), out.stride(0), BLOCK=block,
-                                 num_warps=max(1, min(16, block // 512)))
+                                 num_warps=row_warps(block))
     return out, scale
 
 
