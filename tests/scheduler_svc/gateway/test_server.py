@@ -344,7 +344,7 @@ def test_lost_stream_fails_requests_with_unavailable_then_reconnects(model_dir, 
     fake.step_s = 0.002
 
     async def scenario():
-        async with running(model_dir, fake) as (client, _, _):
+        async with running(model_dir, fake) as (client, gateway, _):
             stream = client.generate("p", SamplingParams(max_tokens=10_000), request_id="long")
             await stream.__anext__()
             fake.break_streams()
@@ -352,7 +352,10 @@ def test_lost_stream_fails_requests_with_unavailable_then_reconnects(model_dir, 
                 async for _ in stream:
                     pass
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
-            await client.wait_ready(timeout=10)  # the watcher opened a new stream
+            # The watcher opens a new stream (health may stay SERVING through so short a gap: wait for the
+            # stream itself, not for health, or a request can land in the gap and get "not ready").
+            await wait_until_async(lambda: len(fake._streams) >= 2 and gateway.engines.connected, 10,
+                                   what="the gateway's new Connect stream")
             (done,) = await client.complete("p", SamplingParams(max_tokens=5), request_id="after")
             assert done.token_ids == [7, 8]
 
