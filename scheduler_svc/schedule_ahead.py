@@ -17,7 +17,7 @@ from scheduler_svc.kv_cache_manager import KVCacheManager
 from scheduler_svc.preemption import SeqQueues
 from scheduler_svc.request import Sequence
 from scheduler_svc.sequence_groups import SequenceGroups
-from scheduler_svc.step_budget import StepBudget
+from scheduler_svc.step_budget import StepBudget, capped_tokens
 from scheduler_svc.step_plan import SchedulerOutput
 
 
@@ -54,13 +54,14 @@ class AheadPlanner:
             return None
         if prev.preempted or prev.forks or prev.swap_out or prev.swap_in:
             return None
-        picks = self._picks(prev)
-        if picks is None or self.kv.num_blocks_needed([(s.seq_id, a, b) for s, a, b in picks]) > (
-                self.kv.num_free_blocks):
+        planned = self._picks(prev)
+        if planned is None:
+            return None
+        picks, budget = planned
+        if self.kv.num_blocks_needed([(s.seq_id, a, b) for s, a, b in picks]) > self.kv.num_free_blocks:
             return None
         out = SchedulerOutput(step_id)
-        step = StepBudget(self.max_num_batched_tokens, num_seqs=len(picks))
-        step.cap_prefill(self.max_prefill_tokens_with_decodes, self._num_decodes(picks))
+        step = StepBudget(budget, num_seqs=len(picks))
         for seq, start, end in picks:
             out.add_running(seq, end - start, self.kv.allocate_slots(seq.seq_id, start, end))
             step.budget -= end - start
@@ -68,9 +69,10 @@ class AheadPlanner:
             self.admit(step, out)
         return None if out.is_empty else out
 
-    def _picks(self, prev: SchedulerOutput) -> list[tuple[Sequence, int, int]] | None:
+    def _picks(self, prev: SchedulerOutput) -> tuple[list[tuple[Sequence, int, int]], int] | None:
         """(sequence, start, end) of each running sequence's share of the step after ``prev``: decodes
-        first, then prefill chunks, under the token budget; None where a sequence rules planning out."""
+        first, then prefill chunks, under the token budget; and that budget (capped for prefill where
+        decodes run, StepBudget.cap_prefill). None where a sequence rules planning out."""
         scheduled = {id(s.seq): s.num_scheduled_tokens for s in chain(prev.new_seqs, prev.running)}
         running = self.queues.running
         if len(scheduled) < len(running):
@@ -91,9 +93,8 @@ class AheadPlanner:
             if num_tokens + 1 - len(request.prompt_token_ids) >= request.max_tokens or num_tokens + 1 >= max_model_len:
                 continue  # prev's token ends it
             picks.append((seq, num_tokens, num_tokens + 1))
-        step = StepBudget(self.max_num_batched_tokens)
-        step.cap_prefill(self.max_prefill_tokens_with_decodes, len(picks))
-        budget = step.budget - len(picks)
+        total = capped_tokens(self.max_num_batched_tokens, self.max_prefill_tokens_with_decodes, len(picks))
+        budget = total - len(picks)
         if budget < 0:
             return None
         for seq, start in chunks:
@@ -102,9 +103,4 @@ class AheadPlanner:
             end = min(len(seq.token_ids), start + budget)
             picks.append((seq, start, end))
             budget -= end - start
-        return picks
-
-    @staticmethod
-    def _num_decodes(picks: list[tuple[Sequence, int, int]]) -> int:
-        """The picks that sample a new token (start at the end of the known tokens)."""
-        return sum(start == len(seq.token_ids) for seq, start, _ in picks)
+        return picks, total

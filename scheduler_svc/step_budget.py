@@ -38,8 +38,7 @@ class StepBudget:
 
     def cap_prefill(self, max_prefill_tokens: int, num_decodes: int) -> None:
         """With decodes in the step and a cap (> 0): the budget is at most the decodes plus the cap."""
-        if max_prefill_tokens and num_decodes:
-            self.budget = min(self.budget, num_decodes + max_prefill_tokens)
+        self.budget = capped_tokens(self.budget, max_prefill_tokens, num_decodes)
 
     def unpick(self, request: Request) -> None:
         """Gives back what the request's picks took (its group is being preempted)."""
@@ -48,3 +47,11 @@ class StepBudget:
             self.num_reserved_blocks -= pick.num_blocks
             self.num_seqs -= len(pick.slots) + pick.num_forks
             self.budget += sum(n for _, n in pick.slots) + pick.num_forks
+
+
+def capped_tokens(budget: int, max_prefill_tokens: int, num_decodes: int) -> int:
+    """A step's token ``budget`` once ``num_decodes`` decodes are in it: at most the decodes plus the
+    prefill cap, where there is a cap (> 0) and a decode."""
+    if max_prefill_tokens and num_decodes:
+        return min(budget, num_decodes + max_prefill_tokens)
+    return budget
